@@ -1,0 +1,47 @@
+# rtcontour: `make serve` and `make test` work on a fresh Debian machine (run as root or with sudo).
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMPS := .stamps
+APT_PACKAGES := dcmtk dicom3tools plastimatch chromium
+
+.PHONY: install install-test serve test lint typecheck bench clean
+
+$(STAMPS)/venv: pyproject.toml
+	mkdir -p $(STAMPS)
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip setuptools wheel
+	$(BIN)/pip install -q -e .
+	touch $@
+
+$(STAMPS)/test-deps: $(STAMPS)/venv pyproject.toml
+	$(BIN)/pip install -q -e '.[dev,train]'
+	touch $@
+
+$(STAMPS)/apt:
+	mkdir -p $(STAMPS)
+	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing; \
+	fi
+	touch $@
+
+install: $(STAMPS)/venv
+
+serve: $(STAMPS)/venv
+	$(BIN)/rtcontour serve
+
+test: $(STAMPS)/test-deps $(STAMPS)/apt
+	$(BIN)/ruff check service worker models tests bench
+	$(BIN)/mypy service worker models
+	$(BIN)/pytest -q
+
+bench: $(STAMPS)/test-deps
+	$(BIN)/pip install -q -e '.[bench]'
+	$(BIN)/python -m bench.bench_ingest
+	$(BIN)/python -m bench.bench_rtstruct
+	$(BIN)/python -m bench.bench_inference
+
+clean:
+	rm -rf $(VENV) $(STAMPS) build *.egg-info

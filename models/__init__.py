@@ -1,0 +1,1 @@
+"""rtcontour models: networks, training, export, model packages and inference."""

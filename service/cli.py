@@ -1,0 +1,55 @@
+"""The ``rtcontour`` command: one entry point that hands each sub-command to its module.
+
+Each sub-command's module owns its own argument parser (``main(argv) -> int``), so options of
+a sub-command never have to pass through this parser.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+# command -> (module exposing main(argv), one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "serve": ("service.serve", "run everything on one node: DICOM listener, API and a worker"),
+    "listener": ("service.listener", "run the DICOM C-STORE listener only"),
+    "api": ("service.api.app", "run the HTTP API and dashboard only"),
+    "worker": ("worker.celery_app", "run a Celery worker (scaled-out deployments)"),
+    "segment": ("worker.segment", "offline: a CT folder in, an RTSTRUCT file out"),
+    "mask2rtstruct": ("worker.mask2rtstruct", "write an RTSTRUCT from a NIfTI/NRRD label map"),
+    "users": ("service.users_cli", "manage API users and tokens"),
+    "train": ("models.train", "train the residual U-Net (extra 'train')"),
+    "export": ("models.export", "export a checkpoint as a model package (extra 'train')"),
+    "evaluate": ("models.evaluate", "Dice and HD95 of a model package on the validation split"),
+}
+
+
+def _usage() -> str:
+    width = max(len(name) for name in COMMANDS)
+    lines = ["usage: rtcontour COMMAND [options]", "", "commands:"]
+    lines += [f"  {name:<{width}}  {help_}" for name, (_, help_) in COMMANDS.items()]
+    lines += ["", "Run 'rtcontour COMMAND --help' for a command's options."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if not args or args[0] in {"-h", "--help", "help"}:
+        print(_usage())
+        return 0
+    if args[0] in {"--version", "-V"}:
+        from service import __version__
+
+        print(f"rtcontour {__version__}")
+        return 0
+    command, rest = args[0], args[1:]
+    if command not in COMMANDS:
+        print(f"rtcontour: unknown command {command!r}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(COMMANDS[command][0])
+    result: int | None = module.main(rest)
+    return int(result or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

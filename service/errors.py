@@ -1,0 +1,33 @@
+"""The domain exceptions of rtcontour.
+
+Each edge (DICOM listener, HTTP API, Celery task) translates these into its own status in
+exactly one place; code below the edges raises these and nothing else for domain failures.
+"""
+
+
+class RtcontourError(Exception):
+    """Base class of every domain error rtcontour raises on purpose."""
+
+
+class InvalidSeries(RtcontourError):
+    """A series that must not be contoured; the message is shown to users as the reason."""
+
+
+class UnsupportedGeometry(InvalidSeries):
+    """A series whose geometry the contouring path cannot handle (tilt, oblique, gaps)."""
+
+
+class InvalidInstance(RtcontourError):
+    """One DICOM instance that cannot be accepted (unparseable, missing attributes)."""
+
+
+class DestinationUnavailable(RtcontourError):
+    """A DICOM destination that refused or could not be reached."""
+
+
+class ModelPackageError(RtcontourError):
+    """A model package that is missing, malformed or fails its checksum."""
+
+
+class ConfigurationError(RtcontourError):
+    """Settings that cannot work together (told at start-up, not at first use)."""

@@ -1,0 +1,164 @@
+"""Configuration of rtcontour: one validated pydantic-settings object, prefix ``RTCONTOUR_``.
+
+Built once in ``main()`` / ``create_app()`` and passed down; nothing reads the environment
+elsewhere.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+_AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # printable ASCII without backslash
+_DESTINATION = re.compile(r"^(?P<ae>[^@]{1,16})@(?P<host>[^:@\s]+):(?P<port>\d{1,5})$")
+
+DEVELOPMENT_ADMIN_TOKEN = "development-admin-token"  # noqa: S105 - named as a development default
+
+
+def validate_ae_title(value: str) -> str:
+    """Return an AE title stripped of padding, or raise ValueError naming it."""
+    stripped = value.strip()
+    if not _AE_TITLE.match(stripped):
+        raise ValueError(
+            f"AE title {value!r} is invalid: 1 to 16 printable ASCII characters, no backslash"
+        )
+    return stripped
+
+
+@dataclass(frozen=True)
+class Destination:
+    """A DICOM peer that receives every RTSTRUCT: ``AE@host:port``."""
+
+    ae_title: str
+    host: str
+    port: int
+
+    @classmethod
+    def parse(cls, text: str) -> Destination:
+        match = _DESTINATION.match(text.strip())
+        if match is None:
+            raise ValueError(f"destination {text!r} is not of the form AE@host:port")
+        port = int(match["port"])
+        if not 1 <= port <= 65535:
+            raise ValueError(f"destination {text!r} has port {port} outside 1-65535")
+        return cls(validate_ae_title(match["ae"]), match["host"], port)
+
+    def __str__(self) -> str:
+        return f"{self.ae_title}@{self.host}:{self.port}"
+
+
+def _split_list(value: object) -> object:
+    if isinstance(value, str):
+        return [item.strip() for item in value.split(",") if item.strip()]
+    return value
+
+
+class Settings(BaseSettings):
+    """Every setting of rtcontour; each is documented in the README's configuration table."""
+
+    model_config = SettingsConfigDict(env_prefix="RTCONTOUR_", extra="ignore")
+
+    mode: Literal["development", "production"] = "development"
+    data_dir: Path = Path("./var")
+
+    # DICOM listener
+    ae_title: str = "RTCONTOUR"
+    dicom_host: str = "0.0.0.0"
+    dicom_port: int = Field(11112, ge=1, le=65535)
+    known_peers: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    quiet_period_s: float = Field(5.0, gt=0, le=3600)
+    max_associations: int = Field(10, ge=1, le=200)
+    acse_timeout_s: float = Field(30.0, gt=0)
+    dimse_timeout_s: float = Field(30.0, gt=0)
+    network_timeout_s: float = Field(60.0, gt=0)
+    max_pdu_bytes: int = Field(16382, ge=0)
+    max_instance_bytes: int = Field(64 * 1024 * 1024, gt=0)
+    min_free_disk_bytes: int = Field(512 * 1024 * 1024, ge=0)
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+    tls_ca_file: Path | None = None
+
+    # Destinations (C-STORE SCU)
+    destinations: Annotated[list[Destination], NoDecode] = Field(default_factory=list)
+    send_attempts: int = Field(5, ge=1, le=50)
+    send_backoff_s: float = Field(2.0, ge=0)
+
+    # HTTP API
+    api_host: str = "127.0.0.1"
+    api_port: int = Field(8000, ge=1, le=65535)
+    admin_token: SecretStr | None = None
+
+    # Queue and job store
+    broker_url: str | None = None
+    database_url: str | None = None
+    job_attempts: int = Field(3, ge=1, le=20)
+    job_time_limit_s: int = Field(1800, ge=10)
+
+    # Contouring
+    model_package: Path | None = None
+    min_slices: int = Field(10, ge=1)
+    slice_gap_tolerance: float = Field(0.1, gt=0, lt=1)
+    min_contour_area_mm2: float = Field(2.0, ge=0)
+    smoothing: bool = False
+    inference_overlap: float = Field(0.5, ge=0, lt=1)
+    mirror_tta: bool = False
+
+    @field_validator("ae_title")
+    @classmethod
+    def _check_ae_title(cls, value: str) -> str:
+        return validate_ae_title(value)
+
+    @field_validator("known_peers", mode="before")
+    @classmethod
+    def _split_known_peers(cls, value: object) -> object:
+        return _split_list(value)
+
+    @field_validator("known_peers")
+    @classmethod
+    def _check_known_peers(cls, value: list[str]) -> list[str]:
+        checked = []
+        for peer in value:
+            ae, _, host = peer.partition("@")
+            checked.append(validate_ae_title(ae) + (f"@{host}" if host else ""))
+        return checked
+
+    @field_validator("destinations", mode="before")
+    @classmethod
+    def _parse_destinations(cls, value: object) -> object:
+        value = _split_list(value)
+        if isinstance(value, list):
+            return [Destination.parse(v) if isinstance(v, str) else v for v in value]
+        return value
+
+    @model_validator(mode="after")
+    def _check_production(self) -> Settings:
+        if self.mode == "production" and self.admin_token is None:
+            raise ValueError("RTCONTOUR_ADMIN_TOKEN is required when RTCONTOUR_MODE=production")
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("RTCONTOUR_TLS_CERT_FILE and RTCONTOUR_TLS_KEY_FILE go together")
+        return self
+
+    # Derived locations; all under data_dir so one folder holds a node's state.
+    @property
+    def spool_dir(self) -> Path:
+        return self.data_dir / "spool"
+
+    @property
+    def archive_dir(self) -> Path:
+        return self.data_dir / "archive"
+
+    @property
+    def effective_database_url(self) -> str:
+        return self.database_url or f"sqlite:///{(self.data_dir / 'rtcontour.db').resolve()}"
+
+    @property
+    def effective_admin_token(self) -> str:
+        """The bootstrap admin token; the development default is used only in development."""
+        if self.admin_token is not None:
+            return self.admin_token.get_secret_value()
+        return DEVELOPMENT_ADMIN_TOKEN

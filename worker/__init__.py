@@ -1,0 +1,1 @@
+"""rtcontour worker: series loading, contouring pipeline, RTSTRUCT writer, Celery tasks."""
