@@ -1,0 +1,529 @@
+"""The job store: one row per contouring job, the source of truth for the queue.
+
+The broker only rings the doorbell; everything needed to (re)run a job lives here, so a lost
+message (broker restarted, worker killed) is repaired by ``JobStore.recoverable_jobs`` and a
+re-enqueue, and a duplicate message is harmless because ``JobStore.claim`` lets one worker
+run a job at a time.
+
+States and the moves between them (anything else raises ``IllegalTransition``)::
+
+    received -> queued -> running -> done | failed | send_failed
+    running  -> queued                    (retry after an error or a lost worker)
+    received | queued -> failed           (refused before it ran)
+    send_failed -> queued                 (re-send requested)
+
+A series re-sent while its job is received/queued/running merges into that job (see
+``create_or_merge_for_series``); at most one active job per series is enforced by a unique
+column (``active_series_uid``), so two listeners racing cannot create two.
+"""
+
+from __future__ import annotations
+
+import builtins
+import datetime as dt
+import enum
+import uuid
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    DateTime,
+    Engine,
+    Float,
+    Integer,
+    String,
+    Text,
+    TypeDecorator,
+    func,
+    or_,
+    select,
+    update,
+)
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Mapped, Session, mapped_column, sessionmaker
+
+from service.db import Base
+from service.errors import RtcontourError
+
+__all__ = [
+    "ACTIVE_STATES",
+    "FINISHED_STATES",
+    "STAGES",
+    "IllegalTransition",
+    "Job",
+    "JobNotFound",
+    "JobState",
+    "JobStore",
+    "MergeResult",
+]
+
+
+class JobState(enum.StrEnum):
+    RECEIVED = "received"
+    QUEUED = "queued"
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"
+    SEND_FAILED = "send_failed"
+
+
+ACTIVE_STATES = frozenset({JobState.RECEIVED, JobState.QUEUED, JobState.RUNNING})
+FINISHED_STATES = frozenset({JobState.DONE, JobState.FAILED, JobState.SEND_FAILED})
+
+_ALLOWED: dict[JobState, frozenset[JobState]] = {
+    JobState.RECEIVED: frozenset({JobState.QUEUED, JobState.RUNNING, JobState.FAILED}),
+    JobState.QUEUED: frozenset({JobState.RUNNING, JobState.FAILED}),
+    JobState.RUNNING: frozenset(
+        {JobState.DONE, JobState.FAILED, JobState.SEND_FAILED, JobState.QUEUED}
+    ),
+    JobState.DONE: frozenset(),
+    JobState.FAILED: frozenset(),
+    JobState.SEND_FAILED: frozenset({JobState.QUEUED}),
+}
+
+STAGES = ("load", "inference", "contours", "send")
+
+
+class IllegalTransition(RtcontourError):  # noqa: N818 - domain name, like InvalidSeries
+    """A job state change the state machine does not allow (e.g. done -> running)."""
+
+
+class JobNotFound(RtcontourError):  # noqa: N818
+    """No job has the given id."""
+
+
+def utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+class UtcDateTime(TypeDecorator[dt.datetime]):
+    """A timezone-aware UTC datetime on every database (SQLite stores it naive)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: dt.datetime | None, dialect: Any) -> dt.datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError(f"naive datetime {value!r}: the job store stores UTC only")
+        value = value.astimezone(dt.UTC)
+        # SQLite compares datetimes as text: store them all in one (naive UTC) form.
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: dt.datetime | None, dialect: Any) -> dt.datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=dt.UTC) if value.tzinfo is None else value.astimezone(dt.UTC)
+
+
+class Job(Base):
+    """One contouring job of one CT series (see docs/ARCHITECTURE.md, job store contract)."""
+
+    __tablename__ = "jobs"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    series_instance_uid: Mapped[str] = mapped_column(String(64), index=True)
+    # Equal to series_instance_uid while the job is active, NULL once finished: unique, so a
+    # series has at most one active job whatever races between listeners.
+    active_series_uid: Mapped[str | None] = mapped_column(String(64), unique=True)
+    study_instance_uid: Mapped[str] = mapped_column(String(64), default="")
+    calling_ae: Mapped[str] = mapped_column(String(16), default="", index=True)
+    modality: Mapped[str] = mapped_column(String(16), default="")
+    series_description: Mapped[str] = mapped_column(String(64), default="")
+    n_instances: Mapped[int] = mapped_column(Integer, default=0)
+    state: Mapped[str] = mapped_column(String(16), default=JobState.RECEIVED.value, index=True)
+    failure_reason: Mapped[str | None] = mapped_column(Text)
+    model_name: Mapped[str | None] = mapped_column(String(64), index=True)
+    model_version: Mapped[str | None] = mapped_column(String(32))
+    rtstruct_sop_instance_uid: Mapped[str | None] = mapped_column(String(64))
+    rtstruct_path: Mapped[str | None] = mapped_column(Text)
+    structures: Mapped[list[dict[str, Any]] | None] = mapped_column(JSON)
+    # "AE@host:port|SOPInstanceUID" entries already delivered (idempotent re-sends).
+    sent_destinations: Mapped[list[str]] = mapped_column(JSON, default=list)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    # Bumped whenever instances are merged in; a running job restarts if it changed.
+    generation: Mapped[int] = mapped_column(Integer, default=0)
+    created_at: Mapped[dt.datetime] = mapped_column(UtcDateTime, default=utcnow, index=True)
+    updated_at: Mapped[dt.datetime] = mapped_column(UtcDateTime, default=utcnow)
+    queued_at: Mapped[dt.datetime | None] = mapped_column(UtcDateTime)
+    started_at: Mapped[dt.datetime | None] = mapped_column(UtcDateTime)
+    finished_at: Mapped[dt.datetime | None] = mapped_column(UtcDateTime)
+    load_s: Mapped[float | None] = mapped_column(Float)
+    inference_s: Mapped[float | None] = mapped_column(Float)
+    contours_s: Mapped[float | None] = mapped_column(Float)
+    send_s: Mapped[float | None] = mapped_column(Float)
+    spool_dir: Mapped[str | None] = mapped_column(Text)
+    # Which worker runs the job and until when its claim holds without a heartbeat.
+    worker: Mapped[str | None] = mapped_column(String(128))
+    lease_expires_at: Mapped[dt.datetime | None] = mapped_column(UtcDateTime)
+
+    @property
+    def job_state(self) -> JobState:
+        return JobState(self.state)
+
+    @property
+    def stage_timings(self) -> dict[str, float | None]:
+        return {stage: getattr(self, f"{stage}_s") for stage in STAGES}
+
+    def __repr__(self) -> str:
+        return f"Job(id={self.id!r}, series={self.series_instance_uid!r}, state={self.state!r})"
+
+
+@dataclass(frozen=True)
+class MergeResult:
+    """What ``create_or_merge_for_series`` did: the job and whether it is new."""
+
+    job: Job
+    created: bool
+
+
+class JobStore:
+    """Typed access to the ``jobs`` table; every method is one short transaction.
+
+    Returned ``Job`` objects are detached snapshots (safe to read after the call).
+    """
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self._sessions = sessionmaker(engine, expire_on_commit=False)
+
+    def session(self) -> Session:
+        """A new session on the store's engine (for callers that join other tables)."""
+        return self._sessions()
+
+    # -- creation ------------------------------------------------------------------------
+    def create_or_merge_for_series(
+        self,
+        *,
+        series_instance_uid: str,
+        study_instance_uid: str = "",
+        calling_ae: str = "",
+        modality: str = "",
+        series_description: str = "",
+        n_instances: int = 0,
+    ) -> MergeResult:
+        """Return the active job of the series (merged: generation bumped) or a new one.
+
+        ``n_instances`` of a merged job is left for ``set_instance_count`` (the caller knows
+        how many distinct instances the job folder holds after the merge).
+        """
+        for _ in range(5):
+            with self._sessions.begin() as session:
+                job = session.scalars(
+                    select(Job)
+                    .where(Job.active_series_uid == series_instance_uid)
+                    .with_for_update()
+                ).first()
+                if job is not None:
+                    job.generation += 1
+                    job.updated_at = utcnow()
+                    return MergeResult(job, created=False)
+            try:
+                with self._sessions.begin() as session:
+                    now = utcnow()
+                    job = Job(
+                        id=uuid.uuid4().hex,
+                        series_instance_uid=series_instance_uid,
+                        active_series_uid=series_instance_uid,
+                        study_instance_uid=study_instance_uid,
+                        calling_ae=calling_ae,
+                        modality=modality,
+                        series_description=series_description[:64],
+                        n_instances=n_instances,
+                        state=JobState.RECEIVED.value,
+                        attempts=0,
+                        generation=0,
+                        sent_destinations=[],
+                        created_at=now,
+                        updated_at=now,
+                    )
+                    session.add(job)
+                return MergeResult(job, created=True)
+            except IntegrityError:
+                continue  # another intake created the active job first: merge into it
+        raise RtcontourError(f"could not create or merge a job for series {series_instance_uid}")
+
+    def set_spool_dir(self, job_id: str, spool_dir: str, n_instances: int) -> None:
+        self._update(job_id, spool_dir=spool_dir, n_instances=n_instances)
+
+    # -- reading -------------------------------------------------------------------------
+    def get(self, job_id: str) -> Job:
+        with self._sessions() as session:
+            job = session.get(Job, job_id)
+            if job is None:
+                raise JobNotFound(f"no job {job_id!r}")
+            return job
+
+    def list(
+        self,
+        *,
+        state: JobState | str | Iterable[JobState | str] | None = None,
+        since: dt.datetime | None = None,
+        until: dt.datetime | None = None,
+        calling_ae: str | None = None,
+        model_name: str | None = None,
+        series_instance_uid: str | None = None,
+        limit: int = 50,
+        offset: int = 0,
+    ) -> builtins.list[Job]:
+        """Jobs matching every given filter, newest first; ``since``/``until`` on created_at."""
+        query = self._filtered(
+            select(Job), state, since, until, calling_ae, model_name, series_instance_uid
+        )
+        query = query.order_by(Job.created_at.desc(), Job.id).limit(limit).offset(offset)
+        with self._sessions() as session:
+            return builtins.list(session.scalars(query))
+
+    def count(
+        self,
+        *,
+        state: JobState | str | Iterable[JobState | str] | None = None,
+        since: dt.datetime | None = None,
+        until: dt.datetime | None = None,
+        calling_ae: str | None = None,
+        model_name: str | None = None,
+        series_instance_uid: str | None = None,
+    ) -> int:
+        """How many jobs ``list`` would return without pagination."""
+        query = self._filtered(
+            select(func.count(Job.id)),
+            state,
+            since,
+            until,
+            calling_ae,
+            model_name,
+            series_instance_uid,
+        )
+        with self._sessions() as session:
+            return int(session.scalar(query) or 0)
+
+    def counts_by_state(self) -> dict[str, int]:
+        """Number of jobs in each state (every state present, zero if none)."""
+        with self._sessions() as session:
+            rows = session.execute(select(Job.state, func.count(Job.id)).group_by(Job.state))
+            counts = {state.value: 0 for state in JobState}
+            counts.update({state: int(n) for state, n in rows})
+            return counts
+
+    @staticmethod
+    def _filtered(
+        query: Any,
+        state: JobState | str | Iterable[JobState | str] | None,
+        since: dt.datetime | None,
+        until: dt.datetime | None,
+        calling_ae: str | None,
+        model_name: str | None,
+        series_instance_uid: str | None,
+    ) -> Any:
+        if state is not None:
+            states = [state] if isinstance(state, str) else builtins.list(state)
+            query = query.where(Job.state.in_([JobState(s).value for s in states]))
+        if since is not None:
+            query = query.where(Job.created_at >= since)
+        if until is not None:
+            query = query.where(Job.created_at < until)
+        if calling_ae is not None:
+            query = query.where(Job.calling_ae == calling_ae)
+        if model_name is not None:
+            query = query.where(Job.model_name == model_name)
+        if series_instance_uid is not None:
+            query = query.where(Job.series_instance_uid == series_instance_uid)
+        return query
+
+    # -- state machine -------------------------------------------------------------------
+    def transition(
+        self,
+        job_id: str,
+        to_state: JobState | str,
+        *,
+        reason: str | None = None,
+        expected_from: Sequence[JobState] | None = None,
+    ) -> Job:
+        """Move a job to ``to_state`` or raise ``IllegalTransition`` naming both states."""
+        target = JobState(to_state)
+        with self._sessions.begin() as session:
+            job = session.get(Job, job_id, with_for_update=True)
+            if job is None:
+                raise JobNotFound(f"no job {job_id!r}")
+            current = JobState(job.state)
+            if expected_from is not None and current not in expected_from:
+                raise IllegalTransition(
+                    f"job {job_id} is {current.value}, expected one of "
+                    f"{sorted(s.value for s in expected_from)} before {target.value}"
+                )
+            if target not in _ALLOWED[current]:
+                raise IllegalTransition(
+                    f"job {job_id} cannot move from {current.value} to {target.value}"
+                )
+            now = utcnow()
+            job.state = target.value
+            job.updated_at = now
+            if target is JobState.QUEUED:
+                job.queued_at = now
+                job.worker = None
+                job.lease_expires_at = None
+                job.active_series_uid = job.series_instance_uid
+                if reason is not None:
+                    job.failure_reason = reason  # why it was re-queued (shown until it ends)
+            if target is JobState.RUNNING:
+                job.started_at = now
+            if target in FINISHED_STATES:
+                job.finished_at = now
+                job.active_series_uid = None
+                job.lease_expires_at = None
+                job.failure_reason = reason if target is not JobState.DONE else None
+            return job
+
+    def mark_queued(self, job_id: str) -> Job | None:
+        """received -> queued; None (no change) if the job is already further along."""
+        try:
+            return self.transition(job_id, JobState.QUEUED, expected_from=[JobState.RECEIVED])
+        except IllegalTransition:
+            return None
+
+    def claim(self, job_id: str, worker: str, lease_s: float) -> Job | None:
+        """Atomically take a job to run: received/queued, or running with an expired lease.
+
+        Returns the claimed job (state running, attempts incremented) or None when the job is
+        finished or another worker holds a live claim (a duplicate message: do nothing).
+        """
+        now = utcnow()
+        claimable = or_(
+            Job.state.in_([JobState.RECEIVED.value, JobState.QUEUED.value]),
+            (Job.state == JobState.RUNNING.value)
+            & (or_(Job.lease_expires_at.is_(None), Job.lease_expires_at < now)),
+        )
+        with self._sessions.begin() as session:
+            result = session.execute(
+                update(Job)
+                .where(Job.id == job_id, claimable)
+                .values(
+                    state=JobState.RUNNING.value,
+                    attempts=Job.attempts + 1,
+                    started_at=now,
+                    updated_at=now,
+                    worker=worker,
+                    lease_expires_at=now + dt.timedelta(seconds=lease_s),
+                )
+                .execution_options(synchronize_session=False)
+            )
+            if result.rowcount != 1:  # type: ignore[attr-defined]
+                return None
+        return self.get(job_id)
+
+    def heartbeat(self, job_id: str, worker: str, lease_s: float) -> bool:
+        """Extend the claim of ``worker`` on a running job; False if it lost the claim."""
+        now = utcnow()
+        with self._sessions.begin() as session:
+            result = session.execute(
+                update(Job)
+                .where(
+                    Job.id == job_id,
+                    Job.state == JobState.RUNNING.value,
+                    Job.worker == worker,
+                )
+                .values(lease_expires_at=now + dt.timedelta(seconds=lease_s))
+                .execution_options(synchronize_session=False)
+            )
+            return bool(result.rowcount == 1)  # type: ignore[attr-defined]
+
+    def recoverable_jobs(self, *, older_than_s: float = 0.0) -> builtins.list[str]:
+        """Ids of jobs whose message may have been lost: received/queued for longer than
+        ``older_than_s``, and running jobs whose worker's lease expired."""
+        now = utcnow()
+        cutoff = now - dt.timedelta(seconds=older_than_s)
+        query = select(Job.id).where(
+            or_(
+                (Job.state.in_([JobState.RECEIVED.value, JobState.QUEUED.value]))
+                & (Job.updated_at <= cutoff),
+                (Job.state == JobState.RUNNING.value)
+                & (or_(Job.lease_expires_at.is_(None), Job.lease_expires_at < now)),
+            )
+        )
+        with self._sessions() as session:
+            return builtins.list(session.scalars(query.order_by(Job.created_at)))
+
+    def touch(self, job_id: str) -> None:
+        """Mark a job as just (re-)enqueued, so the recovery sweep leaves it alone a while."""
+        self._update(job_id, updated_at=utcnow())
+
+    # -- results ------------------------------------------------------------------------
+    def record_stage(self, job_id: str, stage: str, seconds: float) -> None:
+        """Store the duration of one stage (load, inference, contours, send) in seconds."""
+        if stage not in STAGES:
+            raise ValueError(f"stage {stage!r} is not one of {STAGES}")
+        self._update(job_id, **{f"{stage}_s": float(seconds)})
+
+    def record_model(self, job_id: str, name: str, version: str) -> None:
+        self._update(job_id, model_name=name, model_version=version)
+
+    def record_output(
+        self,
+        job_id: str,
+        *,
+        sop_instance_uid: str,
+        path: str,
+        structures: builtins.list[dict[str, Any]],
+    ) -> None:
+        """Store where the RTSTRUCT of a job was archived and what it contains."""
+        self._update(
+            job_id,
+            rtstruct_sop_instance_uid=sop_instance_uid,
+            rtstruct_path=path,
+            structures=structures,
+        )
+
+    def record_sent(self, job_id: str, destination: str, sop_instance_uid: str) -> None:
+        """Remember that ``destination`` acknowledged this SOP Instance for this job."""
+        key = f"{destination}|{sop_instance_uid}"
+        with self._sessions.begin() as session:
+            job = session.get(Job, job_id, with_for_update=True)
+            if job is None:
+                raise JobNotFound(f"no job {job_id!r}")
+            if key not in (job.sent_destinations or []):
+                job.sent_destinations = [*(job.sent_destinations or []), key]
+
+    def was_sent(self, job_id: str, destination: str, sop_instance_uid: str) -> bool:
+        return f"{destination}|{sop_instance_uid}" in (self.get(job_id).sent_destinations or [])
+
+    def _update(self, job_id: str, **values: Any) -> None:
+        with self._sessions.begin() as session:
+            result = session.execute(
+                update(Job)
+                .where(Job.id == job_id)
+                .values(**values)
+                .execution_options(synchronize_session=False)
+            )
+            if result.rowcount != 1:  # type: ignore[attr-defined]
+                raise JobNotFound(f"no job {job_id!r}")
+
+    # -- API (issue 5): manual retry of a finished job ----------------------------------
+    def requeue_finished(self, job_id: str, *, reason: str) -> Job:
+        """failed | send_failed -> queued on a user's request, with a fresh set of attempts.
+
+        Raises ``IllegalTransition`` if the job is not failed/send_failed, or if another job of
+        the same series is active (it would hold the series' active slot).
+        """
+        retryable = {JobState.FAILED.value, JobState.SEND_FAILED.value}
+        try:
+            with self._sessions.begin() as session:
+                job = session.get(Job, job_id, with_for_update=True)
+                if job is None:
+                    raise JobNotFound(f"no job {job_id!r}")
+                if job.state not in retryable:
+                    raise IllegalTransition(f"job {job_id} is {job.state}; it cannot be retried")
+                now = utcnow()
+                job.state = JobState.QUEUED.value
+                job.queued_at = job.updated_at = now
+                job.finished_at = job.worker = job.lease_expires_at = None
+                job.attempts = 0
+                job.failure_reason = reason
+                job.active_series_uid = job.series_instance_uid
+                return job
+        except IntegrityError:
+            raise IllegalTransition(
+                f"job {job_id} cannot be retried: another job of its series is active"
+            ) from None

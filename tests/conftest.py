@@ -1,0 +1,259 @@
+"""Top-level fixtures: settings in a temporary data dir, real PostgreSQL and Redis (skipped
+with a message when unreachable), and ``rtcontour serve`` as a subprocess."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import closing
+from pathlib import Path
+
+import pytest
+
+from service.settings import Settings
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+POSTGRES_URL = os.environ.get(
+    "RTCONTOUR_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+)
+REDIS_URL = os.environ.get("RTCONTOUR_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+
+
+def free_port() -> int:
+    """A TCP port free on loopback right now."""
+    with closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _postgres_reachable() -> str | None:
+    try:
+        import psycopg
+
+        dsn = POSTGRES_URL.replace("postgresql+psycopg://", "postgresql://")
+        with psycopg.connect(dsn, connect_timeout=3) as conn:
+            conn.execute("SELECT 1")
+        return None
+    except Exception as exc:  # noqa: BLE001 - any failure means: skip with its message
+        return f"PostgreSQL at {POSTGRES_URL} unreachable ({type(exc).__name__}: {exc})"
+
+
+def _redis_reachable() -> str | None:
+    try:
+        import redis
+
+        redis.Redis.from_url(REDIS_URL, socket_connect_timeout=3).ping()
+        return None
+    except Exception as exc:  # noqa: BLE001
+        return f"Redis at {REDIS_URL} unreachable ({type(exc).__name__}: {exc})"
+
+
+@pytest.fixture(scope="session")
+def postgres_base_url() -> str:
+    problem = _postgres_reachable()
+    if problem:
+        pytest.skip(problem)
+    return POSTGRES_URL
+
+
+@pytest.fixture
+def postgres_url(postgres_base_url: str) -> Iterator[str]:
+    """A database URL whose search_path is a fresh schema, dropped afterwards."""
+    import psycopg
+
+    schema = f"rtc_test_{uuid.uuid4().hex[:12]}"
+    dsn = postgres_base_url.replace("postgresql+psycopg://", "postgresql://")
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(f'CREATE SCHEMA "{schema}"')
+    yield f"{postgres_base_url}?options=-csearch_path%3D{schema}"
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(f'DROP SCHEMA "{schema}" CASCADE')
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> str:
+    problem = _redis_reachable()
+    if problem:
+        pytest.skip(problem)
+    return REDIS_URL
+
+
+@pytest.fixture
+def redis_db_url(redis_url: str) -> Iterator[str]:
+    """A Redis URL on a database index of its own (flushed before and after)."""
+    import redis
+
+    index = 1 + uuid.uuid4().int % 14
+    url = redis_url.rsplit("/", 1)[0] + f"/{index}"
+    client = redis.Redis.from_url(url)
+    client.flushdb()
+    yield url
+    client.flushdb()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"], ids=["sqlite", "postgresql"])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str | None:
+    """None (the embedded SQLite in data_dir) or a PostgreSQL URL on a fresh schema."""
+    if request.param == "sqlite":
+        return None
+    return str(request.getfixturevalue("postgres_url"))
+
+
+@pytest.fixture
+def settings(tmp_path: Path) -> Settings:
+    """Settings in a temporary data dir with fast retries, for in-process tests."""
+    return Settings(
+        data_dir=tmp_path / "var",
+        quiet_period_s=1.0,
+        send_attempts=3,
+        send_backoff_s=0.2,
+        dicom_port=free_port(),
+        api_port=free_port(),
+    )
+
+
+class ServeProcess:
+    """``rtcontour serve`` running as a subprocess in its own process group."""
+
+    def __init__(self, env: dict[str, str], log_path: Path) -> None:
+        self.env = env
+        self.log_path = log_path
+        self.dicom_port = int(env["RTCONTOUR_DICOM_PORT"])
+        self.api_port = int(env["RTCONTOUR_API_PORT"])
+        self.data_dir = Path(env["RTCONTOUR_DATA_DIR"])
+        self.token = env["RTCONTOUR_ADMIN_TOKEN"]
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self, *args: str, timeout_s: float = 60.0) -> None:
+        log = self.log_path.open("ab")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "service.cli", "serve", *args],
+            env=self.env,
+            cwd=REPO_ROOT,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        self.wait_ready(timeout_s)
+
+    def wait_ready(self, timeout_s: float) -> None:
+        import httpx
+
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.process is not None and self.process.poll() is not None:
+                raise RuntimeError(f"rtcontour serve exited early:\n{self.log()}")
+            try:
+                response = httpx.get(f"{self.api_url}/health", timeout=1.0)
+                if response.status_code == 200 and _port_open(self.dicom_port):
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.25)
+        raise RuntimeError(f"rtcontour serve not ready after {timeout_s} s:\n{self.log()}")
+
+    @property
+    def api_url(self) -> str:
+        return f"http://127.0.0.1:{self.api_port}"
+
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.token}"}
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")[-20000:]
+
+    def stop(self, timeout_s: float = 20.0) -> int | None:
+        """SIGTERM the group, then SIGKILL whatever is left (no stray worker survives)."""
+        if self.process is None:
+            return None
+        pgid = self.process.pid
+        code: int | None = None
+        if self.process.poll() is None:
+            with _suppress_lookup():
+                os.killpg(pgid, signal.SIGTERM)
+            try:
+                code = self.process.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                code = None
+        else:
+            code = self.process.returncode
+        with _suppress_lookup():
+            os.killpg(pgid, signal.SIGKILL)
+        if self.process.poll() is None:
+            self.process.wait(5)
+        self.process = None
+        return code
+
+
+class _suppress_lookup:  # noqa: N801 - used like contextlib.suppress
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> bool:
+        return isinstance(exc, ProcessLookupError | PermissionError)
+
+
+def _port_open(port: int) -> bool:
+    with closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as sock:
+        sock.settimeout(0.5)
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+def serve_env(
+    data_dir: Path,
+    *,
+    destinations: str = "",
+    broker_url: str | None = None,
+    database_url: str | None = None,
+    model_package: Path | None = None,
+    extra: dict[str, str] | None = None,
+) -> dict[str, str]:
+    """The environment of a test ``rtcontour serve``: free ports, fast timings."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RTCONTOUR_")}
+    env.update(
+        RTCONTOUR_DATA_DIR=str(data_dir),
+        RTCONTOUR_DICOM_PORT=str(free_port()),
+        RTCONTOUR_DICOM_HOST="127.0.0.1",
+        RTCONTOUR_API_PORT=str(free_port()),
+        RTCONTOUR_ADMIN_TOKEN=f"test-token-{uuid.uuid4().hex}",
+        RTCONTOUR_QUIET_PERIOD_S="1",
+        RTCONTOUR_SEND_ATTEMPTS="3",
+        RTCONTOUR_SEND_BACKOFF_S="0.5",
+        RTCONTOUR_JOB_LEASE_S="6",
+        RTCONTOUR_RECOVERY_INTERVAL_S="2",
+        RTCONTOUR_MIN_SLICES="5",
+        RTCONTOUR_MIN_FREE_DISK_BYTES="0",
+        PYTHONUNBUFFERED="1",
+    )
+    if destinations:
+        env["RTCONTOUR_DESTINATIONS"] = destinations
+    if broker_url:
+        env["RTCONTOUR_BROKER_URL"] = broker_url
+    if database_url:
+        env["RTCONTOUR_DATABASE_URL"] = database_url
+    if model_package is not None:
+        env["RTCONTOUR_MODEL_PACKAGE"] = str(model_package)
+    env.update(extra or {})
+    return env
+
+
+@pytest.fixture
+def serve_factory(tmp_path: Path) -> Iterator[object]:
+    """Build and start ``rtcontour serve`` subprocesses; all stopped at teardown."""
+    started: list[ServeProcess] = []
+
+    def factory(env: dict[str, str], *args: str, timeout_s: float = 60.0) -> ServeProcess:
+        serve = ServeProcess(env, tmp_path / f"serve-{len(started)}.log")
+        started.append(serve)
+        serve.start(*args, timeout_s=timeout_s)
+        return serve
+
+    yield factory
+    for serve in started:
+        serve.stop()
