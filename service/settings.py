@@ -98,6 +98,11 @@ class Settings(BaseSettings):
     database_url: str | None = None
     job_attempts: int = Field(3, ge=1, le=20)
     job_time_limit_s: int = Field(1800, ge=10)
+    # A running job's claim lasts this long without a heartbeat (every third of it); a job
+    # whose worker died is re-enqueued by the recovery sweep once its claim expired.
+    job_lease_s: float = Field(60.0, ge=2, le=3600)
+    recovery_interval_s: float = Field(30.0, gt=0, le=3600)
+    worker_concurrency: int = Field(1, ge=1, le=64)
 
     # Contouring
     model_package: Path | None = None
