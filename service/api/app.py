@@ -1,0 +1,160 @@
+"""The FastAPI application: ``create_app(settings)`` builds it, ``main(argv)`` serves it.
+
+Routers, one per resource: ``jobs``, ``previews``, ``users``, ``audit``, ``metrics``,
+``dashboard``. Everything except ``/health`` and the dashboard's static files needs a bearer
+token (see ``deps.py``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from fastapi import FastAPI
+from pydantic import BaseModel
+from sqlalchemy import Engine
+
+from service import __version__
+from service.api.deps import AppContext
+from service.db import create_schema, make_engine
+from service.jobstore import JobStore
+from service.settings import Destination, Settings
+
+logger = logging.getLogger(__name__)
+
+PROCESS_JOB_TASK = "rtcontour.process_job"
+
+
+class HealthOut(BaseModel):
+    status: str
+    version: str
+
+
+def celery_enqueuer(settings: Settings) -> Callable[[str], None]:
+    """Return ``enqueue(job_id)`` sending the task ``rtcontour.process_job`` by name.
+
+    Uses the job engineer's ``worker.celery_app.enqueue_job`` when it exists, else a bare
+    Celery client on ``settings.broker_url`` (built at first use, not at import).
+    """
+    client: list[Any] = []
+
+    def enqueue(job_id: str) -> None:
+        try:
+            from worker.celery_app import enqueue_job  # type: ignore[attr-defined]
+        except ImportError:
+            enqueue_job = None
+        if enqueue_job is not None:
+            enqueue_job(settings, job_id)
+            return
+        if not settings.broker_url:
+            raise RuntimeError("RTCONTOUR_BROKER_URL is not set: jobs cannot be queued")
+        if not client:
+            from celery import Celery
+
+            client.append(Celery("rtcontour-api", broker=settings.broker_url))
+        client[0].send_task(PROCESS_JOB_TASK, args=[job_id])
+
+    return enqueue
+
+
+def redis_queue_depth(settings: Settings, queue: str = "celery") -> Callable[[], int | None]:
+    """Return ``depth()``: messages waiting in the Redis broker's queue (None if unknown)."""
+
+    def depth() -> int | None:
+        url = settings.broker_url
+        if not url or not url.startswith(("redis://", "rediss://")):
+            return None
+        try:
+            import redis
+
+            connection = redis.Redis.from_url(url, socket_timeout=1, socket_connect_timeout=1)
+            return int(connection.llen(queue))  # type: ignore[arg-type]
+        except Exception:  # the dashboard shows "unknown" rather than failing
+            logger.warning("queue depth unavailable from the broker", exc_info=True)
+            return None
+
+    return depth
+
+
+def c_echo(destination: Destination, timeout_s: float = 3.0) -> tuple[bool, str]:
+    """C-ECHO ``destination``; return (reachable, a short status sentence)."""
+    from pynetdicom import AE
+    from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+
+    ae = AE(ae_title="RTCONTOUR")
+    ae.add_requested_context(Verification)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout_s
+    ae.connection_timeout = timeout_s
+    assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title)
+    if not assoc.is_established:
+        return False, "association refused or unreachable"
+    try:
+        answer = assoc.send_c_echo()
+    finally:
+        assoc.release()
+    if answer and getattr(answer, "Status", None) == 0:
+        return True, "C-ECHO succeeded"
+    return False, "C-ECHO failed"
+
+
+def create_app(
+    settings: Settings,
+    *,
+    engine: Engine | None = None,
+    enqueue: Callable[[str], None] | None = None,
+    queue_depth: Callable[[], int | None] | None = None,
+    echo: Callable[[Destination], tuple[bool, str]] | None = None,
+) -> FastAPI:
+    """Build the API for ``settings``; collaborators may be injected (tests, ``serve``).
+
+    ``engine``: the job store's engine (default ``make_engine(settings)``; tables are created
+    if missing); ``enqueue(job_id)``: queue a job (default Celery task by name);
+    ``queue_depth()``: broker queue length; ``echo(destination)``: C-ECHO check.
+    """
+    from service.api import audit, dashboard, jobs, metrics, previews, users
+    from service.previews import PreviewCache
+
+    engine = engine or make_engine(settings)
+    create_schema(engine)
+    app = FastAPI(
+        title="rtcontour",
+        version=__version__,
+        description="DICOM-RT auto-contouring: jobs, previews, RTSTRUCT downloads, audit.",
+    )
+    app.state.ctx = AppContext(
+        settings=settings,
+        engine=engine,
+        store=JobStore(engine),
+        enqueue=enqueue or celery_enqueuer(settings),
+        queue_depth=queue_depth or redis_queue_depth(settings),
+        echo=echo or c_echo,
+        previews=PreviewCache(),
+    )
+
+    @app.get("/health", response_model=HealthOut, tags=["health"], summary="Liveness (no auth)")
+    def health() -> HealthOut:
+        return HealthOut(status="ok", version=__version__)
+
+    for module in (jobs, previews, users, audit, metrics, dashboard):
+        app.include_router(module.router)
+    dashboard.mount_static(app)
+    return app
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``rtcontour api``: serve the API and dashboard with uvicorn."""
+    import uvicorn
+
+    parser = argparse.ArgumentParser(prog="rtcontour api", description=__doc__)
+    parser.add_argument("--host", help="bind address (default RTCONTOUR_API_HOST)")
+    parser.add_argument("--port", type=int, help="port (default RTCONTOUR_API_PORT)")
+    args = parser.parse_args(argv)
+    settings = Settings.model_validate({})  # from the environment (RTCONTOUR_*)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    if settings.admin_token is None:
+        logger.warning("using the development admin token (RTCONTOUR_ADMIN_TOKEN is not set)")
+    app = create_app(settings)
+    uvicorn.run(app, host=args.host or settings.api_host, port=args.port or settings.api_port)
+    return 0

@@ -1,0 +1,91 @@
+"""Dependencies shared by the routers: the database session, the caller, role checks.
+
+Every route except ``/health`` and the dashboard's static files depends on one of the role
+aliases (``ViewerUser``, ``ClinicianUser``, ``AdminUser``); without a valid bearer token it
+answers 401, with a role below the route's it answers 403.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Annotated, Any
+
+from fastapi import Depends, HTTPException, Request, status
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from sqlalchemy import Engine
+from sqlalchemy.orm import Session
+
+from service.auth import Principal, Role, authenticate
+from service.jobstore import JobStore
+from service.settings import Settings
+
+bearer = HTTPBearer(auto_error=False, description="An rtcontour API token")
+
+
+@dataclass
+class AppContext:
+    """What the routers need, built once by ``create_app`` and kept on ``app.state.ctx``."""
+
+    settings: Settings
+    engine: Engine
+    store: JobStore
+    enqueue: Callable[[str], None]
+    queue_depth: Callable[[], int | None]
+    echo: Callable[[Any], tuple[bool, str]]
+    previews: Any  # service.previews.PreviewCache
+
+
+def get_context(request: Request) -> AppContext:
+    ctx: AppContext = request.app.state.ctx
+    return ctx
+
+
+Context = Annotated[AppContext, Depends(get_context)]
+
+
+def get_session(ctx: Context) -> Iterator[Session]:
+    with Session(ctx.engine) as session:
+        yield session
+
+
+DbSession = Annotated[Session, Depends(get_session)]
+BearerCredentials = Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
+
+
+def _unauthorized(message: str) -> HTTPException:
+    return HTTPException(
+        status.HTTP_401_UNAUTHORIZED, detail=message, headers={"WWW-Authenticate": "Bearer"}
+    )
+
+
+def get_principal(ctx: Context, session: DbSession, credentials: BearerCredentials) -> Principal:
+    """The caller identified by the ``Authorization: Bearer <token>`` header, or 401."""
+    if credentials is None or credentials.scheme.lower() != "bearer":
+        raise _unauthorized("missing bearer token")
+    principal = authenticate(session, credentials.credentials, ctx.settings.effective_admin_token)
+    if principal is None:
+        raise _unauthorized("invalid, revoked or disabled token")
+    return principal
+
+
+CurrentPrincipal = Annotated[Principal, Depends(get_principal)]
+
+
+def require(role: Role) -> Callable[[Principal], Principal]:
+    """A dependency that passes callers with at least ``role`` and answers 403 to others."""
+
+    def check(principal: CurrentPrincipal) -> Principal:
+        if not principal.role.allows(role):
+            raise HTTPException(
+                status.HTTP_403_FORBIDDEN, detail=f"this needs the {role.value} role"
+            )
+        return principal
+
+    check.__name__ = f"require_{role.value}"
+    return check
+
+
+ViewerUser = Annotated[Principal, Depends(require(Role.viewer))]
+ClinicianUser = Annotated[Principal, Depends(require(Role.clinician))]
+AdminUser = Annotated[Principal, Depends(require(Role.admin))]

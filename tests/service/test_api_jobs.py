@@ -1,0 +1,112 @@
+"""Jobs over the API: list with filters and pagination, detail, download, retry."""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.service.api_support import ApiHarness, harness_fixture
+
+
+@pytest.fixture
+def api(tmp_path: Path) -> Iterator[ApiHarness]:
+    yield from harness_fixture(tmp_path)
+
+
+def test_health_needs_no_token(api: ApiHarness) -> None:
+    response = api.client.get("/health")
+    assert response.status_code == 200
+    assert response.json()["status"] == "ok"
+
+
+def test_jobs_list_is_paginated_newest_first(api: ApiHarness) -> None:
+    base = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
+    ids = [api.add_job(created_at=base + dt.timedelta(minutes=i)).id for i in range(7)]
+    page = api.client.get("/api/jobs?limit=3&offset=2", headers=api.headers("viewer")).json()
+    assert page["total"] == 7 and page["limit"] == 3 and page["offset"] == 2
+    assert [item["id"] for item in page["items"]] == ids[::-1][2:5]
+
+
+def test_jobs_list_filters_by_state_date_calling_ae_and_model(api: ApiHarness) -> None:
+    base = dt.datetime(2026, 3, 1, tzinfo=dt.UTC)
+    done = api.add_job(state="done", calling_ae="TPS_A", model_name="hn", created_at=base)
+    failed = api.add_job(
+        state="failed", calling_ae="TPS_B", model_name="hn", created_at=base + dt.timedelta(days=2)
+    )
+    other_model = api.add_job(
+        state="done", calling_ae="TPS_B", model_name="pelvis", created_at=base
+    )
+    h = api.headers("viewer")
+
+    def ids(query: str) -> set[str]:
+        response = api.client.get(f"/api/jobs?{query}", headers=h)
+        assert response.status_code == 200, response.text
+        return {item["id"] for item in response.json()["items"]}
+
+    assert ids("state=failed") == {failed.id}
+    assert ids("state=failed&state=done") == {done.id, failed.id, other_model.id}
+    assert ids("calling_ae=TPS_B") == {failed.id, other_model.id}
+    assert ids("model=hn") == {done.id, failed.id}
+    assert ids("created_from=2026-03-02T00:00:00Z") == {failed.id}
+    assert ids("created_to=2026-03-02T00:00:00") == {done.id, other_model.id}
+    bad = api.client.get("/api/jobs?state=exploded", headers=h)
+    assert bad.status_code == 422 and "exploded" in bad.text
+
+
+def test_job_detail_has_timings_structures_and_model(api: ApiHarness) -> None:
+    job = api.add_job(
+        model_name="hn-oar",
+        model_version="1.2.0",
+        load_s=1.5,
+        inference_s=20.25,
+        contours_s=2.0,
+        send_s=0.5,
+        structures=[{"roi_name": "Brainstem", "volume_cc": 25.4, "colour": [0, 128, 255]}],
+    )
+    body = api.client.get(f"/api/jobs/{job.id}", headers=api.headers("viewer")).json()
+    assert body["model_name"] == "hn-oar" and body["model_version"] == "1.2.0"
+    assert body["timings"]["inference_s"] == 20.25 and body["timings"]["load_s"] == 1.5
+    assert body["structures"] == [
+        {"roi_name": "Brainstem", "volume_cc": 25.4, "colour": [0, 128, 255]}
+    ]
+    assert api.client.get("/api/jobs/nope", headers=api.headers("viewer")).status_code == 404
+
+
+def test_failed_job_shows_its_reason(api: ApiHarness) -> None:
+    job = api.add_job(state="failed", failure_reason="the series has only 3 slices")
+    body = api.client.get(f"/api/jobs/{job.id}", headers=api.headers("viewer")).json()
+    assert body["state"] == "failed"
+    assert body["failure_reason"] == "the series has only 3 slices"
+
+
+def test_rtstruct_download_is_application_dicom(api: ApiHarness, tmp_path) -> None:
+    rtstruct = tmp_path / "RS.dcm"
+    rtstruct.write_bytes(b"\0" * 128 + b"DICM")
+    job = api.add_job(rtstruct_path=str(rtstruct), rtstruct_sop_instance_uid="1.2.3.4")
+    response = api.client.get(f"/api/jobs/{job.id}/rtstruct", headers=api.headers("clinician"))
+    assert response.status_code == 200
+    assert response.headers["content-type"] == "application/dicom"
+    assert response.content == rtstruct.read_bytes()
+    no_output = api.add_job(state="failed")
+    missing = api.client.get(f"/api/jobs/{no_output.id}/rtstruct", headers=api.headers("admin"))
+    assert missing.status_code == 404 and "no RTSTRUCT" in missing.json()["detail"]
+
+
+def test_retry_requeues_a_failed_job_and_enqueues_it(api: ApiHarness) -> None:
+    job = api.add_job(state="failed", failure_reason="worker lost", attempts=3)
+    response = api.client.post(f"/api/jobs/{job.id}/retry", headers=api.headers("clinician"))
+    assert response.status_code == 202, response.text
+    assert response.json() == {"id": job.id, "state": "queued"}
+    assert api.enqueued == [job.id]
+    stored = api.store.get(job.id)
+    assert stored.state == "queued" and stored.attempts == 0
+
+
+def test_retry_of_a_done_job_is_a_conflict(api: ApiHarness) -> None:
+    job = api.add_job(state="done")
+    response = api.client.post(f"/api/jobs/{job.id}/retry", headers=api.headers("admin"))
+    assert response.status_code == 409
+    assert api.enqueued == []
