@@ -1,0 +1,187 @@
+"""OpenKBP loading, canonical reorientation, resampling, normalisation and caching.
+
+OpenKBP stores ``ct_hu[i, j, k]`` with i anterior->posterior, j right->left, k
+superior->inferior. We transpose to the canonical (k, i, j) = (slices S->I, rows A->P,
+columns R->L) used by the whole service (docs/ARCHITECTURE.md).
+
+Target spacing (3.0, 4.0, 4.0) mm (slice, row, column): OpenKBP in-plane voxels are 3.9 to
+5.1 mm, so 4 mm keeps (almost) all in-plane information without inventing detail; slices are
+2 to 3 mm, and 3 mm keeps the thin craniocaudal structures (Larynx, Esophagus ends) while the
+volume stays small (<= 128 x 163 x 163 voxels) enough for CPU training.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from models.labels import ORGANS
+from models.resampling import resample_linear, resampled_shape
+
+__all__ = [
+    "TARGET_SPACING_MM",
+    "HU_CLIP",
+    "CaseArrays",
+    "default_data_dir",
+    "load_openkbp_raw",
+    "normalise_hu",
+    "preprocess_case",
+    "load_split",
+]
+
+log = logging.getLogger(__name__)
+
+TARGET_SPACING_MM: tuple[float, float, float] = (3.0, 4.0, 4.0)
+# Soft-tissue window widened to keep bone (Mandible) and air (Larynx lumen) distinct.
+HU_CLIP: tuple[float, float] = (-200.0, 300.0)
+CACHE_VERSION = 1
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def default_data_dir() -> Path:
+    """``../shared/data/openkbp`` relative to the repository root (``RTCONTOUR_OPENKBP_DIR``
+    overrides)."""
+    override = os.environ.get("RTCONTOUR_OPENKBP_DIR")
+    if override:
+        return Path(override)
+    return (REPO_ROOT.parent / "shared" / "data" / "openkbp").resolve()
+
+
+def normalise_hu(
+    hu: np.ndarray, clip: Sequence[float] = HU_CLIP, out: np.ndarray | None = None
+) -> np.ndarray:
+    """Clip HU to ``clip`` and map it linearly to [-1, 1] (float32)."""
+    low, high = float(clip[0]), float(clip[1])
+    centre, half_width = (low + high) / 2.0, (high - low) / 2.0
+    result = np.clip(hu, low, high, out=out, dtype=np.float32)
+    result -= centre
+    result /= half_width
+    return result
+
+
+@dataclass
+class CaseArrays:
+    """One preprocessed patient on the target grid (canonical orientation).
+
+    ``image``: float16 (slices, rows, columns) normalised CT; ``labels``: uint8 bit k =
+    ``ORGANS[k]``; ``known``: bool (7,) structure contoured for this patient.
+    """
+
+    case_id: str
+    image: np.ndarray
+    labels: np.ndarray
+    known: np.ndarray
+    spacing_mm: tuple[float, float, float]
+
+    def channel_masks(self) -> np.ndarray:
+        """bool (7, slices, rows, columns) one mask per output channel."""
+        bits = np.arange(len(ORGANS), dtype=np.uint8)
+        return ((self.labels[None] >> bits[:, None, None, None]) & 1).astype(bool)
+
+
+def load_openkbp_raw(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, tuple[float, ...]]:
+    """Read one OpenKBP npz and return canonical (hu int16, masks bool (7,...), known bool (7,),
+    spacing_mm (slice, row, col)). Masks of unknown structures are all False."""
+    with np.load(path) as npz:
+        ct = npz["ct_hu"].transpose(2, 0, 1)
+        bits = npz["label_bits"].transpose(2, 0, 1)
+        voxel_mm = npz["voxel_mm"].astype(float)
+        roi_names = [str(name) for name in npz["roi_names"]]
+        present = {str(name) for name in npz["rois_present"]}
+    spacing = (voxel_mm[2], voxel_mm[0], voxel_mm[1])
+    masks = np.zeros((len(ORGANS),) + ct.shape, dtype=bool)
+    known = np.zeros(len(ORGANS), dtype=bool)
+    for channel, organ in enumerate(ORGANS):
+        bit = roi_names.index(organ.openkbp_name)
+        known[channel] = organ.openkbp_name in present
+        if known[channel]:
+            masks[channel] = (bits >> bit) & 1
+    return np.ascontiguousarray(ct), masks, known, spacing
+
+
+def preprocess_case(
+    path: Path, target_spacing_mm: Sequence[float] = TARGET_SPACING_MM
+) -> CaseArrays:
+    """Load, resample (CT and each mask trilinearly, masks thresholded at 0.5) and normalise."""
+    hu, masks, known, spacing = load_openkbp_raw(path)
+    shape = resampled_shape(hu.shape, spacing, target_spacing_mm)
+    image = normalise_hu(resample_linear(hu.astype(np.float32), spacing, target_spacing_mm))
+    labels = np.zeros(shape, dtype=np.uint8)
+    for channel in range(len(ORGANS)):
+        if known[channel] and masks[channel].any():
+            resampled = resample_linear(masks[channel].astype(np.float32), spacing,
+                                        target_spacing_mm)
+            labels |= (resampled >= 0.5).astype(np.uint8) << channel
+    return CaseArrays(
+        case_id=path.stem,
+        image=image.astype(np.float16),
+        labels=labels,
+        known=known,
+        spacing_mm=tuple(float(s) for s in target_spacing_mm),  # type: ignore[arg-type]
+    )
+
+
+def _cache_path(cache_dir: Path, split: str, case_id: str,
+                target_spacing_mm: Sequence[float]) -> Path:
+    tag = "x".join(f"{s:g}" for s in target_spacing_mm)
+    return cache_dir / f"openkbp-v{CACHE_VERSION}-{tag}" / split / f"{case_id}.npz"
+
+
+def _load_or_build(args: tuple[Path, Path, str, tuple[float, float, float]]) -> CaseArrays:
+    path, cache_dir, split, target = args
+    cached = _cache_path(cache_dir, split, path.stem, target)
+    if cached.exists():
+        with np.load(cached) as npz:
+            return CaseArrays(path.stem, npz["image"], npz["labels"], npz["known"], target)
+    case = preprocess_case(path, target)
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    partial = cached.with_name(cached.stem + f".{os.getpid()}.tmp.npz")
+    np.savez(partial, image=case.image, labels=case.labels, known=case.known)
+    os.replace(partial, cached)
+    return case
+
+
+def _case_sort_key(path: Path) -> tuple[int, str]:
+    digits = "".join(ch for ch in path.stem if ch.isdigit())
+    return (int(digits) if digits else 0, path.stem)
+
+
+def list_cases(data_dir: Path, split: str) -> list[Path]:
+    """npz files of a split (``train`` or ``validation``) in patient-number order."""
+    folder = Path(data_dir) / split
+    if not folder.is_dir():
+        raise FileNotFoundError(f"OpenKBP split folder {folder} does not exist")
+    return sorted(folder.glob("*.npz"), key=_case_sort_key)
+
+
+def load_split(
+    data_dir: Path,
+    split: str,
+    cache_dir: Path,
+    target_spacing_mm: Sequence[float] = TARGET_SPACING_MM,
+    limit: int | None = None,
+    workers: int = 2,
+) -> list[CaseArrays]:
+    """Preprocessed cases of a split, built once and cached under ``cache_dir``."""
+    paths = list_cases(data_dir, split)
+    if limit is not None:
+        paths = paths[:limit]
+    target = tuple(float(s) for s in target_spacing_mm)
+    jobs = [(path, Path(cache_dir), split, target) for path in paths]
+    missing = sum(
+        not _cache_path(Path(cache_dir), split, p.stem, target).exists() for p in paths
+    )
+    if missing:
+        log.info("preprocessing %d of %d %s cases into %s", missing, len(paths), split, cache_dir)
+    if missing > 4 and workers > 1:
+        with ProcessPoolExecutor(max_workers=workers) as pool:
+            cases = list(pool.map(_load_or_build, jobs, chunksize=4))
+    else:
+        cases = [_load_or_build(job) for job in jobs]
+    return cases  # type: ignore[return-value]

@@ -1,0 +1,547 @@
+"""Training of the OAR residual U-Net on OpenKBP (``rtcontour train``).
+
+Loss: BCE + soft Dice per structure, both masked for structures a patient lacks
+(``rois_present``); Dice only on (sample, structure) pairs whose patch holds the structure,
+because soft Dice on empty patches drives thin structures to zero everywhere. Patches are
+centred on a random voxel of a random present structure (small ones favoured) with
+probability ``foreground_fraction``. Checkpoints (``runs/<run>/last.pt``, ``best.pt``) hold
+tensors and plain types only and are loaded with ``weights_only=True``; resume is exact.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import math
+import os
+import random
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F  # noqa: N812
+from torch import nn
+
+from models.data import (
+    HU_CLIP,
+    REPO_ROOT,
+    TARGET_SPACING_MM,
+    CaseArrays,
+    default_data_dir,
+    load_split,
+)
+from models.labels import LR_SWAP_PAIRS, ORGANS
+from models.unet import ResidualUNet3D, deep_residual_unet
+
+__all__ = [
+    "TrainConfig",
+    "build_model",
+    "masked_dice_bce_loss",
+    "mirror_left_right",
+    "PatchSampler",
+    "sliding_window_logits",
+    "train",
+    "load_checkpoint",
+    "main",
+]
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_FORMAT = 1
+# Sampling weight of each channel when choosing the structure to centre a patch on.
+STRUCTURE_WEIGHTS = np.array([1.0, 1.5, 1.0, 1.0, 2.0, 2.0, 1.0])
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a training run (stored in every checkpoint)."""
+
+    run: str = "hn-oar-1"
+    arch: str = "unet"
+    base_channels: int = 16
+    levels: int = 5
+    max_channels: int = 96
+    patch_size: tuple[int, int, int] = (64, 96, 96)
+    batch_size: int = 2
+    steps: int = 2400
+    lr: float = 2e-3
+    weight_decay: float = 3e-5
+    warmup_steps: int = 50
+    foreground_fraction: float = 0.67
+    val_every: int = 300
+    val_cases: int = 6
+    val_overlap: float = 0.25
+    checkpoint_minutes: float = 3.0
+    seed: int = 20260
+    bf16: bool = True
+    threads: int = 2
+    target_spacing_mm: tuple[float, float, float] = TARGET_SPACING_MM
+    hu_clip: tuple[float, float] = HU_CLIP
+    data_dir: str = ""
+    train_limit: int = 0
+    command: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: list(v) if isinstance(v, tuple) else v
+                for k, v in dataclasses.asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
+        known = {f.name: f for f in dataclasses.fields(cls)}
+        kwargs: dict[str, Any] = {}
+        for key, value in values.items():
+            if key not in known:
+                continue
+            kwargs[key] = tuple(value) if isinstance(value, list) and key != "command" else value
+        return cls(**kwargs)
+
+
+def build_model(config: TrainConfig) -> ResidualUNet3D:
+    """The network described by ``config`` (``arch`` is ``unet`` or ``deep``)."""
+    if config.arch == "unet":
+        return ResidualUNet3D(1, len(ORGANS), config.base_channels, config.levels,
+                              max_channels=config.max_channels)
+    if config.arch == "deep":
+        return deep_residual_unet(1, len(ORGANS), config.base_channels)
+    raise ValueError(f"arch must be 'unet' or 'deep', got {config.arch!r}")
+
+
+def masked_dice_bce_loss(
+    logits: torch.Tensor, target: torch.Tensor, known: torch.Tensor
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """BCE + soft Dice, masked per (sample, structure).
+
+    Args:
+        logits: (B, C, D, H, W) raw outputs.
+        target: (B, C, D, H, W) {0, 1}.
+        known: (B, C) bool, structure contoured for that patient.
+
+    BCE averages over known pairs; Dice averages over known pairs whose patch holds the
+    structure. Unknown pairs contribute no gradient.
+    """
+    logits = logits.float()
+    target = target.float()
+    known_f = known.float()
+    spatial = tuple(range(2, logits.ndim))
+    bce_map = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
+    bce = bce_map.mean(dim=spatial)
+    n_known = known_f.sum()
+    bce_loss = (bce * known_f).sum() / n_known.clamp(min=1.0)
+    probs = torch.sigmoid(logits)
+    intersection = (probs * target).sum(dim=spatial)
+    denominator = probs.sum(dim=spatial) + target.sum(dim=spatial)
+    dice = (2.0 * intersection + 1.0) / (denominator + 1.0)
+    eligible = known_f * (target.sum(dim=spatial) > 0).float()
+    n_eligible = eligible.sum()
+    dice_loss = ((1.0 - dice) * eligible).sum() / n_eligible.clamp(min=1.0)
+    total = bce_loss + dice_loss
+    return total, {"bce": float(bce_loss.detach()), "dice_loss": float(dice_loss.detach())}
+
+
+def mirror_left_right(array: np.ndarray, channel_axis: int | None = 0) -> np.ndarray:
+    """Mirror patient left/right (last axis, canonical columns R->L).
+
+    If ``channel_axis`` is given, the Parotid_L/Parotid_R channels are swapped so that the
+    labels still name the correct side.
+    """
+    mirrored = np.flip(array, axis=-1)
+    if channel_axis is not None:
+        order = list(range(array.shape[channel_axis]))
+        for left, right in LR_SWAP_PAIRS:
+            order[left], order[right] = order[right], order[left]
+        mirrored = np.take(mirrored, order, axis=channel_axis)
+    return np.ascontiguousarray(mirrored)
+
+
+class PatchSampler:
+    """Draws (image, target, known) training batches from in-memory cases.
+
+    All randomness comes from one ``numpy.random.Generator`` (state saved in checkpoints).
+    """
+
+    def __init__(
+        self,
+        cases: Sequence[CaseArrays],
+        patch_size: Sequence[int],
+        foreground_fraction: float,
+        rng: np.random.Generator,
+    ) -> None:
+        if not cases:
+            raise ValueError("cases must not be empty")
+        if not 0.0 <= foreground_fraction <= 1.0:
+            raise ValueError(f"foreground_fraction must be in [0, 1], got {foreground_fraction}")
+        self.patch = tuple(int(p) for p in patch_size)
+        self.foreground_fraction = foreground_fraction
+        self.rng = rng
+        self.images: list[np.ndarray] = []
+        self.labels: list[np.ndarray] = []
+        self.known: list[np.ndarray] = []
+        self.foreground: list[list[np.ndarray]] = []
+        for case in cases:
+            pad = [(0, max(0, p - s)) for p, s in zip(self.patch, case.image.shape, strict=True)]
+            image = np.pad(case.image, pad, constant_values=-1.0)
+            labels = np.pad(case.labels, pad)
+            self.images.append(image)
+            self.labels.append(labels)
+            self.known.append(case.known.astype(bool))
+            self.foreground.append(
+                [np.flatnonzero((labels >> c) & 1).astype(np.int64) for c in range(len(ORGANS))]
+            )
+
+    def _one(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        index = int(self.rng.integers(len(self.images)))
+        image, labels, known = self.images[index], self.labels[index], self.known[index]
+        shape = image.shape
+        present = [c for c in range(len(ORGANS)) if known[c] and self.foreground[index][c].size]
+        if present and self.rng.random() < self.foreground_fraction:
+            weights = STRUCTURE_WEIGHTS[present] / STRUCTURE_WEIGHTS[present].sum()
+            channel = present[int(self.rng.choice(len(present), p=weights))]
+            voxels = self.foreground[index][channel]
+            centre = np.unravel_index(int(voxels[self.rng.integers(voxels.size)]), shape)
+            start = [
+                int(np.clip(c - p // 2 + self.rng.integers(-p // 4, p // 4 + 1), 0, s - p))
+                for c, p, s in zip(centre, self.patch, shape, strict=True)
+            ]
+        else:
+            start = [int(self.rng.integers(0, s - p + 1))
+                     for p, s in zip(self.patch, shape, strict=True)]
+        window = tuple(slice(a, a + p) for a, p in zip(start, self.patch, strict=True))
+        patch_image = image[window].astype(np.float32)[None]
+        bits = labels[window]
+        target = np.stack([(bits >> c) & 1 for c in range(len(ORGANS))]).astype(np.float32)
+        known_row = known.copy()
+        if self.rng.random() < 0.5:
+            patch_image = mirror_left_right(patch_image, channel_axis=None)
+            target = mirror_left_right(target, channel_axis=0)
+            known_row = known_row[[self._swap_index(c) for c in range(len(ORGANS))]]
+        scale = self.rng.uniform(0.9, 1.1)
+        shift = self.rng.uniform(-0.1, 0.1)
+        patch_image = patch_image * np.float32(scale) + np.float32(shift)
+        return patch_image, target, known_row
+
+    @staticmethod
+    def _swap_index(channel: int) -> int:
+        for left, right in LR_SWAP_PAIRS:
+            if channel == left:
+                return right
+            if channel == right:
+                return left
+        return channel
+
+    def batch(self, batch_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(B,1,D,H,W) float32 image, (B,C,D,H,W) float32 target, (B,C) bool known."""
+        items = [self._one() for _ in range(batch_size)]
+        return (
+            torch.from_numpy(np.stack([i[0] for i in items])),
+            torch.from_numpy(np.stack([i[1] for i in items])),
+            torch.from_numpy(np.stack([i[2] for i in items])),
+        )
+
+
+def gaussian_importance(patch_size: Sequence[int], sigma_scale: float = 0.125) -> np.ndarray:
+    """Separable Gaussian weight map (float32, max 1) centred in the patch."""
+    weight = np.ones(tuple(patch_size), dtype=np.float32)
+    for axis, size in enumerate(patch_size):
+        coords = np.arange(size, dtype=np.float32) - (size - 1) / 2.0
+        profile = np.exp(-0.5 * (coords / (sigma_scale * size)) ** 2)
+        shape = [1] * len(patch_size)
+        shape[axis] = size
+        weight = weight * profile.reshape(shape)
+    weight /= weight.max()
+    return np.maximum(weight, 1e-3).astype(np.float32)
+
+
+def window_starts(size: int, patch: int, overlap: float) -> list[int]:
+    """Window start indices covering ``size`` with windows of ``patch`` (size >= patch)."""
+    if size <= patch:
+        return [0]
+    step = max(1, int(round(patch * (1.0 - overlap))))
+    count = math.ceil((size - patch) / step) + 1
+    return sorted({int(round(i * (size - patch) / (count - 1))) for i in range(count)})
+
+
+@torch.no_grad()
+def sliding_window_logits(
+    model: nn.Module,
+    image: np.ndarray,
+    patch_size: Sequence[int],
+    overlap: float,
+    bf16: bool = False,
+) -> np.ndarray:
+    """Gaussian-blended sliding-window probabilities (C, D, H, W) for a (D, H, W) image."""
+    pad = [(0, max(0, p - s)) for p, s in zip(patch_size, image.shape, strict=True)]
+    padded = np.pad(image.astype(np.float32), pad, constant_values=-1.0)
+    weight = gaussian_importance(patch_size)
+    accum = np.zeros((len(ORGANS),) + padded.shape, dtype=np.float32)
+    norm = np.zeros(padded.shape, dtype=np.float32)
+    starts = [window_starts(s, p, overlap) for s, p in zip(padded.shape, patch_size, strict=True)]
+    for a in starts[0]:
+        for b in starts[1]:
+            for c in starts[2]:
+                window = (slice(a, a + patch_size[0]), slice(b, b + patch_size[1]),
+                          slice(c, c + patch_size[2]))
+                x = torch.from_numpy(np.ascontiguousarray(padded[window]))[None, None]
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                    logits = model(x)
+                probs = torch.sigmoid(logits.float())[0].numpy()
+                accum[(slice(None),) + window] += probs * weight
+                norm[window] += weight
+    probs_full = accum / norm
+    return probs_full[(slice(None),) + tuple(slice(0, s) for s in image.shape)]
+
+
+def dice_score(prediction: np.ndarray, reference: np.ndarray) -> float:
+    """Dice of two bool masks (1.0 when both are empty)."""
+    total = prediction.sum() + reference.sum()
+    if total == 0:
+        return 1.0
+    return float(2.0 * np.logical_and(prediction, reference).sum() / total)
+
+
+def validate(
+    model: nn.Module, cases: Sequence[CaseArrays], config: TrainConfig
+) -> dict[str, float]:
+    """Mean Dice per structure over ``cases`` (only where the structure is known)."""
+    model.eval()
+    scores: dict[str, list[float]] = {organ.roi_name: [] for organ in ORGANS}
+    for case in cases:
+        probs = sliding_window_logits(model, case.image.astype(np.float32), config.patch_size,
+                                      config.val_overlap, bf16=config.bf16)
+        masks = case.channel_masks()
+        for channel, organ in enumerate(ORGANS):
+            if case.known[channel]:
+                scores[organ.roi_name].append(dice_score(probs[channel] >= 0.5, masks[channel]))
+    model.train()
+    return {name: float(np.mean(values)) for name, values in scores.items() if values}
+
+
+def _lr_lambda(config: TrainConfig) -> Callable[[int], float]:
+    def factor(step: int) -> float:
+        warm = min(1.0, (step + 1) / max(1, config.warmup_steps))
+        progress = min(1.0, step / max(1, config.steps))
+        return warm * (1.0 - progress) ** 0.9
+
+    return factor
+
+
+def _atomic_save(payload: dict[str, Any], path: Path) -> None:
+    partial = path.with_name(path.name + f".{os.getpid()}.tmp")
+    torch.save(payload, partial)
+    os.replace(partial, path)
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    """Load a checkpoint written by :func:`train` (tensors and plain types only)."""
+    payload = torch.load(path, map_location="cpu", weights_only=True)
+    if payload.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path} is not a format-{CHECKPOINT_FORMAT} rtcontour checkpoint")
+    return payload  # type: ignore[no-any-return]
+
+
+def _python_state_to_plain(state: tuple[Any, ...]) -> list[Any]:
+    version, internal, gauss = state
+    return [version, list(internal), gauss]
+
+
+def _python_state_from_plain(state: Sequence[Any]) -> tuple[Any, ...]:
+    return (state[0], tuple(state[1]), state[2])
+
+
+def train(
+    config: TrainConfig,
+    train_cases: Sequence[CaseArrays],
+    val_cases: Sequence[CaseArrays],
+    run_dir: Path,
+    resume: bool = False,
+    stop_after: int | None = None,
+    on_step: Callable[[int, float], None] | None = None,
+) -> dict[str, Any]:
+    """Run (or resume) training; returns the final checkpoint payload.
+
+    ``stop_after``: stop (with a checkpoint) after that global step, for tests and
+    interruptions; the LR schedule still follows ``config.steps``.
+    """
+    run_dir.mkdir(parents=True, exist_ok=True)
+    last_path, best_path = run_dir / "last.pt", run_dir / "best.pt"
+    torch.set_num_threads(config.threads)
+    random.seed(config.seed)
+    torch.manual_seed(config.seed)
+    rng = np.random.default_rng(config.seed)
+    model = build_model(config)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr,
+                                  weight_decay=config.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(config))
+    step, best_dice, history = 0, -1.0, []
+    if resume:
+        payload = load_checkpoint(last_path)
+        model.load_state_dict(payload["model"])
+        optimizer.load_state_dict(payload["optimizer"])
+        scheduler.load_state_dict(payload["scheduler"])
+        step, best_dice = int(payload["step"]), float(payload["best_dice"])
+        history = list(payload["history"])
+        torch.set_rng_state(payload["rng"]["torch"])
+        rng.bit_generator.state = payload["rng"]["numpy"]
+        random.setstate(_python_state_from_plain(payload["rng"]["python"]))
+        log.info("resumed %s at step %d (best val Dice %.4f)", last_path, step, best_dice)
+    sampler = PatchSampler(train_cases, config.patch_size, config.foreground_fraction, rng)
+    n_params = sum(p.numel() for p in model.parameters())
+    log.info("model %s: %d parameters; %d train / %d val cases; %d steps of batch %d, patch %s",
+             config.arch, n_params, len(train_cases), len(val_cases), config.steps,
+             config.batch_size, config.patch_size)
+
+    def payload_now(current_step: int) -> dict[str, Any]:
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "config": config.to_dict(),
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "step": current_step,
+            "best_dice": best_dice,
+            "history": history,
+            "rng": {
+                "torch": torch.get_rng_state(),
+                "numpy": rng.bit_generator.state,
+                "python": _python_state_to_plain(random.getstate()),
+            },
+        }
+
+    model.train()
+    last_save = time.monotonic()
+    window_loss: list[float] = []
+    tick = time.monotonic()
+    final_step = config.steps if stop_after is None else min(config.steps, stop_after)
+    while step < final_step:
+        image, target, known = sampler.batch(config.batch_size)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.bf16):
+            logits = model(image)
+        loss, parts = masked_dice_bce_loss(logits, target, known)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 12.0)
+        optimizer.step()
+        scheduler.step()
+        step += 1
+        window_loss.append(float(loss.detach()))
+        if on_step is not None:
+            on_step(step, window_loss[-1])
+        if step % 25 == 0:
+            elapsed = time.monotonic() - tick
+            log.info("step %d/%d loss %.4f (bce %.4f dice %.4f) lr %.2e %.2f s/step",
+                     step, config.steps, float(np.mean(window_loss)), parts["bce"],
+                     parts["dice_loss"], scheduler.get_last_lr()[0], elapsed / len(window_loss))
+            window_loss, tick = [], time.monotonic()
+        is_val = val_cases and (step % config.val_every == 0 or step == config.steps)
+        if is_val:
+            started = time.monotonic()
+            per_structure = validate(model, val_cases, config)
+            mean_dice = float(np.mean(list(per_structure.values())))
+            history.append({"step": step, "mean_dice": mean_dice, **per_structure})
+            log.info("validation step %d: mean Dice %.4f | %s (%.0f s)", step, mean_dice,
+                     " ".join(f"{k}={v:.3f}" for k, v in per_structure.items()),
+                     time.monotonic() - started)
+            if mean_dice > best_dice:
+                best_dice = mean_dice
+                _atomic_save(payload_now(step), best_path)
+                log.info("new best checkpoint %s (mean Dice %.4f)", best_path, best_dice)
+            tick = time.monotonic()
+        if is_val or time.monotonic() - last_save > 60 * config.checkpoint_minutes:
+            _atomic_save(payload_now(step), last_path)
+            last_save = time.monotonic()
+    final = payload_now(step)
+    _atomic_save(final, last_path)
+    log.info("stopped at step %d; checkpoint %s", step, last_path)
+    return final
+
+
+def _parse_triple(text: str, kind: type = int) -> tuple[Any, ...]:
+    parts = tuple(kind(v) for v in text.replace("x", ",").split(","))
+    if len(parts) != 3:
+        raise argparse.ArgumentTypeError(f"expected three values like 64,96,96, got {text!r}")
+    return parts
+
+
+def build_parser() -> argparse.ArgumentParser:
+    defaults = TrainConfig()
+    parser = argparse.ArgumentParser(prog="rtcontour train", description=__doc__.splitlines()[0])
+    parser.add_argument("--run", default=defaults.run, help="run name (folder under runs/)")
+    parser.add_argument("--runs-dir", type=Path, default=REPO_ROOT / "runs")
+    parser.add_argument("--data-dir", type=Path, default=None,
+                        help="OpenKBP folder with train/ and validation/")
+    parser.add_argument("--cache-dir", type=Path, default=REPO_ROOT / "var" / "cache")
+    parser.add_argument("--resume", action="store_true", help="continue from runs/<run>/last.pt")
+    parser.add_argument("--arch", choices=("unet", "deep"), default=defaults.arch)
+    parser.add_argument("--base-channels", type=int, default=defaults.base_channels)
+    parser.add_argument("--levels", type=int, default=defaults.levels)
+    parser.add_argument("--max-channels", type=int, default=defaults.max_channels)
+    parser.add_argument("--patch", type=_parse_triple, default=defaults.patch_size)
+    parser.add_argument("--batch", type=int, default=defaults.batch_size)
+    parser.add_argument("--steps", type=int, default=defaults.steps)
+    parser.add_argument("--lr", type=float, default=defaults.lr)
+    parser.add_argument("--val-every", type=int, default=defaults.val_every)
+    parser.add_argument("--val-cases", type=int, default=defaults.val_cases)
+    parser.add_argument("--checkpoint-minutes", type=float, default=defaults.checkpoint_minutes)
+    parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument("--threads", type=int, default=defaults.threads)
+    parser.add_argument("--no-bf16", action="store_true", help="train in float32")
+    parser.add_argument("--train-limit", type=int, default=0, help="use only N train cases")
+    parser.add_argument("--stop-after", type=int, default=None)
+    parser.add_argument("--no-progress", action="store_true")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """CLI entry point (``rtcontour train``)."""
+    from tqdm import tqdm
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    run_dir = args.runs_dir / args.run
+    data_dir = args.data_dir or default_data_dir()
+    if args.resume:
+        stored = TrainConfig.from_dict(load_checkpoint(run_dir / "last.pt")["config"])
+        if args.steps != stored.steps and "--steps" in " ".join(argv):
+            log.warning("changing total steps from %d to %d on resume: the LR schedule "
+                        "differs from an uninterrupted run", stored.steps, args.steps)
+            stored.steps = args.steps
+        config = stored
+        config.command = config.command + [" ".join(["rtcontour train", *argv])]
+    else:
+        config = TrainConfig(
+            run=args.run, arch=args.arch, base_channels=args.base_channels, levels=args.levels,
+            max_channels=args.max_channels, patch_size=args.patch, batch_size=args.batch,
+            steps=args.steps, lr=args.lr, val_every=args.val_every, val_cases=args.val_cases,
+            checkpoint_minutes=args.checkpoint_minutes, seed=args.seed, threads=args.threads,
+            bf16=not args.no_bf16, data_dir=str(data_dir), train_limit=args.train_limit,
+            command=[" ".join(["rtcontour train", *argv])],
+        )
+    torch.set_num_threads(config.threads)
+    train_cases = load_split(data_dir, "train", args.cache_dir, config.target_spacing_mm,
+                             limit=config.train_limit or None)
+    val_cases = load_split(data_dir, "validation", args.cache_dir, config.target_spacing_mm,
+                           limit=config.val_cases)
+    bar = tqdm(total=config.steps, disable=args.no_progress or not sys.stderr.isatty(),
+               desc="train")
+
+    def on_step(step: int, loss: float) -> None:
+        bar.n = step
+        bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
+        bar.refresh()
+
+    final = train(config, train_cases, val_cases, run_dir, resume=args.resume,
+                  stop_after=args.stop_after, on_step=on_step)
+    bar.close()
+    print(f"step {final['step']}; best validation mean Dice {final['best_dice']:.4f}")  # noqa: T201
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
