@@ -1,0 +1,405 @@
+"""RT Structure Set (RTSTRUCT) from masks on a CT series' grid, in highdicom's style.
+
+Public API (used by the worker pipeline)::
+
+    from worker.rtstruct import RoiSpec, build_rtstruct, rtstruct_uids, save_rtstruct
+
+    dataset = build_rtstruct(
+        series,                       # worker.volume.CtSeries (from load_series)
+        {"Brainstem": mask, ...},     # roi_name -> bool (slices, rows, columns) on series.volume
+        [RoiSpec("Brainstem", (0, 255, 0), "ORGAN"), ...],  # names, colours, types, in order
+        model_name="hn-unet", model_version="1.2.0",
+        min_area_mm2=2.0, smoothing=False,
+    )
+    save_rtstruct(dataset, path)      # Part 10 file, Explicit VR Little Endian
+    rtstruct_uids(series.series_instance_uid, "hn-unet", "1.2.0")  # the UIDs it will carry
+
+``build_rtstruct`` validates its arguments (``ValueError`` naming the argument and value) and
+warns (``UserWarning``, stacklevel 2) on legal but suspicious input such as an empty ROI.
+Its Series and SOP Instance UIDs are derived from (CT series UID, model name, model version),
+so a repeated job yields the same object, never a second one. Patient and study attributes
+are copied from the CT; every CT image is referenced, and each contour references its slice.
+Contours follow the pixel edges (``worker.contours``), so filling them at the CT's pixel
+centres gives back the masks exactly.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import re
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from pydicom.dataelem import RawDataElement
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.sequence import Sequence as DicomSequence
+from pydicom.tag import Tag
+from pydicom.uid import (
+    PYDICOM_IMPLEMENTATION_UID,
+    ExplicitVRLittleEndian,
+    RTStructureSetStorage,
+    generate_uid,
+)
+
+from worker.contours import Contour, mask_to_contours
+from worker.volume import CtSeries
+
+logger = logging.getLogger(__name__)
+
+MANUFACTURER = "rtcontour"
+STRUCTURE_SET_LABEL = "AUTO"
+# RT ROI Interpreted Type defined terms (PS3.3 C.8.8.8.1).
+INTERPRETED_TYPES = frozenset(
+    {
+        "", "EXTERNAL", "PTV", "CTV", "GTV", "TREATED_VOLUME", "IRRAD_VOLUME", "OAR", "BOLUS",
+        "AVOIDANCE", "ORGAN", "MARKER", "REGISTRATION", "ISOCENTER", "CONTRAST_AGENT",
+        "CAVITY", "BRACHY_CHANNEL", "BRACHY_ACCESSORY", "BRACHY_SRC_APP", "BRACHY_CHNL_SHLD",
+        "SUPPORT", "FIXATION", "DOSE_REGION", "CONTROL", "DOSE_MEASUREMENT",
+    }
+)
+_DETACHED_STUDY_MANAGEMENT = "1.2.840.10008.3.1.2.3.1"  # referenced "study" SOP class by custom
+_CONTOUR_DATA = Tag(0x3006, 0x0050)
+_MAX_COORDINATE_MM = 1e8  # keeps every formatted coordinate within DS's 16 characters
+# Patient, General Study and Patient Study attributes copied from the CT (PS3.3 C.7.1.1,
+# C.7.2.1, C.7.2.2); Type 2 ones are written empty when the CT lacks them.
+_COPIED_TYPE2 = (
+    "PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
+    "ReferringPhysicianName", "StudyID", "AccessionNumber",
+)
+_COPIED_OPTIONAL = (
+    "IssuerOfPatientID", "OtherPatientIDsSequence", "PatientBirthTime", "PatientComments",
+    "PatientIdentityRemoved", "DeidentificationMethod", "StudyDescription", "PatientAge",
+    "PatientSize", "PatientWeight", "ReferringPhysicianIdentificationSequence",
+)
+
+
+@dataclass(frozen=True)
+class RoiSpec:
+    """What to call a structure and how to show it: TG-263 ``name``, ``colour_rgb`` 0-255 and
+    ``interpreted_type`` (RT ROI Interpreted Type, e.g. "ORGAN", "PTV")."""
+
+    name: str
+    colour_rgb: tuple[int, int, int]
+    interpreted_type: str = "ORGAN"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name.strip() or len(self.name) > 64:
+            raise ValueError(f"name {self.name!r} must be 1 to 64 characters (DICOM LO)")
+        if "\\" in self.name or any(ord(ch) < 32 for ch in self.name):
+            raise ValueError(f"name {self.name!r} must not contain a backslash or control codes")
+        colour = tuple(self.colour_rgb)
+        if len(colour) != 3 or not all(
+            isinstance(v, int | np.integer) and 0 <= v <= 255 for v in colour
+        ):
+            raise ValueError(
+                f"colour_rgb {self.colour_rgb!r} of ROI {self.name!r} must be 3 integers 0-255"
+            )
+        object.__setattr__(self, "colour_rgb", tuple(int(v) for v in colour))
+        if self.interpreted_type not in INTERPRETED_TYPES:
+            raise ValueError(
+                f"interpreted_type {self.interpreted_type!r} of ROI {self.name!r} is not an RT "
+                f"ROI Interpreted Type ({', '.join(sorted(t for t in INTERPRETED_TYPES if t))})"
+            )
+
+
+@dataclass(frozen=True)
+class RtstructUids:
+    """The deterministic UIDs of the RTSTRUCT for one (CT series, model) pair."""
+
+    series_instance_uid: str
+    sop_instance_uid: str
+
+
+def rtstruct_uids(series_uid: str, model_name: str, model_version: str) -> RtstructUids:
+    """Return the RTSTRUCT's Series and SOP Instance UIDs (2.25.<hash>) for a CT series and model.
+
+    The same arguments give the same UIDs, so re-running a job replaces, not duplicates.
+    """
+    for argument, value in (
+        ("series_uid", series_uid), ("model_name", model_name), ("model_version", model_version)
+    ):
+        if not value:
+            raise ValueError(f"{argument} {value!r} must not be empty")
+    sources = ["rtcontour", series_uid, model_name, model_version]
+    return RtstructUids(
+        series_instance_uid=generate_uid(prefix=None, entropy_srcs=[*sources, "series"]),
+        sop_instance_uid=generate_uid(prefix=None, entropy_srcs=[*sources, "instance"]),
+    )
+
+
+def build_rtstruct(
+    series: CtSeries,
+    masks_by_roi: Mapping[str, np.ndarray],
+    rois: Sequence[RoiSpec],
+    *,
+    model_name: str,
+    model_version: str,
+    min_area_mm2: float = 2.0,
+    smoothing: bool = False,
+    software_version: str = "",
+    created_at: dt.datetime | None = None,
+) -> Dataset:
+    """Return an RT Structure Set dataset (with file meta) for masks on ``series.volume``.
+
+    ``masks_by_roi``: roi name -> bool array (slices, rows, columns) on the series' stored
+    grid (``series.volume``), one per entry of ``rois``; ``rois`` gives the order, names,
+    colours and types. ``min_area_mm2``: contours enclosing less are dropped (see
+    ``worker.contours.mask_to_contours``). ``created_at`` (local time) defaults to now.
+    """
+    _check_arguments(series, masks_by_roi, rois, model_name, model_version, min_area_mm2)
+    contours_by_roi: dict[str, list[Contour]] = {}
+    for roi in rois:
+        contours = mask_to_contours(
+            np.asarray(masks_by_roi[roi.name], dtype=bool),
+            series.volume,
+            min_area_mm2=min_area_mm2,
+            smoothing=smoothing,
+        )
+        if not contours:
+            warnings.warn(
+                f"ROI {roi.name!r} has no contour (empty mask, or only specks below "
+                f"{min_area_mm2} mm2); it is written without contours",
+                UserWarning,
+                stacklevel=2,
+            )
+        contours_by_roi[roi.name] = contours
+    uids = rtstruct_uids(series.series_instance_uid, model_name, model_version)
+    when = created_at or dt.datetime.now()
+    dataset = _header(series, uids, model_name, model_version, software_version, when)
+    dataset.ReferencedFrameOfReferenceSequence = DicomSequence([_referenced_frame(series)])
+    dataset.StructureSetROISequence = DicomSequence(
+        [
+            _structure_set_roi(number, roi, series, model_name, model_version)
+            for number, roi in enumerate(rois, start=1)
+        ]
+    )
+    dataset.ROIContourSequence = DicomSequence(
+        [
+            _roi_contour(number, roi, contours_by_roi[roi.name], series)
+            for number, roi in enumerate(rois, start=1)
+        ]
+    )
+    dataset.RTROIObservationsSequence = DicomSequence(
+        [_observation(number, roi) for number, roi in enumerate(rois, start=1)]
+    )
+    dataset.ApprovalStatus = "UNAPPROVED"
+    logger.info(
+        "built RTSTRUCT %s for series %s: %d ROIs, %d contours",
+        uids.sop_instance_uid,
+        series.series_instance_uid,
+        len(rois),
+        sum(len(c) for c in contours_by_roi.values()),
+    )
+    return dataset
+
+
+def save_rtstruct(dataset: Dataset, path: Path) -> Path:
+    """Write ``dataset`` as a DICOM Part 10 file (Explicit VR Little Endian); return the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    dataset.save_as(path, enforce_file_format=True)
+    return path
+
+
+def _check_arguments(
+    series: CtSeries,
+    masks_by_roi: Mapping[str, np.ndarray],
+    rois: Sequence[RoiSpec],
+    model_name: str,
+    model_version: str,
+    min_area_mm2: float,
+) -> None:
+    if not isinstance(series, CtSeries):
+        raise ValueError(f"series must be a CtSeries from load_series, got {type(series)!r}")
+    if not series.volume.sop_instance_uids:
+        raise ValueError("series.volume has no sop_instance_uids: contours cannot be referenced")
+    if not rois:
+        raise ValueError("rois [] must name at least one ROI")
+    names = [roi.name for roi in rois]
+    duplicates = sorted({name for name in names if names.count(name) > 1})
+    if duplicates:
+        raise ValueError(f"rois has duplicate names {duplicates!r}")
+    missing = [name for name in names if name not in masks_by_roi]
+    if missing:
+        raise ValueError(f"masks_by_roi has no mask for ROI {missing!r}")
+    unknown = sorted(set(masks_by_roi) - set(names))
+    if unknown:
+        raise ValueError(f"masks_by_roi has masks {unknown!r} that no entry of rois describes")
+    for name in names:
+        mask = masks_by_roi[name]
+        if mask.shape != series.volume.shape:
+            raise ValueError(
+                f"masks_by_roi[{name!r}] has shape {mask.shape}, not the series grid "
+                f"{series.volume.shape} (slices, rows, columns)"
+            )
+        if mask.dtype != bool:
+            raise ValueError(f"masks_by_roi[{name!r}] has dtype {mask.dtype}, not bool")
+    for argument, value in (("model_name", model_name), ("model_version", model_version)):
+        if not value or not re.fullmatch(r"[^\\\x00-\x1f]{1,64}", value):
+            raise ValueError(f"{argument} {value!r} must be 1 to 64 characters, no backslash")
+    if not min_area_mm2 >= 0:
+        raise ValueError(f"min_area_mm2 {min_area_mm2!r} must be >= 0")
+    extent = np.abs(series.volume.affine[:3, 3]).max() + np.abs(series.volume.affine[:3, :3]).sum(
+        axis=1
+    ).max() * max(series.volume.shape)
+    if extent > _MAX_COORDINATE_MM:
+        raise ValueError(f"series geometry reaches {extent:.3g} mm, too far for DS values")
+
+
+def _header(
+    series: CtSeries,
+    uids: RtstructUids,
+    model_name: str,
+    model_version: str,
+    software_version: str,
+    when: dt.datetime,
+) -> Dataset:
+    ct = series.header
+    dataset = Dataset()
+    dataset.file_meta = FileMetaDataset()
+    dataset.file_meta.MediaStorageSOPClassUID = RTStructureSetStorage
+    dataset.file_meta.MediaStorageSOPInstanceUID = uids.sop_instance_uid
+    dataset.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    dataset.file_meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
+    dataset.file_meta.ImplementationVersionName = "RTCONTOUR"
+    dataset.set_original_encoding(False, True, ct.get("SpecificCharacterSet", "ISO_IR 100"))
+    date, time = when.strftime("%Y%m%d"), when.strftime("%H%M%S")
+
+    if "SpecificCharacterSet" in ct:
+        dataset.SpecificCharacterSet = ct.SpecificCharacterSet
+    dataset.InstanceCreationDate, dataset.InstanceCreationTime = date, time
+    dataset.SOPClassUID = RTStructureSetStorage
+    dataset.SOPInstanceUID = uids.sop_instance_uid
+    for keyword in _COPIED_TYPE2:
+        setattr(dataset, keyword, ct.get(keyword, ""))
+    for keyword in _COPIED_OPTIONAL:
+        if keyword in ct:
+            setattr(dataset, keyword, ct.get(keyword))
+    dataset.StudyInstanceUID = series.study_instance_uid
+    dataset.SeriesDate, dataset.SeriesTime = date, time
+    dataset.Modality = "RTSTRUCT"
+    dataset.SeriesInstanceUID = uids.series_instance_uid
+    dataset.SeriesNumber = 901
+    dataset.SeriesDescription = f"AUTO {model_name} {model_version}"[:64]
+    dataset.OperatorsName = ""
+    dataset.Manufacturer = MANUFACTURER
+    dataset.ManufacturerModelName = model_name[:64]
+    dataset.SoftwareVersions = [v for v in (software_version, model_version) if v][:2]
+    dataset.FrameOfReferenceUID = series.frame_of_reference_uid
+    dataset.PositionReferenceIndicator = ct.get("PositionReferenceIndicator", "")
+    dataset.InstanceNumber = 1
+    dataset.StructureSetLabel = STRUCTURE_SET_LABEL
+    dataset.StructureSetName = f"AUTO {model_name}"[:64]
+    dataset.StructureSetDescription = (
+        f"Automatic contours by {MANUFACTURER}, model {model_name} {model_version}; "
+        "not approved: review before clinical use"
+    )[:1024]
+    dataset.StructureSetDate, dataset.StructureSetTime = date, time
+    return dataset
+
+
+def _referenced_frame(series: CtSeries) -> Dataset:
+    images = []
+    for uid in series.volume.sop_instance_uids:
+        image = Dataset()
+        image.ReferencedSOPClassUID = series.sop_class_uid
+        image.ReferencedSOPInstanceUID = uid
+        images.append(image)
+    referenced_series = Dataset()
+    referenced_series.SeriesInstanceUID = series.series_instance_uid
+    referenced_series.ContourImageSequence = DicomSequence(images)
+    referenced_study = Dataset()
+    referenced_study.ReferencedSOPClassUID = _DETACHED_STUDY_MANAGEMENT
+    referenced_study.ReferencedSOPInstanceUID = series.study_instance_uid
+    referenced_study.RTReferencedSeriesSequence = DicomSequence([referenced_series])
+    frame = Dataset()
+    frame.FrameOfReferenceUID = series.frame_of_reference_uid
+    frame.RTReferencedStudySequence = DicomSequence([referenced_study])
+    return frame
+
+
+def _code(value: str, scheme: str, meaning: str) -> Dataset:
+    code = Dataset()
+    code.CodeValue, code.CodingSchemeDesignator, code.CodeMeaning = value, scheme, meaning
+    return code
+
+
+def _structure_set_roi(
+    number: int, roi: RoiSpec, series: CtSeries, model_name: str, model_version: str
+) -> Dataset:
+    item = Dataset()
+    item.ROINumber = number
+    item.ReferencedFrameOfReferenceUID = series.frame_of_reference_uid
+    item.ROIName = roi.name
+    item.ROIGenerationAlgorithm = "AUTOMATIC"
+    item.ROIGenerationDescription = f"{MANUFACTURER} {model_name} {model_version}"[:64]
+    algorithm = Dataset()
+    algorithm.AlgorithmFamilyCodeSequence = DicomSequence(
+        [_code("123110", "DCM", "Artificial Intelligence")]
+    )
+    algorithm.AlgorithmName = model_name[:64]
+    algorithm.AlgorithmVersion = model_version[:64]
+    algorithm.AlgorithmSource = MANUFACTURER
+    item.ROIDerivationAlgorithmIdentificationSequence = DicomSequence([algorithm])
+    return item
+
+
+def _roi_contour(
+    number: int, roi: RoiSpec, contours: Sequence[Contour], series: CtSeries
+) -> Dataset:
+    item = Dataset()
+    item.ROIDisplayColor = list(roi.colour_rgb)
+    if contours:
+        sop_uids = series.volume.sop_instance_uids
+        item.ContourSequence = DicomSequence(
+            [
+                _contour_item(index, contour, series.sop_class_uid, sop_uids)
+                for index, contour in enumerate(contours, start=1)
+            ]
+        )
+    item.ReferencedROINumber = number
+    return item
+
+
+def _contour_item(
+    number: int, contour: Contour, sop_class_uid: str, sop_uids: Sequence[str]
+) -> Dataset:
+    image = Dataset()
+    image.ReferencedSOPClassUID = sop_class_uid
+    image.ReferencedSOPInstanceUID = sop_uids[contour.slice_index]
+    item = Dataset()
+    item.set_original_encoding(False, True, None)
+    item.ContourNumber = number
+    item.ContourImageSequence = DicomSequence([image])
+    item.ContourGeometricType = "CLOSED_PLANAR"
+    item.NumberOfContourPoints = len(contour.points_mm)
+    item[_CONTOUR_DATA] = _contour_data_element(contour.points_mm)  # type: ignore[assignment]
+    return item
+
+
+def _contour_data_element(points_mm: np.ndarray) -> RawDataElement:
+    """Contour Data (DS, x\\y\\z per point) encoded once, as pydicom would write it.
+
+    Formatting ~10^5-10^6 numbers through pydicom's per-value DS objects dominates writing an
+    RTSTRUCT; a pre-encoded element is written as it is (and parsed on access as usual).
+    Values are rounded to 0.1 um and printed in their shortest form (always <= 16 characters).
+    """
+    text = "\\".join(map(repr, np.round(points_mm, 4).ravel().tolist()))
+    value = text.encode("ascii")
+    if len(value) % 2:
+        value += b" "
+    return RawDataElement(_CONTOUR_DATA, "DS", len(value), value, 0, False, True)
+
+
+def _observation(number: int, roi: RoiSpec) -> Dataset:
+    item = Dataset()
+    item.ObservationNumber = number
+    item.ReferencedROINumber = number
+    item.ROIObservationLabel = roi.name[:16]
+    item.RTROIInterpretedType = roi.interpreted_type
+    item.ROIInterpreter = ""
+    return item
