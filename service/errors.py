@@ -31,3 +31,15 @@ class ModelPackageError(RtcontourError):
 
 class ConfigurationError(RtcontourError):
     """Settings that cannot work together (told at start-up, not at first use)."""
+
+
+class SopClassMismatch(InvalidInstance):
+    """An instance whose SOP Class differs from its presentation context or is not CT."""
+
+
+class InsufficientStorage(RtcontourError):
+    """The spool cannot take an instance (free disk below the configured minimum, or full)."""
+
+
+class InstanceTooLarge(InsufficientStorage):
+    """An instance larger than ``max_instance_bytes``."""

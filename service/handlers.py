@@ -1,0 +1,359 @@
+"""pynetdicom event handlers of the listener: small typed functions that check, spool, return.
+
+Every handler takes the pynetdicom ``Event`` and the listener's ``Edge`` (what the handlers
+share: spool, series tracker, association serials, limits, known peers, audit). A C-STORE
+handler never decodes pixel data: it reads the dozen attributes it checks from the encoded
+dataset, writes the bytes as received (preamble, file meta, dataset) and returns a status.
+Domain errors become DICOM statuses in ``service.dicom_status.store_status`` only.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+import weakref
+import zlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from io import BytesIO
+from typing import Any, cast
+
+from pydicom.dataset import Dataset
+from pydicom.filereader import read_dataset
+from pydicom.tag import BaseTag, Tag
+from pydicom.uid import (
+    UID,
+    CTImageStorage,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ImplicitVRLittleEndian,
+)
+from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.dsutils import create_file_meta, encode_file_meta
+from pynetdicom.events import Event
+from pynetdicom.pdu_primitives import A_ASSOCIATE
+
+from service import metrics
+from service.dicom_status import (
+    REJECT_REASON_TEXT,
+    RejectReason,
+    RejectResult,
+    RejectSource,
+    Status,
+    store_status,
+)
+from service.errors import InstanceTooLarge, InvalidInstance, RtcontourError, SopClassMismatch
+from service.spool import InstanceHeader, InstanceSpool, SeriesTracker, checked_uid
+
+logger = logging.getLogger(__name__)
+
+AuditCallable = Callable[[str, dict[str, Any]], None]
+ASSOCIATION_REJECTED = "dicom.association_rejected"  # service.audit.ASSOCIATION_REJECTED
+
+MAX_IMAGE_DIMENSION = 4096  # rows or columns; CT images are at most 1024 in practice
+_PREAMBLE = b"\x00" * 128 + b"DICM"
+
+_REQUIRED = (
+    "SOPClassUID",
+    "SOPInstanceUID",
+    "StudyInstanceUID",
+    "SeriesInstanceUID",
+    "Modality",
+    "FrameOfReferenceUID",
+    "ImagePositionPatient",
+    "ImageOrientationPatient",
+    "PixelSpacing",
+    "Rows",
+    "Columns",
+    "PixelData",
+)
+_READ_TAGS: list[BaseTag | int] = [
+    Tag(keyword)
+    for keyword in (
+        "SpecificCharacterSet",
+        *_REQUIRED,
+        "SeriesDescription",
+        "SamplesPerPixel",
+        "BitsAllocated",
+    )
+]
+
+
+@dataclass(frozen=True)
+class KnownPeer:
+    """An allowed calling AE title, optionally bound to one IP address."""
+
+    ae_title: str
+    address: str | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> KnownPeer:
+        ae_title, _, address = text.partition("@")
+        return cls(ae_title.strip(), address.strip() or None)
+
+    def matches(self, ae_title: str, address: str) -> bool:
+        return self.ae_title == ae_title.strip() and self.address in (None, address)
+
+
+class AssociationSerials:
+    """Serial numbers for associations (``id()`` values are reused; these never are)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._counter = itertools.count(1)
+        self._serials: weakref.WeakKeyDictionary[object, int] = weakref.WeakKeyDictionary()
+
+    def of(self, assoc: object) -> int:
+        with self._lock:
+            serial = self._serials.get(assoc)
+            if serial is None:
+                serial = self._serials[assoc] = next(self._counter)
+            return serial
+
+
+@dataclass
+class Edge:
+    """What the listener's handlers share."""
+
+    ae_title: str
+    spool: InstanceSpool
+    tracker: SeriesTracker
+    max_instance_bytes: int
+    known_peers: Sequence[KnownPeer] = ()
+    audit: AuditCallable | None = None
+    serials: AssociationSerials = field(default_factory=AssociationSerials)
+    rejected: weakref.WeakSet[object] = field(default_factory=weakref.WeakSet)
+
+
+# -- instance checks ------------------------------------------------------------------------
+def _decode_stream(dataset: BytesIO, transfer_syntax: UID, limit: int) -> BytesIO:
+    if transfer_syntax == DeflatedExplicitVRLittleEndian:
+        inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+        try:
+            inflated = inflater.decompress(dataset.getvalue(), limit + 1)
+        except zlib.error as exc:
+            raise InvalidInstance(f"deflated dataset cannot be inflated: {exc}") from exc
+        if len(inflated) > limit:
+            raise InstanceTooLarge(f"inflated dataset exceeds {limit} bytes")
+        return BytesIO(inflated)
+    dataset.seek(0)
+    return dataset
+
+
+def _number_list(ds: Dataset, keyword: str, count: int) -> list[float]:
+    value = ds[keyword].value
+    values = list(value) if isinstance(value, Sequence) and not isinstance(value, str) else [value]
+    try:
+        numbers = [float(v) for v in values]
+    except (TypeError, ValueError) as exc:
+        raise InvalidInstance(f"{keyword} is not numeric") from exc
+    if len(numbers) != count or not all(abs(n) < 1e9 for n in numbers):
+        raise InvalidInstance(f"{keyword} must hold {count} finite numbers")
+    return numbers
+
+
+def _positive_int(ds: Dataset, keyword: str, maximum: int) -> int:
+    value = ds[keyword].value
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= maximum:
+        raise InvalidInstance(f"{keyword} {value!r} is not an integer in 1..{maximum}")
+    return value
+
+
+def read_instance_header(
+    dataset: bytes | BytesIO,
+    transfer_syntax: UID,
+    *,
+    context_sop_class: str,
+    request_sop_class: str,
+    request_sop_instance: str,
+    max_instance_bytes: int,
+) -> InstanceHeader:
+    """Check an encoded C-STORE dataset and return the attributes the listener needs.
+
+    Raises ``InstanceTooLarge``, ``SopClassMismatch`` or ``InvalidInstance`` (a sentence
+    naming the attribute) for anything that must not be accepted.
+    """
+    if isinstance(dataset, bytes):
+        dataset = BytesIO(dataset)
+    size = dataset.getbuffer().nbytes
+    if size > max_instance_bytes:
+        raise InstanceTooLarge(f"instance of {size} bytes exceeds {max_instance_bytes}")
+    if context_sop_class != CTImageStorage or request_sop_class != context_sop_class:
+        raise SopClassMismatch(
+            f"SOP Class {request_sop_class} does not match the context {context_sop_class}"
+        )
+    stream = _decode_stream(dataset, transfer_syntax, max_instance_bytes)
+    try:
+        ds = read_dataset(
+            stream,
+            is_implicit_VR=transfer_syntax == ImplicitVRLittleEndian,
+            is_little_endian=transfer_syntax != ExplicitVRBigEndian,
+            specific_tags=_READ_TAGS,
+        )
+        missing = [kw for kw in _REQUIRED if kw not in ds or ds[kw].value in (None, "", b"")]
+        if missing:
+            raise InvalidInstance(f"required attributes missing or empty: {', '.join(missing)}")
+        if str(ds.SOPClassUID) != request_sop_class:
+            raise SopClassMismatch(f"dataset SOP Class {ds.SOPClassUID} differs from the request")
+        sop_instance_uid = checked_uid(ds.SOPInstanceUID, "SOPInstanceUID")
+        if sop_instance_uid != request_sop_instance.strip("\x00 "):
+            raise InvalidInstance("SOPInstanceUID differs from the request's")
+        if str(ds.Modality).strip() != "CT":
+            raise InvalidInstance(f"Modality {str(ds.Modality)[:16]!r} is not CT")
+        checked_uid(ds.FrameOfReferenceUID, "FrameOfReferenceUID")
+        _number_list(ds, "ImagePositionPatient", 3)
+        _number_list(ds, "ImageOrientationPatient", 6)
+        if any(s <= 0 for s in _number_list(ds, "PixelSpacing", 2)):
+            raise InvalidInstance("PixelSpacing must be positive")
+        rows = _positive_int(ds, "Rows", MAX_IMAGE_DIMENSION)
+        columns = _positive_int(ds, "Columns", MAX_IMAGE_DIMENSION)
+        pixel_data = ds["PixelData"]
+        if not UID(transfer_syntax).is_encapsulated:
+            samples = int(ds.get("SamplesPerPixel", 1) or 1)
+            bits = int(ds.get("BitsAllocated", 16) or 16)
+            expected = rows * columns * samples * ((bits + 7) // 8)
+            if len(pixel_data.value) < expected:
+                raise InvalidInstance(
+                    f"PixelData holds {len(pixel_data.value)} bytes, {expected} expected"
+                )
+        description = ds.get("SeriesDescription", "") or ""
+        return InstanceHeader(
+            sop_instance_uid=sop_instance_uid,
+            series_instance_uid=checked_uid(ds.SeriesInstanceUID, "SeriesInstanceUID"),
+            study_instance_uid=checked_uid(ds.StudyInstanceUID, "StudyInstanceUID"),
+            modality="CT",
+            series_description=str(description)[:64],
+        )
+    except RtcontourError:
+        raise
+    except Exception as exc:  # pydicom raises many types on malformed input
+        logger.debug("parse failure", exc_info=True)
+        raise InvalidInstance(f"dataset cannot be parsed: {type(exc).__name__}") from exc
+
+
+# -- handlers ---------------------------------------------------------------------------------
+def handle_echo(event: Event, edge: Edge) -> int:
+    """C-ECHO: always success."""
+    return Status.SUCCESS
+
+
+def handle_store(event: Event, edge: Edge) -> int:
+    """C-STORE: check the instance, spool it atomically, tell the tracker; return a status."""
+    serial = edge.serials.of(event.assoc)
+    request = cast(C_STORE, event.request)
+    context = event.context
+    try:
+        dataset = request.DataSet
+        if not isinstance(dataset, BytesIO):
+            raise InvalidInstance("C-STORE request without a dataset")
+        transfer_syntax = UID(context.transfer_syntax)
+        header = read_instance_header(
+            dataset,
+            transfer_syntax,
+            context_sop_class=str(context.abstract_syntax),
+            request_sop_class=str(request.AffectedSOPClassUID),
+            request_sop_instance=str(request.AffectedSOPInstanceUID),
+            max_instance_bytes=edge.max_instance_bytes,
+        )
+        file_meta = create_file_meta(
+            sop_class_uid=CTImageStorage,
+            sop_instance_uid=UID(header.sop_instance_uid),
+            transfer_syntax=transfer_syntax,
+        )
+        calling_ae = str(event.assoc.requestor.ae_title).strip()
+        file_meta.SourceApplicationEntityTitle = calling_ae
+        with dataset.getbuffer() as dataset_bytes:
+            edge.spool.write(
+                header.series_instance_uid,
+                header.sop_instance_uid,
+                [_PREAMBLE, encode_file_meta(file_meta), dataset_bytes],
+            )
+        edge.tracker.instance_stored(serial, header, calling_ae)
+    except RtcontourError as exc:
+        status = store_status(exc)
+        logger.warning(
+            "association #%d: instance refused with status 0x%04X: %s", serial, status, exc
+        )
+        metrics.INSTANCES_RECEIVED.labels(outcome="refused").inc()
+        return status
+    except Exception:
+        logger.exception("association #%d: instance could not be stored", serial)
+        metrics.INSTANCES_RECEIVED.labels(outcome="failed").inc()
+        return Status.PROCESSING_FAILURE
+    metrics.INSTANCES_RECEIVED.labels(outcome="stored").inc()
+    return Status.SUCCESS
+
+
+def _reject(event: Event, edge: Edge, reason: RejectReason) -> None:
+    assoc = event.assoc
+    _audit_rejection(event, edge, REJECT_REASON_TEXT[reason])
+    edge.rejected.add(assoc)
+    assoc.acse.send_reject(RejectResult.PERMANENT, RejectSource.SERVICE_USER, reason)
+    assoc.kill()
+
+
+def _audit_rejection(event: Event, edge: Edge, reason: str) -> None:
+    requestor = event.assoc.requestor
+    detail = {
+        "calling_ae": str(requestor.ae_title).strip(),
+        "called_ae": str(requestor.primitive.called_ae_title).strip()
+        if requestor.primitive is not None
+        else "",
+        "address": str(requestor.address),
+        "reason": reason,
+    }
+    logger.warning("association rejected: %s", detail)
+    metrics.ASSOCIATIONS_REJECTED.labels(reason=reason).inc()
+    if edge.audit is not None:
+        try:
+            edge.audit(ASSOCIATION_REJECTED, detail)
+        except Exception:
+            logger.exception("audit of a rejected association failed")
+
+
+def handle_requested(event: Event, edge: Edge) -> None:
+    """A-ASSOCIATE-RQ: with known peers configured, refuse unknown calling/called AE titles."""
+    if not edge.known_peers:
+        return
+    primitive = cast(A_ASSOCIATE, event.assoc.requestor.primitive)
+    calling = str(primitive.calling_ae_title).strip()
+    called = str(primitive.called_ae_title).strip()
+    address = str(event.assoc.requestor.address)
+    if not any(peer.matches(calling, address) for peer in edge.known_peers):
+        _reject(event, edge, RejectReason.CALLING_AE_NOT_RECOGNISED)
+    elif called != edge.ae_title:
+        _reject(event, edge, RejectReason.CALLED_AE_NOT_RECOGNISED)
+
+
+def handle_rejected(event: Event, edge: Edge) -> None:
+    """A rejection pynetdicom made itself (e.g. too many associations): audit it."""
+    if event.assoc in edge.rejected:
+        return
+    primitive = event.assoc.acceptor.primitive
+    source = getattr(primitive, "result_source", None)
+    diagnostic = getattr(primitive, "diagnostic", None)
+    if source == RejectSource.SERVICE_PROVIDER_PRESENTATION and diagnostic == 0x02:
+        reason = "local limit exceeded (maximum associations)"
+    else:
+        reason = f"rejected (source {source}, diagnostic {diagnostic})"
+    _audit_rejection(event, edge, reason)
+
+
+def handle_established(event: Event, edge: Edge) -> None:
+    edge.serials.of(event.assoc)
+    metrics.ASSOCIATIONS.inc()
+
+
+def handle_released(event: Event, edge: Edge) -> None:
+    edge.tracker.association_released(edge.serials.of(event.assoc))
+
+
+def handle_aborted(event: Event, edge: Edge) -> None:
+    serial = edge.serials.of(event.assoc)
+    logger.info("association #%d aborted", serial)
+    edge.tracker.association_aborted(serial)
+
+
+def handle_conn_close(event: Event, edge: Edge) -> None:
+    edge.tracker.connection_closed(edge.serials.of(event.assoc))

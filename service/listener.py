@@ -1,0 +1,295 @@
+"""The DICOM listener: rtcontour's Storage SCP (C-ECHO, CT Image Storage C-STORE).
+
+Public API (stable; ``service/serve.py`` builds the listener with it)
+---------------------------------------------------------------------
+``start_listener(settings, sink, *, audit=None) -> ListenerHandle``
+    Start accepting associations on ``settings.dicom_host:dicom_port`` in background threads
+    and return at once. Every complete series becomes one ``SeriesArrival`` passed to
+    ``sink.series_complete`` (from the tracker's thread). ``audit(event, detail)`` is called
+    for every rejected association / refused TLS handshake with ``event ==
+    "dicom.association_rejected"`` and ``detail`` holding ``calling_ae``, ``called_ae``,
+    ``address``, ``reason``.
+``ListenerHandle.shutdown(timeout_s=10.0)``
+    Stop accepting, let running associations finish for up to ``timeout_s`` (then abort them),
+    hand every series already complete to the sink, stop the tracker. Idempotent.
+``ListenerHandle.address``  ``(host, port)`` actually bound.
+``SUPPORTED_TRANSFER_SYNTAXES``  what the listener accepts for CT Image Storage.
+``main(argv) -> int``  ``rtcontour listener``: runs until SIGTERM/SIGINT, then shuts down.
+
+Settings used: ae_title, dicom_host, dicom_port, known_peers, quiet_period_s,
+max_associations, acse_timeout_s, dimse_timeout_s, network_timeout_s, max_pdu_bytes,
+max_instance_bytes, min_free_disk_bytes, tls_cert_file, tls_key_file, tls_ca_file, data_dir.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import socketserver
+import ssl
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, cast
+
+from pydicom.uid import (
+    JPEG2000,
+    CTImageStorage,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEG2000Lossless,
+    JPEGLossless,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    RLELossless,
+)
+from pynetdicom import AE, evt
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+from pynetdicom.transport import ThreadedAssociationServer
+
+from service import handlers
+from service.handlers import AuditCallable, Edge, KnownPeer
+from service.intake import SeriesArrival, SeriesSink
+from service.settings import Settings
+from service.spool import InstanceSpool, SeriesTracker
+from service.tls import accept_tls, server_ssl_context
+
+logger = logging.getLogger(__name__)
+
+SUPPORTED_TRANSFER_SYNTAXES = [
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    DeflatedExplicitVRLittleEndian,
+    JPEGLosslessSV1,  # 1.2.840.10008.1.2.4.70
+    JPEGLossless,  # 1.2.840.10008.1.2.4.57
+    JPEGLSLossless,  # 1.2.840.10008.1.2.4.80
+    JPEG2000Lossless,  # 1.2.840.10008.1.2.4.90
+    JPEG2000,  # 1.2.840.10008.1.2.4.91
+    RLELossless,  # 1.2.840.10008.1.2.5
+]
+
+
+class _AssociationServer(ThreadedAssociationServer):
+    """pynetdicom's threaded server, with the TLS handshake moved into each connection's thread
+    (pynetdicom does it in the accept loop, where one silent client would block everyone)."""
+
+    tls_context: ssl.SSLContext | None = None
+    handshake_timeout_s: float = 30.0
+    on_tls_failure: Any = None
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        if self.tls_context is not None:
+            try:
+                request = accept_tls(request, self.tls_context, self.handshake_timeout_s)
+            except OSError as exc:
+                logger.warning("TLS handshake with %s failed: %s", client_address, exc)
+                if self.on_tls_failure is not None:
+                    self.on_tls_failure(client_address, exc)
+                self.shutdown_request(request)
+                return
+        super().process_request_thread(request, client_address)
+
+    def shutdown(self) -> None:
+        # The base class also removes itself from the AE's list, which make_server never fills.
+        socketserver.TCPServer.shutdown(self)
+        self.server_close()
+
+
+@dataclass
+class ListenerHandle:
+    """A running listener; see the module docstring."""
+
+    ae: AE
+    server: _AssociationServer
+    tracker: SeriesTracker
+    spool: InstanceSpool
+    edge: Edge
+    _thread: threading.Thread
+    _stopped: bool = field(default=False)
+
+    @property
+    def address(self) -> tuple[str, int]:
+        host, port = self.server.server_address[:2]
+        return str(host), int(port)
+
+    def active_associations(self) -> int:
+        return sum(1 for assoc in self.ae.active_associations if assoc.is_acceptor)
+
+    def shutdown(self, timeout_s: float = 10.0) -> list[SeriesArrival]:
+        """Stop; return the series handed to the sink while flushing."""
+        if self._stopped:
+            return []
+        self._stopped = True
+        self.server.shutdown()
+        self._thread.join(timeout=5)
+        deadline = time.monotonic() + timeout_s
+        while self.active_associations() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        for assoc in self.ae.active_associations:
+            logger.warning("aborting association still open at shutdown")
+            assoc.abort()
+        flushed = self.tracker.stop(flush=True)
+        logger.info("listener stopped; %d series handed over at shutdown", len(flushed))
+        return flushed
+
+
+def build_ae(settings: Settings) -> AE:
+    """The Application Entity with rtcontour's contexts, limits and timeouts."""
+    ae = AE(ae_title=settings.ae_title)
+    ae.add_supported_context(Verification)
+    ae.add_supported_context(CTImageStorage, SUPPORTED_TRANSFER_SYNTAXES)
+    ae.maximum_associations = settings.max_associations
+    ae.acse_timeout = settings.acse_timeout_s
+    ae.dimse_timeout = settings.dimse_timeout_s
+    ae.network_timeout = settings.network_timeout_s
+    ae.maximum_pdu_size = settings.max_pdu_bytes
+    return ae
+
+
+def _event_handlers(edge: Edge) -> list[Any]:
+    return [
+        (evt.EVT_C_ECHO, handlers.handle_echo, [edge]),
+        (evt.EVT_C_STORE, handlers.handle_store, [edge]),
+        (evt.EVT_REQUESTED, handlers.handle_requested, [edge]),
+        (evt.EVT_REJECTED, handlers.handle_rejected, [edge]),
+        (evt.EVT_ESTABLISHED, handlers.handle_established, [edge]),
+        (evt.EVT_RELEASED, handlers.handle_released, [edge]),
+        (evt.EVT_ABORTED, handlers.handle_aborted, [edge]),
+        (evt.EVT_CONN_CLOSE, handlers.handle_conn_close, [edge]),
+    ]
+
+
+def start_listener(
+    settings: Settings, sink: SeriesSink, *, audit: AuditCallable | None = None
+) -> ListenerHandle:
+    """Start the listener in background threads; see the module docstring."""
+    spool = InstanceSpool(settings.spool_dir, min_free_disk_bytes=settings.min_free_disk_bytes)
+    spool.sweep_partials()
+    tracker = SeriesTracker(sink, spool, quiet_period_s=settings.quiet_period_s)
+    edge = Edge(
+        ae_title=settings.ae_title,
+        spool=spool,
+        tracker=tracker,
+        max_instance_bytes=settings.max_instance_bytes,
+        known_peers=[KnownPeer.parse(peer) for peer in settings.known_peers],
+        audit=audit,
+    )
+    ae = build_ae(settings)
+    server = cast(
+        _AssociationServer,
+        ae.make_server(
+            (settings.dicom_host, settings.dicom_port),
+            evt_handlers=_event_handlers(edge),
+            server_class=_AssociationServer,
+        ),
+    )
+    if settings.tls_cert_file is not None and settings.tls_key_file is not None:
+        server.tls_context = server_ssl_context(
+            settings.tls_cert_file, settings.tls_key_file, settings.tls_ca_file
+        )
+        server.handshake_timeout_s = settings.acse_timeout_s
+
+        def on_tls_failure(client_address: Any, exc: OSError) -> None:
+            detail = {
+                "calling_ae": "",
+                "called_ae": "",
+                "address": str(client_address[0]),
+                "reason": f"TLS handshake failed: {type(exc).__name__}",
+            }
+            handlers.metrics.ASSOCIATIONS_REJECTED.labels(reason="TLS handshake failed").inc()
+            if audit is not None:
+                audit(handlers.ASSOCIATION_REJECTED, detail)
+
+        server.on_tls_failure = on_tls_failure
+    tracker.start()
+    thread = threading.Thread(
+        target=server.serve_forever, name="rtcontour-dicom-listener", daemon=True
+    )
+    thread.start()
+    handle = ListenerHandle(ae, server, tracker, spool, edge, thread)
+    logger.info(
+        "DICOM listener %s on %s:%d (TLS %s, %d known peers)",
+        settings.ae_title,
+        *handle.address,
+        "on" if server.tls_context is not None else "off",
+        len(edge.known_peers),
+    )
+    return handle
+
+
+class LoggingSink:
+    """A sink that only logs arrivals (used when the job-store intake is not available)."""
+
+    def series_complete(self, arrival: SeriesArrival) -> None:
+        logger.info("series arrived: %s", arrival)
+
+
+def _build_sink(settings: Settings) -> tuple[SeriesSink, AuditCallable | None]:
+    """The job-store intake and audit recorder when available; otherwise a logging sink."""
+    try:
+        from service import intake as intake_module
+
+        intake_class = getattr(intake_module, "Intake", None)
+        if intake_class is None:
+            raise ImportError("service.intake.Intake is not implemented yet")
+        from service.audit import make_recorder  # type: ignore[attr-defined]
+        from service.jobstore import JobStore, make_engine  # type: ignore[attr-defined]
+
+        engine = make_engine(settings)
+        sink: SeriesSink = intake_class(settings, JobStore(engine))
+        return sink, make_recorder(engine)
+    except ImportError as exc:
+        logger.warning("job-store intake unavailable (%s); arrivals are only logged", exc)
+        return LoggingSink(), None
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``rtcontour listener``: run the DICOM listener until SIGTERM or SIGINT."""
+    parser = argparse.ArgumentParser(
+        prog="rtcontour listener", description="Run rtcontour's DICOM C-STORE listener."
+    )
+    parser.add_argument("--host", help="address to bind (RTCONTOUR_DICOM_HOST)")
+    parser.add_argument("--port", type=int, help="port (RTCONTOUR_DICOM_PORT)")
+    parser.add_argument("--ae-title", help="our AE title (RTCONTOUR_AE_TITLE)")
+    parser.add_argument("--log-level", default="INFO")
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    overrides = {
+        key: value
+        for key, value in {
+            "dicom_host": args.host,
+            "dicom_port": args.port,
+            "ae_title": args.ae_title,
+        }.items()
+        if value is not None
+    }
+    settings = Settings(**overrides)
+    sink, audit = _build_sink(settings)
+    handle = start_listener(settings, sink, audit=audit)
+    stop = threading.Event()
+
+    def request_stop(signum: int, _frame: Any) -> None:
+        logger.info("signal %d received; shutting down", signum)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, request_stop)
+    signal.signal(signal.SIGINT, request_stop)
+    print(f"listening on {handle.address[0]}:{handle.address[1]}", flush=True)  # noqa: T201
+    while not stop.wait(1.0):
+        pass
+    handle.shutdown()
+    return 0
+
+
+__all__ = [
+    "SUPPORTED_TRANSFER_SYNTAXES",
+    "ListenerHandle",
+    "LoggingSink",
+    "build_ae",
+    "main",
+    "start_listener",
+]

@@ -1,0 +1,337 @@
+"""The listener's spool: atomic instance files, and the tracker that turns them into series.
+
+Layout (docs/ARCHITECTURE.md, "Listener -> intake seam")::
+
+    <spool_dir>/incoming/<SeriesInstanceUID>/<SOPInstanceUID>.dcm
+
+An instance is written to a hidden temporary file in its series folder and renamed into place
+with ``os.replace``, so a reader never sees a partial ``.dcm`` file; a re-sent SOP Instance UID
+replaces the earlier file atomically. UIDs are validated before they become path components.
+
+``SeriesTracker`` remembers, for every series, each association (by a serial number the listener
+assigns) that carried it. A series becomes one ``SeriesArrival`` once every such association was
+released and no instance of it arrived for ``quiet_period_s``; an association that aborted marks
+its series interrupted (no arrival), unless another association stores an instance of the series
+afterwards and is released.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import re
+import shutil
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pydicom.uid import UID
+
+from service.errors import InsufficientStorage, InvalidInstance
+from service.intake import SeriesArrival, SeriesSink
+
+logger = logging.getLogger(__name__)
+
+_UID_CHARACTERS = re.compile(r"^[0-9.]{1,64}$")
+_PARTIAL_SUFFIX = ".part"
+
+
+def checked_uid(value: object, name: str) -> str:
+    """Return ``value`` as a UID string safe to use as a file name, or raise InvalidInstance."""
+    text = str(value).strip("\x00 ") if value is not None else ""
+    if not _UID_CHARACTERS.match(text) or not UID(text).is_valid:
+        raise InvalidInstance(f"{name} {text[:80]!r} is not a valid UID")
+    return text
+
+
+@dataclass(frozen=True)
+class InstanceHeader:
+    """The attributes of a received instance that the listener needs (UIDs only, no PHI)."""
+
+    sop_instance_uid: str
+    series_instance_uid: str
+    study_instance_uid: str
+    modality: str
+    series_description: str
+
+
+class InstanceSpool:
+    """Writes received instances atomically under ``<spool_dir>/incoming``.
+
+    ``min_free_disk_bytes``: an instance is refused (``InsufficientStorage``) when writing it
+    would leave less than this many bytes free on the spool's file system.
+    """
+
+    def __init__(self, spool_dir: Path, *, min_free_disk_bytes: int) -> None:
+        self.incoming_dir = Path(spool_dir) / "incoming"
+        self.min_free_disk_bytes = min_free_disk_bytes
+        self.incoming_dir.mkdir(parents=True, exist_ok=True)
+
+    def series_folder(self, series_instance_uid: str) -> Path:
+        return self.incoming_dir / checked_uid(series_instance_uid, "SeriesInstanceUID")
+
+    def write(
+        self, series_instance_uid: str, sop_instance_uid: str, parts: Iterable[bytes | memoryview]
+    ) -> Path:
+        """Write the concatenated ``parts`` as ``<series>/<sop>.dcm`` atomically; return its path.
+
+        Raises ``InsufficientStorage`` (nothing written) when the disk is too full.
+        """
+        parts = list(parts)
+        size = sum(len(part) for part in parts)
+        folder = self.series_folder(series_instance_uid)
+        final = folder / f"{checked_uid(sop_instance_uid, 'SOPInstanceUID')}.dcm"
+        free = shutil.disk_usage(self.incoming_dir).free
+        if free - size < self.min_free_disk_bytes:
+            raise InsufficientStorage(
+                f"spool has {free} bytes free; storing {size} more would go below the "
+                f"minimum of {self.min_free_disk_bytes}"
+            )
+        folder.mkdir(exist_ok=True)
+        fd, temp_name = tempfile.mkstemp(
+            dir=folder, prefix=f".{final.stem}.", suffix=_PARTIAL_SUFFIX
+        )
+        try:
+            with os.fdopen(fd, "wb") as stream:
+                for part in parts:
+                    stream.write(part)
+            os.replace(temp_name, final)
+        except OSError as exc:
+            Path(temp_name).unlink(missing_ok=True)
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise InsufficientStorage(f"spool file system is full: {exc}") from exc
+            raise
+        except BaseException:
+            Path(temp_name).unlink(missing_ok=True)
+            raise
+        return final
+
+    def sweep_partials(self) -> int:
+        """Remove temporary files left by a killed listener; return how many were removed."""
+        removed = 0
+        for partial in self.incoming_dir.glob(f"*/.*{_PARTIAL_SUFFIX}"):
+            partial.unlink(missing_ok=True)
+            removed += 1
+        if removed:
+            logger.warning("removed %d partial files left in %s", removed, self.incoming_dir)
+        return removed
+
+
+def count_instances(folder: Path) -> int:
+    """Number of complete instance files in a series folder."""
+    return sum(1 for _ in folder.glob("*.dcm"))
+
+
+@dataclass
+class _Association:
+    """What the tracker knows of one association; ``outcome`` is None while it is open."""
+
+    outcome: str | None = None  # "released" or "aborted"
+    outcome_at: float = 0.0
+    closed_at: float | None = None
+
+
+@dataclass
+class _Series:
+    header: InstanceHeader
+    calling_ae: str
+    carriers: set[int] = field(default_factory=set)
+    last_instance_at: float = 0.0
+    interrupted: bool = False
+
+
+class SeriesTracker:
+    """Groups stored instances into series and hands complete series to a ``SeriesSink``.
+
+    Thread-safe: the listener's association threads report instances and association outcomes;
+    a background thread (``start``) calls ``poll`` to emit series whose quiet period is over.
+    ``outcome_grace_s``: how long after a connection closed without a release or abort having
+    been reported the association is taken as aborted (pynetdicom may report the release after
+    the close; lesson (a) of the design notes).
+    """
+
+    def __init__(
+        self,
+        sink: SeriesSink,
+        spool: InstanceSpool,
+        *,
+        quiet_period_s: float,
+        outcome_grace_s: float = 10.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._sink = sink
+        self._spool = spool
+        self._quiet_period_s = quiet_period_s
+        self._outcome_grace_s = outcome_grace_s
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._associations: dict[int, _Association] = {}
+        self._series: dict[str, _Series] = {}
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # -- reports from association threads -------------------------------------------------
+    def instance_stored(self, association: int, header: InstanceHeader, calling_ae: str) -> None:
+        """An instance of ``header.series_instance_uid`` is in the spool (file in place)."""
+        with self._lock:
+            self._associations.setdefault(association, _Association())
+            series = self._series.get(header.series_instance_uid)
+            if series is None:
+                series = _Series(header=header, calling_ae=calling_ae)
+                self._series[header.series_instance_uid] = series
+            series.carriers.add(association)
+            series.last_instance_at = self._clock()
+            series.interrupted = False  # re-sent after an abort: the later sender decides
+
+    def association_released(self, association: int) -> None:
+        self._set_outcome(association, "released")
+
+    def association_aborted(self, association: int) -> None:
+        self._set_outcome(association, "aborted")
+
+    def connection_closed(self, association: int) -> None:
+        """The TCP connection closed; the outcome may be reported before or after this."""
+        with self._lock:
+            record = self._associations.get(association)
+            if record is not None:
+                record.closed_at = self._clock()
+
+    def _set_outcome(self, association: int, outcome: str) -> None:
+        with self._lock:
+            self._set_outcome_locked(association, outcome, self._clock())
+
+    def _set_outcome_locked(self, association: int, outcome: str, now: float) -> None:
+        # Associations that stored nothing have no record and need none.
+        record = self._associations.get(association)
+        if record is None or record.outcome is not None:
+            return
+        record.outcome, record.outcome_at = outcome, now
+        if outcome == "aborted":
+            for series in self._series.values():
+                if association in series.carriers:
+                    series.carriers.discard(association)
+                    series.interrupted = True
+
+    # -- emission ------------------------------------------------------------------------
+    @property
+    def pending_series(self) -> int:
+        with self._lock:
+            return len(self._series)
+
+    @property
+    def tracked_associations(self) -> int:
+        with self._lock:
+            return len(self._associations)
+
+    def poll(self, *, flush: bool = False) -> list[SeriesArrival]:
+        """Emit every complete series to the sink; return the arrivals emitted.
+
+        ``flush``: ignore the quiet period (used at shutdown, so that complete series are not
+        lost with the tracker's memory).
+        """
+        now = self._clock()
+        due: list[_Series] = []
+        with self._lock:
+            for serial, record in list(self._associations.items()):
+                closed_long_ago = (
+                    record.closed_at is not None
+                    and now - record.closed_at >= self._outcome_grace_s
+                )
+                if record.outcome is None and closed_long_ago:
+                    logger.warning("association #%d closed without release or abort", serial)
+                    self._set_outcome_locked(serial, "aborted", now)
+            for uid, series in list(self._series.items()):
+                if any(self._associations[s].outcome is None for s in series.carriers):
+                    continue
+                if series.interrupted:
+                    logger.warning("series %s was interrupted (association aborted); no job", uid)
+                    del self._series[uid]
+                    continue
+                if flush or now - series.last_instance_at >= self._quiet_period_s:
+                    due.append(series)
+                    del self._series[uid]
+            self._forget_finished_associations(now)
+        arrivals = []
+        for series in due:
+            arrival = self._arrival(series)
+            try:
+                self._sink.series_complete(arrival)
+            except Exception:
+                logger.exception(
+                    "intake failed for series %s; retrying after the quiet period",
+                    arrival.series_instance_uid,
+                )
+                self._retry_later(series)
+                continue
+            logger.info(
+                "series %s complete: %d instances from %s",
+                arrival.series_instance_uid,
+                arrival.n_instances,
+                arrival.calling_ae,
+            )
+            arrivals.append(arrival)
+        return arrivals
+
+    def _retry_later(self, series: _Series) -> None:
+        with self._lock:
+            uid = series.header.series_instance_uid
+            current = self._series.get(uid)
+            if current is None:
+                series.last_instance_at = self._clock()
+                series.carriers = {s for s in series.carriers if s in self._associations}
+                self._series[uid] = series
+            else:
+                current.carriers |= {s for s in series.carriers if s in self._associations}
+
+    def _forget_finished_associations(self, now: float) -> None:
+        carrying = set().union(*(series.carriers for series in self._series.values()))
+        horizon = self._outcome_grace_s + self._quiet_period_s
+        for serial in list(self._associations):
+            record = self._associations[serial]
+            if serial in carrying or record.outcome is None:
+                continue
+            # Keep a released record until its close is seen too (either order), or for a while.
+            if record.closed_at is not None or now - record.outcome_at > horizon:
+                del self._associations[serial]
+
+    def _arrival(self, series: _Series) -> SeriesArrival:
+        folder = self._spool.series_folder(series.header.series_instance_uid)
+        return SeriesArrival(
+            series_instance_uid=series.header.series_instance_uid,
+            study_instance_uid=series.header.study_instance_uid,
+            calling_ae=series.calling_ae,
+            modality=series.header.modality,
+            series_description=series.header.series_description,
+            folder=folder,
+            n_instances=count_instances(folder),
+        )
+
+    # -- background thread ---------------------------------------------------------------
+    def start(self, interval_s: float | None = None) -> None:
+        """Poll in a daemon thread every ``interval_s`` (default: a quarter of the quiet period,
+        at most 0.5 s)."""
+        interval = interval_s or min(0.5, self._quiet_period_s / 4)
+        self._stop.clear()
+        self._thread = threading.Thread(
+            target=self._run, args=(interval,), name="rtcontour-series-tracker", daemon=True
+        )
+        self._thread.start()
+
+    def _run(self, interval_s: float) -> None:
+        while not self._stop.wait(interval_s):
+            try:
+                self.poll()
+            except Exception:  # the timer must survive anything a sink does
+                logger.exception("series tracker poll failed")
+
+    def stop(self, *, flush: bool = True) -> list[SeriesArrival]:
+        """Stop the background thread; with ``flush``, emit every series already complete."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+            self._thread = None
+        return self.poll(flush=True) if flush else []
