@@ -16,10 +16,11 @@ import logging
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from sqlalchemy import JSON, DateTime, Engine, Integer, String
+from sqlalchemy import JSON, Engine, Integer, String
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
 from service.db import Base
+from service.jobstore import UtcDateTime
 
 logger = logging.getLogger(__name__)
 
@@ -57,7 +58,7 @@ class AuditEvent(Base):
     __tablename__ = "audit_events"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=_now, index=True)
+    at: Mapped[dt.datetime] = mapped_column(UtcDateTime, default=_now, index=True)
     event: Mapped[str] = mapped_column(String(64), index=True)
     actor: Mapped[str] = mapped_column(String(64), index=True)
     job_id: Mapped[str | None] = mapped_column(String(64), nullable=True, index=True)

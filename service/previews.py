@@ -1,5 +1,258 @@
-"""Preview rendering (placeholder; filled in by issue 5)."""
+"""Preview images of a job: CT planes (soft-tissue window) with the RTSTRUCT's contours.
+
+Everything is computed on the CT's **canonical** grid (docs/ARCHITECTURE.md: axis 0
+superior->inferior, axis 1 anterior->posterior, axis 2 patient right->left), which gives the
+conventional display orientation by plain slicing:
+
+- axial ``hu[k]``: anterior up, patient left on the image's right (viewed from the feet);
+- coronal ``hu[:, k]``: superior up, patient left on the image's right (viewed from the front);
+- sagittal ``hu[:, :, k]``: superior up, anterior on the image's left.
+
+Images are scaled so one image pixel covers the same millimetres in both directions.
+Contours are filled with the even-odd rule at pixel centres (the rule the RTSTRUCT writer's
+round trip uses), then drawn as an outline in the ROI's display colour.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import pydicom
+from PIL import Image
+from scipy import ndimage
+
+from service.errors import InvalidSeries, RtcontourError
+
+logger = logging.getLogger(__name__)
+
+Plane = Literal["axial", "coronal", "sagittal"]
+PLANES: tuple[Plane, ...] = ("axial", "coronal", "sagittal")
+WINDOW_WIDTH_HU = 400.0
+WINDOW_LEVEL_HU = 40.0
+DISPLAY_SIZE_PX = 512  # longest side of a preview image
+DEFAULT_COLOUR = (255, 255, 0)
+
+
+class PreviewUnavailable(RtcontourError):  # noqa: N818 - domain name, like InvalidSeries
+    """A job whose CT or RTSTRUCT cannot be shown (no output yet, files missing)."""
+
+
+class PreviewOutOfRange(ValueError):  # noqa: N818
+    """A plane index outside the volume."""
+
+
+@dataclass(frozen=True, eq=False)
+class RoiCrossings:
+    """One ROI as the crossings of its contours with the canonical grid's pixel-centre rows.
+
+    Each crossing ``i`` lies on slice ``slice_index[i]``, row ``row[i]``, and toggles
+    inside/outside for every pixel centre at column >= ``column[i]`` (even-odd rule).
+    """
+
+    roi_name: str
+    colour: tuple[int, int, int]
+    slice_index: np.ndarray
+    row: np.ndarray
+    column: np.ndarray
+
+
+@dataclass(frozen=True, eq=False)
+class PreviewVolume:
+    """A CT in canonical orientation (int16 HU, (slices, rows, columns)) and its ROIs."""
+
+    hu: np.ndarray
+    spacing_mm: tuple[float, float, float]
+    rois: tuple[RoiCrossings, ...]
+
+    def size(self, plane: Plane) -> int:
+        """Number of images in ``plane``."""
+        return int(self.hu.shape[PLANES.index(plane)])
+
+    def roi_mask(self, roi: RoiCrossings, plane: Plane, index: int) -> np.ndarray:
+        """Bool mask of ``roi`` on the plane image (same shape as ``plane_image``)."""
+        n_slices, n_rows, n_cols = self.hu.shape
+        if plane == "axial":
+            keep = roi.slice_index == index
+            toggles = np.zeros((n_rows, n_cols + 1), np.uint8)
+            np.add.at(toggles, (roi.row[keep], roi.column[keep]), 1)
+            return (np.cumsum(toggles, axis=1, dtype=np.uint8)[:, :n_cols] & 1).astype(bool)
+        if plane == "coronal":
+            keep = roi.row == index
+            toggles = np.zeros((n_slices, n_cols + 1), np.uint8)
+            np.add.at(toggles, (roi.slice_index[keep], roi.column[keep]), 1)
+            return (np.cumsum(toggles, axis=1, dtype=np.uint8)[:, :n_cols] & 1).astype(bool)
+        keep = roi.column <= index  # crossings left of (or at) the column's pixel centres
+        counts = np.zeros((n_slices, n_rows), np.uint8)
+        np.add.at(counts, (roi.slice_index[keep], roi.row[keep]), 1)
+        return (counts & 1).astype(bool)
+
+    def plane_image(self, plane: Plane, index: int) -> tuple[np.ndarray, tuple[float, float]]:
+        """The HU image of ``plane`` at ``index`` and its pixel size (down, across) in mm."""
+        if not 0 <= index < self.size(plane):
+            raise PreviewOutOfRange(
+                f"index {index} is outside the {plane} range 0-{self.size(plane) - 1}"
+            )
+        s, r, c = self.spacing_mm
+        if plane == "axial":
+            return self.hu[index], (r, c)
+        if plane == "coronal":
+            return self.hu[:, index, :], (s, c)
+        return self.hu[:, :, index], (s, r)
+
+
+def _crossings(
+    roi_name: str, colour: tuple[int, int, int], polygons: list[np.ndarray], shape: tuple[int, ...]
+) -> RoiCrossings:
+    """Crossings of closed polygons (each (n, 3) canonical index coordinates) with pixel rows."""
+    n_slices, n_rows, n_cols = shape
+    parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+    for points in polygons:
+        slice_index = int(round(float(points[:, 0].mean())))
+        if not 0 <= slice_index < n_slices or len(points) < 3:
+            continue
+        y0, x0 = points[:, 1], points[:, 2]
+        y1, x1 = np.roll(y0, -1), np.roll(x0, -1)
+        low, high = np.minimum(y0, y1), np.maximum(y0, y1)
+        # Rows y with low <= y < high (half-open: a vertex on a row is counted once).
+        first, stop = np.ceil(low).astype(np.int64), np.ceil(high).astype(np.int64)
+        first, stop = np.clip(first, 0, n_rows), np.clip(stop, 0, n_rows)
+        counts = np.maximum(stop - first, 0)
+        if counts.sum() == 0:
+            continue
+        edge = np.repeat(np.arange(len(y0)), counts)
+        offsets = np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts)
+        rows = first[edge] + offsets
+        t = (rows - y0[edge]) / (y1[edge] - y0[edge])
+        x = x0[edge] + t * (x1[edge] - x0[edge])
+        columns = np.clip(np.floor(x).astype(np.int64) + 1, 0, n_cols)
+        parts.append((np.full(len(rows), slice_index), rows, columns))
+    if parts:
+        slices, rows, columns = (np.concatenate(p) for p in zip(*parts, strict=True))
+    else:
+        slices = rows = columns = np.zeros(0, np.int64)
+    return RoiCrossings(roi_name, colour, slices, rows, columns)
+
+
+def _read_ct(folder: Path) -> list[pydicom.Dataset]:
+    datasets = []
+    for path in sorted(folder.rglob("*.dcm")):
+        try:
+            ds = pydicom.dcmread(path)
+        except Exception:
+            logger.warning("preview: %s is not readable DICOM, skipped", path.name)
+            continue
+        if getattr(ds, "Modality", "") == "CT" and "PixelData" in ds:
+            datasets.append(ds)
+    return datasets
+
+
+def load_preview_volume(ct_folder: Path, rtstruct_path: Path) -> PreviewVolume:
+    """Read the CT series in ``ct_folder`` and the contours of ``rtstruct_path``.
+
+    Raises ``PreviewUnavailable`` with a sentence naming what is missing.
+    """
+    from worker.volume import load_series
+
+    if not ct_folder.is_dir():
+        raise PreviewUnavailable("the job's CT images are no longer in its spool folder")
+    datasets = _read_ct(ct_folder)
+    if not datasets:
+        raise PreviewUnavailable("the job's spool folder holds no CT images")
+    try:
+        series = load_series(datasets, min_slices=1)
+    except InvalidSeries as error:
+        raise PreviewUnavailable(f"the job's CT cannot be shown: {error}") from None
+    canonical = series.volume.to_canonical()
+    hu = np.clip(np.rint(canonical.array), -32768, 32767).astype(np.int16)
+    try:
+        structure_set = pydicom.dcmread(rtstruct_path)
+    except Exception:
+        raise PreviewUnavailable("the job's RTSTRUCT cannot be read") from None
+    names = {
+        int(item.ROINumber): str(item.ROIName)
+        for item in getattr(structure_set, "StructureSetROISequence", [])
+    }
+    rois = []
+    for roi_contour in getattr(structure_set, "ROIContourSequence", []):
+        number = int(roi_contour.ReferencedROINumber)
+        colour_values = getattr(roi_contour, "ROIDisplayColor", None)
+        colour = tuple(int(v) for v in colour_values)[:3] if colour_values else DEFAULT_COLOUR
+        polygons = []
+        for contour in getattr(roi_contour, "ContourSequence", []):
+            if getattr(contour, "ContourGeometricType", "CLOSED_PLANAR") != "CLOSED_PLANAR":
+                continue
+            points_mm = np.asarray(contour.ContourData, dtype=np.float64).reshape(-1, 3)
+            polygons.append(canonical.lps_to_index(points_mm))
+        rois.append(
+            _crossings(names.get(number, f"ROI {number}"), colour, polygons, hu.shape)  # type: ignore[arg-type]
+        )
+    return PreviewVolume(hu=hu, spacing_mm=canonical.spacing_mm, rois=tuple(rois))
+
+
+def render_png(volume: PreviewVolume, plane: Plane, index: int) -> bytes:
+    """PNG of one plane: W400/L40 greyscale, square millimetres, ROI outlines in colour."""
+    image_hu, (down_mm, across_mm) = volume.plane_image(plane, index)
+    low = WINDOW_LEVEL_HU - WINDOW_WIDTH_HU / 2
+    grey = np.clip((image_hu.astype(np.float32) - low) / WINDOW_WIDTH_HU * 255.0, 0, 255)
+    height_mm, width_mm = image_hu.shape[0] * down_mm, image_hu.shape[1] * across_mm
+    scale = DISPLAY_SIZE_PX / max(height_mm, width_mm)
+    size = (max(1, round(width_mm * scale)), max(1, round(height_mm * scale)))
+    picture = Image.fromarray(grey.astype(np.uint8), mode="L").resize(
+        size, Image.Resampling.BILINEAR
+    )
+    rgb = np.array(picture.convert("RGB"))
+    for roi in volume.rois:
+        mask = volume.roi_mask(roi, plane, index)
+        if not mask.any():
+            continue
+        shown = (
+            np.array(
+                Image.fromarray(mask.astype(np.uint8) * 255, mode="L").resize(
+                    size, Image.Resampling.NEAREST
+                )
+            )
+            > 127
+        )
+        outline = shown & ~ndimage.binary_erosion(shown, iterations=2, border_value=0)
+        rgb[outline] = roi.colour
+    buffer = io.BytesIO()
+    Image.fromarray(rgb, mode="RGB").save(buffer, format="PNG", optimize=False)
+    return buffer.getvalue()
 
 
 class PreviewCache:
-    """Loaded CT volumes and rasterised contours per job."""
+    """The last few loaded preview volumes, keyed by job id and RTSTRUCT file state.
+
+    Loading a CT takes about a second; the dashboard's slider asks for many images of one job.
+    """
+
+    def __init__(self, capacity: int = 3) -> None:
+        self.capacity = capacity
+        self._items: OrderedDict[tuple[str, str, float], PreviewVolume] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, job_id: str, ct_folder: Path, rtstruct_path: Path) -> PreviewVolume:
+        try:
+            stamp = rtstruct_path.stat().st_mtime
+        except OSError:
+            raise PreviewUnavailable(
+                "the job's RTSTRUCT file is missing from the archive"
+            ) from None
+        key = (job_id, str(rtstruct_path), stamp)
+        with self._lock:
+            if key in self._items:
+                self._items.move_to_end(key)
+                return self._items[key]
+        volume = load_preview_volume(ct_folder, rtstruct_path)
+        with self._lock:
+            self._items[key] = volume
+            while len(self._items) > self.capacity:
+                self._items.popitem(last=False)
+        return volume

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from fastapi.testclient import TestClient
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session
@@ -90,3 +91,66 @@ def harness_fixture(tmp_path: Path, **app_kwargs: Any) -> Iterator[ApiHarness]:
     yield harness
     harness.client.close()
     harness.engine.dispose()
+
+
+MARKER_COLOUR = (255, 0, 0)
+BODY_COLOUR = (0, 255, 0)
+
+
+def add_finished_job(
+    harness: ApiHarness,
+    *,
+    patient_position: str = "HFS",
+    series_description: str = "Synthetic head CT",
+    **values: Any,
+) -> Job:
+    """A done job with a real phantom CT in its spool folder and a real archived RTSTRUCT.
+
+    ROIs: ``Marker`` (red; the phantom's left-anterior-superior cube) and ``Body`` (green).
+    """
+    from tests.phantoms import head_phantom, write_ct_series
+    from worker.rtstruct import RoiSpec, build_rtstruct, save_rtstruct
+    from worker.volume import load_series
+
+    phantom = head_phantom()
+    job = harness.add_job(state="done", series_description=series_description, **values)
+    ct_folder = harness.settings.spool_dir / "jobs" / job.id
+    paths = write_ct_series(
+        ct_folder,
+        phantom.hu,
+        phantom.spacing_mm,
+        patient_position=patient_position,
+        series_description=series_description,
+        seed=1,
+    )
+    series = load_series(paths, min_slices=1)
+    masks = {
+        "Marker": series.volume.array_from_canonical(phantom.marker),
+        "Body": series.volume.array_from_canonical(phantom.body),
+    }
+    rois = [RoiSpec("Marker", MARKER_COLOUR, "MARKER"), RoiSpec("Body", BODY_COLOUR, "EXTERNAL")]
+    dataset = build_rtstruct(series, masks, rois, model_name="phantom-net", model_version="1.0.0")
+    path = save_rtstruct(dataset, harness.settings.archive_dir / job.id / "RS.dcm")
+    voxel_cc = float(np.prod(phantom.spacing_mm)) / 1000.0
+    harness.store.set_spool_dir(job.id, str(ct_folder), len(paths))
+    harness.store.record_model(job.id, "phantom-net", "1.0.0")
+    harness.store.record_output(
+        job.id,
+        sop_instance_uid=str(dataset.SOPInstanceUID),
+        path=str(path),
+        structures=[
+            {
+                "roi_name": "Marker",
+                "volume_cc": round(phantom.marker.sum() * voxel_cc, 2),
+                "colour": list(MARKER_COLOUR),
+            },
+            {
+                "roi_name": "Body",
+                "volume_cc": round(phantom.body.sum() * voxel_cc, 2),
+                "colour": list(BODY_COLOUR),
+            },
+        ],
+    )
+    for stage, seconds in (("load", 0.4), ("inference", 12.5), ("contours", 0.8), ("send", 0.3)):
+        harness.store.record_stage(job.id, stage, seconds)
+    return harness.store.get(job.id)
