@@ -28,6 +28,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import re
+import uuid
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -42,7 +43,6 @@ from pydicom.uid import (
     PYDICOM_IMPLEMENTATION_UID,
     ExplicitVRLittleEndian,
     RTStructureSetStorage,
-    generate_uid,
 )
 
 from worker.contours import Contour, mask_to_contours
@@ -55,25 +55,62 @@ STRUCTURE_SET_LABEL = "AUTO"
 # RT ROI Interpreted Type defined terms (PS3.3 C.8.8.8.1).
 INTERPRETED_TYPES = frozenset(
     {
-        "", "EXTERNAL", "PTV", "CTV", "GTV", "TREATED_VOLUME", "IRRAD_VOLUME", "OAR", "BOLUS",
-        "AVOIDANCE", "ORGAN", "MARKER", "REGISTRATION", "ISOCENTER", "CONTRAST_AGENT",
-        "CAVITY", "BRACHY_CHANNEL", "BRACHY_ACCESSORY", "BRACHY_SRC_APP", "BRACHY_CHNL_SHLD",
-        "SUPPORT", "FIXATION", "DOSE_REGION", "CONTROL", "DOSE_MEASUREMENT",
+        "",
+        "EXTERNAL",
+        "PTV",
+        "CTV",
+        "GTV",
+        "TREATED_VOLUME",
+        "IRRAD_VOLUME",
+        "OAR",
+        "BOLUS",
+        "AVOIDANCE",
+        "ORGAN",
+        "MARKER",
+        "REGISTRATION",
+        "ISOCENTER",
+        "CONTRAST_AGENT",
+        "CAVITY",
+        "BRACHY_CHANNEL",
+        "BRACHY_ACCESSORY",
+        "BRACHY_SRC_APP",
+        "BRACHY_CHNL_SHLD",
+        "SUPPORT",
+        "FIXATION",
+        "DOSE_REGION",
+        "CONTROL",
+        "DOSE_MEASUREMENT",
     }
 )
 _DETACHED_STUDY_MANAGEMENT = "1.2.840.10008.3.1.2.3.1"  # referenced "study" SOP class by custom
+_UID_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "urn:rtcontour:rtstruct")
 _CONTOUR_DATA = Tag(0x3006, 0x0050)
 _MAX_COORDINATE_MM = 1e8  # keeps every formatted coordinate within DS's 16 characters
 # Patient, General Study and Patient Study attributes copied from the CT (PS3.3 C.7.1.1,
 # C.7.2.1, C.7.2.2); Type 2 ones are written empty when the CT lacks them.
 _COPIED_TYPE2 = (
-    "PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
-    "ReferringPhysicianName", "StudyID", "AccessionNumber",
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "StudyDate",
+    "StudyTime",
+    "ReferringPhysicianName",
+    "StudyID",
+    "AccessionNumber",
 )
 _COPIED_OPTIONAL = (
-    "IssuerOfPatientID", "OtherPatientIDsSequence", "PatientBirthTime", "PatientComments",
-    "PatientIdentityRemoved", "DeidentificationMethod", "StudyDescription", "PatientAge",
-    "PatientSize", "PatientWeight", "ReferringPhysicianIdentificationSequence",
+    "IssuerOfPatientID",
+    "OtherPatientIDsSequence",
+    "PatientBirthTime",
+    "PatientComments",
+    "PatientIdentityRemoved",
+    "DeidentificationMethod",
+    "StudyDescription",
+    "PatientAge",
+    "PatientSize",
+    "PatientWeight",
+    "ReferringPhysicianIdentificationSequence",
 )
 
 
@@ -120,15 +157,22 @@ def rtstruct_uids(series_uid: str, model_name: str, model_version: str) -> Rtstr
     The same arguments give the same UIDs, so re-running a job replaces, not duplicates.
     """
     for argument, value in (
-        ("series_uid", series_uid), ("model_name", model_name), ("model_version", model_version)
+        ("series_uid", series_uid),
+        ("model_name", model_name),
+        ("model_version", model_version),
     ):
         if not value:
             raise ValueError(f"{argument} {value!r} must not be empty")
-    sources = ["rtcontour", series_uid, model_name, model_version]
+    name = "\\".join([series_uid, model_name, model_version])
     return RtstructUids(
-        series_instance_uid=generate_uid(prefix=None, entropy_srcs=[*sources, "series"]),
-        sop_instance_uid=generate_uid(prefix=None, entropy_srcs=[*sources, "instance"]),
+        series_instance_uid=_uuid5_uid(f"series\\{name}"),
+        sop_instance_uid=_uuid5_uid(f"instance\\{name}"),
     )
+
+
+def _uuid5_uid(name: str) -> str:
+    """A 2.25 UID (PS3.5 B.2) from a name-based UUID: same name, same UID."""
+    return f"2.25.{uuid.uuid5(_UID_NAMESPACE, name).int}"
 
 
 def build_rtstruct(

@@ -1,0 +1,286 @@
+"""The RTSTRUCT writer: valid DICOM, references, determinism, validation, exact round trip."""
+
+from __future__ import annotations
+
+import datetime as dt
+import shutil
+import subprocess
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from pydicom.dataset import Dataset
+
+from tests.phantoms import head_phantom, write_ct_series
+from tests.worker.conftest import dciodvfy_errors, dciodvfy_warnings, rasterise
+from worker.mask2rtstruct import LabelMap, resample_nearest
+from worker.rtstruct import RoiSpec, build_rtstruct, rtstruct_uids, save_rtstruct
+from worker.volume import CtSeries, Volume, load_series
+
+PHANTOM = head_phantom()
+WHEN = dt.datetime(2025, 3, 4, 5, 6, 7)
+ROIS = [
+    RoiSpec("External", (0, 255, 0), "EXTERNAL"),
+    RoiSpec("Marker", (255, 0, 0), "MARKER"),
+    RoiSpec("Shell", (0, 0, 255), "ORGAN"),
+]
+
+
+def _masks(volume: Volume) -> dict[str, np.ndarray]:
+    return {
+        "External": volume.array > -500,  # one island per slice
+        "Marker": volume.array > 1200,
+        "Shell": (volume.array > 800) & (volume.array < 1000),  # rings: outer + hole contours
+    }
+
+
+@pytest.fixture(scope="module", params=["HFS", "FFDL"])
+def ct(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[Path, CtSeries]:
+    folder = tmp_path_factory.mktemp(f"ct-{request.param}")
+    paths = write_ct_series(
+        folder,
+        PHANTOM.hu,
+        PHANTOM.spacing_mm,
+        patient_position=request.param,
+        patient_name="Doe^Jane",
+        patient_id="PID-42",
+    )
+    return folder, load_series(paths, min_slices=1)
+
+
+def _build(series: CtSeries, **overrides: object) -> Dataset:
+    arguments: dict[str, object] = dict(
+        model_name="hn-unet", model_version="1.2.0", min_area_mm2=0.0, created_at=WHEN
+    )
+    arguments.update(overrides)
+    return build_rtstruct(series, _masks(series.volume), ROIS, **arguments)  # type: ignore[arg-type]
+
+
+def _read_masks(dataset: Dataset, volume: Volume) -> dict[str, np.ndarray]:
+    """Fill each ROI's contours on the CT grid, locating slices by their referenced image."""
+    names = {item.ROINumber: item.ROIName for item in dataset.StructureSetROISequence}
+    slice_of = {uid: index for index, uid in enumerate(volume.sop_instance_uids)}
+    masks = {}
+    for roi in dataset.ROIContourSequence:
+        polygons = []
+        for contour in roi.get("ContourSequence", []):
+            points = np.array(contour.ContourData, dtype=float).reshape(-1, 3)
+            assert len(points) == contour.NumberOfContourPoints
+            index = volume.lps_to_index(points)
+            slice_index = slice_of[contour.ContourImageSequence[0].ReferencedSOPInstanceUID]
+            np.testing.assert_allclose(index[:, 0], slice_index, atol=1e-3)
+            polygons.append((slice_index, index[:, 1:]))
+        masks[names[roi.ReferencedROINumber]] = rasterise(polygons, volume.shape)
+    return masks
+
+
+def test_written_rtstruct_has_no_dciodvfy_errors_or_warnings(
+    ct: tuple[Path, CtSeries], tmp_path: Path
+) -> None:
+    path = save_rtstruct(_build(ct[1]), tmp_path / "rs.dcm")
+    assert dciodvfy_errors(path) == []
+    assert dciodvfy_warnings(path) == []
+
+
+def test_rtstruct_read_back_rasterises_to_the_same_masks(
+    ct: tuple[Path, CtSeries], tmp_path: Path
+) -> None:
+    series = ct[1]
+    path = save_rtstruct(_build(series), tmp_path / "rs.dcm")
+    read_back = _read_masks(pydicom.dcmread(path), series.volume)
+    for name, mask in _masks(series.volume).items():
+        np.testing.assert_array_equal(read_back[name], mask, err_msg=name)
+
+
+def test_rtstruct_references_every_ct_image_and_copies_patient_and_study(
+    ct: tuple[Path, CtSeries],
+) -> None:
+    series = ct[1]
+    dataset = _build(series)
+    frame = dataset.ReferencedFrameOfReferenceSequence[0]
+    assert frame.FrameOfReferenceUID == series.frame_of_reference_uid
+    study = frame.RTReferencedStudySequence[0]
+    assert study.ReferencedSOPInstanceUID == series.study_instance_uid
+    images = study.RTReferencedSeriesSequence[0].ContourImageSequence
+    assert study.RTReferencedSeriesSequence[0].SeriesInstanceUID == series.series_instance_uid
+    assert [i.ReferencedSOPInstanceUID for i in images] == list(series.volume.sop_instance_uids)
+    assert {i.ReferencedSOPClassUID for i in images} == {series.sop_class_uid}
+    assert (dataset.PatientName, dataset.PatientID) == ("Doe^Jane", "PID-42")
+    assert dataset.StudyInstanceUID == series.study_instance_uid
+    assert dataset.SeriesInstanceUID != series.series_instance_uid
+    assert dataset.Modality == "RTSTRUCT"
+
+
+def test_rtstruct_says_it_is_automatic_unapproved_and_names_the_model(
+    ct: tuple[Path, CtSeries],
+) -> None:
+    dataset = _build(ct[1])
+    assert dataset.StructureSetLabel == "AUTO"
+    assert dataset.ApprovalStatus == "UNAPPROVED"
+    assert dataset.Manufacturer == "rtcontour"
+    assert "1.2.0" in dataset.SoftwareVersions
+    rois = dataset.StructureSetROISequence
+    assert [r.ROIName for r in rois] == [r.name for r in ROIS]
+    assert {r.ROIGenerationAlgorithm for r in rois} == {"AUTOMATIC"}
+    algorithm = rois[0].ROIDerivationAlgorithmIdentificationSequence[0]
+    assert (algorithm.AlgorithmName, algorithm.AlgorithmVersion) == ("hn-unet", "1.2.0")
+    assert [list(r.ROIDisplayColor) for r in dataset.ROIContourSequence] == [
+        list(r.colour_rgb) for r in ROIS
+    ]
+    observations = dataset.RTROIObservationsSequence
+    assert [o.RTROIInterpretedType for o in observations] == [r.interpreted_type for r in ROIS]
+
+
+def test_rings_are_written_as_outer_and_hole_contours(ct: tuple[Path, CtSeries]) -> None:
+    dataset = _build(ct[1])
+    shell = dataset.ROIContourSequence[2].ContourSequence
+    slices = [c.ContourImageSequence[0].ReferencedSOPInstanceUID for c in shell]
+    assert max(slices.count(uid) for uid in slices) >= 2
+
+
+def test_repeated_job_gives_the_same_rtstruct(ct: tuple[Path, CtSeries], tmp_path: Path) -> None:
+    series = ct[1]
+    first = save_rtstruct(_build(series), tmp_path / "first.dcm")
+    second = save_rtstruct(_build(series), tmp_path / "second.dcm")
+    assert first.read_bytes() == second.read_bytes()
+    uids = rtstruct_uids(series.series_instance_uid, "hn-unet", "1.2.0")
+    dataset = pydicom.dcmread(first)
+    assert (dataset.SeriesInstanceUID, dataset.SOPInstanceUID) == (
+        uids.series_instance_uid,
+        uids.sop_instance_uid,
+    )
+    other = rtstruct_uids(series.series_instance_uid, "hn-unet", "1.3.0")
+    assert other.sop_instance_uid != uids.sop_instance_uid
+    assert other.series_instance_uid != uids.series_instance_uid
+    assert all(len(uid) <= 64 for uid in (uids.sop_instance_uid, uids.series_instance_uid))
+
+
+def test_contour_coordinates_are_valid_ds_values(ct: tuple[Path, CtSeries], tmp_path: Path) -> None:
+    path = save_rtstruct(_build(ct[1]), tmp_path / "rs.dcm")
+    dataset = pydicom.dcmread(path)
+    for roi in dataset.ROIContourSequence:
+        for contour in roi.ContourSequence:
+            raw = contour["ContourData"]
+            values = raw.value
+            assert all(len(str(v)) <= 16 for v in values)
+
+
+def test_empty_roi_warns_at_the_callers_line_and_is_kept(ct: tuple[Path, CtSeries]) -> None:
+    series = ct[1]
+    masks = _masks(series.volume)
+    masks["Marker"] = np.zeros_like(masks["Marker"])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        dataset = build_rtstruct(series, masks, ROIS, model_name="m", model_version="1")
+    assert [Path(w.filename).name for w in caught] == [Path(__file__).name]
+    assert "Marker" in str(caught[0].message)
+    assert "ContourSequence" not in dataset.ROIContourSequence[1]
+    assert dataset.StructureSetROISequence[1].ROIName == "Marker"
+
+
+def _bad(series: CtSeries, change: str) -> dict[str, object]:
+    masks = _masks(series.volume)
+    arguments: dict[str, object] = dict(
+        series=series, masks_by_roi=masks, rois=ROIS, model_name="m", model_version="1"
+    )
+    if change == "missing-mask":
+        del masks["Marker"]
+    elif change == "unknown-mask":
+        masks["Liver"] = masks["Marker"]
+    elif change == "wrong-shape":
+        masks["Marker"] = masks["Marker"][:-1]
+    elif change == "not-bool":
+        masks["Marker"] = masks["Marker"].astype(np.uint8)
+    elif change == "duplicate-roi":
+        arguments["rois"] = [*ROIS, ROIS[0]]
+    elif change == "empty-model-name":
+        arguments["model_name"] = ""
+    elif change == "negative-area":
+        arguments["min_area_mm2"] = -1.0
+    return arguments
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ("missing-mask", "masks_by_roi has no mask for ROI \\['Marker'\\]"),
+        ("unknown-mask", "masks_by_roi has masks \\['Liver'\\]"),
+        ("wrong-shape", "masks_by_roi\\['Marker'\\] has shape"),
+        ("not-bool", "masks_by_roi\\['Marker'\\] has dtype uint8"),
+        ("duplicate-roi", "rois has duplicate names \\['External'\\]"),
+        ("empty-model-name", "model_name '' must be"),
+        ("negative-area", "min_area_mm2 -1.0"),
+    ],
+    ids=lambda value: value if " " not in value else "message",
+)
+def test_invalid_arguments_raise_value_error_naming_them(
+    ct: tuple[Path, CtSeries], change: str, message: str
+) -> None:
+    with pytest.raises(ValueError, match=message):
+        build_rtstruct(**_bad(ct[1], change))  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        (("", (1, 2, 3)), "name '' must be"),
+        ("A" * 65, "must be 1 to 64"),
+        (("Lung_L", (1, 2, 300)), "colour_rgb \\(1, 2, 300\\)"),
+        (("Lung_L", (1, 2)), "colour_rgb"),
+        (("Lung_L", (1, 2, 3), "LUNG"), "interpreted_type 'LUNG'"),
+    ],
+    ids=["empty-name", "long-name", "colour-range", "colour-length", "interpreted-type"],
+)
+def test_roi_spec_validates(arguments: object, message: str) -> None:
+    args = (arguments, (1, 2, 3)) if isinstance(arguments, str) else arguments
+    with pytest.raises(ValueError, match=message):
+        RoiSpec(*args)  # type: ignore[arg-type]
+
+
+def _plastimatch_masks(
+    rs_path: Path, ct_dir: Path, out: Path, volume: Volume
+) -> dict[str, np.ndarray]:
+    """Rasterise an RTSTRUCT with plastimatch on the CT's grid; masks on ``volume``'s grid."""
+    import nrrd
+
+    subprocess.run(
+        [
+            "plastimatch",
+            "convert",
+            "--input",
+            str(rs_path),
+            "--referenced-ct",
+            str(ct_dir),
+            "--output-prefix",
+            str(out),
+            "--prefix-format",
+            "nrrd",
+            "--xor-contours",
+        ],
+        check=True,
+        capture_output=True,
+    )
+    masks = {}
+    for path in sorted(out.glob("*.nrrd")):
+        array, header = nrrd.read(str(path))
+        affine = np.eye(4)
+        affine[:3, :3] = np.asarray(header["space directions"], float).T
+        affine[:3, 3] = header["space origin"]
+        masks[path.stem] = resample_nearest(LabelMap(array, affine), volume).astype(bool)
+    return masks
+
+
+def test_plastimatch_rasterises_our_rtstruct_to_the_same_masks(
+    ct: tuple[Path, CtSeries], tmp_path: Path
+) -> None:
+    if shutil.which("plastimatch") is None:
+        pytest.skip("plastimatch is not installed")
+    folder, series = ct
+    rs_path = save_rtstruct(_build(series), tmp_path / "rs.dcm")
+    masks = _plastimatch_masks(rs_path, folder, tmp_path / "out", series.volume)
+    for name, mask in _masks(series.volume).items():
+        np.testing.assert_array_equal(masks[name], mask, err_msg=name)
