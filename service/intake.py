@@ -1,10 +1,40 @@
-"""The seam between the DICOM listener and the job queue: a complete series becomes a job."""
+"""The seam between the DICOM listener and the job queue: a complete series becomes a job.
+
+``Intake`` (a ``SeriesSink``) turns each complete series into a job:
+
+1. ``JobStore.create_or_merge_for_series``: a series re-sent while its job is received,
+   queued or running merges into that job; once the job finished (done, failed,
+   send_failed) a new job is made.
+2. Each instance file moves from the arrival folder into ``spool/jobs/<job_id>/`` with
+   ``os.replace`` (atomic per file, same filesystem); files are named by SOP Instance UID,
+   so an instance sent twice is stored once.
+3. The job becomes ``queued`` and its id is enqueued.
+
+Merging into a *running* job: the new files appear atomically in the job folder, and the
+merge bumps ``Job.generation``; the worker compares it with the generation it loaded before
+archiving and, if it changed, starts the job's pipeline again from loading (so the RTSTRUCT
+always references every instance received before it was written). A failed enqueue (broker
+down) is logged and left to the recovery sweep: the job is in the store, so nothing is lost.
+"""
 
 from __future__ import annotations
 
+import logging
+import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
+
+from service.jobstore import JobState, JobStore
+from service.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+Enqueue = Callable[[str], None]
+AuditRecorder = Callable[[str, dict[str, Any]], None]
+
+JOB_CREATED_EVENT = "job.created"
 
 
 @dataclass(frozen=True)
@@ -28,3 +58,101 @@ class SeriesSink(Protocol):
     """Receives complete series from the listener; must return quickly (no inference here)."""
 
     def series_complete(self, arrival: SeriesArrival) -> None: ...
+
+
+def job_folder(settings: Settings, job_id: str) -> Path:
+    """Where the instances of a job live: ``spool/jobs/<job_id>/``."""
+    return settings.spool_dir / "jobs" / job_id
+
+
+class Intake:
+    """Creates or merges the job of each complete series and enqueues it.
+
+    ``enqueue(job_id)`` publishes the job (``worker.tasks.make_enqueue``); ``audit(event,
+    detail)`` records "job.created" (``service.audit.make_recorder``), optional.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        store: JobStore,
+        enqueue: Enqueue,
+        audit: AuditRecorder | None = None,
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.enqueue = enqueue
+        self.audit = audit
+
+    def series_complete(self, arrival: SeriesArrival) -> None:
+        result = self.store.create_or_merge_for_series(
+            series_instance_uid=arrival.series_instance_uid,
+            study_instance_uid=arrival.study_instance_uid,
+            calling_ae=arrival.calling_ae,
+            modality=arrival.modality,
+            series_description=arrival.series_description,
+            n_instances=arrival.n_instances,
+        )
+        job = result.job
+        folder = job_folder(self.settings, job.id)
+        moved = _move_instances(arrival.folder, folder)
+        n_instances = sum(1 for _ in folder.glob("*.dcm"))
+        self.store.set_spool_dir(job.id, str(folder), n_instances)
+        if result.created:
+            logger.info(
+                "job %s created for series %s from %s (%d instances)",
+                job.id,
+                arrival.series_instance_uid,
+                arrival.calling_ae,
+                n_instances,
+            )
+            self._audit(
+                JOB_CREATED_EVENT,
+                {
+                    "job_id": job.id,
+                    "series_instance_uid": arrival.series_instance_uid,
+                    "calling_ae": arrival.calling_ae,
+                    "n_instances": n_instances,
+                },
+            )
+        else:
+            logger.info(
+                "series %s re-sent: %d instances merged into %s job %s (now %d instances)",
+                arrival.series_instance_uid,
+                moved,
+                job.state,
+                job.id,
+                n_instances,
+            )
+        if job.state == JobState.RECEIVED:
+            self.store.mark_queued(job.id)
+        self.store.touch(job.id)
+        try:
+            self.enqueue(job.id)
+        except Exception:
+            # The job is safe in the store; the recovery sweep enqueues it again.
+            logger.exception(
+                "job %s: enqueue failed; the recovery sweep will enqueue it again", job.id
+            )
+
+    def _audit(self, event: str, detail: dict[str, Any]) -> None:
+        if self.audit is None:
+            return
+        try:
+            self.audit(event, detail)
+        except Exception:
+            logger.exception("audit record %s failed (job continues)", event)
+
+
+def _move_instances(source: Path, target: Path) -> int:
+    """Move every ``*.dcm`` of ``source`` into ``target`` (atomic per file); return how many."""
+    target.mkdir(parents=True, exist_ok=True)
+    moved = 0
+    for path in sorted(source.glob("*.dcm")):
+        os.replace(path, target / path.name)
+        moved += 1
+    try:
+        source.rmdir()
+    except OSError:
+        logger.warning("arrival folder %s not empty after the move; left in place", source)
+    return moved

@@ -1,0 +1,385 @@
+"""The contouring pipeline: ordered ``Step``s over a ``JobContext``.
+
+Default steps (``default_steps``)::
+
+    LoadSeries  -> the job folder's CT files as a CtSeries (worker.volume), refusals raise
+                   InvalidSeries                                                stage "load"
+    Segment     -> to canonical, Segmenter.predict, masks back to the CT grid  stage "inference"
+    BuildOutputs-> each OutputWriter builds its DICOM object (RTSTRUCT today)  stage "contours"
+    Archive     -> each output written atomically to archive_dir/<job_id>/
+    Send        -> each output C-STOREd to every destination (service.sender)  stage "send"
+
+A new capability appends a step or an ``OutputWriter`` (DICOM SEG, dose prediction, QA)
+without touching the others. Steps raise domain errors (``InvalidSeries``,
+``DestinationUnavailable``, ``ModelPackageError``); the Celery task maps them to job states.
+
+The segmenter is loaded once per worker process: ``SegmenterCache`` keeps it by package path.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+import uuid
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+from pydicom.dataset import Dataset
+
+from service.errors import InvalidSeries, ModelPackageError
+from service.jobstore import JobStore
+from service.sender import Sender, deliver
+from service.settings import Settings
+from worker.rtstruct import RoiSpec, build_rtstruct, save_rtstruct
+from worker.volume import CtSeries, load_series
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "Archive",
+    "BuildOutputs",
+    "JobContext",
+    "LoadSeries",
+    "OutputWriter",
+    "RtstructWriter",
+    "Segment",
+    "SegmentationModel",
+    "SegmenterCache",
+    "Send",
+    "Step",
+    "WrittenOutput",
+    "default_steps",
+    "run_steps",
+]
+
+
+class SegmentationModel(Protocol):
+    """What the pipeline needs of a model: a name, a version, its ROIs, and ``predict``.
+
+    ``predict(hu, spacing_mm)``: ``hu`` float32 (slices, rows, columns) in canonical
+    orientation, ``spacing_mm`` (slice, row, column); returns roi_name -> bool mask, same shape.
+    """
+
+    name: str
+    version: str
+    rois: Sequence[RoiSpec]
+
+    def predict(
+        self, hu: np.ndarray, spacing_mm: tuple[float, float, float]
+    ) -> dict[str, np.ndarray]: ...
+
+
+@dataclass
+class WrittenOutput:
+    """One DICOM object a job produced: built, then archived (``path``), then sent."""
+
+    kind: str  # "RTSTRUCT", later "SEG", ...
+    dataset: Dataset
+    sop_instance_uid: str
+    path: Path | None = None
+    summary: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass
+class JobContext:
+    """Everything one run of a job's pipeline reads and produces."""
+
+    job_id: str
+    settings: Settings
+    store: JobStore
+    spool_dir: Path
+    generation: int = 0
+    series: CtSeries | None = None
+    model: SegmentationModel | None = None
+    masks: dict[str, np.ndarray] = field(default_factory=dict)  # on series.volume's grid
+    outputs: list[WrittenOutput] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def archive_dir(self) -> Path:
+        return self.settings.archive_dir / self.job_id
+
+
+class Step(Protocol):
+    """One stage of the pipeline; ``stage`` names its timing (or None: not timed)."""
+
+    name: str
+    stage: str | None
+
+    def run(self, ctx: JobContext) -> None: ...
+
+
+class OutputWriter(Protocol):
+    """Builds one kind of DICOM output from the context's series and masks."""
+
+    kind: str
+
+    def build(self, ctx: JobContext) -> WrittenOutput: ...
+
+
+def run_steps(
+    ctx: JobContext, steps: Sequence[Step], before_step: Callable[[Step], None] | None = None
+) -> None:
+    """Run ``steps`` in order, recording each stage's seconds in ``ctx.timings`` and the store.
+
+    ``before_step(step)`` is called first for each step (the task uses it to check that it
+    still holds the job and that no instances were merged meanwhile).
+    """
+    for step in steps:
+        if before_step is not None:
+            before_step(step)
+        started = time.perf_counter()
+        step.run(ctx)
+        if step.stage is not None:
+            seconds = time.perf_counter() - started
+            ctx.timings[step.stage] = ctx.timings.get(step.stage, 0.0) + seconds
+            ctx.store.record_stage(ctx.job_id, step.stage, ctx.timings[step.stage])
+            logger.info("job %s: %s took %.2f s", ctx.job_id, step.name, seconds)
+
+
+class LoadSeries:
+    name = "load series"
+    stage: str | None = "load"
+
+    def run(self, ctx: JobContext) -> None:
+        files = sorted(ctx.spool_dir.glob("*.dcm"))
+        if not files:
+            raise InvalidSeries("The job folder holds no DICOM instance.")
+        ctx.series = load_series(
+            files,
+            min_slices=ctx.settings.min_slices,
+            gap_tolerance=ctx.settings.slice_gap_tolerance,
+        )
+
+
+class Segment:
+    name = "segment"
+    stage: str | None = "inference"
+
+    def __init__(self, model_provider: Callable[[], SegmentationModel]) -> None:
+        self.model_provider = model_provider
+
+    def run(self, ctx: JobContext) -> None:
+        if ctx.series is None:
+            raise RuntimeError("Segment needs LoadSeries first")
+        model = self.model_provider()
+        ctx.model = model
+        ctx.store.record_model(ctx.job_id, model.name, model.version)
+        volume = ctx.series.volume
+        canonical = volume.to_canonical()
+        masks = model.predict(canonical.array.astype(np.float32), canonical.spacing_mm)
+        ctx.masks = {
+            roi.name: volume.array_from_canonical(
+                np.asarray(masks.get(roi.name, np.zeros(canonical.shape, bool)), dtype=bool)
+            )
+            for roi in model.rois
+        }
+
+
+class RtstructWriter:
+    """The RTSTRUCT output: every ROI of the model, contours from the masks."""
+
+    kind = "RTSTRUCT"
+
+    def build(self, ctx: JobContext) -> WrittenOutput:
+        if ctx.series is None or ctx.model is None:
+            raise RuntimeError("RtstructWriter needs LoadSeries and Segment first")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # empty ROIs are legal, logged below
+            dataset = build_rtstruct(
+                ctx.series,
+                ctx.masks,
+                list(ctx.model.rois),
+                model_name=ctx.model.name,
+                model_version=ctx.model.version,
+                min_area_mm2=ctx.settings.min_contour_area_mm2,
+                smoothing=ctx.settings.smoothing,
+            )
+        voxel_cc = float(np.prod(ctx.series.volume.spacing_mm)) / 1000.0
+        summary = [
+            {
+                "roi_name": roi.name,
+                "volume_cc": round(float(np.count_nonzero(ctx.masks[roi.name])) * voxel_cc, 3),
+                "colour": list(roi.colour_rgb),
+            }
+            for roi in ctx.model.rois
+        ]
+        empty = [str(s["roi_name"]) for s in summary if s["volume_cc"] == 0]
+        if empty:
+            logger.warning("job %s: ROIs without any voxel: %s", ctx.job_id, ", ".join(empty))
+        return WrittenOutput(
+            kind=self.kind,
+            dataset=dataset,
+            sop_instance_uid=str(dataset.SOPInstanceUID),
+            summary=summary,
+        )
+
+
+class BuildOutputs:
+    name = "build outputs"
+    stage: str | None = "contours"
+
+    def __init__(self, writers: Sequence[OutputWriter]) -> None:
+        self.writers = list(writers)
+
+    def run(self, ctx: JobContext) -> None:
+        ctx.outputs = [writer.build(ctx) for writer in self.writers]
+
+
+class Archive:
+    """Writes each output to ``archive_dir/<job_id>/<KIND>_<uid>.dcm`` atomically."""
+
+    name = "archive"
+    stage: str | None = None
+
+    def run(self, ctx: JobContext) -> None:
+        ctx.archive_dir.mkdir(parents=True, exist_ok=True)
+        for output in ctx.outputs:
+            prefix = "RS" if output.kind == "RTSTRUCT" else output.kind
+            final = ctx.archive_dir / f"{prefix}_{output.sop_instance_uid}.dcm"
+            temp = final.with_name(f".{final.name}.{uuid.uuid4().hex}.tmp")
+            save_rtstruct(output.dataset, temp)
+            with open(temp, "rb") as handle:
+                os.fsync(handle.fileno())
+            os.replace(temp, final)
+            output.path = final
+            if output.kind == "RTSTRUCT":
+                ctx.store.record_output(
+                    ctx.job_id,
+                    sop_instance_uid=output.sop_instance_uid,
+                    path=str(final),
+                    structures=output.summary,
+                )
+            logger.info("job %s: archived %s %s", ctx.job_id, output.kind, final)
+
+
+class Send:
+    """C-STOREs every archived output to every destination, skipping ones already sent."""
+
+    name = "send"
+    stage: str | None = "send"
+
+    def __init__(self, sender: Sender, on_sent: Callable[[str, str, str], None] | None = None):
+        self.sender = sender
+        self.on_sent = on_sent
+
+    def run(self, ctx: JobContext) -> None:
+        destinations = ctx.settings.destinations
+        if not destinations:
+            logger.info("job %s: no destination configured; nothing sent", ctx.job_id)
+            return
+        for output in ctx.outputs:
+            if output.path is None:
+                raise RuntimeError("Send needs Archive first")
+            uid = output.sop_instance_uid
+
+            def sent(destination: str, uid: str = uid) -> None:
+                if self.on_sent is not None:
+                    self.on_sent(ctx.job_id, destination, uid)
+
+            deliver(
+                job_id=ctx.job_id,
+                path=output.path,
+                sop_instance_uid=uid,
+                destinations=destinations,
+                store=ctx.store,
+                sender=self.sender,
+                on_sent=sent,
+            )
+
+
+def default_steps(
+    model_provider: Callable[[], SegmentationModel],
+    sender: Sender,
+    writers: Sequence[OutputWriter] | None = None,
+    on_sent: Callable[[str, str, str], None] | None = None,
+) -> list[Step]:
+    """load -> segment -> build outputs (RTSTRUCT) -> archive -> send."""
+    return [
+        LoadSeries(),
+        Segment(model_provider),
+        BuildOutputs(writers if writers is not None else [RtstructWriter()]),
+        Archive(),
+        Send(sender, on_sent),
+    ]
+
+
+# -- the model, loaded once per process ------------------------------------------------------
+@dataclass
+class PackagedModel:
+    """A model package with its ``Segmenter``: the ``SegmentationModel`` of a real package."""
+
+    name: str
+    version: str
+    rois: Sequence[RoiSpec]
+    segmenter: Any
+
+    def predict(
+        self, hu: np.ndarray, spacing_mm: tuple[float, float, float]
+    ) -> dict[str, np.ndarray]:
+        result: dict[str, np.ndarray] = self.segmenter.predict(hu, spacing_mm)
+        return result
+
+
+def resolve_package_path(settings: Settings) -> Path:
+    """``settings.model_package`` or the newest package in ``models/packages``."""
+    if settings.model_package is not None:
+        return Path(settings.model_package)
+    try:
+        from models.package import find_latest_package
+    except ImportError as exc:
+        raise ModelPackageError(f"models.package is not available: {exc}") from exc
+    try:
+        return Path(find_latest_package())
+    except ModelPackageError:
+        raise
+    except Exception as exc:  # e.g. no package folder yet
+        raise ModelPackageError(
+            f"no model package found (set RTCONTOUR_MODEL_PACKAGE): {exc}"
+        ) from exc
+
+
+def load_packaged_model(path: Path, overlap: float, mirror_tta: bool) -> PackagedModel:
+    """Load a model package and build its Segmenter (slow: do it once per process)."""
+    try:
+        from models.inference import Segmenter
+
+        from models.package import load_package
+    except ImportError as exc:
+        raise ModelPackageError(f"model inference is not available: {exc}") from exc
+    package = load_package(path)
+    manifest = package.manifest
+    rois = [
+        RoiSpec(
+            label.roi_name,
+            (int(label.colour_rgb[0]), int(label.colour_rgb[1]), int(label.colour_rgb[2])),
+            getattr(label, "interpreted_type", "ORGAN") or "ORGAN",
+        )
+        for label in sorted(manifest.labels, key=lambda label: label.index)
+    ]
+    segmenter = Segmenter(package, overlap=overlap, mirror_tta=mirror_tta)
+    logger.info("loaded model %s %s from %s", manifest.name, manifest.version, path)
+    return PackagedModel(str(manifest.name), str(manifest.version), rois, segmenter)
+
+
+class SegmenterCache:
+    """One loaded model per (package path, overlap, mirroring) for the life of the process."""
+
+    def __init__(
+        self,
+        loader: Callable[[Path, float, bool], SegmentationModel] = load_packaged_model,
+    ) -> None:
+        self._loader = loader
+        self._models: dict[tuple[str, float, bool], SegmentationModel] = {}
+
+    def get(self, settings: Settings) -> SegmentationModel:
+        path = resolve_package_path(settings).resolve()
+        key = (str(path), settings.inference_overlap, settings.mirror_tta)
+        if key not in self._models:
+            self._models[key] = self._loader(path, settings.inference_overlap, settings.mirror_tta)
+        return self._models[key]

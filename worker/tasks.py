@@ -1,0 +1,349 @@
+"""The Celery task of rtcontour and the job runner behind it (the Celery edge).
+
+``rtcontour.run_job(job_id)`` takes a job id, never data. It is idempotent: it first
+*claims* the job in the job store (``JobStore.claim``), so a duplicate message, a message
+redelivered after the job finished, or a re-enqueue by the recovery sweep does nothing; the
+RTSTRUCT UIDs are deterministic (``worker.rtstruct.rtstruct_uids``) and the sender skips a
+destination that already acknowledged the instance. It never waits on another task.
+
+Domain errors become job states here, once:
+
+- ``InvalidSeries`` / ``ModelPackageError`` -> ``failed`` with the reason (no retry);
+- ``DestinationUnavailable`` (after the sender's own retries) -> ``send_failed``, the
+  RTSTRUCT stays archived and downloadable;
+- anything else (including the soft time limit) -> back to ``queued`` and re-published
+  with backoff, until ``job_attempts`` attempts were made, then ``failed`` with the reason.
+
+A worker killed mid-job leaves the job ``running`` with a lease that stops being renewed;
+once it expires the recovery sweep (``recover_jobs``, run at worker start and every
+``recovery_interval_s``) re-enqueues it and the next claim counts another attempt.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from celery.exceptions import SoftTimeLimitExceeded
+
+from service.db import create_schema, make_engine
+from service.errors import DestinationUnavailable, InvalidSeries, ModelPackageError
+from service.jobstore import JobState, JobStore
+from service.sender import Sender
+from service.settings import Settings
+from worker.pipeline import (
+    Archive,
+    JobContext,
+    SegmentationModel,
+    SegmenterCache,
+    Step,
+    default_steps,
+    run_steps,
+)
+
+if TYPE_CHECKING:
+    from celery import Celery
+
+logger = logging.getLogger(__name__)
+
+RUN_JOB_TASK = "rtcontour.run_job"
+JOB_SENT_EVENT = "job.sent"
+MAX_RESTARTS = 3  # pipeline restarts of one attempt because instances were merged in
+RETRY_BACKOFF_S = 5.0
+
+
+class LostClaim(Exception):  # noqa: N818 - a signal, not an error
+    """The job's lease was taken by another worker: stop without touching its state."""
+
+
+class SeriesChanged(Exception):  # noqa: N818
+    """Instances were merged into the running job: run the pipeline again from loading."""
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What one execution of a job did: its state after, and a retry delay if re-queued."""
+
+    state: str
+    retry_in_s: float | None = None
+
+
+class WorkerRuntime:
+    """What a worker process keeps between jobs: the store, the sender, the loaded model.
+
+    Built lazily in each process (after the pool forks), never at import.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        store: JobStore | None = None,
+        model_cache: SegmenterCache | None = None,
+        sender: Sender | None = None,
+        steps_factory: Callable[[WorkerRuntime], list[Step]] | None = None,
+    ) -> None:
+        self.settings = settings
+        if store is None:
+            engine = make_engine(settings)
+            create_schema(engine)
+            store = JobStore(engine)
+        self.store = store
+        self.model_cache = model_cache or SegmenterCache()
+        self.sender = sender or Sender(settings)
+        self._steps_factory = steps_factory
+        self.worker_name = f"{socket.gethostname()}:{os.getpid()}"
+        self._audit = _make_audit(store)
+
+    def model(self) -> SegmentationModel:
+        return self.model_cache.get(self.settings)
+
+    def steps(self) -> list[Step]:
+        if self._steps_factory is not None:
+            return self._steps_factory(self)
+        return default_steps(self.model, self.sender, on_sent=self._record_sent)
+
+    def _record_sent(self, job_id: str, destination: str, sop_instance_uid: str) -> None:
+        if self._audit is not None:
+            self._audit(
+                JOB_SENT_EVENT,
+                {
+                    "actor": "worker",
+                    "job_id": job_id,
+                    "destination": destination,
+                    "sop_instance_uid": sop_instance_uid,
+                },
+            )
+
+
+def _make_audit(store: JobStore) -> Callable[[str, dict[str, Any]], None] | None:
+    try:
+        from service.audit import make_recorder
+    except ImportError:
+        logger.warning("service.audit is not available: sent RTSTRUCTs are not audited")
+        return None
+    return make_recorder(store.engine, actor="worker")
+
+
+class _Heartbeat:
+    """Renews the job's lease every third of it in a thread; notes when the claim is lost."""
+
+    def __init__(self, store: JobStore, job_id: str, worker: str, lease_s: float) -> None:
+        self.store, self.job_id, self.worker, self.lease_s = store, job_id, worker, lease_s
+        self.lost = False
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"heartbeat-{job_id}", daemon=True)
+
+    def __enter__(self) -> _Heartbeat:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.lease_s / 3):
+            try:
+                if not self.store.heartbeat(self.job_id, self.worker, self.lease_s):
+                    self.lost = True
+                    logger.warning("job %s: lease lost by %s", self.job_id, self.worker)
+                    return
+            except Exception:
+                logger.exception("job %s: heartbeat failed (will retry)", self.job_id)
+
+
+def execute_job(job_id: str, runtime: WorkerRuntime) -> Outcome:
+    """Claim and run one job; map domain errors to its final state (see module docstring)."""
+    settings, store = runtime.settings, runtime.store
+    job = store.claim(job_id, runtime.worker_name, settings.job_lease_s)
+    if job is None:
+        logger.info("job %s: not claimable (finished or running elsewhere); skipped", job_id)
+        return Outcome("skipped")
+    if job.attempts > settings.job_attempts:
+        reason = (
+            f"Gave up after {settings.job_attempts} attempts "
+            f"(last: {job.failure_reason or 'the worker running it was lost'})."
+        )
+        store.transition(job_id, JobState.FAILED, reason=reason)
+        logger.error("job %s failed: %s", job_id, reason)
+        return Outcome(JobState.FAILED.value)
+    logger.info("job %s: attempt %d on %s", job_id, job.attempts, runtime.worker_name)
+    with _Heartbeat(store, job_id, runtime.worker_name, settings.job_lease_s) as heartbeat:
+        try:
+            _run_pipeline(job_id, job.generation, runtime, heartbeat)
+        except LostClaim:
+            logger.warning("job %s: another worker took it over; this run stops", job_id)
+            return Outcome("lost")
+        except InvalidSeries as exc:
+            return _finish(store, job_id, JobState.FAILED, str(exc))
+        except ModelPackageError as exc:
+            return _finish(store, job_id, JobState.FAILED, f"Model package problem: {exc}")
+        except DestinationUnavailable as exc:
+            return _finish(store, job_id, JobState.SEND_FAILED, str(exc))
+        except SoftTimeLimitExceeded:
+            reason = f"The job exceeded its time limit of {settings.job_time_limit_s} s."
+            return _retry_or_fail(store, job_id, job.attempts, settings, reason)
+        except Exception as exc:
+            logger.exception("job %s: attempt %d failed", job_id, job.attempts)
+            reason = f"Unexpected error: {type(exc).__name__}: {exc}"
+            return _retry_or_fail(store, job_id, job.attempts, settings, reason)
+        if heartbeat.lost:
+            return Outcome("lost")
+        store.transition(job_id, JobState.DONE)
+        logger.info("job %s done", job_id)
+        return Outcome(JobState.DONE.value)
+
+
+def _run_pipeline(
+    job_id: str, generation: int, runtime: WorkerRuntime, heartbeat: _Heartbeat
+) -> None:
+    store = runtime.store
+    for _ in range(MAX_RESTARTS + 1):
+        job = store.get(job_id)
+        ctx = JobContext(
+            job_id=job_id,
+            settings=runtime.settings,
+            store=store,
+            spool_dir=_spool_dir(runtime.settings, job.spool_dir, job_id),
+            generation=job.generation,
+        )
+
+        def before_step(step: Step, ctx: JobContext = ctx) -> None:
+            if heartbeat.lost:
+                raise LostClaim(job_id)
+            if isinstance(step, Archive) and store.get(job_id).generation != ctx.generation:
+                raise SeriesChanged(job_id)
+
+        try:
+            run_steps(ctx, runtime.steps(), before_step)
+            return
+        except SeriesChanged:
+            logger.info("job %s: instances were merged in while running; restarting", job_id)
+    raise InvalidSeries(
+        f"The series kept changing while it was contoured ({MAX_RESTARTS} restarts); "
+        "send it again once complete."
+    )
+
+
+def _spool_dir(settings: Settings, spool_dir: str | None, job_id: str) -> Any:
+    from pathlib import Path
+
+    return Path(spool_dir) if spool_dir else settings.spool_dir / "jobs" / job_id
+
+
+def _finish(store: JobStore, job_id: str, state: JobState, reason: str) -> Outcome:
+    store.transition(job_id, state, reason=reason)
+    logger.warning("job %s %s: %s", job_id, state.value, reason)
+    return Outcome(state.value)
+
+
+def _retry_or_fail(
+    store: JobStore, job_id: str, attempts: int, settings: Settings, reason: str
+) -> Outcome:
+    if attempts >= settings.job_attempts:
+        return _finish(
+            store, job_id, JobState.FAILED, f"Failed after {attempts} attempts: {reason}"
+        )
+    store.transition(job_id, JobState.QUEUED, reason=f"Attempt {attempts} failed: {reason}")
+    delay = RETRY_BACKOFF_S * 2 ** (attempts - 1)
+    logger.warning(
+        "job %s: attempt %d failed, retry in %.0f s: %s", job_id, attempts, delay, reason
+    )
+    return Outcome(JobState.QUEUED.value, retry_in_s=delay)
+
+
+# -- the sweep that makes the broker disposable ---------------------------------------------
+def recover_jobs(store: JobStore, enqueue: Callable[[str], None], older_than_s: float) -> int:
+    """Re-enqueue jobs whose message may be lost; return how many.
+
+    Received/queued jobs untouched for ``older_than_s``, and running jobs whose lease
+    expired (their worker died). Duplicates are harmless (the claim makes them no-ops).
+    """
+    job_ids = store.recoverable_jobs(older_than_s=older_than_s)
+    for job_id in job_ids:
+        try:
+            enqueue(job_id)
+            store.touch(job_id)
+        except Exception:
+            logger.exception("recovery: job %s could not be enqueued (broker down?)", job_id)
+            return 0
+    if job_ids:
+        logger.info("recovery: re-enqueued %d job(s): %s", len(job_ids), ", ".join(job_ids))
+    return len(job_ids)
+
+
+class RecoverySweeper:
+    """Runs ``recover_jobs`` now and every ``settings.recovery_interval_s`` in a thread."""
+
+    def __init__(self, settings: Settings, store: JobStore, enqueue: Callable[[str], None]):
+        self.settings, self.store, self.enqueue = settings, store, enqueue
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="recovery-sweep", daemon=True)
+
+    def start(self) -> RecoverySweeper:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+    def _run(self) -> None:
+        older_than_s = 0.0  # at start every received/queued job may have lost its message
+        while not self._stop.is_set():
+            try:
+                recover_jobs(self.store, self.enqueue, older_than_s)
+            except Exception:
+                logger.exception("recovery sweep failed (will retry)")
+            older_than_s = self.settings.recovery_interval_s
+            self._stop.wait(self.settings.recovery_interval_s)
+
+
+# -- Celery registration ----------------------------------------------------------------------
+def make_enqueue(app: Celery) -> Callable[[str], None]:
+    """``enqueue(job_id)``: publish ``rtcontour.run_job`` for the job (no result kept)."""
+
+    def enqueue(job_id: str) -> None:
+        app.send_task(RUN_JOB_TASK, args=[job_id], ignore_result=True)
+
+    return enqueue
+
+
+_runtimes: dict[int, WorkerRuntime] = {}  # one per process, keyed by pid (pool children fork)
+
+
+def runtime_for(settings: Settings) -> WorkerRuntime:
+    """The process's ``WorkerRuntime`` (built on first use in each process)."""
+    pid = os.getpid()
+    if pid not in _runtimes:
+        _runtimes.clear()
+        _runtimes[pid] = WorkerRuntime(settings)
+    return _runtimes[pid]
+
+
+def register_tasks(app: Celery, settings: Settings) -> None:
+    """Define ``rtcontour.run_job`` on ``app`` for ``settings``."""
+    soft_limit = max(5, settings.job_time_limit_s - max(5, settings.job_time_limit_s // 20))
+
+    @app.task(
+        name=RUN_JOB_TASK,
+        bind=True,
+        acks_late=True,
+        reject_on_worker_lost=True,
+        ignore_result=True,
+        time_limit=settings.job_time_limit_s,
+        soft_time_limit=soft_limit,
+    )
+    def run_job(self: Any, job_id: str) -> str:
+        outcome = execute_job(job_id, runtime_for(settings))
+        if outcome.retry_in_s is not None:
+            self.app.send_task(
+                RUN_JOB_TASK, args=[job_id], countdown=outcome.retry_in_s, ignore_result=True
+            )
+        return outcome.state
