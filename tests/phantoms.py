@@ -26,16 +26,18 @@ from pathlib import Path
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import (
+    PYDICOM_IMPLEMENTATION_UID,
     UID,
     CTImageStorage,
     ExplicitVRLittleEndian,
-    PYDICOM_IMPLEMENTATION_UID,
     generate_uid,
 )
 
 # Row and column direction cosines (LPS) of an axial image, per DICOM Patient Position,
 # as scanners write them (the image as seen from the patient's feet, anterior up).
-ORIENTATION_BY_POSITION: dict[str, tuple[tuple[float, float, float], tuple[float, float, float]]] = {
+ORIENTATION_BY_POSITION: dict[
+    str, tuple[tuple[float, float, float], tuple[float, float, float]]
+] = {
     "HFS": ((1.0, 0.0, 0.0), (0.0, 1.0, 0.0)),
     "HFP": ((-1.0, 0.0, 0.0), (0.0, -1.0, 0.0)),
     "FFS": ((-1.0, 0.0, 0.0), (0.0, 1.0, 0.0)),

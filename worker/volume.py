@@ -145,8 +145,9 @@ class Volume:
             raise ValueError(
                 "the volume's grid does not coincide with the target grid after reorientation"
             )
-        return Volume(result.array, other.affine, other.frame_of_reference_uid,
-                      other.sop_instance_uids)
+        return Volume(
+            result.array, other.affine, other.frame_of_reference_uid, other.sop_instance_uids
+        )
 
     def array_from_canonical(self, canonical_array: np.ndarray) -> np.ndarray:
         """Map an array on this volume's canonical grid back to this volume's array order."""
@@ -388,10 +389,9 @@ def _hounsfield(datasets: Sequence[Dataset]) -> np.ndarray:
         try:
             pixels = ds.pixel_array
         except Exception as error:  # any decoder failure refuses the series, with its reason
+            syntax = getattr(ds, "file_meta", Dataset()).get("TransferSyntaxUID", "unknown")
             raise InvalidSeries(
-                f"The pixel data of an instance could not be decoded "
-                f"({getattr(ds, 'file_meta', Dataset()).get('TransferSyntaxUID', 'unknown syntax')}): "
-                f"{error}."
+                f"The pixel data of an instance could not be decoded ({syntax}): {error}."
             ) from error
         slope = float(ds.get("RescaleSlope", 1.0) or 1.0)
         intercept = float(ds.get("RescaleIntercept", 0.0) or 0.0)

@@ -9,6 +9,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from pydicom.dataset import Dataset
+
+from worker.mask2rtstruct import LabelMap, resample_nearest
+from worker.volume import Volume
 
 OPENKBP_DIR = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "openkbp"
 
@@ -37,6 +41,57 @@ def rasterise(
             first_inside = np.clip(np.ceil(cols).astype(int), 0, shape[2])
             np.add.at(crossings[slice_index], (hit.astype(int), first_inside), 1)
     return (np.cumsum(crossings, axis=2)[:, :, : shape[2]] % 2).astype(bool)
+
+
+def rtstruct_masks(dataset: Dataset, volume: Volume) -> dict[str, np.ndarray]:
+    """Fill each ROI's contours on the CT grid, locating slices by their referenced image."""
+    names = {item.ROINumber: item.ROIName for item in dataset.StructureSetROISequence}
+    slice_of = {uid: index for index, uid in enumerate(volume.sop_instance_uids)}
+    masks = {}
+    for roi in dataset.ROIContourSequence:
+        polygons = []
+        for contour in roi.get("ContourSequence", []):
+            points = np.array(contour.ContourData, dtype=float).reshape(-1, 3)
+            assert len(points) == contour.NumberOfContourPoints
+            index = volume.lps_to_index(points)
+            slice_index = slice_of[contour.ContourImageSequence[0].ReferencedSOPInstanceUID]
+            np.testing.assert_allclose(index[:, 0], slice_index, atol=1e-3)
+            polygons.append((slice_index, index[:, 1:]))
+        masks[names[roi.ReferencedROINumber]] = rasterise(polygons, volume.shape)
+    return masks
+
+
+def plastimatch_masks(
+    rs_path: Path, ct_dir: Path, out: Path, volume: Volume
+) -> dict[str, np.ndarray]:
+    """Rasterise an RTSTRUCT with plastimatch on the CT's grid; masks on ``volume``'s grid."""
+    import nrrd
+
+    subprocess.run(
+        [
+            "plastimatch",
+            "convert",
+            "--input",
+            str(rs_path),
+            "--referenced-ct",
+            str(ct_dir),
+            "--output-prefix",
+            str(out),
+            "--prefix-format",
+            "nrrd",
+            "--xor-contours",
+        ],
+        check=True,
+        capture_output=True,
+    )
+    masks = {}
+    for path in sorted(out.glob("*.nrrd")):
+        array, header = nrrd.read(str(path))
+        affine = np.eye(4)
+        affine[:3, :3] = np.asarray(header["space directions"], float).T
+        affine[:3, 3] = header["space origin"]
+        masks[path.stem] = resample_nearest(LabelMap(array, affine), volume).astype(bool)
+    return masks
 
 
 def dciodvfy_errors(path: Path) -> list[str]:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import datetime as dt
 import shutil
-import subprocess
 import warnings
 from pathlib import Path
 
@@ -14,8 +13,12 @@ import pytest
 from pydicom.dataset import Dataset
 
 from tests.phantoms import head_phantom, write_ct_series
-from tests.worker.conftest import dciodvfy_errors, dciodvfy_warnings, rasterise
-from worker.mask2rtstruct import LabelMap, resample_nearest
+from tests.worker.conftest import (
+    dciodvfy_errors,
+    dciodvfy_warnings,
+    plastimatch_masks,
+    rtstruct_masks,
+)
 from worker.rtstruct import RoiSpec, build_rtstruct, rtstruct_uids, save_rtstruct
 from worker.volume import CtSeries, Volume, load_series
 
@@ -60,24 +63,6 @@ def _build(series: CtSeries, **overrides: object) -> Dataset:
     return build_rtstruct(series, _masks(series.volume), ROIS, **arguments)  # type: ignore[arg-type]
 
 
-def _read_masks(dataset: Dataset, volume: Volume) -> dict[str, np.ndarray]:
-    """Fill each ROI's contours on the CT grid, locating slices by their referenced image."""
-    names = {item.ROINumber: item.ROIName for item in dataset.StructureSetROISequence}
-    slice_of = {uid: index for index, uid in enumerate(volume.sop_instance_uids)}
-    masks = {}
-    for roi in dataset.ROIContourSequence:
-        polygons = []
-        for contour in roi.get("ContourSequence", []):
-            points = np.array(contour.ContourData, dtype=float).reshape(-1, 3)
-            assert len(points) == contour.NumberOfContourPoints
-            index = volume.lps_to_index(points)
-            slice_index = slice_of[contour.ContourImageSequence[0].ReferencedSOPInstanceUID]
-            np.testing.assert_allclose(index[:, 0], slice_index, atol=1e-3)
-            polygons.append((slice_index, index[:, 1:]))
-        masks[names[roi.ReferencedROINumber]] = rasterise(polygons, volume.shape)
-    return masks
-
-
 def test_written_rtstruct_has_no_dciodvfy_errors_or_warnings(
     ct: tuple[Path, CtSeries], tmp_path: Path
 ) -> None:
@@ -91,7 +76,7 @@ def test_rtstruct_read_back_rasterises_to_the_same_masks(
 ) -> None:
     series = ct[1]
     path = save_rtstruct(_build(series), tmp_path / "rs.dcm")
-    read_back = _read_masks(pydicom.dcmread(path), series.volume)
+    read_back = rtstruct_masks(pydicom.dcmread(path), series.volume)
     for name, mask in _masks(series.volume).items():
         np.testing.assert_array_equal(read_back[name], mask, err_msg=name)
 
@@ -241,39 +226,6 @@ def test_roi_spec_validates(arguments: object, message: str) -> None:
         RoiSpec(*args)  # type: ignore[arg-type]
 
 
-def _plastimatch_masks(
-    rs_path: Path, ct_dir: Path, out: Path, volume: Volume
-) -> dict[str, np.ndarray]:
-    """Rasterise an RTSTRUCT with plastimatch on the CT's grid; masks on ``volume``'s grid."""
-    import nrrd
-
-    subprocess.run(
-        [
-            "plastimatch",
-            "convert",
-            "--input",
-            str(rs_path),
-            "--referenced-ct",
-            str(ct_dir),
-            "--output-prefix",
-            str(out),
-            "--prefix-format",
-            "nrrd",
-            "--xor-contours",
-        ],
-        check=True,
-        capture_output=True,
-    )
-    masks = {}
-    for path in sorted(out.glob("*.nrrd")):
-        array, header = nrrd.read(str(path))
-        affine = np.eye(4)
-        affine[:3, :3] = np.asarray(header["space directions"], float).T
-        affine[:3, 3] = header["space origin"]
-        masks[path.stem] = resample_nearest(LabelMap(array, affine), volume).astype(bool)
-    return masks
-
-
 def test_plastimatch_rasterises_our_rtstruct_to_the_same_masks(
     ct: tuple[Path, CtSeries], tmp_path: Path
 ) -> None:
@@ -281,6 +233,6 @@ def test_plastimatch_rasterises_our_rtstruct_to_the_same_masks(
         pytest.skip("plastimatch is not installed")
     folder, series = ct
     rs_path = save_rtstruct(_build(series), tmp_path / "rs.dcm")
-    masks = _plastimatch_masks(rs_path, folder, tmp_path / "out", series.volume)
+    masks = plastimatch_masks(rs_path, folder, tmp_path / "out", series.volume)
     for name, mask in _masks(series.volume).items():
         np.testing.assert_array_equal(masks[name], mask, err_msg=name)

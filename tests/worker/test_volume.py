@@ -35,8 +35,14 @@ def test_series_is_sorted_by_position_not_instance_number_or_file_name(tmp_path:
 
 
 def test_loaded_series_carries_reference_attributes(tmp_path: Path) -> None:
-    paths = write_ct_series(tmp_path, PHANTOM.hu, PHANTOM.spacing_mm, study_uid="1.2.3.4",
-                            series_uid="1.2.3.5", patient_id="PID-7")
+    paths = write_ct_series(
+        tmp_path,
+        PHANTOM.hu,
+        PHANTOM.spacing_mm,
+        study_uid="1.2.3.4",
+        series_uid="1.2.3.5",
+        patient_id="PID-7",
+    )
     series = load_series(paths, min_slices=1)
     assert (series.study_instance_uid, series.series_instance_uid) == ("1.2.3.4", "1.2.3.5")
     assert series.sop_class_uid == "1.2.840.10008.5.1.4.1.1.2"
@@ -45,14 +51,18 @@ def test_loaded_series_carries_reference_attributes(tmp_path: Path) -> None:
     assert series.volume.array.dtype == np.float32
 
 
-@pytest.mark.parametrize(("slope", "intercept"), [(1.0, -1024.0), (2.0, -2048.0), (0.5, -1000.0)],
-                         ids=["slope1", "slope2", "slope-half"])
+@pytest.mark.parametrize(
+    ("slope", "intercept"),
+    [(1.0, -1024.0), (2.0, -2048.0), (0.5, -1000.0)],
+    ids=["slope1", "slope2", "slope-half"],
+)
 def test_rescale_slope_and_intercept_give_hounsfield_units(
     tmp_path: Path, slope: float, intercept: float
 ) -> None:
     hu = np.round(PHANTOM.hu / 2) * 2  # representable with every slope here
-    paths = write_ct_series(tmp_path, hu, PHANTOM.spacing_mm, rescale_slope=slope,
-                            rescale_intercept=intercept)
+    paths = write_ct_series(
+        tmp_path, hu, PHANTOM.spacing_mm, rescale_slope=slope, rescale_intercept=intercept
+    )
     np.testing.assert_array_equal(load_series(paths, min_slices=1).volume.to_canonical().array, hu)
 
 
@@ -72,8 +82,15 @@ def test_marker_is_anatomically_placed_after_canonical_reorientation(
     assert left > 0 and posterior < 0 and superior > 0, f"{position}: marker off {marker_mm}"
     # Canonical slices run with the same images: the top canonical slice is the most superior.
     top_uid = canonical.sop_instance_uids[0]
-    z_of = dict(zip(volume.sop_instance_uids, volume.index_to_lps(
-        np.c_[np.arange(volume.shape[0]), np.zeros((volume.shape[0], 2))])[:, 2], strict=True))
+    z_of = dict(
+        zip(
+            volume.sop_instance_uids,
+            volume.index_to_lps(np.c_[np.arange(volume.shape[0]), np.zeros((volume.shape[0], 2))])[
+                :, 2
+            ],
+            strict=True,
+        )
+    )
     assert z_of[top_uid] == max(z_of.values())
 
 
@@ -163,10 +180,18 @@ def _orient(values: list[float]) -> Callable[[list[Dataset]], None]:
 C, S = np.cos(np.radians(10)), np.sin(np.radians(10))
 REFUSALS = [
     ("modality", _set("Modality", "MR"), InvalidSeries, "modality MR"),
-    ("orientation-mixed", _set("ImageOrientationPatient", [-1, 0, 0, 0, 1, 0]), InvalidSeries,
-     "orientation"),
-    ("frame-of-reference-mixed", _set("FrameOfReferenceUID", "1.2.3"), InvalidSeries,
-     "frame of reference"),
+    (
+        "orientation-mixed",
+        _set("ImageOrientationPatient", [-1, 0, 0, 0, 1, 0]),
+        InvalidSeries,
+        "orientation",
+    ),
+    (
+        "frame-of-reference-mixed",
+        _set("FrameOfReferenceUID", "1.2.3"),
+        InvalidSeries,
+        "frame of reference",
+    ),
     ("rows-mixed", _set("Rows", 9), InvalidSeries, "rows"),
     ("columns-mixed", _set("Columns", 11), InvalidSeries, "columns"),
     ("pixel-spacing-mixed", _set("PixelSpacing", [1.0, 1.2]), InvalidSeries, "pixel spacing"),
@@ -179,8 +204,9 @@ REFUSALS = [
 ]
 
 
-@pytest.mark.parametrize(("change", "error", "reason"), [r[1:] for r in REFUSALS],
-                         ids=[r[0] for r in REFUSALS])
+@pytest.mark.parametrize(
+    ("change", "error", "reason"), [r[1:] for r in REFUSALS], ids=[r[0] for r in REFUSALS]
+)
 def test_series_is_refused_with_a_named_reason(
     change: Callable[[list[Dataset]], None], error: type[Exception], reason: str
 ) -> None:
