@@ -141,7 +141,7 @@ def _crossings(
 
 
 def _read_ct(folder: Path) -> list[pydicom.Dataset]:
-    datasets = []
+    datasets: list[pydicom.Dataset] = []
     for path in sorted(folder.rglob("*.dcm")):
         try:
             ds = pydicom.dcmread(path)

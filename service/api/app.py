@@ -113,7 +113,7 @@ def create_app(
     if missing); ``enqueue(job_id)``: queue a job (default Celery task by name);
     ``queue_depth()``: broker queue length; ``echo(destination)``: C-ECHO check.
     """
-    from service.api import audit, dashboard, jobs, metrics, previews, users
+    from service.api import audit, dashboard, destinations, jobs, metrics, previews, stats, users
     from service.previews import PreviewCache
 
     engine = engine or make_engine(settings)
@@ -137,7 +137,7 @@ def create_app(
     def health() -> HealthOut:
         return HealthOut(status="ok", version=__version__)
 
-    for module in (jobs, previews, users, audit, metrics, dashboard):
+    for module in (jobs, previews, stats, destinations, users, audit, metrics, dashboard):
         app.include_router(module.router)
     dashboard.mount_static(app)
     return app

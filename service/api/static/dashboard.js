@@ -1,0 +1,368 @@
+// rtcontour dashboard: plain JS, no build step, no third-party code.
+// Every value that comes from the API (hence from DICOM: series descriptions, AE titles, ROI
+// names) is put into the page with textContent or attributes, never innerHTML.
+"use strict";
+
+const TOKEN_KEY = "rtcontour.token";
+const POLL_MS = 3000;
+const PAGE_SIZE = 25;
+const ROLE_RANK = { viewer: 0, clinician: 1, admin: 2 };
+
+const state = { token: null, me: null, offset: 0, timer: null, jobId: null, previewInfo: null };
+
+function $(selector) { return document.querySelector(selector); }
+
+// Build an element; string children become text nodes (never parsed as HTML).
+function el(tag, attrs, ...children) {
+  const node = document.createElement(tag);
+  for (const [key, value] of Object.entries(attrs || {})) {
+    if (key === "className") node.className = value;
+    else if (key === "style") Object.assign(node.style, value);
+    else node.setAttribute(key, value);
+  }
+  for (const child of children) {
+    if (child === null || child === undefined) continue;
+    node.append(child instanceof Node ? child : document.createTextNode(String(child)));
+  }
+  return node;
+}
+
+function svg(tag, attrs) {
+  const node = document.createElementNS("http://www.w3.org/2000/svg", tag);
+  for (const [key, value] of Object.entries(attrs || {})) node.setAttribute(key, String(value));
+  return node;
+}
+
+class ApiError extends Error {
+  constructor(status, detail) { super(detail); this.status = status; }
+}
+
+async function api(path, options = {}) {
+  const headers = Object.assign({}, options.headers || {});
+  if (state.token) headers.Authorization = "Bearer " + state.token;
+  const response = await fetch(path, Object.assign({}, options, { headers }));
+  if (response.status === 401 && path !== "/api/login") { logout(); throw new ApiError(401, "signed out"); }
+  if (!response.ok) {
+    let detail = response.statusText;
+    try { const body = await response.json(); detail = typeof body.detail === "string" ? body.detail : JSON.stringify(body.detail); } catch (e) { /* not JSON */ }
+    throw new ApiError(response.status, detail);
+  }
+  return response;
+}
+
+async function apiJson(path, options) { return (await api(path, options)).json(); }
+
+function allowed(role) { return state.me && ROLE_RANK[state.me.role] >= ROLE_RANK[role]; }
+
+function when(iso) {
+  if (!iso) return "";
+  const d = new Date(iso);
+  return d.toLocaleString(undefined, { dateStyle: "short", timeStyle: "medium" });
+}
+
+function stateBadge(value) { return el("span", { className: "badge state-" + value }, value); }
+
+function clear(node) { while (node.firstChild) node.removeChild(node.firstChild); }
+
+// ---- login ---------------------------------------------------------------------------
+async function login(token) {
+  state.token = token;
+  try {
+    state.me = await apiJson("/api/login", { method: "POST" });
+  } catch (error) {
+    state.token = null;
+    throw error;
+  }
+  sessionStorage.setItem(TOKEN_KEY, token);
+}
+
+function logout() {
+  sessionStorage.removeItem(TOKEN_KEY);
+  state.token = null; state.me = null;
+  stopPolling();
+  show("login");
+}
+
+function show(view) {
+  for (const name of ["login", "overview", "job"]) $("#" + name + "-view").hidden = name !== view;
+  $("#logout").hidden = view === "login";
+  $("#whoami").textContent = state.me ? state.me.name + " (" + state.me.role + ")" : "";
+}
+
+function stopPolling() { if (state.timer) { clearInterval(state.timer); state.timer = null; } }
+
+function poll(fn) {
+  stopPolling();
+  fn();
+  state.timer = setInterval(fn, POLL_MS);
+}
+
+// ---- overview ------------------------------------------------------------------------
+async function refreshOverview() {
+  try {
+    const filters = new URLSearchParams({ limit: PAGE_SIZE, offset: state.offset });
+    const wanted = $("#filter-state").value;
+    if (wanted) filters.append("state", wanted);
+    const ae = $("#filter-ae").value.trim();
+    if (ae) filters.append("calling_ae", ae);
+    const [page, stats, failures] = await Promise.all([
+      apiJson("/api/jobs?" + filters),
+      apiJson("/api/stats?hours=24&bucket_minutes=60"),
+      apiJson("/api/jobs?limit=10&state=failed&state=send_failed"),
+    ]);
+    renderJobs(page);
+    renderStats(stats);
+    renderFailures(failures.items);
+    $("#updated").textContent = new Date().toLocaleTimeString();
+  } catch (error) {
+    if (error.status !== 401) $("#updated").textContent = "error: " + error.message;
+  }
+}
+
+function renderJobs(page) {
+  const body = $("#jobs-table tbody");
+  clear(body);
+  for (const job of page.items) {
+    const link = el("a", { href: "#/jobs/" + encodeURIComponent(job.id) }, when(job.created_at));
+    body.append(el("tr", { "data-job-id": job.id },
+      el("td", {}, link), el("td", {}, stateBadge(job.state)), el("td", {}, job.calling_ae || ""),
+      el("td", { className: "description" }, job.series_description || ""),
+      el("td", {}, job.model_name ? job.model_name + " " + (job.model_version || "") : ""),
+      el("td", {}, job.n_instances ?? ""), el("td", { className: "reason" }, job.failure_reason || "")));
+  }
+  const last = Math.min(page.offset + page.items.length, page.total);
+  $("#jobs-total").textContent = page.total ? (page.offset + 1) + "–" + last + " of " + page.total : "no jobs";
+  $("#prev-page").disabled = page.offset === 0;
+  $("#next-page").disabled = last >= page.total;
+}
+
+function renderStats(stats) {
+  const counts = stats.jobs_by_state;
+  $("#queue-depth").textContent = stats.queue_depth === null ? "unknown" : String(stats.queue_depth);
+  $("#count-running").textContent = String(counts.running || 0);
+  $("#count-done").textContent = String(counts.done || 0);
+  $("#count-failed").textContent = String((counts.failed || 0) + (counts.send_failed || 0));
+  drawChart($("#chart"), stats.buckets);
+}
+
+function drawChart(container, buckets) {
+  const width = 760, height = 180, left = 36, right = 44, top = 10, bottom = 22;
+  const plotW = width - left - right, plotH = height - top - bottom;
+  const maxCount = Math.max(1, ...buckets.map((b) => b.done + b.failed));
+  const latencies = buckets.map((b) => b.median_latency_s).filter((v) => v !== null);
+  const maxLatency = Math.max(1, ...latencies);
+  const chart = svg("svg", { viewBox: "0 0 " + width + " " + height, role: "img", "aria-label": "throughput and latency chart" });
+  const step = plotW / buckets.length;
+  chart.append(svg("line", { x1: left, y1: top + plotH, x2: left + plotW, y2: top + plotH, class: "axis" }));
+  for (const [value, y] of [[maxCount, top], [0, top + plotH]]) {
+    const t = svg("text", { x: left - 4, y: y + 4, class: "tick", "text-anchor": "end" }); t.textContent = String(value); chart.append(t);
+  }
+  const t = svg("text", { x: left + plotW + 4, y: top + 4, class: "tick" }); t.textContent = maxLatency.toFixed(0) + " s"; chart.append(t);
+  let path = "";
+  buckets.forEach((bucket, i) => {
+    const x = left + i * step;
+    const doneH = (bucket.done / maxCount) * plotH, failedH = (bucket.failed / maxCount) * plotH;
+    if (bucket.done) chart.append(svg("rect", { x: x + 1, y: top + plotH - doneH, width: Math.max(1, step - 2), height: doneH, class: "bar-done" }));
+    if (bucket.failed) chart.append(svg("rect", { x: x + 1, y: top + plotH - doneH - failedH, width: Math.max(1, step - 2), height: failedH, class: "bar-failed" }));
+    if (bucket.median_latency_s !== null) {
+      const y = top + plotH - (bucket.median_latency_s / maxLatency) * plotH;
+      path += (path ? " L " : "M ") + (x + step / 2).toFixed(1) + " " + y.toFixed(1);
+      chart.append(svg("circle", { cx: x + step / 2, cy: y, r: 2.5, class: "latency-dot" }));
+    }
+    if (i % 6 === 0) {
+      const label = svg("text", { x: x, y: height - 6, class: "tick" });
+      label.textContent = new Date(bucket.start).toLocaleTimeString(undefined, { hour: "2-digit", minute: "2-digit" });
+      chart.append(label);
+    }
+  });
+  if (path) chart.append(svg("path", { d: path, class: "latency-line" }));
+  clear(container);
+  container.append(chart);
+}
+
+function renderFailures(items) {
+  const list = $("#failures");
+  clear(list);
+  if (!items.length) { list.append(el("li", { className: "note" }, "No failures.")); return; }
+  for (const job of items) {
+    list.append(el("li", {}, stateBadge(job.state), " ",
+      el("a", { href: "#/jobs/" + encodeURIComponent(job.id) }, when(job.finished_at || job.created_at)), " ",
+      el("span", { className: "description" }, job.series_description || ""), " — ",
+      el("span", { className: "reason" }, job.failure_reason || "no reason recorded")));
+  }
+}
+
+async function refreshDestinations() {
+  const body = $("#destinations-table tbody");
+  if (!allowed("admin")) {
+    clear(body);
+    $("#destinations-note").textContent = "Destination checks need the admin role.";
+    return;
+  }
+  try {
+    const rows = await apiJson("/api/destinations");
+    clear(body);
+    for (const row of rows) {
+      body.append(el("tr", {}, el("td", {}, row.destination),
+        el("td", {}, el("span", { className: row.reachable ? "ok" : "bad" }, row.reachable ? "yes" : "no")),
+        el("td", {}, row.status), el("td", {}, row.elapsed_ms)));
+    }
+    $("#destinations-note").textContent = rows.length ? "Checked " + new Date().toLocaleTimeString() + " (C-ECHO)." : "No destinations configured.";
+  } catch (error) {
+    $("#destinations-note").textContent = "Check failed: " + error.message;
+  }
+}
+
+// ---- job page ------------------------------------------------------------------------
+function field(list, name, value) {
+  list.append(el("dt", {}, name), el("dd", {}, value === null || value === undefined || value === "" ? "–" : value));
+}
+
+async function refreshJob() {
+  const id = state.jobId;
+  let job;
+  try { job = await apiJson("/api/jobs/" + encodeURIComponent(id)); } catch (error) {
+    $("#job-message").textContent = error.message; return;
+  }
+  if (id !== state.jobId) return;
+  $("#job-id").textContent = job.id;
+  const fields = $("#job-fields");
+  clear(fields);
+  field(fields, "State", stateBadge(job.state));
+  field(fields, "Series description", job.series_description);
+  field(fields, "Calling AE", job.calling_ae);
+  field(fields, "Series UID", job.series_instance_uid);
+  field(fields, "Images", job.n_instances);
+  field(fields, "Model", job.model_name ? job.model_name + " " + (job.model_version || "") : null);
+  field(fields, "Created", when(job.created_at));
+  field(fields, "Finished", when(job.finished_at));
+  field(fields, "Failure reason", job.failure_reason);
+  field(fields, "RTSTRUCT UID", job.rtstruct_sop_instance_uid);
+  const structures = $("#structures-table tbody");
+  clear(structures);
+  for (const s of job.structures) {
+    const colour = s.colour ? "rgb(" + s.colour.map(Number).join(",") + ")" : "transparent";
+    structures.append(el("tr", {}, el("td", {}, el("span", { className: "swatch", style: { background: colour } })),
+      el("td", {}, s.roi_name), el("td", {}, s.volume_cc === null ? "–" : Number(s.volume_cc).toFixed(2))));
+  }
+  const timings = $("#timings-table tbody");
+  clear(timings);
+  for (const [name, value] of Object.entries(job.timings)) {
+    timings.append(el("tr", {}, el("th", {}, name.replace(/_s$/, "").replace("_", " ")), el("td", {}, value === null ? "–" : Number(value).toFixed(2))));
+  }
+  const canClinic = allowed("clinician");
+  $("#download").hidden = !canClinic;
+  $("#download").disabled = !job.has_rtstruct;
+  $("#retry").hidden = !(canClinic && (job.state === "failed" || job.state === "send_failed"));
+  if (canClinic && job.has_rtstruct && !state.previewInfo) loadPreviews(job.id);
+  if (!canClinic) $("#preview-note").textContent = "Previews need the clinician role.";
+  else if (!job.has_rtstruct) $("#preview-note").textContent = "No RTSTRUCT yet: nothing to preview.";
+}
+
+async function loadPreviews(id) {
+  state.previewInfo = { loading: true };
+  try {
+    const info = await apiJson("/api/jobs/" + encodeURIComponent(id) + "/preview");
+    if (id !== state.jobId) return;
+    state.previewInfo = info;
+    $("#preview-note").textContent = "ROIs: " + info.rois.map((r) => r.roi_name).join(", ");
+    for (const figure of document.querySelectorAll(".previews figure")) {
+      const plane = figure.dataset.plane;
+      const slider = figure.querySelector("input");
+      slider.max = String(info.planes[plane] - 1);
+      slider.value = String(Math.floor(info.planes[plane] / 2));
+      slider.oninput = () => showPlane(figure);
+      showPlane(figure);
+    }
+  } catch (error) {
+    state.previewInfo = null;
+    $("#preview-note").textContent = "No preview: " + error.message;
+  }
+}
+
+async function showPlane(figure) {
+  const plane = figure.dataset.plane;
+  const index = figure.querySelector("input").value;
+  figure.querySelector("output").textContent = index;
+  const wanted = plane + ":" + index;
+  figure.dataset.wanted = wanted;
+  try {
+    const response = await api("/api/jobs/" + encodeURIComponent(state.jobId) + "/preview.png?plane=" + plane + "&index=" + index);
+    const blob = await response.blob();
+    if (figure.dataset.wanted !== wanted) return;  // the slider moved on
+    const img = figure.querySelector("img");
+    if (img.src.startsWith("blob:")) URL.revokeObjectURL(img.src);
+    img.src = URL.createObjectURL(blob);
+    img.dataset.loaded = wanted;
+  } catch (error) {
+    $("#preview-note").textContent = "Preview failed: " + error.message;
+  }
+}
+
+async function download() {
+  $("#job-message").textContent = "";
+  try {
+    const response = await api("/api/jobs/" + encodeURIComponent(state.jobId) + "/rtstruct");
+    const url = URL.createObjectURL(await response.blob());
+    const link = el("a", { href: url, download: "RS_" + state.jobId + ".dcm" });
+    document.body.append(link); link.click(); link.remove();
+    setTimeout(() => URL.revokeObjectURL(url), 10000);
+    $("#job-message").textContent = "RTSTRUCT downloaded.";
+  } catch (error) { $("#job-message").textContent = "Download failed: " + error.message; }
+}
+
+async function retry() {
+  try {
+    await api("/api/jobs/" + encodeURIComponent(state.jobId) + "/retry", { method: "POST" });
+    $("#job-message").textContent = "Job queued again.";
+    refreshJob();
+  } catch (error) { $("#job-message").textContent = "Retry failed: " + error.message; }
+}
+
+// ---- routing -------------------------------------------------------------------------
+function route() {
+  if (!state.token) { show("login"); return; }
+  const match = location.hash.match(/^#\/jobs\/([0-9a-zA-Z]+)$/);
+  if (match) {
+    state.jobId = match[1];
+    state.previewInfo = null;
+    for (const img of document.querySelectorAll(".previews img")) img.removeAttribute("src");
+    $("#preview-note").textContent = "";
+    $("#job-message").textContent = "";
+    show("job");
+    poll(refreshJob);
+  } else {
+    state.jobId = null;
+    show("overview");
+    refreshDestinations();
+    poll(refreshOverview);
+  }
+}
+
+document.addEventListener("DOMContentLoaded", async () => {
+  $("#login-form").addEventListener("submit", async (event) => {
+    event.preventDefault();
+    $("#login-error").textContent = "";
+    try {
+      await login($("#token").value.trim());
+      $("#token").value = "";
+      route();
+    } catch (error) {
+      $("#login-error").textContent = error.status === 401 ? "That token is not valid." : "Sign-in failed: " + error.message;
+    }
+  });
+  $("#logout").addEventListener("click", logout);
+  $("#prev-page").addEventListener("click", () => { state.offset = Math.max(0, state.offset - PAGE_SIZE); refreshOverview(); });
+  $("#next-page").addEventListener("click", () => { state.offset += PAGE_SIZE; refreshOverview(); });
+  $("#filter-state").addEventListener("change", () => { state.offset = 0; refreshOverview(); });
+  $("#filter-ae").addEventListener("change", () => { state.offset = 0; refreshOverview(); });
+  $("#download").addEventListener("click", download);
+  $("#retry").addEventListener("click", retry);
+  window.addEventListener("hashchange", route);
+  const saved = sessionStorage.getItem(TOKEN_KEY);
+  if (saved) {
+    state.token = saved;
+    try { state.me = await apiJson("/api/me"); } catch (error) { state.token = null; }
+  }
+  route();
+});

@@ -1,0 +1,78 @@
+"""``GET /api/stats``: what the dashboard charts: throughput, latency, queue, failures."""
+
+from __future__ import annotations
+
+import datetime as dt
+import statistics
+from typing import Annotated
+
+from fastapi import APIRouter, Query
+from pydantic import BaseModel
+from sqlalchemy import select
+
+from service.api.deps import Context, ViewerUser
+from service.jobstore import Job, JobState
+
+router = APIRouter(prefix="/api/stats", tags=["stats"])
+
+FAILED_STATES = (JobState.FAILED.value, JobState.SEND_FAILED.value)
+
+
+class BucketOut(BaseModel):
+    start: dt.datetime
+    done: int
+    failed: int
+    median_latency_s: float | None = None
+    max_latency_s: float | None = None
+
+
+class StatsOut(BaseModel):
+    now: dt.datetime
+    jobs_by_state: dict[str, int]
+    queue_depth: int | None = None
+    bucket_minutes: int
+    buckets: list[BucketOut]
+
+
+@router.get("", response_model=StatsOut, summary="Throughput and latency over time")
+def stats(
+    _: ViewerUser,
+    ctx: Context,
+    hours: Annotated[int, Query(ge=1, le=24 * 14)] = 24,
+    bucket_minutes: Annotated[int, Query(ge=1, le=24 * 60)] = 60,
+) -> StatsOut:
+    now = dt.datetime.now(dt.UTC)
+    width = dt.timedelta(minutes=bucket_minutes)
+    n_buckets = max(1, min(500, int(dt.timedelta(hours=hours) / width)))
+    first = now - n_buckets * width
+    finished: list[list[float]] = [[] for _ in range(n_buckets)]
+    failed = [0] * n_buckets
+    with ctx.store.session() as session:
+        rows = session.execute(
+            select(Job.state, Job.created_at, Job.finished_at).where(Job.finished_at >= first)
+        )
+        for state, created_at, finished_at in rows:
+            if finished_at is None:
+                continue
+            slot = min(n_buckets - 1, int((finished_at - first) / width))
+            if state in FAILED_STATES:
+                failed[slot] += 1
+            elif state == JobState.DONE.value:
+                finished[slot].append((finished_at - created_at).total_seconds())
+    buckets = [
+        BucketOut(
+            start=first + i * width,
+            done=len(latencies),
+            failed=failed[i],
+            median_latency_s=round(statistics.median(latencies), 2) if latencies else None,
+            max_latency_s=round(max(latencies), 2) if latencies else None,
+        )
+        for i, latencies in enumerate(finished)
+    ]
+    return StatsOut(
+        now=now,
+        jobs_by_state=ctx.store.counts_by_state(),
+        queue_depth=ctx.queue_depth(),
+        bucket_minutes=bucket_minutes,
+        buckets=buckets,
+    )
