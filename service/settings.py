@@ -92,6 +92,7 @@ class Settings(BaseSettings):
     api_host: str = "127.0.0.1"
     api_port: int = Field(8000, ge=1, le=65535)
     admin_token: SecretStr | None = None
+    metrics_token: SecretStr | None = None  # bearer token accepted by /metrics only
 
     # Queue and job store
     broker_url: str | None = None
