@@ -36,14 +36,14 @@ from service.intake import SeriesArrival, SeriesSink
 
 logger = logging.getLogger(__name__)
 
-_UID_CHARACTERS = re.compile(r"^[0-9.]{1,64}$")
+_UID_PATTERN = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")  # PS3.5 9.1
 _PARTIAL_SUFFIX = ".part"
 
 
 def checked_uid(value: object, name: str) -> str:
     """Return ``value`` as a UID string safe to use as a file name, or raise InvalidInstance."""
     text = str(value).strip("\x00 ") if value is not None else ""
-    if not _UID_CHARACTERS.match(text) or not UID(text).is_valid:
+    if len(text) > 64 or not _UID_PATTERN.match(text) or not UID(text).is_valid:
         raise InvalidInstance(f"{name} {text[:80]!r} is not a valid UID")
     return text
 

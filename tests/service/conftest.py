@@ -1,0 +1,248 @@
+"""Shared fixtures for DICOM peers: free ports, DCMTK storescu/echoscu/storescp, a listener
+with a recording sink, small CT series. Names here are stable (other service tests use them).
+
+- ``run_storescu(port, files, ...) -> DcmtkRun`` (``.statuses``: one C-STORE status per file)
+- ``run_echoscu(port, ...) -> DcmtkRun``
+- ``storescp_peer`` fixture: DCMTK storescp on a free port writing into a temp folder
+- ``listener_factory`` fixture: ``listener_factory(**settings) -> RunningListener``
+- ``ct_series`` fixture: ``ct_series(n_slices=4, ...) -> list[Path]`` (tests.phantoms)
+- ``RecordingSink``: a ``SeriesSink`` that keeps arrivals; ``wait_for(n, timeout_s)``
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from service.intake import SeriesArrival
+from service.listener import ListenerHandle, start_listener
+from service.settings import Settings
+from tests.conftest import free_port
+from tests.phantoms import write_ct_series
+
+__all__ = ["free_port", "run_storescu", "run_echoscu", "RecordingSink", "RunningListener"]
+
+LISTENER_AE = "RTCONTOUR"
+_SENDING = re.compile(r"Sending file: (?P<path>.+)$")
+_STATUS = re.compile(r"DIMSE Status\s*: 0x(?P<code>[0-9a-fA-F]{4})")
+
+requires_dcmtk = pytest.mark.skipif(
+    shutil.which("storescu") is None, reason="DCMTK (storescu/storescp) is not installed"
+)
+
+
+@dataclass
+class DcmtkRun:
+    """A finished DCMTK command: exit code, output, and the C-STORE statuses by file."""
+
+    returncode: int
+    output: str
+    statuses: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def status_list(self) -> list[int]:
+        return list(self.statuses.values())
+
+
+def _parse_statuses(output: str) -> dict[str, int]:
+    statuses: dict[str, int] = {}
+    current: str | None = None
+    for line in output.splitlines():
+        if match := _SENDING.search(line):
+            current = match["path"].strip()
+        elif (match := _STATUS.search(line)) and current is not None:
+            statuses[current] = int(match["code"], 16)
+            current = None
+    return statuses
+
+
+def run_storescu(
+    port: int,
+    files: Sequence[Path | str],
+    *,
+    calling_ae: str = "STORESCU",
+    called_ae: str = LISTENER_AE,
+    host: str = "127.0.0.1",
+    args: Sequence[str] = (),
+    timeout_s: float = 120.0,
+) -> DcmtkRun:
+    """Send ``files`` with DCMTK storescu in one association (``-nh``: go on after failures).
+
+    ``statuses`` maps each file sent to the status the listener answered (parsed from ``-d``).
+    """
+    command = [
+        "storescu", "-d", "-nh", "-aet", calling_ae, "-aec", called_ae, *args, host, str(port),
+        *map(str, files),
+    ]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s)
+    output = done.stdout + done.stderr
+    return DcmtkRun(done.returncode, output, _parse_statuses(output))
+
+
+def run_echoscu(
+    port: int,
+    *,
+    calling_ae: str = "ECHOSCU",
+    called_ae: str = LISTENER_AE,
+    host: str = "127.0.0.1",
+    args: Sequence[str] = (),
+    timeout_s: float = 30.0,
+) -> DcmtkRun:
+    """One C-ECHO with DCMTK echoscu (``-v``, so rejections are in ``output``)."""
+    command = ["echoscu", "-v", "-aet", calling_ae, "-aec", called_ae, *args, host, str(port)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s)
+    return DcmtkRun(done.returncode, done.stdout + done.stderr)
+
+
+class RecordingSink:
+    """A ``SeriesSink`` that records every arrival (thread-safe)."""
+
+    def __init__(self) -> None:
+        self.arrivals: list[SeriesArrival] = []
+        self._changed = threading.Condition()
+
+    def series_complete(self, arrival: SeriesArrival) -> None:
+        with self._changed:
+            self.arrivals.append(arrival)
+            self._changed.notify_all()
+
+    def wait_for(self, count: int, timeout_s: float = 10.0) -> list[SeriesArrival]:
+        """Wait until at least ``count`` arrivals were recorded; return them all."""
+        with self._changed:
+            self._changed.wait_for(lambda: len(self.arrivals) >= count, timeout=timeout_s)
+            return list(self.arrivals)
+
+    def by_series(self) -> dict[str, list[SeriesArrival]]:
+        grouped: dict[str, list[SeriesArrival]] = {}
+        for arrival in list(self.arrivals):
+            grouped.setdefault(arrival.series_instance_uid, []).append(arrival)
+        return grouped
+
+
+@dataclass
+class RunningListener:
+    """A listener started in-process for a test, with its sink, settings and audit records."""
+
+    handle: ListenerHandle
+    sink: RecordingSink
+    settings: Settings
+    audit_events: list[tuple[str, dict[str, Any]]]
+
+    @property
+    def port(self) -> int:
+        return self.handle.address[1]
+
+    @property
+    def incoming_dir(self) -> Path:
+        return self.settings.spool_dir / "incoming"
+
+    def spooled_files(self) -> list[Path]:
+        return sorted(self.incoming_dir.glob("*/*"))
+
+
+@pytest.fixture
+def listener_factory(tmp_path: Path) -> Iterator[Any]:
+    """``listener_factory(**settings_overrides) -> RunningListener``; stopped at teardown.
+
+    Defaults: loopback, a free port, quiet period 0.3 s, no free-disk minimum.
+    """
+    running: list[RunningListener] = []
+
+    def factory(**overrides: Any) -> RunningListener:
+        values: dict[str, Any] = {
+            "data_dir": tmp_path / f"var{len(running)}",
+            "dicom_host": "127.0.0.1",
+            "dicom_port": free_port(),
+            "quiet_period_s": 0.3,
+            "min_free_disk_bytes": 0,
+        }
+        values.update(overrides)
+        settings = Settings(**values)
+        sink = RecordingSink()
+        audit_events: list[tuple[str, dict[str, Any]]] = []
+        handle = start_listener(
+            settings, sink, audit=lambda event, detail: audit_events.append((event, detail))
+        )
+        listener = RunningListener(handle, sink, settings, audit_events)
+        running.append(listener)
+        return listener
+
+    yield factory
+    for listener in running:
+        listener.handle.shutdown(timeout_s=2.0)
+
+
+@pytest.fixture
+def ct_series(tmp_path: Path) -> Any:
+    """``ct_series(n_slices=4, rows=16, columns=16, **write_ct_series_kwargs) -> list[Path]``:
+    a small synthetic CT series (one file per slice) in a fresh folder."""
+    counter = iter(range(1_000_000))
+
+    def factory(
+        n_slices: int = 4, rows: int = 16, columns: int = 16, **kwargs: Any
+    ) -> list[Path]:
+        hu = np.full((n_slices, rows, columns), -1000.0, dtype=np.float32)
+        hu[:, rows // 4 : 3 * rows // 4, columns // 4 : 3 * columns // 4] = 40.0
+        return write_ct_series(tmp_path / f"series{next(counter)}", hu, (2.5, 1.0, 1.0), **kwargs)
+
+    return factory
+
+
+@dataclass
+class StorescpPeer:
+    """DCMTK storescp listening on loopback, writing what it receives into ``folder``."""
+
+    port: int
+    folder: Path
+    ae_title: str
+    process: subprocess.Popen[bytes]
+
+    def received_files(self) -> list[Path]:
+        return sorted(p for p in self.folder.rglob("*") if p.is_file())
+
+    def wait_for_files(self, count: int, timeout_s: float = 10.0) -> list[Path]:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline and len(self.received_files()) < count:
+            time.sleep(0.05)
+        return self.received_files()
+
+
+def wait_for_port(port: int, timeout_s: float = 10.0) -> None:
+    import socket
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        with socket.socket() as sock:
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise TimeoutError(f"nothing listening on port {port}")
+
+
+@pytest.fixture
+def storescp_peer(tmp_path: Path) -> Iterator[StorescpPeer]:
+    """DCMTK storescp (AE ``STORESCP``) on a free loopback port; stopped at teardown."""
+    folder = tmp_path / "storescp"
+    folder.mkdir()
+    port = free_port()
+    process = subprocess.Popen(
+        ["storescp", "-aet", "STORESCP", "-od", str(folder), str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_for_port(port)
+        yield StorescpPeer(port, folder, "STORESCP", process)
+    finally:
+        process.terminate()
+        process.wait(10)
