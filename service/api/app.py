@@ -13,11 +13,12 @@ from collections.abc import Callable
 from typing import Any
 
 from fastapi import FastAPI
+from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from sqlalchemy import Engine
 
 from service import __version__
-from service.api.deps import AppContext
+from service.api.deps import AppContext, ViewerUser
 from service.db import create_schema, make_engine
 from service.jobstore import JobStore
 from service.settings import Destination, Settings
@@ -122,6 +123,10 @@ def create_app(
         title="rtcontour",
         version=__version__,
         description="DICOM-RT auto-contouring: jobs, previews, RTSTRUCT downloads, audit.",
+        # The schema is served behind authentication (/api/openapi.json) like every route.
+        openapi_url=None,
+        docs_url=None,
+        redoc_url=None,
     )
     app.state.ctx = AppContext(
         settings=settings,
@@ -136,6 +141,10 @@ def create_app(
     @app.get("/health", response_model=HealthOut, tags=["health"], summary="Liveness (no auth)")
     def health() -> HealthOut:
         return HealthOut(status="ok", version=__version__)
+
+    @app.get("/api/openapi.json", include_in_schema=False)
+    def openapi_schema(_: ViewerUser) -> JSONResponse:
+        return JSONResponse(app.openapi())
 
     for module in (jobs, previews, stats, destinations, users, audit, metrics, dashboard):
         app.include_router(module.router)

@@ -1,0 +1,154 @@
+"""Every route needs a token (401) and the right role (403), proven by enumerating the app.
+
+A new route that is not in ``MIN_ROLE`` (or ``PUBLIC``) fails ``test_every_route_is_classified``,
+so nobody can add an unauthenticated route by accident.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from fastapi.routing import APIRoute, iter_route_contexts
+from sqlalchemy.orm import Session
+from starlette.routing import Mount, Route
+
+from service.auth import Role, add_user, hash_token, issue_token, set_active
+from tests.service.api_support import ApiHarness, add_finished_job, harness_fixture
+
+PUBLIC = {("GET", "/health"), ("GET", "/"), ("GET", "/dashboard")}
+PUBLIC_MOUNTS = {"/static"}  # the dashboard's JS and CSS (the login page's assets)
+
+MIN_ROLE: dict[tuple[str, str], str] = {
+    ("GET", "/api/openapi.json"): "viewer",
+    ("GET", "/api/me"): "viewer",
+    ("POST", "/api/login"): "viewer",
+    ("GET", "/api/jobs"): "viewer",
+    ("GET", "/api/jobs/{job_id}"): "viewer",
+    ("GET", "/api/stats"): "viewer",
+    ("GET", "/api/jobs/{job_id}/rtstruct"): "clinician",
+    ("POST", "/api/jobs/{job_id}/retry"): "clinician",
+    ("GET", "/api/jobs/{job_id}/preview"): "clinician",
+    ("GET", "/api/jobs/{job_id}/preview.png"): "clinician",
+    ("GET", "/api/destinations"): "admin",
+    ("GET", "/api/users"): "admin",
+    ("POST", "/api/users"): "admin",
+    ("PATCH", "/api/users/{name}"): "admin",
+    ("POST", "/api/users/{name}/token"): "admin",
+    ("GET", "/api/audit"): "admin",
+    ("GET", "/metrics"): "admin",
+}
+
+BODIES = {
+    ("POST", "/api/users"): {"name": "new-user", "role": "viewer"},
+    ("PATCH", "/api/users/{name}"): {"role": "viewer"},
+}
+
+
+@pytest.fixture
+def api(tmp_path: Path) -> Iterator[ApiHarness]:
+    yield from harness_fixture(tmp_path)
+
+
+def _endpoints(api: ApiHarness) -> list[tuple[str, str]]:
+    """(method, path) of every route of the app, included routers flattened."""
+    found = []
+    # FastAPI includes routers lazily; iter_route_contexts flattens them with their prefixes.
+    for context in iter_route_contexts(api.client.app.routes):  # type: ignore[attr-defined]
+        original = context.original_route
+        if isinstance(original, Mount):
+            assert context.path in PUBLIC_MOUNTS, f"unexpected mount {context.path}"
+            continue
+        assert isinstance(original, (APIRoute, Route)), f"unexpected route {original!r}"
+        assert context.path, f"route without a path: {original!r}"
+        for method in sorted(context.methods or ()):
+            if method != "HEAD":
+                found.append((method, context.path))
+    return found
+
+
+def _call(api: ApiHarness, method: str, path: str, job_id: str, headers: dict[str, str]) -> int:
+    url = path.replace("{job_id}", job_id).replace("{name}", "viewer-user")
+    response = api.client.request(
+        method, url, headers=headers, json=BODIES.get((method, path)), follow_redirects=False
+    )
+    return response.status_code
+
+
+def test_every_route_is_classified(api: ApiHarness) -> None:
+    endpoints = set(_endpoints(api))
+    unclassified = endpoints - PUBLIC - set(MIN_ROLE)
+    assert not unclassified, f"routes without an access rule in this test: {unclassified}"
+    assert set(MIN_ROLE) <= endpoints, f"stale entries: {set(MIN_ROLE) - endpoints}"
+
+
+def test_every_non_public_route_answers_401_without_or_with_a_bad_token(api: ApiHarness) -> None:
+    job = add_finished_job(api)
+    checked = 0
+    for method, path in _endpoints(api):
+        if (method, path) in PUBLIC:
+            assert _call(api, method, path, job.id, {}) in (200, 307), (method, path)
+            continue
+        for headers in (
+            {},
+            {"Authorization": "Bearer not-a-token"},
+            {"Authorization": "Basic eDp5"},
+        ):
+            status = _call(api, method, path, job.id, headers)
+            assert status == 401, f"{method} {path} with {headers}: {status}"
+        checked += 1
+    assert checked == len(MIN_ROLE)
+
+
+@pytest.mark.parametrize("role", ["viewer", "clinician", "admin"], ids=str)
+def test_role_matrix_403_below_the_routes_role_and_allowed_from_it(
+    api: ApiHarness, role: str
+) -> None:
+    job = add_finished_job(api)
+    failed = api.add_job(state="failed", failure_reason="x")
+    for method, path in _endpoints(api):
+        if (method, path) in PUBLIC:
+            continue
+        target = failed.id if path.endswith("/retry") else job.id
+        status = _call(api, method, path, target, api.headers(role))
+        if Role(role).allows(Role(MIN_ROLE[(method, path)])):
+            assert status not in (401, 403), f"{role} {method} {path}: {status}"
+            assert status < 500, f"{role} {method} {path}: {status}"
+        else:
+            assert status == 403, f"{role} {method} {path}: {status}"
+
+
+def test_static_assets_and_health_need_no_token(api: ApiHarness) -> None:
+    for path in ("/health", "/dashboard", "/static/dashboard.js", "/static/dashboard.css"):
+        assert api.client.get(path).status_code == 200, path
+
+
+def test_tokens_are_stored_hashed_and_disabled_or_rotated_tokens_stop_working(
+    api: ApiHarness,
+) -> None:
+    with Session(api.engine) as session, session.begin():
+        _, token = add_user(session, "dr-who", Role.clinician)
+    headers = {"Authorization": f"Bearer {token}"}
+    assert api.client.get("/api/me", headers=headers).json() == {
+        "name": "dr-who",
+        "role": "clinician",
+    }
+    from sqlalchemy import text
+
+    with api.engine.connect() as connection:
+        stored = [row[0] for row in connection.execute(text("SELECT token_sha256 FROM api_tokens"))]
+    assert hash_token(token) in stored and token not in stored
+    with Session(api.engine) as session, session.begin():
+        new_token = issue_token(session, "dr-who")
+    assert api.client.get("/api/me", headers=headers).status_code == 401
+    new_headers = {"Authorization": f"Bearer {new_token}"}
+    assert api.client.get("/api/me", headers=new_headers).status_code == 200
+    with Session(api.engine) as session, session.begin():
+        set_active(session, "dr-who", False)
+    assert api.client.get("/api/me", headers=new_headers).status_code == 401
+
+
+def test_bootstrap_admin_token_is_the_settings_token(api: ApiHarness) -> None:
+    me = api.client.get("/api/me", headers=api.headers("admin")).json()
+    assert me == {"name": "bootstrap-admin", "role": "admin"}
