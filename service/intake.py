@@ -68,21 +68,22 @@ def job_folder(settings: Settings, job_id: str) -> Path:
 class Intake:
     """Creates or merges the job of each complete series and enqueues it.
 
-    ``enqueue(job_id)`` publishes the job (``worker.tasks.make_enqueue``); ``audit(event,
-    detail)`` records "job.created" (``service.audit.make_recorder``), optional.
+    ``enqueue(job_id)`` publishes the job (default: ``worker.celery_app.enqueue_job`` on
+    ``settings``' broker); ``audit(event, detail)`` records "job.created"
+    (default: ``service.audit.make_recorder`` on the store's engine when available).
     """
 
     def __init__(
         self,
         settings: Settings,
         store: JobStore,
-        enqueue: Enqueue,
+        enqueue: Enqueue | None = None,
         audit: AuditRecorder | None = None,
     ) -> None:
         self.settings = settings
         self.store = store
-        self.enqueue = enqueue
-        self.audit = audit
+        self.enqueue = enqueue or _default_enqueue(settings)
+        self.audit = audit if audit is not None else _default_audit(store)
 
     def series_complete(self, arrival: SeriesArrival) -> None:
         result = self.store.create_or_merge_for_series(
@@ -142,6 +143,24 @@ class Intake:
             self.audit(event, detail)
         except Exception:
             logger.exception("audit record %s failed (job continues)", event)
+
+
+def _default_enqueue(settings: Settings) -> Enqueue:
+    def enqueue(job_id: str) -> None:
+        from worker.celery_app import enqueue_job
+
+        enqueue_job(settings, job_id)
+
+    return enqueue
+
+
+def _default_audit(store: JobStore) -> AuditRecorder | None:
+    try:
+        from service.audit import make_recorder
+    except ImportError:
+        logger.warning("service.audit is not available: job creation is not audited")
+        return None
+    return make_recorder(store.engine, actor="intake")
 
 
 def _move_instances(source: Path, target: Path) -> int:

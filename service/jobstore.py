@@ -44,7 +44,7 @@ from sqlalchemy import (
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Mapped, Session, mapped_column, sessionmaker
 
-from service.db import Base
+from service.db import Base, make_engine
 from service.errors import RtcontourError
 
 __all__ = [
@@ -57,6 +57,7 @@ __all__ = [
     "JobState",
     "JobStore",
     "MergeResult",
+    "make_engine",
 ]
 
 

@@ -257,3 +257,103 @@ def serve_factory(tmp_path: Path) -> Iterator[object]:
     yield factory
     for serve in started:
         serve.stop()
+
+
+# -- DCMTK storescp as the TPS ---------------------------------------------------------------
+class StoreScp:
+    """DCMTK ``storescp`` on a loopback port, writing what it receives to ``out_dir``."""
+
+    def __init__(self, out_dir: Path, ae_title: str = "TPS", port: int | None = None) -> None:
+        self.out_dir = out_dir
+        self.ae_title = ae_title
+        self.port = port or free_port()
+        self.process: subprocess.Popen[bytes] | None = None
+        out_dir.mkdir(parents=True, exist_ok=True)
+
+    @property
+    def destination(self) -> str:
+        return f"{self.ae_title}@127.0.0.1:{self.port}"
+
+    def start(self) -> StoreScp:
+        self.process = subprocess.Popen(
+            ["storescp", "-aet", self.ae_title, "-od", str(self.out_dir), "+B", "-dhl",
+             str(self.port)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        deadline = time.monotonic() + 10
+        while not _port_open(self.port):
+            if time.monotonic() > deadline or self.process.poll() is not None:
+                raise RuntimeError(f"storescp did not start on port {self.port}")
+            time.sleep(0.05)
+        return self
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(10)
+        self.process = None
+
+    def received(self) -> list[Path]:
+        return sorted(p for p in self.out_dir.iterdir() if p.is_file())
+
+
+@pytest.fixture
+def tps(tmp_path: Path) -> Iterator[StoreScp]:
+    """A running storescp (AE ``TPS``) standing in for the treatment planning system."""
+    import shutil
+
+    if shutil.which("storescp") is None:
+        pytest.skip("DCMTK storescp is not installed (apt-get install dcmtk)")
+    peer = StoreScp(tmp_path / "tps").start()
+    yield peer
+    peer.stop()
+
+
+# -- CT series and a model that needs no weights ----------------------------------------------
+def write_phantom_series(
+    out_dir: Path,
+    shape: tuple[int, int, int] = (24, 64, 64),
+    *,
+    patient_id: str = "RTC-PHANTOM-001",
+    series_uid: str | None = None,
+    study_uid: str | None = None,
+    seed: int = 0,
+) -> list[Path]:
+    """A head phantom CT series (tests/phantoms.py) as files in ``out_dir``."""
+    from tests.phantoms import head_phantom, write_ct_series
+
+    phantom = head_phantom(shape)
+    return write_ct_series(
+        out_dir,
+        phantom.hu,
+        phantom.spacing_mm,
+        patient_id=patient_id,
+        series_uid=series_uid,
+        study_uid=study_uid,
+        seed=seed,
+    )
+
+
+class ThresholdModel:
+    """A stand-in ``SegmentationModel``: "Bone" is HU > 500, "Marker" HU > 1200.
+
+    ``delay_s`` makes predict slow (to kill a worker in the middle of inference).
+    """
+
+    name = "threshold-test"
+    version = "0.0.1"
+
+    def __init__(self, delay_s: float = 0.0) -> None:
+        from worker.rtstruct import RoiSpec
+
+        self.rois = [RoiSpec("Bone", (255, 255, 0)), RoiSpec("Marker", (255, 0, 0))]
+        self.delay_s = delay_s
+        self.calls = 0
+
+    def predict(self, hu, spacing_mm):  # type: ignore[no-untyped-def]
+        self.calls += 1
+        if self.delay_s:
+            time.sleep(self.delay_s)
+        return {"Bone": hu > 500, "Marker": hu > 1200}

@@ -77,6 +77,21 @@ def make_celery(settings: Settings) -> Celery:
     return app
 
 
+_clients: dict[tuple[str | None, str], Celery] = {}  # publishing clients, by broker
+
+
+def enqueue_job(settings: Settings, job_id: str) -> None:
+    """Publish ``rtcontour.run_job`` for ``job_id`` on ``settings``' broker.
+
+    For callers without an app of their own (API, standalone listener); the client is built
+    at first use and reused.
+    """
+    key = (settings.broker_url, str(settings.data_dir.resolve()))
+    if key not in _clients:
+        _clients[key] = make_celery(settings)
+    make_enqueue(_clients[key])(job_id)
+
+
 def main(argv: list[str] | None = None) -> int:
     """``rtcontour worker``: a Celery worker plus the job store's recovery sweep."""
     parser = argparse.ArgumentParser(prog="rtcontour worker", description=__doc__)
@@ -91,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
         level=args.loglevel.upper(),
         format="%(asctime)s %(levelname)s %(processName)s %(name)s: %(message)s",
     )
-    settings = Settings()  # type: ignore[call-arg]  # fields come from RTCONTOUR_* env
+    settings = Settings.model_validate({})  # from the environment (RTCONTOUR_*)
     app = make_celery(settings)
     sweeper: list[RecoverySweeper] = []
 

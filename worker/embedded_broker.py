@@ -47,7 +47,7 @@ def register() -> None:
 
 
 def broker_url() -> str:
-    return f"{SCHEME}://"
+    return f"{SCHEME}://localhost//"
 
 
 def transport_options(folder: Path, polling_interval_s: float = 0.2) -> dict[str, Any]:

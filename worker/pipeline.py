@@ -373,12 +373,14 @@ class SegmenterCache:
     def __init__(
         self,
         loader: Callable[[Path, float, bool], SegmentationModel] = load_packaged_model,
+        resolver: Callable[[Settings], Path] = resolve_package_path,
     ) -> None:
         self._loader = loader
+        self._resolver = resolver
         self._models: dict[tuple[str, float, bool], SegmentationModel] = {}
 
     def get(self, settings: Settings) -> SegmentationModel:
-        path = resolve_package_path(settings).resolve()
+        path = self._resolver(settings).resolve()
         key = (str(path), settings.inference_overlap, settings.mirror_tta)
         if key not in self._models:
             self._models[key] = self._loader(path, settings.inference_overlap, settings.mirror_tta)

@@ -1,0 +1,229 @@
+"""The job runner and pipeline in-process: a stand-in model, a real job store, a real storescp."""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+
+import pydicom
+import pytest
+
+from service.db import create_schema, make_engine
+from service.intake import Intake, SeriesArrival
+from service.jobstore import JobState, JobStore
+from service.sender import Sender
+from service.settings import Settings
+from tests.conftest import StoreScp, ThresholdModel, write_phantom_series
+from worker.pipeline import SegmenterCache
+from worker.tasks import WorkerRuntime, execute_job, recover_jobs
+from worker.volume import load_series
+
+
+def _runtime(settings: Settings, model: ThresholdModel, sleeps: list[float]) -> WorkerRuntime:
+    engine = make_engine(settings)
+    create_schema(engine)
+    return WorkerRuntime(
+        settings,
+        store=JobStore(engine),
+        model_cache=SegmenterCache(loader=lambda *_: model, resolver=lambda _: Path("test")),
+        sender=Sender(settings, sleep=sleeps.append),
+    )
+
+
+def _submit(settings: Settings, store: JobStore, tmp_path: Path, **series: object) -> str:
+    incoming = tmp_path / "incoming" / "series"
+    paths = write_phantom_series(incoming, **series)  # type: ignore[arg-type]
+    ds = pydicom.dcmread(paths[0], stop_before_pixels=True)
+    # files as the listener names them: <SOPInstanceUID>.dcm
+    arrival_dir = settings.spool_dir / "incoming" / ds.SeriesInstanceUID
+    arrival_dir.mkdir(parents=True, exist_ok=True)
+    for path in paths:
+        uid = pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID
+        shutil.move(path, arrival_dir / f"{uid}.dcm")
+    enqueued: list[str] = []
+    Intake(settings, store, enqueued.append).series_complete(
+        SeriesArrival(
+            ds.SeriesInstanceUID,
+            ds.StudyInstanceUID,
+            "TPS",
+            "CT",
+            "Head",
+            arrival_dir,
+            len(paths),
+        )
+    )
+    return enqueued[0]
+
+
+@pytest.fixture
+def model() -> ThresholdModel:
+    return ThresholdModel()
+
+
+def test_job_runs_to_done_and_sends_rtstruct_referencing_every_ct(
+    settings: Settings, tmp_path: Path, tps: StoreScp, model: ThresholdModel
+) -> None:
+    settings = settings.model_copy(update={"destinations": [_dest(tps)]})
+    runtime = _runtime(settings, model, [])
+    job_id = _submit(settings, runtime.store, tmp_path)
+
+    assert execute_job(job_id, runtime).state == "done"
+
+    job = runtime.store.get(job_id)
+    assert job.state == JobState.DONE and job.attempts == 1
+    assert all(job.stage_timings[s] is not None for s in ("load", "inference", "contours", "send"))
+    assert (job.model_name, job.model_version) == ("threshold-test", "0.0.1")
+    assert {s["roi_name"] for s in job.structures} == {"Bone", "Marker"}
+    assert all(s["volume_cc"] > 0 for s in job.structures)
+    archived = Path(job.rtstruct_path)
+    assert archived == settings.archive_dir / job_id / f"RS_{job.rtstruct_sop_instance_uid}.dcm"
+    received = _wait_files(tps, 1)
+    rs = pydicom.dcmread(received[0])
+    assert rs.SOPInstanceUID == job.rtstruct_sop_instance_uid
+    series = load_series(sorted(Path(job.spool_dir).glob("*.dcm")))
+    referenced = {
+        item.ReferencedSOPInstanceUID
+        for item in rs.ReferencedFrameOfReferenceSequence[0]
+        .RTReferencedStudySequence[0]
+        .RTReferencedSeriesSequence[0]
+        .ContourImageSequence
+    }
+    assert referenced == set(series.volume.sop_instance_uids)
+
+
+def test_rerun_of_finished_job_is_a_no_op_and_resend_skips_delivered_destination(
+    settings: Settings, tmp_path: Path, tps: StoreScp, model: ThresholdModel
+) -> None:
+    settings = settings.model_copy(update={"destinations": [_dest(tps)]})
+    runtime = _runtime(settings, model, [])
+    job_id = _submit(settings, runtime.store, tmp_path)
+    execute_job(job_id, runtime)
+    assert execute_job(job_id, runtime).state == "skipped"  # duplicate message
+    assert model.calls == 1
+    # Its worker died after sending but before recording done: the re-run sends nothing twice.
+    store = runtime.store
+    job = store.get(job_id)
+    store._update(job_id, state="running", lease_expires_at=None, finished_at=None)
+    assert execute_job(job_id, runtime).state == "done"
+    assert model.calls == 2
+    again = store.get(job_id)
+    assert again.rtstruct_sop_instance_uid == job.rtstruct_sop_instance_uid  # deterministic
+    assert again.sent_destinations == [f"{tps.destination}|{job.rtstruct_sop_instance_uid}"]
+    _wait_files(tps, 1)
+    time.sleep(0.5)
+    assert len(tps.received()) == 1
+
+
+def test_invalid_series_fails_with_reason_without_retry(
+    settings: Settings, tmp_path: Path, model: ThresholdModel
+) -> None:
+    settings = settings.model_copy(update={"min_slices": 30})
+    runtime = _runtime(settings, model, [])
+    job_id = _submit(settings, runtime.store, tmp_path, shape=(12, 32, 32))
+    assert execute_job(job_id, runtime).state == "failed"
+    job = runtime.store.get(job_id)
+    assert job.attempts == 1 and "slice" in job.failure_reason.lower()
+    assert model.calls == 0
+
+
+def test_destination_down_retries_with_backoff_then_send_failed_file_kept(
+    settings: Settings, tmp_path: Path, model: ThresholdModel
+) -> None:
+    from tests.conftest import free_port
+
+    down = f"TPS@127.0.0.1:{free_port()}"
+    settings = settings.model_copy(
+        update={"destinations": [_parse(down)], "send_attempts": 3, "send_backoff_s": 0.5}
+    )
+    sleeps: list[float] = []
+    runtime = _runtime(settings, model, sleeps)
+    job_id = _submit(settings, runtime.store, tmp_path)
+    assert execute_job(job_id, runtime).state == "send_failed"
+    job = runtime.store.get(job_id)
+    assert sleeps == [0.5, 1.0]
+    assert down in job.failure_reason and "3 attempts" in job.failure_reason
+    assert Path(job.rtstruct_path).is_file()
+    assert job.sent_destinations == []
+
+
+def test_unexpected_error_requeues_until_attempts_exhausted(
+    settings: Settings, tmp_path: Path
+) -> None:
+    class Broken(ThresholdModel):
+        def predict(self, hu, spacing_mm):  # type: ignore[no-untyped-def]
+            raise RuntimeError("onnxruntime exploded")
+
+    settings = settings.model_copy(update={"job_attempts": 2})
+    runtime = _runtime(settings, Broken(), [])
+    job_id = _submit(settings, runtime.store, tmp_path)
+    first = execute_job(job_id, runtime)
+    assert first.state == "queued" and first.retry_in_s is not None
+    assert "onnxruntime exploded" in runtime.store.get(job_id).failure_reason
+    assert execute_job(job_id, runtime).state == "failed"
+    job = runtime.store.get(job_id)
+    assert job.attempts == 2 and job.failure_reason.startswith("Failed after 2 attempts")
+
+
+def test_instances_merged_while_running_restart_the_pipeline(
+    settings: Settings, tmp_path: Path
+) -> None:
+    store_holder: list[JobStore] = []
+    job_holder: list[str] = []
+
+    class MergingModel(ThresholdModel):
+        """Simulates a re-send arriving during inference (the intake bumps the generation)."""
+
+        def predict(self, hu, spacing_mm):  # type: ignore[no-untyped-def]
+            if self.calls == 0:
+                job = store_holder[0].get(job_holder[0])
+                store_holder[0].create_or_merge_for_series(
+                    series_instance_uid=job.series_instance_uid
+                )
+            return super().predict(hu, spacing_mm)
+
+    model = MergingModel()
+    runtime = _runtime(settings, model, [])
+    store_holder.append(runtime.store)
+    job_id = _submit(settings, runtime.store, tmp_path)
+    job_holder.append(job_id)
+    assert execute_job(job_id, runtime).state == "done"
+    assert model.calls == 2
+    assert runtime.store.get(job_id).generation == 1
+
+
+def test_recovery_reenqueues_jobs_whose_worker_died(
+    settings: Settings, tmp_path: Path, model: ThresholdModel
+) -> None:
+    settings = settings.model_copy(update={"job_lease_s": 2.0})
+    runtime = _runtime(settings, model, [])
+    job_id = _submit(settings, runtime.store, tmp_path)
+    # A worker claims the job and dies (no heartbeat any more).
+    assert runtime.store.claim(job_id, "dead-worker", lease_s=0.5) is not None
+    enqueued: list[str] = []
+    assert recover_jobs(runtime.store, enqueued.append, older_than_s=60) == 0
+    time.sleep(0.7)
+    assert recover_jobs(runtime.store, enqueued.append, older_than_s=60) == 1
+    assert enqueued == [job_id]
+    assert execute_job(job_id, runtime).state == "done"
+    assert runtime.store.get(job_id).attempts == 2
+
+
+def _dest(peer: StoreScp):  # type: ignore[no-untyped-def]
+    return _parse(peer.destination)
+
+
+def _parse(text: str):  # type: ignore[no-untyped-def]
+    from service.settings import Destination
+
+    return Destination.parse(text)
+
+
+def _wait_files(peer: StoreScp, n: int, timeout_s: float = 10) -> list[Path]:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        files = peer.received()
+        if len(files) >= n:
+            return files
+        time.sleep(0.1)
+    raise AssertionError(f"storescp received {len(peer.received())} files, expected {n}")
