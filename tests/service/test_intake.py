@@ -1,0 +1,104 @@
+"""Intake: a complete series becomes (or merges into) a job, its files move, it is enqueued."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from service.db import create_schema, make_engine
+from service.intake import Intake, SeriesArrival, job_folder
+from service.jobstore import JobState, JobStore
+from service.settings import Settings
+
+SERIES = "1.2.826.0.1.3680043.8.498.1"
+
+
+@pytest.fixture
+def store(settings: Settings) -> JobStore:
+    engine = make_engine(settings)
+    create_schema(engine)
+    return JobStore(engine)
+
+
+def _arrival(settings: Settings, uids: list[str], series: str = SERIES) -> SeriesArrival:
+    folder = settings.spool_dir / "incoming" / series
+    folder.mkdir(parents=True, exist_ok=True)
+    for uid in uids:
+        (folder / f"{uid}.dcm").write_bytes(f"instance {uid}".encode())
+    return SeriesArrival(series, "1.2.3", "TPS", "CT", "Head", folder, len(uids))
+
+
+def test_series_becomes_queued_job_with_files_moved_and_enqueued(
+    settings: Settings, store: JobStore
+) -> None:
+    enqueued: list[str] = []
+    audited: list[tuple[str, dict]] = []
+    intake = Intake(settings, store, enqueued.append, audit=lambda e, d: audited.append((e, d)))
+    arrival = _arrival(settings, ["1.1", "1.2", "1.3"])
+    intake.series_complete(arrival)
+    (job,) = store.list()
+    assert enqueued == [job.id]
+    assert job.state == JobState.QUEUED and job.n_instances == 3
+    folder = job_folder(settings, job.id)
+    assert job.spool_dir == str(folder)
+    assert sorted(p.name for p in folder.iterdir()) == ["1.1.dcm", "1.2.dcm", "1.3.dcm"]
+    assert not arrival.folder.exists()
+    assert audited == [
+        ("job.created",
+         {"job_id": job.id, "series_instance_uid": SERIES, "calling_ae": "TPS", "n_instances": 3})
+    ]
+
+
+@pytest.mark.parametrize("state", ["queued", "running"], ids=["while-queued", "while-running"])
+def test_resend_while_active_merges_and_dedupes_by_sop_instance_uid(
+    settings: Settings, store: JobStore, state: str
+) -> None:
+    enqueued: list[str] = []
+    intake = Intake(settings, store, enqueued.append)
+    intake.series_complete(_arrival(settings, ["1.1", "1.2"]))
+    (job,) = store.list()
+    if state == "running":
+        store.claim(job.id, "w", 60)
+    intake.series_complete(_arrival(settings, ["1.2", "1.3"]))
+    assert store.count() == 1
+    merged = store.get(job.id)
+    assert merged.n_instances == 3 and merged.generation == 1
+    assert merged.state == state
+    assert enqueued == [job.id, job.id]
+    assert (job_folder(settings, job.id) / "1.2.dcm").read_bytes() == b"instance 1.2"
+
+
+def test_resend_after_done_makes_new_job(settings: Settings, store: JobStore) -> None:
+    intake = Intake(settings, store, lambda _: None)
+    intake.series_complete(_arrival(settings, ["1.1", "1.2"]))
+    (first,) = store.list()
+    store.claim(first.id, "w", 60)
+    store.transition(first.id, JobState.DONE)
+    intake.series_complete(_arrival(settings, ["1.1", "1.2"]))
+    assert store.count() == 2
+    second = next(j for j in store.list() if j.id != first.id)
+    assert second.state == JobState.QUEUED and second.n_instances == 2
+
+
+def test_enqueue_failure_keeps_job_for_recovery(settings: Settings, store: JobStore) -> None:
+    def broker_down(job_id: str) -> None:
+        raise ConnectionError("broker unreachable")
+
+    Intake(settings, store, broker_down).series_complete(_arrival(settings, ["1.1"]))
+    (job,) = store.list()
+    assert job.state == JobState.QUEUED
+    assert store.recoverable_jobs() == [job.id]
+
+
+def test_two_series_make_two_jobs(settings: Settings, store: JobStore) -> None:
+    intake = Intake(settings, store, lambda _: None)
+    intake.series_complete(_arrival(settings, ["1.1"], series="1.2.3.4.1"))
+    intake.series_complete(_arrival(settings, ["2.1"], series="1.2.3.4.2"))
+    assert {j.series_instance_uid for j in store.list()} == {"1.2.3.4.1", "1.2.3.4.2"}
+
+
+def test_default_intake_enqueues_on_embedded_broker(settings: Settings, store: JobStore) -> None:
+    Intake(settings, store).series_complete(_arrival(settings, ["1.1"]))
+    queue = Path(settings.data_dir) / "broker" / "queue"
+    assert len([p for p in queue.iterdir() if p.name.endswith(".rtcontour.msg")]) == 1
