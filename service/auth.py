@@ -17,11 +17,12 @@ import hmac
 import secrets
 from dataclasses import dataclass
 
-from sqlalchemy import Boolean, DateTime, ForeignKey, String, select
+from sqlalchemy import Boolean, ForeignKey, String, select
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
 import service.audit  # noqa: F401 - registers the audit table with create_schema
 from service.db import Base
+from service.jobstore import UtcDateTime
 
 TOKEN_PREFIX = "rtc_"  # noqa: S105 - a visible marker of rtcontour tokens, not a secret
 BOOTSTRAP_ADMIN = "bootstrap-admin"
@@ -59,7 +60,7 @@ class User(Base):
     name: Mapped[str] = mapped_column(String(64), unique=True)
     role: Mapped[str] = mapped_column(String(16))
     active: Mapped[bool] = mapped_column(Boolean, default=True)
-    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=_now)
+    created_at: Mapped[dt.datetime] = mapped_column(UtcDateTime, default=_now)
 
 
 class ApiToken(Base):
@@ -71,8 +72,8 @@ class ApiToken(Base):
     user_id: Mapped[int] = mapped_column(ForeignKey("api_users.id"), index=True)
     token_sha256: Mapped[str] = mapped_column(String(64), unique=True, index=True)
     hint: Mapped[str] = mapped_column(String(16))  # first characters, to tell tokens apart
-    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=_now)
-    revoked_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    created_at: Mapped[dt.datetime] = mapped_column(UtcDateTime, default=_now)
+    revoked_at: Mapped[dt.datetime | None] = mapped_column(UtcDateTime, nullable=True)
 
 
 @dataclass(frozen=True)

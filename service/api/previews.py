@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Annotated
 
 from fastapi import APIRouter, HTTPException, Query, Response, status
+from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel
 
 from service.api.deps import ClinicianUser, Context
@@ -75,7 +76,6 @@ def preview_info(job_id: str, _: ClinicianUser, ctx: Context) -> PreviewInfoOut:
     responses={
         200: {"content": {"image/png": {}}},
         404: {"description": "the job has no output to preview"},
-        422: {"description": "bad plane or index"},
     },
 )
 def preview_png(
@@ -92,5 +92,8 @@ def preview_png(
     try:
         png = render_png(volume, plane, chosen)
     except PreviewOutOfRange as error:
-        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, detail=str(error)) from None
+        # The standard validation error shape, as for a bad plane (documented 422 schema).
+        raise RequestValidationError(
+            [{"type": "value_error", "loc": ("query", "index"), "msg": str(error), "input": chosen}]
+        ) from None
     return Response(png, media_type="image/png", headers={"Cache-Control": "private, max-age=60"})
