@@ -30,7 +30,14 @@ from service.settings import Settings
 from tests.conftest import free_port
 from tests.phantoms import write_ct_series
 
-__all__ = ["free_port", "run_storescu", "run_echoscu", "RecordingSink", "RunningListener"]
+__all__ = [
+    "free_port",
+    "run_storescu",
+    "run_echoscu",
+    "send_files_with_pynetdicom",
+    "RecordingSink",
+    "RunningListener",
+]
 
 LISTENER_AE = "RTCONTOUR"
 _SENDING = re.compile(r"Sending file: (?P<path>.+)$")
@@ -102,6 +109,41 @@ def run_echoscu(
     command = ["echoscu", "-v", "-aet", calling_ae, "-aec", called_ae, *args, host, str(port)]
     done = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s)
     return DcmtkRun(done.returncode, done.stdout + done.stderr)
+
+
+def send_files_with_pynetdicom(
+    port: int,
+    files: Sequence[Path | str],
+    *,
+    calling_ae: str = "PYNETDICOM",
+    called_ae: str = LISTENER_AE,
+    host: str = "127.0.0.1",
+) -> list[int | None]:
+    """Send Part 10 files as they are (pynetdicom reads only their file meta; the dataset
+    goes out as encoded) in one association, proposing each file's own SOP Class and transfer
+    syntax; return one status per file (None: no response)."""
+    from pydicom.filereader import read_file_meta_info
+    from pynetdicom import AE
+
+    ae = AE(ae_title=calling_ae)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 10
+    contexts: dict[tuple[str, str], None] = {}
+    for path in files:
+        meta = read_file_meta_info(path)
+        contexts[(str(meta.MediaStorageSOPClassUID), str(meta.TransferSyntaxUID))] = None
+    for sop_class, syntax in contexts:
+        ae.add_requested_context(sop_class, syntax)
+    assoc = ae.associate(host, port, ae_title=called_ae)
+    if not assoc.is_established:
+        raise ConnectionError(f"association with {host}:{port} not established")
+    statuses: list[int | None] = []
+    try:
+        for path in files:
+            response = assoc.send_c_store(Path(path))
+            statuses.append(int(response.Status) if "Status" in response else None)
+    finally:
+        assoc.release()
+    return statuses
 
 
 class RecordingSink:
