@@ -295,11 +295,10 @@ def _reject(event: Event, edge: Edge, reason: RejectReason) -> None:
 
 def _audit_rejection(event: Event, edge: Edge, reason: str) -> None:
     requestor = event.assoc.requestor
+    primitive = requestor.primitive
     detail = {
-        "calling_ae": str(requestor.ae_title).strip(),
-        "called_ae": str(requestor.primitive.called_ae_title).strip()
-        if requestor.primitive is not None
-        else "",
+        "calling_ae": str(getattr(primitive, "calling_ae_title", "")).strip(),
+        "called_ae": str(getattr(primitive, "called_ae_title", "")).strip(),
         "address": str(requestor.address),
         "reason": reason,
     }
