@@ -11,6 +11,7 @@ States and the moves between them (anything else raises ``IllegalTransition``)::
     running  -> queued                    (retry after an error or a lost worker)
     received | queued -> failed           (refused before it ran)
     send_failed -> queued                 (re-send requested)
+    failed | send_failed -> queued        (``requeue_finished``: a user's retry, fresh attempts)
 
 A series re-sent while its job is received/queued/running merges into that job (see
 ``create_or_merge_for_series``); at most one active job per series is enforced by a unique

@@ -357,3 +357,59 @@ class ThresholdModel:
         if self.delay_s:
             time.sleep(self.delay_s)
         return {"Bone": hu > 500, "Marker": hu > 1200}
+
+
+# -- a tiny, randomly initialised model package (the model engineer's export code) ----------
+def build_test_package(
+    out_root: Path,
+    *,
+    name: str = "tiny-test",
+    version: str = "0.0.1",
+    patch_size: tuple[int, int, int] = (16, 32, 32),
+    base_channels: int = 4,
+    seed: int = 0,
+) -> Path:
+    """Export a 2-level residual U-Net with random weights as a package under ``out_root``.
+
+    Its masks mean nothing; it exercises the real package loading and ONNX inference path.
+    """
+    import torch
+
+    from models.export import build_manifest, export_onnx
+    from models.package import MANIFEST_NAME, WEIGHTS_NAME, load_package, sha256_file
+    from models.train import TrainConfig, build_model
+
+    torch.manual_seed(seed)
+    config = TrainConfig(
+        run="test", base_channels=base_channels, levels=2, max_channels=base_channels * 2,
+        patch_size=patch_size, command=["pytest"],
+    )
+    model = build_model(config)
+    folder = out_root / f"{name}-{version}"
+    folder.mkdir(parents=True, exist_ok=True)
+    export_onnx(model, patch_size, folder / WEIGHTS_NAME)
+    manifest = build_manifest(
+        config, name, version, sha256_file(folder / WEIGHTS_NAME), {}, 0, 0, "pytest",
+        model.divisor,
+    )
+    (folder / MANIFEST_NAME).write_text(manifest.model_dump_json(indent=2) + "\n")
+    (folder / "MODEL_CARD.md").write_text("Random weights, for tests only.\n")
+    load_package(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def test_package(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random-weight model package (fast inference) for pipeline tests."""
+    pytest.importorskip("torch", reason="the 'train' extra (torch) exports the test package")
+    return build_test_package(tmp_path_factory.mktemp("packages"))
+
+
+def real_package() -> Path | None:
+    """The newest committed model package in models/packages, if any."""
+    from models.package import find_latest_package
+
+    try:
+        return find_latest_package()
+    except Exception:  # noqa: BLE001 - none committed yet
+        return None

@@ -175,3 +175,19 @@ def test_unknown_job_raises_job_not_found(store: JobStore) -> None:
         store.get("nope")
     with pytest.raises(JobNotFound):
         store.record_stage("nope", "load", 1.0)
+
+
+def test_requeue_finished_gives_fresh_attempts_and_refuses_active_jobs(store: JobStore) -> None:
+    job_id = _new(store)
+    with pytest.raises(IllegalTransition):
+        store.requeue_finished(job_id, reason="retry")
+    store.claim(job_id, "w", 60)
+    store.transition(job_id, JobState.SEND_FAILED, reason="TPS down")
+    job = store.requeue_finished(job_id, reason="retry requested by admin")
+    assert (job.state, job.attempts, job.finished_at) == ("queued", 0, None)
+    assert store.create_or_merge_for_series(series_instance_uid="1.2.3.4").job.id == job_id
+    store.claim(job_id, "w", 60)
+    store.transition(job_id, JobState.FAILED, reason="x")
+    _new(store)  # a newer job of the same series is active
+    with pytest.raises(IllegalTransition, match="another job of its series is active"):
+        store.requeue_finished(job_id, reason="retry")
