@@ -110,13 +110,17 @@ def trace_outlines(mask: np.ndarray) -> _Outlines:
     empty = _Outlines(
         np.zeros(0, np.int64), np.zeros((0, 2), np.int64), np.zeros(1, np.int64), np.zeros(0)
     )
-    if not mask.any():
+    # Crop to the bounding box (one pixel of margin comes from the padding below); slices
+    # first, as one contiguous pass, then rows and columns from the in-plane projection.
+    slices_any = np.flatnonzero(mask.reshape(mask.shape[0], -1).any(axis=1))
+    if slices_any.size == 0:
         return empty
-    # Crop to the bounding box (one pixel of margin comes from the padding below).
-    rows_any = np.flatnonzero(mask.any(axis=(0, 2)))
-    cols_any = np.flatnonzero(mask.any(axis=(0, 1)))
+    slice0 = int(slices_any[0])
+    in_plane = mask[slice0 : slices_any[-1] + 1].any(axis=0)
+    rows_any = np.flatnonzero(in_plane.any(axis=1))
+    cols_any = np.flatnonzero(in_plane.any(axis=0))
     row0, col0 = int(rows_any[0]), int(cols_any[0])
-    cropped = mask[:, row0 : rows_any[-1] + 1, col0 : cols_any[-1] + 1]
+    cropped = mask[slice0 : slices_any[-1] + 1, row0 : rows_any[-1] + 1, col0 : cols_any[-1] + 1]
     slices, edge_rows, edge_cols, directions = _boundary_edges(cropped)
     n_rows, n_cols = cropped.shape[1] + 1, cropped.shape[2] + 1  # vertex grid per slice
     vertex = (slices * n_rows + edge_rows) * n_cols + edge_cols
@@ -139,7 +143,7 @@ def trace_outlines(mask: np.ndarray) -> _Outlines:
     cross = edge_cols * end_rows - end_cols * edge_rows
     signed_area = 0.5 * np.bincount(labels, weights=cross, minlength=len(starts))
     return _Outlines(
-        slice_index=slices[order[starts]],
+        slice_index=slices[order[starts]] + slice0,
         vertices=vertices,
         starts=corner_starts,
         signed_area_px=signed_area,

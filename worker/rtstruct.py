@@ -28,6 +28,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import re
+import struct
 import uuid
 import warnings
 from collections.abc import Mapping, Sequence
@@ -35,13 +36,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from pydicom.charset import convert_encodings
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.tag import Tag
 from pydicom.uid import (
     PYDICOM_IMPLEMENTATION_UID,
-    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
     RTStructureSetStorage,
 )
 
@@ -84,7 +86,17 @@ INTERPRETED_TYPES = frozenset(
 )
 _DETACHED_STUDY_MANAGEMENT = "1.2.840.10008.3.1.2.3.1"  # referenced "study" SOP class by custom
 _UID_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "urn:rtcontour:rtstruct")
-_CONTOUR_DATA = Tag(0x3006, 0x0050)
+_CONTOUR_SEQUENCE = Tag(0x3006, 0x0040)
+_CONTOUR_IMAGE_SEQUENCE = 0x30060016
+_CONTOUR_GEOMETRIC_TYPE = 0x30060042
+_NUMBER_OF_CONTOUR_POINTS = 0x30060046
+_CONTOUR_NUMBER = 0x30060048
+_CONTOUR_DATA = 0x30060050
+_REFERENCED_SOP_CLASS_UID = 0x00081150
+_REFERENCED_SOP_INSTANCE_UID = 0x00081155
+# pydicom gives sequence items their parent's default text encoding when writing; marking
+# items with the same keeps their pre-encoded elements from being decoded and re-encoded.
+_ITEM_CHARACTER_SET = "iso8859"
 _MAX_COORDINATE_MM = 1e8  # keeps every formatted coordinate within DS's 16 characters
 # Patient, General Study and Patient Study attributes copied from the CT (PS3.3 C.7.1.1,
 # C.7.2.1, C.7.2.2); Type 2 ones are written empty when the CT lacks them.
@@ -242,7 +254,11 @@ def build_rtstruct(
 
 
 def save_rtstruct(dataset: Dataset, path: Path) -> Path:
-    """Write ``dataset`` as a DICOM Part 10 file (Explicit VR Little Endian); return the path."""
+    """Write ``dataset`` as a DICOM Part 10 file; return the path.
+
+    The file is Implicit VR Little Endian: Explicit VR's 16-bit lengths cannot hold the
+    Contour Data of a long contour (more than ~2,000 points).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     dataset.save_as(path, enforce_file_format=True)
@@ -307,10 +323,12 @@ def _header(
     dataset.file_meta = FileMetaDataset()
     dataset.file_meta.MediaStorageSOPClassUID = RTStructureSetStorage
     dataset.file_meta.MediaStorageSOPInstanceUID = uids.sop_instance_uid
-    dataset.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    dataset.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian
     dataset.file_meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
     dataset.file_meta.ImplementationVersionName = "RTCONTOUR"
-    dataset.set_original_encoding(False, True, ct.get("SpecificCharacterSet", "ISO_IR 100"))
+    dataset.set_original_encoding(
+        True, True, convert_encodings(ct.get("SpecificCharacterSet", "ISO_IR 100"))
+    )
     date, time = when.strftime("%Y%m%d"), when.strftime("%H%M%S")
 
     if "SpecificCharacterSet" in ct:
@@ -347,27 +365,28 @@ def _header(
 
 
 def _referenced_frame(series: CtSeries) -> Dataset:
-    images = []
-    for uid in series.volume.sop_instance_uids:
-        image = Dataset()
-        image.ReferencedSOPClassUID = series.sop_class_uid
-        image.ReferencedSOPInstanceUID = uid
-        images.append(image)
-    referenced_series = Dataset()
+    class_uid = _encoded(_REFERENCED_SOP_CLASS_UID, _padded(series.sop_class_uid, b"\0"))
+    images = b"".join(
+        _encoded_item(class_uid + _encoded(_REFERENCED_SOP_INSTANCE_UID, _padded(uid, b"\0")))
+        for uid in series.volume.sop_instance_uids
+    )
+    referenced_series = _item()
     referenced_series.SeriesInstanceUID = series.series_instance_uid
-    referenced_series.ContourImageSequence = DicomSequence(images)
-    referenced_study = Dataset()
+    referenced_series[_CONTOUR_IMAGE_SEQUENCE] = RawDataElement(  # type: ignore[assignment]
+        Tag(_CONTOUR_IMAGE_SEQUENCE), "SQ", len(images), images, 0, True, True
+    )
+    referenced_study = _item()
     referenced_study.ReferencedSOPClassUID = _DETACHED_STUDY_MANAGEMENT
     referenced_study.ReferencedSOPInstanceUID = series.study_instance_uid
     referenced_study.RTReferencedSeriesSequence = DicomSequence([referenced_series])
-    frame = Dataset()
+    frame = _item()
     frame.FrameOfReferenceUID = series.frame_of_reference_uid
     frame.RTReferencedStudySequence = DicomSequence([referenced_study])
     return frame
 
 
 def _code(value: str, scheme: str, meaning: str) -> Dataset:
-    code = Dataset()
+    code = _item()
     code.CodeValue, code.CodingSchemeDesignator, code.CodeMeaning = value, scheme, meaning
     return code
 
@@ -375,13 +394,13 @@ def _code(value: str, scheme: str, meaning: str) -> Dataset:
 def _structure_set_roi(
     number: int, roi: RoiSpec, series: CtSeries, model_name: str, model_version: str
 ) -> Dataset:
-    item = Dataset()
+    item = _item()
     item.ROINumber = number
     item.ReferencedFrameOfReferenceUID = series.frame_of_reference_uid
     item.ROIName = roi.name
     item.ROIGenerationAlgorithm = "AUTOMATIC"
     item.ROIGenerationDescription = f"{MANUFACTURER} {model_name} {model_version}"[:64]
-    algorithm = Dataset()
+    algorithm = _item()
     algorithm.AlgorithmFamilyCodeSequence = DicomSequence(
         [_code("123110", "DCM", "Artificial Intelligence")]
     )
@@ -395,52 +414,70 @@ def _structure_set_roi(
 def _roi_contour(
     number: int, roi: RoiSpec, contours: Sequence[Contour], series: CtSeries
 ) -> Dataset:
-    item = Dataset()
+    item = _item()
     item.ROIDisplayColor = list(roi.colour_rgb)
     if contours:
-        sop_uids = series.volume.sop_instance_uids
-        item.ContourSequence = DicomSequence(
-            [
-                _contour_item(index, contour, series.sop_class_uid, sop_uids)
-                for index, contour in enumerate(contours, start=1)
-            ]
+        item[_CONTOUR_SEQUENCE] = _contour_sequence(  # type: ignore[assignment]
+            contours, series.sop_class_uid, series.volume.sop_instance_uids
         )
     item.ReferencedROINumber = number
     return item
 
 
-def _contour_item(
-    number: int, contour: Contour, sop_class_uid: str, sop_uids: Sequence[str]
-) -> Dataset:
-    image = Dataset()
-    image.ReferencedSOPClassUID = sop_class_uid
-    image.ReferencedSOPInstanceUID = sop_uids[contour.slice_index]
+def _contour_sequence(
+    contours: Sequence[Contour], sop_class_uid: str, sop_uids: Sequence[str]
+) -> RawDataElement:
+    """Contour Sequence, encoded once (Implicit VR Little Endian) as pydicom would write it.
+
+    Building one pydicom item per contour and one DS object per coordinate (10^5-10^6 of
+    them) dominates writing an RTSTRUCT; the pre-encoded element is written as it is and
+    parsed on access like any element read from a file. Coordinates are rounded to 0.1 um
+    and printed in their shortest form (always within DS's 16 characters).
+    """
+    class_uid = _encoded(_REFERENCED_SOP_CLASS_UID, _padded(sop_class_uid, b"\0"))
+    items = []
+    for number, contour in enumerate(contours, start=1):
+        image = class_uid + _encoded(
+            _REFERENCED_SOP_INSTANCE_UID, _padded(sop_uids[contour.slice_index], b"\0")
+        )
+        text = "\\".join(map(repr, np.round(contour.points_mm, 4).ravel().tolist()))
+        content = b"".join(
+            (
+                _encoded(_CONTOUR_IMAGE_SEQUENCE, _encoded_item(image)),
+                _encoded(_CONTOUR_GEOMETRIC_TYPE, b"CLOSED_PLANAR "),
+                _encoded(_NUMBER_OF_CONTOUR_POINTS, _padded(str(len(contour.points_mm)))),
+                _encoded(_CONTOUR_NUMBER, _padded(str(number))),
+                _encoded(_CONTOUR_DATA, _padded(text)),
+            )
+        )
+        items.append(_encoded_item(content))
+    value = b"".join(items)
+    return RawDataElement(_CONTOUR_SEQUENCE, "SQ", len(value), value, 0, True, True)
+
+
+def _padded(text: str, pad: bytes = b" ") -> bytes:
+    value = text.encode("ascii")
+    return value + pad if len(value) % 2 else value
+
+
+def _encoded(tag: int, value: bytes) -> bytes:
+    """An Implicit VR Little Endian element: tag, 32-bit length, value."""
+    return struct.pack("<HHI", tag >> 16, tag & 0xFFFF, len(value)) + value
+
+
+def _encoded_item(content: bytes) -> bytes:
+    return struct.pack("<HHI", 0xFFFE, 0xE000, len(content)) + content
+
+
+def _item() -> Dataset:
+    """A sequence item marked as Implicit VR Little Endian, so writing keeps raw elements."""
     item = Dataset()
-    item.set_original_encoding(False, True, None)
-    item.ContourNumber = number
-    item.ContourImageSequence = DicomSequence([image])
-    item.ContourGeometricType = "CLOSED_PLANAR"
-    item.NumberOfContourPoints = len(contour.points_mm)
-    item[_CONTOUR_DATA] = _contour_data_element(contour.points_mm)  # type: ignore[assignment]
+    item.set_original_encoding(True, True, _ITEM_CHARACTER_SET)
     return item
 
 
-def _contour_data_element(points_mm: np.ndarray) -> RawDataElement:
-    """Contour Data (DS, x\\y\\z per point) encoded once, as pydicom would write it.
-
-    Formatting ~10^5-10^6 numbers through pydicom's per-value DS objects dominates writing an
-    RTSTRUCT; a pre-encoded element is written as it is (and parsed on access as usual).
-    Values are rounded to 0.1 um and printed in their shortest form (always <= 16 characters).
-    """
-    text = "\\".join(map(repr, np.round(points_mm, 4).ravel().tolist()))
-    value = text.encode("ascii")
-    if len(value) % 2:
-        value += b" "
-    return RawDataElement(_CONTOUR_DATA, "DS", len(value), value, 0, False, True)
-
-
 def _observation(number: int, roi: RoiSpec) -> Dataset:
-    item = Dataset()
+    item = _item()
     item.ObservationNumber = number
     item.ReferencedROINumber = number
     item.ROIObservationLabel = roi.name[:16]

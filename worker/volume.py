@@ -387,7 +387,9 @@ def _hounsfield(datasets: Sequence[Dataset]) -> np.ndarray:
     array = np.empty((len(datasets), int(first.Rows), int(first.Columns)), dtype=np.float32)
     for index, ds in enumerate(datasets):
         try:
-            pixels = ds.pixel_array
+            pixels = _native_pixels(ds)
+            if pixels is None:
+                pixels = ds.pixel_array
         except Exception as error:  # any decoder failure refuses the series, with its reason
             syntax = getattr(ds, "file_meta", Dataset()).get("TransferSyntaxUID", "unknown")
             raise InvalidSeries(
@@ -398,3 +400,29 @@ def _hounsfield(datasets: Sequence[Dataset]) -> np.ndarray:
         np.multiply(pixels, slope, out=array[index], casting="unsafe")
         array[index] += intercept
     return array
+
+
+_NATIVE_SYNTAXES = {"1.2.840.10008.1.2", "1.2.840.10008.1.2.1"}
+
+
+def _native_pixels(ds: Dataset) -> np.ndarray | None:
+    """The stored values of uncompressed 16-bit pixels without a copy, or None (use pydicom).
+
+    Only when every allocated bit is stored, so no sign extension or masking is needed.
+    """
+    file_meta = getattr(ds, "file_meta", None)
+    syntax = str(file_meta.get("TransferSyntaxUID", "")) if file_meta is not None else ""
+    if (
+        syntax not in _NATIVE_SYNTAXES
+        or ds.get("BitsAllocated") != 16
+        or ds.get("BitsStored") != 16
+        or ds.get("SamplesPerPixel", 1) != 1
+        or "PixelData" not in ds
+    ):
+        return None
+    dtype = "<i2" if ds.get("PixelRepresentation") == 1 else "<u2"
+    rows, columns = int(ds.Rows), int(ds.Columns)
+    data = ds.PixelData
+    if len(data) < rows * columns * 2:
+        return None
+    return np.frombuffer(data, dtype=dtype, count=rows * columns).reshape(rows, columns)

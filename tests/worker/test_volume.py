@@ -233,3 +233,24 @@ def test_volume_refuses_a_mismatched_array() -> None:
     volume = Volume(np.zeros((2, 3, 4)), np.eye(4), "1.2.3", ("a", "b"))
     with pytest.raises(ValueError, match="differs"):
         volume.with_array(np.zeros((2, 4, 3)))
+
+
+def _signed(ds: Dataset) -> None:
+    stored = np.frombuffer(ds.PixelData, "<u2").astype(np.int32) - 1024
+    ds.PixelData = stored.astype("<i2").tobytes()
+    ds.PixelRepresentation, ds.RescaleIntercept = 1, 0
+
+
+def _twelve_bits(ds: Dataset) -> None:
+    ds.BitsStored, ds.HighBit = 12, 11
+
+
+@pytest.mark.parametrize("change", [_signed, _twelve_bits], ids=["signed-16-bit", "12-bit"])
+def test_pixel_representations_give_the_same_hounsfield_units(
+    change: Callable[[Dataset], None],
+) -> None:
+    datasets = ct_datasets(PHANTOM.hu, PHANTOM.spacing_mm)
+    for ds in datasets:
+        change(ds)
+    volume = load_series(datasets, min_slices=1).volume
+    np.testing.assert_array_equal(volume.to_canonical().array, PHANTOM.hu)
