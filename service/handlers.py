@@ -303,6 +303,7 @@ def _audit_rejection(event: Event, edge: Edge, reason: str) -> None:
         "reason": reason,
     }
     logger.warning("association rejected: %s", detail)
+    detail["actor"] = "dicom-listener"  # service.audit.make_recorder: who did it
     metrics.ASSOCIATIONS_REJECTED.labels(reason=reason).inc()
     if edge.audit is not None:
         try:

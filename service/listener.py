@@ -220,29 +220,26 @@ def start_listener(
 
 
 class LoggingSink:
-    """A sink that only logs arrivals (used when the job-store intake is not available)."""
+    """A sink that only logs arrivals (``rtcontour listener --log-only``: no job store)."""
 
     def series_complete(self, arrival: SeriesArrival) -> None:
         logger.info("series arrived: %s", arrival)
 
 
-def _build_sink(settings: Settings) -> tuple[SeriesSink, AuditCallable | None]:
-    """The job-store intake and audit recorder when available; otherwise a logging sink."""
-    try:
-        from service import intake as intake_module
+def _build_intake(settings: Settings) -> tuple[SeriesSink, AuditCallable]:
+    """The job-store intake (jobs enqueued on ``settings``' broker) and the audit recorder."""
+    from service.audit import make_recorder
+    from service.db import create_schema, make_engine
+    from service.intake import Intake
+    from service.jobstore import JobStore
+    from worker.celery_app import make_celery
+    from worker.tasks import make_enqueue
 
-        intake_class = getattr(intake_module, "Intake", None)
-        if intake_class is None:
-            raise ImportError("service.intake.Intake is not implemented yet")
-        from service.audit import make_recorder  # type: ignore[attr-defined]
-        from service.jobstore import JobStore, make_engine  # type: ignore[attr-defined]
-
-        engine = make_engine(settings)
-        sink: SeriesSink = intake_class(settings, JobStore(engine))
-        return sink, make_recorder(engine)
-    except ImportError as exc:
-        logger.warning("job-store intake unavailable (%s); arrivals are only logged", exc)
-        return LoggingSink(), None
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    engine = make_engine(settings)
+    create_schema(engine)
+    intake = Intake(settings, JobStore(engine), make_enqueue(make_celery(settings)))
+    return intake, make_recorder(engine, actor="dicom-listener")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -253,6 +250,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--host", help="address to bind (RTCONTOUR_DICOM_HOST)")
     parser.add_argument("--port", type=int, help="port (RTCONTOUR_DICOM_PORT)")
     parser.add_argument("--ae-title", help="our AE title (RTCONTOUR_AE_TITLE)")
+    parser.add_argument(
+        "--log-only",
+        action="store_true",
+        help="log complete series instead of creating jobs (no database or broker needed)",
+    )
     parser.add_argument("--log-level", default="INFO")
     args = parser.parse_args(argv)
     logging.basicConfig(
@@ -268,7 +270,9 @@ def main(argv: list[str] | None = None) -> int:
         if value is not None
     }
     settings = Settings(**overrides)
-    sink, audit = _build_sink(settings)
+    sink: SeriesSink
+    audit: AuditCallable | None
+    sink, audit = (LoggingSink(), None) if args.log_only else _build_intake(settings)
     handle = start_listener(settings, sink, audit=audit)
     stop = threading.Event()
 
