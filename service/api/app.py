@@ -25,8 +25,6 @@ from service.settings import Destination, Settings
 
 logger = logging.getLogger(__name__)
 
-PROCESS_JOB_TASK = "rtcontour.process_job"
-
 
 class HealthOut(BaseModel):
     status: str
@@ -34,46 +32,41 @@ class HealthOut(BaseModel):
 
 
 def celery_enqueuer(settings: Settings) -> Callable[[str], None]:
-    """Return ``enqueue(job_id)`` sending the task ``rtcontour.process_job`` by name.
-
-    Uses the job engineer's ``worker.celery_app.enqueue_job`` when it exists, else a bare
-    Celery client on ``settings.broker_url`` (built at first use, not at import).
-    """
-    client: list[Any] = []
+    """Return ``enqueue(job_id)``: the worker's ``enqueue_job`` (task ``rtcontour.run_job``)."""
 
     def enqueue(job_id: str) -> None:
-        try:
-            from worker.celery_app import enqueue_job  # type: ignore[attr-defined]
-        except ImportError:
-            enqueue_job = None
-        if enqueue_job is not None:
-            enqueue_job(settings, job_id)
-            return
-        if not settings.broker_url:
-            raise RuntimeError("RTCONTOUR_BROKER_URL is not set: jobs cannot be queued")
-        if not client:
-            from celery import Celery
+        from worker.celery_app import enqueue_job
 
-            client.append(Celery("rtcontour-api", broker=settings.broker_url))
-        client[0].send_task(PROCESS_JOB_TASK, args=[job_id])
+        enqueue_job(settings, job_id)
 
     return enqueue
 
 
-def redis_queue_depth(settings: Settings, queue: str = "celery") -> Callable[[], int | None]:
-    """Return ``depth()``: messages waiting in the Redis broker's queue (None if unknown)."""
+def broker_queue_depth(settings: Settings) -> Callable[[], int | None]:
+    """Return ``depth()``: job messages waiting in the broker's queue (None if unknown).
+
+    Works for Redis and the embedded broker alike (kombu's passive queue declare); the
+    Celery client is built at the first call, not at import.
+    """
+    client: list[Any] = []
 
     def depth() -> int | None:
-        url = settings.broker_url
-        if not url or not url.startswith(("redis://", "rediss://")):
-            return None
         try:
-            import redis
+            from kombu.exceptions import ChannelError
 
-            connection = redis.Redis.from_url(url, socket_timeout=1, socket_connect_timeout=1)
-            return int(connection.llen(queue))  # type: ignore[arg-type]
-        except Exception:  # the dashboard shows "unknown" rather than failing
-            logger.warning("queue depth unavailable from the broker", exc_info=True)
+            from worker.celery_app import QUEUE, make_celery
+
+            if not client:
+                client.append(make_celery(settings))
+            with client[0].connection_for_read() as connection:
+                connection.ensure_connection(max_retries=1, timeout=2)
+                try:
+                    declared = connection.default_channel.queue_declare(queue=QUEUE, passive=True)
+                except ChannelError:
+                    return 0  # the queue does not exist yet (Redis drops empty lists)
+                return int(declared.message_count)
+        except Exception as error:  # the dashboard shows "unknown" rather than failing
+            logger.warning("queue depth unavailable from the broker: %s", error)
             return None
 
     return depth
@@ -111,7 +104,7 @@ def create_app(
     """Build the API for ``settings``; collaborators may be injected (tests, ``serve``).
 
     ``engine``: the job store's engine (default ``make_engine(settings)``; tables are created
-    if missing); ``enqueue(job_id)``: queue a job (default Celery task by name);
+    if missing); ``enqueue(job_id)``: queue a job (default ``worker.celery_app.enqueue_job``);
     ``queue_depth()``: broker queue length; ``echo(destination)``: C-ECHO check.
     """
     from service.api import audit, dashboard, destinations, jobs, metrics, previews, stats, users
@@ -133,7 +126,7 @@ def create_app(
         engine=engine,
         store=JobStore(engine),
         enqueue=enqueue or celery_enqueuer(settings),
-        queue_depth=queue_depth or redis_queue_depth(settings),
+        queue_depth=queue_depth or broker_queue_depth(settings),
         echo=echo or c_echo,
         previews=PreviewCache(),
     )

@@ -71,8 +71,11 @@ def _uid() -> str:
     return f"1.2.826.0.1.3680043.10.543.{next(_counter)}"
 
 
-def make_harness(tmp_path: Path, **app_kwargs: Any) -> ApiHarness:
-    settings = Settings(data_dir=tmp_path / "var", admin_token=ADMIN_TOKEN)
+def make_harness(tmp_path: Path, database_url: str | None = None, **app_kwargs: Any) -> ApiHarness:
+    """``database_url``: None for the embedded SQLite, or e.g. the ``postgres_url`` fixture."""
+    settings = Settings(
+        data_dir=tmp_path / "var", admin_token=ADMIN_TOKEN, database_url=database_url
+    )
     engine = make_engine(settings)
     enqueued: list[str] = []
     app_kwargs.setdefault("enqueue", enqueued.append)
@@ -85,9 +88,11 @@ def make_harness(tmp_path: Path, **app_kwargs: Any) -> ApiHarness:
     return ApiHarness(settings, engine, JobStore(engine), TestClient(app), tokens, enqueued)
 
 
-def harness_fixture(tmp_path: Path, **app_kwargs: Any) -> Iterator[ApiHarness]:
+def harness_fixture(
+    tmp_path: Path, database_url: str | None = None, **app_kwargs: Any
+) -> Iterator[ApiHarness]:
     """Body of each test module's ``api`` fixture (pytest fixtures are not shared by import)."""
-    harness = make_harness(tmp_path, **app_kwargs)
+    harness = make_harness(tmp_path, database_url, **app_kwargs)
     yield harness
     harness.client.close()
     harness.engine.dispose()

@@ -7,13 +7,15 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from fastapi.testclient import TestClient
 
-from tests.service.api_support import ApiHarness, harness_fixture
+from tests.service.api_support import ADMIN_TOKEN, ApiHarness, harness_fixture, make_harness
 
 
 @pytest.fixture
-def api(tmp_path: Path) -> Iterator[ApiHarness]:
-    yield from harness_fixture(tmp_path)
+def api(tmp_path: Path, database_url: str | None) -> Iterator[ApiHarness]:
+    """The API on SQLite and on PostgreSQL (``database_url`` from tests/conftest.py)."""
+    yield from harness_fixture(tmp_path, database_url)
 
 
 def test_health_needs_no_token(api: ApiHarness) -> None:
@@ -110,3 +112,25 @@ def test_retry_of_a_done_job_is_a_conflict(api: ApiHarness) -> None:
     response = api.client.post(f"/api/jobs/{job.id}/retry", headers=api.headers("admin"))
     assert response.status_code == 409
     assert api.enqueued == []
+
+
+def test_retry_publishes_to_the_real_broker_and_queue_depth_counts_it(
+    tmp_path: Path, redis_db_url: str
+) -> None:
+    from service.api.app import create_app
+    from service.settings import Settings
+
+    harness = make_harness(tmp_path)
+    settings = Settings(
+        data_dir=harness.settings.data_dir, admin_token=ADMIN_TOKEN, broker_url=redis_db_url
+    )
+    client = TestClient(create_app(settings, engine=harness.engine))  # default enqueue, depth
+    try:
+        headers = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+        assert client.get("/api/stats", headers=headers).json()["queue_depth"] == 0
+        job = harness.add_job(state="send_failed", failure_reason="destination refused")
+        assert client.post(f"/api/jobs/{job.id}/retry", headers=headers).status_code == 202
+        assert client.get("/api/stats", headers=headers).json()["queue_depth"] == 1
+    finally:
+        client.close()
+        harness.engine.dispose()

@@ -15,8 +15,9 @@ from tests.service.api_support import ADMIN_TOKEN, ApiHarness, add_finished_job,
 
 
 @pytest.fixture
-def api(tmp_path: Path) -> Iterator[ApiHarness]:
-    yield from harness_fixture(tmp_path)
+def api(tmp_path: Path, database_url: str | None) -> Iterator[ApiHarness]:
+    """The API on SQLite and on PostgreSQL (``database_url`` from tests/conftest.py)."""
+    yield from harness_fixture(tmp_path, database_url)
 
 
 def _entries(api: ApiHarness, query: str = "") -> list[dict]:
@@ -88,6 +89,8 @@ def test_users_cli_adds_lists_disables_and_issues_tokens_with_audit(
 ) -> None:
     monkeypatch.setenv("RTCONTOUR_DATA_DIR", str(api.settings.data_dir))
     monkeypatch.setenv("RTCONTOUR_ADMIN_TOKEN", ADMIN_TOKEN)
+    if api.settings.database_url:
+        monkeypatch.setenv("RTCONTOUR_DATABASE_URL", api.settings.database_url)
     assert users_main(["add", "dr-smith", "--role", "clinician"]) == 0
     token = capsys.readouterr().out.strip().splitlines()[-1]
     headers = {"Authorization": f"Bearer {token}"}
