@@ -116,7 +116,7 @@ def trace_outlines(mask: np.ndarray) -> _Outlines:
     if slices_any.size == 0:
         return empty
     slice0 = int(slices_any[0])
-    in_plane = mask[slice0 : slices_any[-1] + 1].any(axis=0)
+    in_plane = np.any(mask[slice0 : slices_any[-1] + 1], axis=0)
     rows_any = np.flatnonzero(in_plane.any(axis=1))
     cols_any = np.flatnonzero(in_plane.any(axis=0))
     row0, col0 = int(rows_any[0]), int(cols_any[0])

@@ -69,7 +69,7 @@ def read_label_map(path: Path) -> LabelMap:
 
         image = nib.load(str(path))
         array = np.asanyarray(image.dataobj)  # type: ignore[attr-defined]
-        affine = _RAS_TO_LPS @ np.asarray(image.affine, dtype=float)  # type: ignore[attr-defined]
+        affine = _RAS_TO_LPS @ np.array(image.affine, dtype=np.float64)  # type: ignore[attr-defined]
     elif name.endswith((".nrrd", ".nhdr")):
         import nrrd
 
@@ -162,8 +162,13 @@ def read_labels(path: Path) -> list[LabelEntry]:
         if not isinstance(spec, dict) or "name" not in spec:
             raise LabelMapError(f"label {key!r} in {path} needs a name")
         colour = spec.get("colour", spec.get("color", _PALETTE[position % len(_PALETTE)]))
+        if not isinstance(colour, list | tuple) or len(colour) != 3:
+            raise LabelMapError(
+                f"label {key!r} in {path}: colour_rgb {colour!r} must be 3 integers 0-255"
+            )
+        red, green, blue = colour
         try:
-            roi = RoiSpec(str(spec["name"]), tuple(colour), str(spec.get("type", "ORGAN")))
+            roi = RoiSpec(str(spec["name"]), (red, green, blue), str(spec.get("type", "ORGAN")))
         except (TypeError, ValueError) as error:
             raise LabelMapError(f"label {key!r} in {path}: {error}") from error
         entries.append(LabelEntry(value, roi))

@@ -43,6 +43,7 @@ from pydicom.sequence import Sequence as DicomSequence
 from pydicom.tag import Tag
 from pydicom.uid import (
     PYDICOM_IMPLEMENTATION_UID,
+    UID,
     ImplicitVRLittleEndian,
     RTStructureSetStorage,
 )
@@ -322,7 +323,7 @@ def _header(
     dataset = Dataset()
     dataset.file_meta = FileMetaDataset()
     dataset.file_meta.MediaStorageSOPClassUID = RTStructureSetStorage
-    dataset.file_meta.MediaStorageSOPInstanceUID = uids.sop_instance_uid
+    dataset.file_meta.MediaStorageSOPInstanceUID = UID(uids.sop_instance_uid)
     dataset.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian
     dataset.file_meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
     dataset.file_meta.ImplementationVersionName = "RTCONTOUR"

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pydicom.errors
-from pydicom.dataset import Dataset
+from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import UID
 
 from service.errors import InvalidSeries, UnsupportedGeometry
@@ -248,7 +248,7 @@ def load_series(
         sop_instance_uids=tuple(str(ds.SOPInstanceUID) for ds in datasets),
     )
     header = Dataset(datasets[0])
-    header.file_meta = getattr(datasets[0], "file_meta", Dataset())
+    header.file_meta = getattr(datasets[0], "file_meta", FileMetaDataset())
     for keyword in ("PixelData", "FloatPixelData", "DoubleFloatPixelData"):
         if keyword in header:
             delattr(header, keyword)
