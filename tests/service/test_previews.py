@@ -126,3 +126,43 @@ def test_preview_with_bad_plane_or_index_is_422(api: ApiHarness, query: str) -> 
         f"/api/jobs/{job.id}/preview.png?{query}", headers=api.headers("clinician")
     )
     assert response.status_code == 422, response.text
+
+
+def test_rasterised_contours_give_back_the_mask_in_every_plane(tmp_path: Path) -> None:
+    """Even-odd filling at pixel centres: the bone shell (a ring with a hole) comes back exactly."""
+    from service.previews import load_preview_volume
+    from tests.phantoms import write_ct_series
+    from worker.rtstruct import RoiSpec, build_rtstruct, save_rtstruct
+    from worker.volume import load_series
+
+    phantom = head_phantom((12, 40, 48), (3.0, 1.2, 0.9))
+    shell = phantom.hu >= 900  # bone shell and marker: rings with holes on most slices
+    paths = write_ct_series(tmp_path / "ct", phantom.hu, phantom.spacing_mm, patient_position="FFP")
+    series = load_series(paths, min_slices=1)
+    dataset = build_rtstruct(
+        series,
+        {"Shell": series.volume.array_from_canonical(shell)},
+        [RoiSpec("Shell", (0, 0, 255))],
+        model_name="t",
+        model_version="1",
+        min_area_mm2=0.0,
+    )
+    volume = load_preview_volume(tmp_path / "ct", save_rtstruct(dataset, tmp_path / "RS.dcm"))
+    (roi,) = volume.rois
+    np.testing.assert_array_equal(volume.hu, np.rint(phantom.hu).astype(np.int16))
+    for k in range(shell.shape[0]):
+        np.testing.assert_array_equal(volume.roi_mask(roi, "axial", k), shell[k])
+    for j in range(shell.shape[1]):
+        np.testing.assert_array_equal(volume.roi_mask(roi, "coronal", j), shell[:, j, :])
+    for i in range(shell.shape[2]):
+        np.testing.assert_array_equal(volume.roi_mask(roi, "sagittal", i), shell[:, :, i])
+
+
+def test_preview_when_the_ct_left_the_spool_is_404_with_a_reason(api: ApiHarness) -> None:
+    import shutil
+
+    job = add_finished_job(api)
+    shutil.rmtree(job.spool_dir)
+    response = api.client.get(f"/api/jobs/{job.id}/preview.png", headers=api.headers("clinician"))
+    assert response.status_code == 404
+    assert "no longer in its spool folder" in response.json()["detail"]
