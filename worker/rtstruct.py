@@ -2,6 +2,11 @@
 
 Public API (used by the worker pipeline)::
 
+    series = load_series(paths)                          # worker.volume, stored order
+    canonical = series.volume.to_canonical()             # the model's orientation
+    masks = segmenter.predict(canonical.array, canonical.spacing_mm)   # canonical grid
+    masks = {name: series.volume.array_from_canonical(m) for name, m in masks.items()}
+
     from worker.rtstruct import RoiSpec, build_rtstruct, rtstruct_uids, save_rtstruct
 
     dataset = build_rtstruct(
@@ -11,7 +16,7 @@ Public API (used by the worker pipeline)::
         model_name="hn-unet", model_version="1.2.0",
         min_area_mm2=2.0, smoothing=False,
     )
-    save_rtstruct(dataset, path)      # Part 10 file, Explicit VR Little Endian
+    save_rtstruct(dataset, path)      # Part 10 file, Implicit VR Little Endian
     rtstruct_uids(series.series_instance_uid, "hn-unet", "1.2.0")  # the UIDs it will carry
 
 ``build_rtstruct`` validates its arguments (``ValueError`` naming the argument and value) and
@@ -20,7 +25,11 @@ Its Series and SOP Instance UIDs are derived from (CT series UID, model name, mo
 so a repeated job yields the same object, never a second one. Patient and study attributes
 are copied from the CT; every CT image is referenced, and each contour references its slice.
 Contours follow the pixel edges (``worker.contours``), so filling them at the CT's pixel
-centres gives back the masks exactly.
+centres gives back the masks exactly (inner contours are holes: the even-odd/XOR rule that
+planning systems apply; plastimatch needs ``--xor-contours``).
+
+Files are Implicit VR Little Endian: Explicit VR's 16-bit value lengths cannot hold the Contour
+Data of a long contour. The Contour Sequences are pre-encoded (see ``_contour_sequence``).
 """
 
 from __future__ import annotations
@@ -48,6 +57,7 @@ from pydicom.uid import (
     RTStructureSetStorage,
 )
 
+from service import __version__
 from worker.contours import Contour, mask_to_contours
 from worker.volume import CtSeries
 
@@ -197,7 +207,7 @@ def build_rtstruct(
     model_version: str,
     min_area_mm2: float = 2.0,
     smoothing: bool = False,
-    software_version: str = "",
+    software_version: str = __version__,
     created_at: dt.datetime | None = None,
 ) -> Dataset:
     """Return an RT Structure Set dataset (with file meta) for masks on ``series.volume``.
@@ -205,7 +215,8 @@ def build_rtstruct(
     ``masks_by_roi``: roi name -> bool array (slices, rows, columns) on the series' stored
     grid (``series.volume``), one per entry of ``rois``; ``rois`` gives the order, names,
     colours and types. ``min_area_mm2``: contours enclosing less are dropped (see
-    ``worker.contours.mask_to_contours``). ``created_at`` (local time) defaults to now.
+    ``worker.contours.mask_to_contours``). ``software_version`` (rtcontour's by default) and
+    ``model_version`` go to Software Versions. ``created_at`` (local time) defaults to now.
     """
     _check_arguments(series, masks_by_roi, rois, model_name, model_version, min_area_mm2)
     contours_by_roi: dict[str, list[Contour]] = {}

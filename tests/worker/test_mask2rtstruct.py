@@ -161,3 +161,25 @@ def test_bad_labels_or_label_map_exit_with_a_message(
     assert code == 1
     assert message in capsys.readouterr().err
     assert not (tmp_path / "rs.dcm").exists()
+
+
+def test_rtcontour_command_runs_mask2rtstruct(ct: tuple[Path, CtSeries], tmp_path: Path) -> None:
+    from service.cli import main as rtcontour
+
+    folder, series = ct
+    label_path = _nifti(
+        _canonical_labels(), series.volume.to_canonical().affine, tmp_path / "l.nii"
+    )
+    (tmp_path / "labels.json").write_text(json.dumps({"1": "Marker"}))
+    out = tmp_path / "rs.dcm"
+    argv = [
+        "mask2rtstruct",
+        str(folder),
+        str(label_path),
+        "--labels",
+        str(tmp_path / "labels.json"),
+        "--out",
+        str(out),
+    ]
+    assert rtcontour(argv) == 0
+    assert pydicom.dcmread(out).StructureSetROISequence[0].ROIName == "Marker"

@@ -33,6 +33,8 @@ def test_openkbp_structures_round_trip_through_plastimatch_with_dice_one(tmp_pat
     masks = {name: mask for name, mask in masks.items() if mask.any()}
     outlines = trace_outlines(np.stack([m for m in masks.values()]).reshape(-1, 512, 512))
     assert (outlines.signed_area_px < 0).any(), "the chosen slices should hold holes"
+    islands_per_slice = np.bincount(outlines.slice_index[outlines.signed_area_px > 0])
+    assert islands_per_slice.max() > 1, "the chosen slices should hold several islands"
 
     ct_dir = tmp_path / "ct"
     paths = write_ct_series(

@@ -15,6 +15,7 @@ from pydicom.uid import JPEG2000Lossless, RLELossless
 
 from service.errors import InvalidSeries, UnsupportedGeometry
 from tests.phantoms import PATIENT_POSITIONS, ct_datasets, head_phantom, write_ct_series
+from tests.worker.conftest import dciodvfy_errors
 from worker.volume import Volume, load_series
 
 PHANTOM = head_phantom()
@@ -254,3 +255,32 @@ def test_pixel_representations_give_the_same_hounsfield_units(
         change(ds)
     volume = load_series(datasets, min_slices=1).volume
     np.testing.assert_array_equal(volume.to_canonical().array, PHANTOM.hu)
+
+
+def test_a_file_that_is_not_dicom_refuses_the_series(tmp_path: Path) -> None:
+    paths = write_ct_series(tmp_path, PHANTOM.hu[:4], PHANTOM.spacing_mm)
+    (tmp_path / "notes.txt").write_text("not DICOM")
+    with pytest.raises(InvalidSeries, match="could not be read"):
+        load_series([*paths, tmp_path / "notes.txt"], min_slices=1)
+
+
+@pytest.mark.parametrize(
+    ("position", "syntax"),
+    [
+        *((p, "1.2.840.10008.1.2.1") for p in PATIENT_POSITIONS),
+        ("HFS", RLELossless),
+        ("HFS", JPEG2000Lossless),
+        ("HFS", "1.2.840.10008.1.2"),
+    ],
+    ids=[*PATIENT_POSITIONS, "rle", "jpeg2000", "implicit-vr"],
+)
+def test_phantom_ct_instances_pass_dciodvfy(tmp_path: Path, position: str, syntax: str) -> None:
+    paths = write_ct_series(
+        tmp_path,
+        PHANTOM.hu[:3],
+        PHANTOM.spacing_mm,
+        patient_position=position,
+        transfer_syntax=syntax,
+    )
+    for path in paths:
+        assert dciodvfy_errors(path) == []
