@@ -77,38 +77,32 @@ class RetryOut(BaseModel):
     state: str
 
 
-def _attr(job: Any, name: str) -> Any:
-    return getattr(job, name, None)
-
-
 def _seconds(start: dt.datetime | None, end: dt.datetime | None) -> float | None:
     if start is None or end is None:
         return None
-    if (start.tzinfo is None) != (end.tzinfo is None):
-        start, end = start.replace(tzinfo=None), end.replace(tzinfo=None)
     return round((end - start).total_seconds(), 3)
 
 
-def summary(job: Any) -> JobSummaryOut:
+def summary(job: Job) -> JobSummaryOut:
     return JobSummaryOut(
         id=job.id,
         state=job.state,
         series_instance_uid=job.series_instance_uid,
-        calling_ae=_attr(job, "calling_ae"),
-        modality=_attr(job, "modality"),
-        series_description=_attr(job, "series_description"),
-        n_instances=_attr(job, "n_instances"),
-        model_name=_attr(job, "model_name"),
-        model_version=_attr(job, "model_version"),
-        failure_reason=_attr(job, "failure_reason"),
-        created_at=_attr(job, "created_at"),
-        finished_at=_attr(job, "finished_at"),
+        calling_ae=job.calling_ae,
+        modality=job.modality,
+        series_description=job.series_description,
+        n_instances=job.n_instances,
+        model_name=job.model_name,
+        model_version=job.model_version,
+        failure_reason=job.failure_reason,
+        created_at=job.created_at,
+        finished_at=job.finished_at,
     )
 
 
-def _structures(job: Any) -> list[StructureOut]:
+def _structures(job: Job) -> list[StructureOut]:
     out = []
-    for item in _attr(job, "structures") or []:
+    for item in job.structures or []:
         if not isinstance(item, dict) or "roi_name" not in item:
             continue
         colour = item.get("colour") or item.get("colour_rgb")
@@ -122,32 +116,32 @@ def _structures(job: Any) -> list[StructureOut]:
     return out
 
 
-def rtstruct_file(job: Any) -> Path | None:
+def rtstruct_file(job: Job) -> Path | None:
     """The archived RTSTRUCT of ``job`` if it exists on disk."""
-    path = _attr(job, "rtstruct_path")
+    path = job.rtstruct_path
     if not path:
         return None
     file = Path(path)
     return file if file.is_file() else None
 
 
-def detail(job: Any) -> JobDetailOut:
+def detail(job: Job) -> JobDetailOut:
     timings = StageTimingsOut(
-        load_s=_attr(job, "load_s"),
-        inference_s=_attr(job, "inference_s"),
-        contours_s=_attr(job, "contours_s"),
-        send_s=_attr(job, "send_s"),
-        queue_wait_s=_seconds(_attr(job, "queued_at"), _attr(job, "started_at")),
-        total_s=_seconds(_attr(job, "created_at"), _attr(job, "finished_at")),
+        load_s=job.load_s,
+        inference_s=job.inference_s,
+        contours_s=job.contours_s,
+        send_s=job.send_s,
+        queue_wait_s=_seconds(job.queued_at, job.started_at),
+        total_s=_seconds(job.created_at, job.finished_at),
     )
     return JobDetailOut(
         **summary(job).model_dump(),
-        study_instance_uid=_attr(job, "study_instance_uid"),
-        rtstruct_sop_instance_uid=_attr(job, "rtstruct_sop_instance_uid"),
+        study_instance_uid=job.study_instance_uid,
+        rtstruct_sop_instance_uid=job.rtstruct_sop_instance_uid,
         has_rtstruct=rtstruct_file(job) is not None,
-        attempts=_attr(job, "attempts"),
-        queued_at=_attr(job, "queued_at"),
-        started_at=_attr(job, "started_at"),
+        attempts=job.attempts,
+        queued_at=job.queued_at,
+        started_at=job.started_at,
         timings=timings,
         structures=_structures(job),
     )
@@ -223,7 +217,7 @@ def download_rtstruct(
         audit.RTSTRUCT_DOWNLOAD,
         principal.name,
         {
-            "sop_instance_uid": _attr(job, "rtstruct_sop_instance_uid"),
+            "sop_instance_uid": job.rtstruct_sop_instance_uid,
             "series_instance_uid": job.series_instance_uid,
         },
         job_id=job.id,
