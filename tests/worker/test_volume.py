@@ -14,7 +14,14 @@ from pydicom.dataset import Dataset
 from pydicom.uid import JPEG2000Lossless, RLELossless
 
 from service.errors import InvalidSeries, UnsupportedGeometry
-from tests.phantoms import PATIENT_POSITIONS, ct_datasets, head_phantom, write_ct_series
+from tests.phantoms import (
+    CANONICAL_DIRECTIONS,
+    PATIENT_POSITIONS,
+    ct_datasets,
+    default_origin_mm,
+    head_phantom,
+    write_ct_series,
+)
 from tests.worker.conftest import dciodvfy_errors
 from worker.volume import Volume, load_series
 
@@ -76,6 +83,10 @@ def test_marker_is_anatomically_placed_after_canonical_reorientation(
     canonical = volume.to_canonical()
     np.testing.assert_array_equal(canonical.array, PHANTOM.hu)
     assert canonical.spacing_mm == pytest.approx(PHANTOM.spacing_mm)
+    expected_affine = np.eye(4)
+    expected_affine[:3, :3] = CANONICAL_DIRECTIONS.T * np.array(PHANTOM.spacing_mm)
+    expected_affine[:3, 3] = default_origin_mm(PHANTOM.hu.shape, PHANTOM.spacing_mm)
+    np.testing.assert_allclose(canonical.affine, expected_affine, atol=1e-6)
     # Where the marker is in the patient, read from the stored series' own geometry:
     marker_mm = volume.index_to_lps(np.argwhere(volume.array > 1200)).mean(axis=0)
     body_mm = volume.index_to_lps(np.argwhere(volume.array > -500)).mean(axis=0)
