@@ -12,7 +12,7 @@ import pydicom
 import pytest
 from pydicom.dataset import Dataset
 
-from tests.phantoms import head_phantom, write_ct_series
+from tests.phantoms import ct_datasets, head_phantom, write_ct_series
 from tests.worker.conftest import (
     dciodvfy_errors,
     dciodvfy_warnings,
@@ -236,3 +236,25 @@ def test_plastimatch_rasterises_our_rtstruct_to_the_same_masks(
     masks = plastimatch_masks(rs_path, folder, tmp_path / "out", series.volume)
     for name, mask in _masks(series.volume).items():
         np.testing.assert_array_equal(masks[name], mask, err_msg=name)
+
+
+@pytest.mark.parametrize(
+    ("character_set", "name"),
+    [("ISO_IR 100", "Müller^Jörg"), ("ISO_IR 192", "山田^太郎")],
+    ids=["latin-1", "utf-8"],
+)
+def test_patient_name_survives_in_the_cts_character_set(
+    tmp_path: Path, character_set: str, name: str
+) -> None:
+    datasets = ct_datasets(PHANTOM.hu[4:12], PHANTOM.spacing_mm)
+    for ds in datasets:
+        ds.SpecificCharacterSet, ds.PatientName = character_set, name
+    series = load_series(datasets, min_slices=1)
+    masks = {"Marker": series.volume.array > 1200}
+    dataset = build_rtstruct(
+        series, masks, [RoiSpec("Marker", (255, 0, 0))], model_name="m", model_version="1"
+    )
+    path = save_rtstruct(dataset, tmp_path / "rs.dcm")
+    read_back = pydicom.dcmread(path)
+    assert (read_back.SpecificCharacterSet, str(read_back.PatientName)) == (character_set, name)
+    assert dciodvfy_errors(path) == []
