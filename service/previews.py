@@ -233,7 +233,7 @@ class PreviewCache:
     Loading a CT takes about a second; the dashboard's slider asks for many images of one job.
     """
 
-    def __init__(self, capacity: int = 3) -> None:
+    def __init__(self, capacity: int = 2) -> None:
         self.capacity = capacity
         self._items: OrderedDict[tuple[str, str, float], PreviewVolume] = OrderedDict()
         self._lock = threading.Lock()
