@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import logging
 import signal
+import socket
 import socketserver
 import ssl
 import threading
@@ -80,6 +81,8 @@ class _AssociationServer(ThreadedAssociationServer):
     on_tls_failure: Any = None
 
     def process_request_thread(self, request: Any, client_address: Any) -> None:
+        # Small PDUs (C-STORE-RSP) must not wait for delayed ACKs: ~40 ms per instance otherwise.
+        request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if self.tls_context is not None:
             try:
                 request = accept_tls(request, self.tls_context, self.handshake_timeout_s)

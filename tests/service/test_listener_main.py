@@ -95,7 +95,7 @@ def test_killed_listener_leaves_whole_instances_and_no_arrival_until_resent(
     folder = tmp_path / "var" / "spool" / "incoming" / series_uid
     assert sorted(p.suffix for p in folder.iterdir()) == [".dcm"] * 4
     for stored in folder.iterdir():
-        pydicom.dcmread(stored).pixel_array  # every file is whole
+        assert pydicom.dcmread(stored).pixel_array.shape == (16, 16)  # every file is whole
 
     restarted = start_listener_process(quiet_period_s=0.3)
     time.sleep(1.0)
