@@ -71,10 +71,20 @@ def _uid() -> str:
     return f"1.2.826.0.1.3680043.10.543.{next(_counter)}"
 
 
-def make_harness(tmp_path: Path, database_url: str | None = None, **app_kwargs: Any) -> ApiHarness:
-    """``database_url``: None for the embedded SQLite, or e.g. the ``postgres_url`` fixture."""
+def make_harness(
+    tmp_path: Path,
+    database_url: str | None = None,
+    *,
+    settings_extra: dict[str, Any] | None = None,
+    **app_kwargs: Any,
+) -> ApiHarness:
+    """``database_url``: None for the embedded SQLite, or e.g. the ``postgres_url`` fixture;
+    ``settings_extra``: more settings (e.g. destinations); ``app_kwargs`` go to create_app."""
     settings = Settings(
-        data_dir=tmp_path / "var", admin_token=ADMIN_TOKEN, database_url=database_url
+        data_dir=tmp_path / "var",
+        admin_token=ADMIN_TOKEN,
+        database_url=database_url,
+        **(settings_extra or {}),
     )
     engine = make_engine(settings)
     enqueued: list[str] = []

@@ -67,7 +67,10 @@ def _history(harness: ApiHarness) -> None:
 
 @pytest.fixture
 def served(tmp_path: Path) -> Iterator[tuple[ApiHarness, str]]:
-    harness = make_harness(tmp_path)
+    unreachable = _free_port()  # nothing listens there: the destination shows as unreachable
+    harness = make_harness(
+        tmp_path, settings_extra={"destinations": f"PACS@127.0.0.1:{unreachable}"}
+    )
     port = _free_port()
     server = uvicorn.Server(
         uvicorn.Config(harness.client.app, host="127.0.0.1", port=port, log_level="warning")
@@ -93,7 +96,12 @@ def test_dashboard_login_jobs_previews_and_hostile_text(served: tuple[ApiHarness
         series_description="Pelvis CT",
         failure_reason="the series is oblique (gantry tilt 12 degrees)",
     )
-    job = add_finished_job(harness, series_description=HOSTILE, calling_ae="TPS_RAYSTN")
+    job = add_finished_job(
+        harness,
+        series_description=HOSTILE,
+        calling_ae="TPS_RAYSTN",
+        created_at=dt.datetime.now(dt.UTC) - dt.timedelta(seconds=75),
+    )
     harness.add_job(state="running", series_description="Thorax CT", calling_ae="TPS_ECLIPSE")
     dialogs: list[str] = []
 
@@ -121,6 +129,9 @@ def test_dashboard_login_jobs_previews_and_hostile_text(served: tuple[ApiHarness
             sync_api.expect(page.locator("#failures")).to_contain_text("gantry tilt 12 degrees")
             sync_api.expect(page.locator("#queue-depth")).to_have_text("3")
             assert page.locator("#chart svg rect.bar-done").count() > 10
+            destination = page.locator("#destinations-table tbody tr")
+            sync_api.expect(destination).to_contain_text("PACS@127.0.0.1")
+            sync_api.expect(destination.locator("td").nth(1)).to_have_text("no")
 
             # Live list: a job arriving now appears without a reload.
             late = harness.add_job(state="queued", series_description="Arrived later")

@@ -8,7 +8,9 @@ const POLL_MS = 3000;
 const PAGE_SIZE = 25;
 const ROLE_RANK = { viewer: 0, clinician: 1, admin: 2 };
 
-const state = { token: null, me: null, offset: 0, timer: null, jobId: null, previewInfo: null };
+const DESTINATION_EVERY = 10;  // C-ECHO the destinations every 10th poll (30 s)
+
+const state = { token: null, me: null, offset: 0, timer: null, jobId: null, previewInfo: null, tick: 0 };
 
 function $(selector) { return document.querySelector(selector); }
 
@@ -99,6 +101,7 @@ function poll(fn) {
 
 // ---- overview ------------------------------------------------------------------------
 async function refreshOverview() {
+  if (state.tick++ % DESTINATION_EVERY === 0) refreshDestinations();
   try {
     const filters = new URLSearchParams({ limit: PAGE_SIZE, offset: state.offset });
     const wanted = $("#filter-state").value;
@@ -334,7 +337,7 @@ function route() {
   } else {
     state.jobId = null;
     show("overview");
-    refreshDestinations();
+    state.tick = 0;
     poll(refreshOverview);
   }
 }
