@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Annotated, Any
+from typing import Annotated
 
 from fastapi import Depends, HTTPException, Request, status
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
@@ -18,7 +18,8 @@ from sqlalchemy.orm import Session
 
 from service.auth import Principal, Role, authenticate
 from service.jobstore import JobStore
-from service.settings import Settings
+from service.previews import PreviewCache
+from service.settings import Destination, Settings
 
 bearer = HTTPBearer(auto_error=False, description="An rtcontour API token")
 
@@ -32,8 +33,8 @@ class AppContext:
     store: JobStore
     enqueue: Callable[[str], None]
     queue_depth: Callable[[], int | None]
-    echo: Callable[[Any], tuple[bool, str]]
-    previews: Any  # service.previews.PreviewCache
+    echo: Callable[[Destination], tuple[bool, str]]
+    previews: PreviewCache
 
 
 def get_context(request: Request) -> AppContext:
