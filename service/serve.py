@@ -219,10 +219,17 @@ def main(argv: list[str] | None = None) -> int:
             pass
     finally:
         started = time.monotonic()
-        listener.shutdown(timeout_s=10.0)
-        api.stop()
+        # In parallel: the worker's warm shutdown takes seconds even when idle.
+        stoppers = [
+            threading.Thread(target=listener.shutdown, kwargs={"timeout_s": 10.0}),
+            threading.Thread(target=api.stop),
+        ]
         if worker is not None:
-            worker.stop(args.worker_grace)
+            stoppers.append(threading.Thread(target=worker.stop, args=(args.worker_grace,)))
+        for stopper in stoppers:
+            stopper.start()
+        for stopper in stoppers:
+            stopper.join()
         engine.dispose()
         logger.info("stopped in %.1f s", time.monotonic() - started)
     return 0

@@ -151,7 +151,7 @@ class ServeProcess:
                 raise RuntimeError(f"rtcontour serve exited early:\n{self.log()}")
             try:
                 response = httpx.get(f"{self.api_url}/health", timeout=1.0)
-                if response.status_code == 200 and _port_open(self.dicom_port):
+                if response.status_code == 200 and c_echo(self.dicom_port):
                     return
             except httpx.HTTPError:
                 pass
@@ -197,6 +197,25 @@ class _suppress_lookup:  # noqa: N801 - used like contextlib.suppress
 
     def __exit__(self, exc_type: object, exc: object, tb: object) -> bool:
         return isinstance(exc, ProcessLookupError | PermissionError)
+
+
+def c_echo(port: int, called_ae: str = "RTCONTOUR") -> bool:
+    """True if a C-ECHO to 127.0.0.1:port succeeds (a real association, not a bare connect,
+    which would leave the listener waiting for an A-ASSOCIATE-RQ)."""
+    from pynetdicom import AE
+    from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+
+    ae = AE(ae_title="TPS")
+    ae.add_requested_context(Verification)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = ae.connection_timeout = 2
+    assoc = ae.associate("127.0.0.1", port, ae_title=called_ae)
+    if not assoc.is_established:
+        return False
+    try:
+        status = assoc.send_c_echo()
+        return bool(status) and int(getattr(status, "Status", -1)) == 0
+    finally:
+        assoc.release()
 
 
 def _port_open(port: int) -> bool:
@@ -413,3 +432,109 @@ def real_package() -> Path | None:
         return find_latest_package()
     except Exception:  # noqa: BLE001 - none committed yet
         return None
+
+
+# -- end-to-end helpers -------------------------------------------------------------------------
+def storescu(
+    port: int, files: list[Path], *, calling_ae: str = "TPS", called_ae: str = "RTCONTOUR"
+) -> None:
+    """Send ``files`` in one association with DCMTK storescu (raises if it fails)."""
+    import shutil
+
+    if shutil.which("storescu") is None:
+        pytest.skip("DCMTK storescu is not installed (apt-get install dcmtk)")
+    result = subprocess.run(
+        ["storescu", "-aet", calling_ae, "-aec", called_ae, "127.0.0.1", str(port),
+         *map(str, files)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    if result.returncode != 0:
+        raise RuntimeError(f"storescu failed ({result.returncode}): {result.stderr[-2000:]}")
+
+
+def api_jobs(serve: ServeProcess, **params: object) -> list[dict]:
+    import httpx
+
+    response = httpx.get(
+        f"{serve.api_url}/api/jobs", params={"limit": 500, **params}, headers=serve.headers(),
+        timeout=10,
+    )
+    response.raise_for_status()
+    return list(response.json()["items"])
+
+
+def api_job(serve: ServeProcess, job_id: str) -> dict:
+    import httpx
+
+    response = httpx.get(f"{serve.api_url}/api/jobs/{job_id}", headers=serve.headers(), timeout=10)
+    response.raise_for_status()
+    return dict(response.json())
+
+
+FINAL_STATES = {"done", "failed", "send_failed"}
+
+
+def wait_for_jobs(
+    serve: ServeProcess,
+    count: int,
+    *,
+    states: set[str] = FINAL_STATES,
+    timeout_s: float = 120.0,
+) -> list[dict]:
+    """Poll the API until ``count`` jobs exist and all are in ``states``; return them."""
+    deadline = time.monotonic() + timeout_s
+    jobs: list[dict] = []
+    while time.monotonic() < deadline:
+        jobs = api_jobs(serve)
+        if len(jobs) >= count and all(job["state"] in states for job in jobs):
+            return jobs
+        time.sleep(0.25)
+    raise AssertionError(
+        f"after {timeout_s} s: {[(j['id'], j['state']) for j in jobs]} (want {count} in "
+        f"{sorted(states)})\n--- serve log ---\n{serve.log()}"
+    )
+
+
+def wait_until(predicate, timeout_s: float, what: str, interval_s: float = 0.1):  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval_s)
+    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+
+
+def referenced_ct_uids(rtstruct_path: Path) -> set[str]:
+    """SOP Instance UIDs of the CT images an RTSTRUCT's frame of reference lists."""
+    import pydicom
+
+    ds = pydicom.dcmread(rtstruct_path)
+    return {
+        image.ReferencedSOPInstanceUID
+        for frame in ds.ReferencedFrameOfReferenceSequence
+        for study in frame.RTReferencedStudySequence
+        for series in study.RTReferencedSeriesSequence
+        for image in series.ContourImageSequence
+    }
+
+
+def sop_uids(files: list[Path]) -> set[str]:
+    import pydicom
+
+    return {str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID) for f in files}
+
+
+@pytest.fixture(scope="session")
+def slow_test_package(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random-weight package whose small patch makes inference take seconds at overlap 0.9
+    (to act while a job is in the middle of inference)."""
+    pytest.importorskip("torch", reason="the 'train' extra (torch) exports the test package")
+    return build_test_package(
+        tmp_path_factory.mktemp("slow-packages"), name="slow-test", patch_size=(8, 16, 16)
+    )
+
+
+SLOW_INFERENCE_ENV = {"RTCONTOUR_INFERENCE_OVERLAP": "0.9"}
