@@ -258,3 +258,22 @@ def test_patient_name_survives_in_the_cts_character_set(
     read_back = pydicom.dcmread(path)
     assert (read_back.SpecificCharacterSet, str(read_back.PatientName)) == (character_set, name)
     assert dciodvfy_errors(path) == []
+
+
+def test_contour_longer_than_64_kilobytes_is_written_and_read_back(tmp_path: Path) -> None:
+    datasets = ct_datasets(np.zeros((2, 1024, 1024), np.float32), (3.0, 0.488, 0.488))
+    series = load_series(datasets, min_slices=1)
+    rows, cols = np.mgrid[:1024, :1024]
+    diamond = np.abs(rows - 512) + np.abs(cols - 512) <= 500  # staircase edges: ~4,000 corners
+    mask = np.stack([diamond, np.zeros_like(diamond)])
+    dataset = build_rtstruct(
+        series, {"Diamond": mask}, [RoiSpec("Diamond", (9, 9, 9))], model_name="m",
+        model_version="1", min_area_mm2=0.0,
+    )  # fmt: skip
+    path = save_rtstruct(dataset, tmp_path / "rs.dcm")
+    assert dciodvfy_errors(path) == []
+    read_back = pydicom.dcmread(path)
+    (contour,) = read_back.ROIContourSequence[0].ContourSequence
+    text_bytes = sum(len(str(value)) + 1 for value in contour.ContourData)
+    assert text_bytes > 65535  # more than an Explicit VR DS element can hold
+    np.testing.assert_array_equal(rtstruct_masks(read_back, series.volume)["Diamond"], mask)
