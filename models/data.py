@@ -172,7 +172,8 @@ def load_split(
     paths = list_cases(data_dir, split)
     if limit is not None:
         paths = paths[:limit]
-    target = tuple(float(s) for s in target_spacing_mm)
+    target = (float(target_spacing_mm[0]), float(target_spacing_mm[1]),
+              float(target_spacing_mm[2]))
     jobs = [(path, Path(cache_dir), split, target) for path in paths]
     missing = sum(
         not _cache_path(Path(cache_dir), split, p.stem, target).exists() for p in paths

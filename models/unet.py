@@ -167,8 +167,8 @@ def deep_residual_unet(
 
     Examples:
         >>> net = deep_residual_unet(base_channels=4)
-        >>> net(torch.zeros(1, 1, 32, 32, 32)).shape
-        torch.Size([1, 7, 32, 32, 32])
+        >>> net(torch.zeros(1, 1, 64, 64, 64)).shape
+        torch.Size([1, 7, 64, 64, 64])
     """
     return ResidualUNet3D(
         in_channels=in_channels,

@@ -1,0 +1,150 @@
+"""Evaluate a model package on the OpenKBP validation split (``rtcontour evaluate``).
+
+Each patient goes through :class:`models.inference.Segmenter` exactly as in the service
+(HU array in, masks on the CT grid out). Dice and HD95 (mm) per structure, counting only
+patients whose ``rois_present`` lists the structure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from scipy import ndimage
+
+from models.data import default_data_dir, list_cases, load_openkbp_raw
+from models.inference import Segmenter
+from models.package import find_latest_package
+
+__all__ = ["dice", "hd95_mm", "evaluate_package", "format_table", "main"]
+
+log = logging.getLogger(__name__)
+
+
+def dice(prediction: np.ndarray, reference: np.ndarray) -> float:
+    """Dice of two bool masks (1.0 when both are empty)."""
+    total = int(prediction.sum()) + int(reference.sum())
+    if total == 0:
+        return 1.0
+    return 2.0 * int(np.logical_and(prediction, reference).sum()) / total
+
+
+def _surface(mask: np.ndarray) -> np.ndarray:
+    return mask & ~ndimage.binary_erosion(mask, structure=ndimage.generate_binary_structure(3, 1))
+
+
+def hd95_mm(prediction: np.ndarray, reference: np.ndarray,
+            spacing_mm: Sequence[float]) -> float | None:
+    """95th-percentile symmetric Hausdorff distance in mm between mask surfaces (the larger
+    of the two directed 95th percentiles); ``None`` when either mask is empty."""
+    if not prediction.any() or not reference.any():
+        return None
+    pred_surface, ref_surface = _surface(prediction), _surface(reference)
+    to_ref = ndimage.distance_transform_edt(~ref_surface, sampling=spacing_mm)
+    to_pred = ndimage.distance_transform_edt(~pred_surface, sampling=spacing_mm)
+    return float(max(np.percentile(to_ref[pred_surface], 95),
+                     np.percentile(to_pred[ref_surface], 95)))
+
+
+def evaluate_package(
+    package: Path,
+    data_dir: Path,
+    split: str = "validation",
+    overlap: float = 0.5,
+    mirror_tta: bool = False,
+    provider: str = "auto",
+    limit: int | None = None,
+) -> dict[str, Any]:
+    """Per-structure mean Dice / HD95 of ``package`` on an OpenKBP split."""
+    segmenter = Segmenter(package, overlap=overlap, mirror_tta=mirror_tta, provider=provider)
+    paths = list_cases(data_dir, split)[:limit]
+    names = [label.roi_name for label in segmenter.manifest.labels]
+    dices: dict[str, list[float]] = {name: [] for name in names}
+    distances: dict[str, list[float]] = {name: [] for name in names}
+    missed: dict[str, int] = dict.fromkeys(names, 0)
+    started = time.monotonic()
+    for number, path in enumerate(paths, start=1):
+        hu, masks, known, spacing = load_openkbp_raw(path)
+        predicted = segmenter.predict(hu.astype(np.float32), spacing)
+        for channel, name in enumerate(names):
+            if not known[channel]:
+                continue
+            dices[name].append(dice(predicted[name], masks[channel]))
+            distance = hd95_mm(predicted[name], masks[channel], spacing)
+            if distance is None:
+                missed[name] += 1
+            else:
+                distances[name].append(distance)
+        log.info("%d/%d %s done", number, len(paths), path.stem)
+    per_structure = {
+        name: {
+            "dice": float(np.mean(dices[name])),
+            "hd95_mm": float(np.mean(distances[name])) if distances[name] else None,
+            "n_cases": len(dices[name]),
+            "n_empty_predictions": missed[name],
+        }
+        for name in names
+        if dices[name]
+    }
+    hd_values = [r["hd95_mm"] for r in per_structure.values() if r["hd95_mm"] is not None]
+    return {
+        "package": str(package),
+        "split": split,
+        "n_cases": len(paths),
+        "backend": segmenter.backend,
+        "overlap": overlap,
+        "mirror_tta": mirror_tta,
+        "seconds_per_case": (time.monotonic() - started) / max(1, len(paths)),
+        "per_structure": per_structure,
+        "mean_dice": float(np.mean([r["dice"] for r in per_structure.values()])),
+        "mean_hd95_mm": float(np.mean(hd_values)) if hd_values else None,
+    }
+
+
+def format_table(results: dict[str, Any]) -> str:
+    lines = [f"{'structure':<14} {'Dice':>6} {'HD95 mm':>8} {'n':>3}", "-" * 34]
+    for name, row in results["per_structure"].items():
+        hd = "-" if row["hd95_mm"] is None else f"{row['hd95_mm']:.1f}"
+        lines.append(f"{name:<14} {row['dice']:>6.3f} {hd:>8} {row['n_cases']:>3}")
+    mean_hd = "-" if results["mean_hd95_mm"] is None else f"{results['mean_hd95_mm']:.1f}"
+    lines += ["-" * 34, f"{'mean':<14} {results['mean_dice']:>6.3f} {mean_hd:>8}",
+              f"({results['n_cases']} patients, {results['backend']}, "
+              f"{results['seconds_per_case']:.1f} s/patient)"]
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """CLI entry point (``rtcontour evaluate``)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = argparse.ArgumentParser(prog="rtcontour evaluate",
+                                     description=__doc__.splitlines()[0])
+    parser.add_argument("--package", type=Path, default=None,
+                        help="package folder (default: latest under models/packages)")
+    parser.add_argument("--data-dir", type=Path, default=None)
+    parser.add_argument("--split", default="validation")
+    parser.add_argument("--overlap", type=float, default=0.5)
+    parser.add_argument("--mirror-tta", action="store_true")
+    parser.add_argument("--provider", default="auto")
+    parser.add_argument("--limit", type=int, default=None)
+    parser.add_argument("--json-out", type=Path, default=None)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    package = args.package or find_latest_package()
+    results = evaluate_package(package, args.data_dir or default_data_dir(), args.split,
+                               args.overlap, args.mirror_tta, args.provider, args.limit)
+    print(format_table(results))  # noqa: T201
+    if args.json_out:
+        args.json_out.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

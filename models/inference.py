@@ -1,0 +1,286 @@
+"""Sliding-window inference of a model package (onnxruntime or OpenVINO; no torch import).
+
+``Segmenter.predict`` takes a canonical float32 HU array (slices S->I, rows A->P, columns
+R->L) with its spacing in mm, resamples it to the package's spacing, predicts per-structure
+probabilities with Gaussian-blended overlapping windows (optionally mirror TTA), resamples the
+probabilities back linearly to the input grid, thresholds at 0.5 and post-processes each
+structure (largest connected component, holes filled per axial slice).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+from scipy import ndimage
+
+from models.package import ModelPackage, load_package
+from models.resampling import resample_to_shape, resampled_shape
+
+__all__ = ["Segmenter", "gaussian_importance", "symmetric_window_starts", "postprocess_mask",
+           "DEFAULT_CPU_BACKEND"]
+
+log = logging.getLogger(__name__)
+
+# Measured on the 2-core AVX-512 build machine (bench/bench_inference.py): OpenVINO runs the
+# same ONNX graph faster than onnxruntime's CPU provider, so it is the default CPU path.
+DEFAULT_CPU_BACKEND = "openvino"
+PROVIDERS = ("auto", "cuda", "cpu", "onnxruntime", "openvino")
+
+
+class _Runner(Protocol):
+    name: str
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray: ...
+
+
+class _OrtRunner:
+    def __init__(self, onnx_path: Path, providers: list[str], threads: int) -> None:
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        self.session = ort.InferenceSession(str(onnx_path), options, providers=providers)
+        self.input_name = self.session.get_inputs()[0].name
+        self.name = f"onnxruntime[{self.session.get_providers()[0]}]"
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        return np.asarray(self.session.run(None, {self.input_name: batch})[0])
+
+
+class _OpenVinoRunner:
+    def __init__(self, onnx_path: Path, input_shape: Sequence[int], threads: int) -> None:
+        import openvino as ov
+
+        core = ov.Core()
+        model = core.read_model(str(onnx_path))
+        model.reshape({model.inputs[0].get_any_name(): ov.PartialShape(list(input_shape))})
+        self.compiled = core.compile_model(
+            model,
+            "CPU",
+            {
+                "INFERENCE_NUM_THREADS": threads,
+                "PERFORMANCE_HINT": "LATENCY",
+                # f32 keeps the outputs equal to onnxruntime's within float tolerance
+                "INFERENCE_PRECISION_HINT": "f32",
+            },
+        )
+        self.request = self.compiled.create_infer_request()
+        self.name = "openvino[CPU]"
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        self.request.infer({0: batch})
+        return np.array(self.request.get_output_tensor(0).data, copy=True)
+
+
+def gaussian_importance(patch_size: Sequence[int], sigma_scale: float = 0.125) -> np.ndarray:
+    """Separable Gaussian weight map (float32, max 1, floor 1e-3) centred in the patch."""
+    weight = np.ones(tuple(patch_size), dtype=np.float32)
+    for axis, size in enumerate(patch_size):
+        coords = np.arange(size, dtype=np.float32) - (size - 1) / 2.0
+        profile = np.exp(-0.5 * (coords / (sigma_scale * size)) ** 2)
+        shape = [1] * len(patch_size)
+        shape[axis] = size
+        weight = weight * profile.reshape(shape)
+    weight /= weight.max()
+    return np.maximum(weight, 1e-3).astype(np.float32)
+
+
+def symmetric_window_starts(size: int, patch: int, overlap: float) -> list[int]:
+    """Window starts covering ``size`` with windows of ``patch``, mirror-symmetric so that
+    mirror TTA sees the same tiling of a mirrored volume."""
+    if size <= patch:
+        return [0]
+    span = size - patch
+    step = max(1, int(round(patch * (1.0 - overlap))))
+    count = math.ceil(span / step) + 1
+    first_half = [int(math.floor(i * span / (count - 1) + 0.5)) for i in range((count + 1) // 2)]
+    return sorted(set(first_half) | {span - s for s in first_half})
+
+
+def postprocess_mask(mask: np.ndarray, single_component: bool) -> np.ndarray:
+    """Keep the largest 26-connected component (if ``single_component``) and fill holes in
+    each axial slice (axis 0). Works on the mask's bounding box to bound memory."""
+    if not mask.any():
+        return mask
+    box = ndimage.find_objects(mask.astype(np.uint8))[0]
+    crop = mask[box]
+    if single_component:
+        labelled, count = ndimage.label(crop, structure=np.ones((3, 3, 3), dtype=bool))
+        if count > 1:
+            sizes = np.bincount(labelled.ravel())
+            sizes[0] = 0
+            crop = labelled == int(np.argmax(sizes))
+    filled = np.empty_like(crop)
+    for index in range(crop.shape[0]):
+        filled[index] = ndimage.binary_fill_holes(crop[index])
+    result = np.zeros_like(mask)
+    result[box] = filled
+    return result
+
+
+class Segmenter:
+    """Sliding-window segmentation with a validated model package.
+
+    Args:
+        package: a :class:`ModelPackage` or the package folder.
+        overlap: fraction of the patch shared by neighbouring windows, in [0, 0.9].
+        mirror_tta: also predict the volume mirrored along the package's ``mirror_axes``
+            (left/right) and average, swapping the paired channels (Parotid_L/Parotid_R) back.
+        provider: ``auto`` (CUDA via onnxruntime if available, else the faster CPU backend
+            :data:`DEFAULT_CPU_BACKEND`, with a warning), ``cuda``, ``cpu``/``onnxruntime``
+            (onnxruntime CPU) or ``openvino``.
+        batch_size: windows per network call.
+        threads: CPU threads (default: all cores).
+    """
+
+    def __init__(
+        self,
+        package: ModelPackage | Path | str,
+        overlap: float = 0.5,
+        mirror_tta: bool = False,
+        provider: str = "auto",
+        batch_size: int = 2,
+        threads: int | None = None,
+    ) -> None:
+        if not isinstance(package, ModelPackage):
+            package = load_package(package)
+        if not 0.0 <= overlap <= 0.9:
+            raise ValueError(f"overlap must be in [0, 0.9], got {overlap!r}")
+        if provider not in PROVIDERS:
+            raise ValueError(f"provider must be one of {PROVIDERS}, got {provider!r}")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        self.package = package
+        self.manifest = package.manifest
+        self.overlap = overlap
+        self.mirror_tta = mirror_tta
+        self.batch_size = batch_size
+        self.patch = tuple(self.manifest.patch_size)
+        self.threads = threads or os.cpu_count() or 1
+        self.runner = self._make_runner(provider)
+        log.info("segmenter %s-%s on %s (overlap %.2f, mirror TTA %s, batch %d)",
+                 self.manifest.name, self.manifest.version, self.runner.name, overlap,
+                 mirror_tta, batch_size)
+
+    @property
+    def backend(self) -> str:
+        return self.runner.name
+
+    def _make_runner(self, provider: str) -> _Runner:
+        import onnxruntime as ort
+
+        onnx_path = self.package.onnx_path
+        available = ort.get_available_providers()
+        if provider in ("auto", "cuda"):
+            if "CUDAExecutionProvider" in available:
+                return _OrtRunner(onnx_path, ["CUDAExecutionProvider", "CPUExecutionProvider"],
+                                  self.threads)
+            log.warning("CUDAExecutionProvider is not available (providers: %s); falling back "
+                        "to CPU inference with %s", ", ".join(available),
+                        DEFAULT_CPU_BACKEND if provider == "auto" else "onnxruntime")
+            provider = "cpu" if provider == "cuda" else DEFAULT_CPU_BACKEND
+        if provider == "openvino":
+            return _OpenVinoRunner(onnx_path, (self.batch_size, 1, *self.patch), self.threads)
+        return _OrtRunner(onnx_path, ["CPUExecutionProvider"], self.threads)
+
+    # --- network on the model grid ----------------------------------------------------------
+
+    def _windows(self, shape: Sequence[int]) -> Iterator[tuple[slice, slice, slice]]:
+        starts = [symmetric_window_starts(s, p, self.overlap)
+                  for s, p in zip(shape, self.patch, strict=True)]
+        for a in starts[0]:
+            for b in starts[1]:
+                for c in starts[2]:
+                    yield (slice(a, a + self.patch[0]), slice(b, b + self.patch[1]),
+                           slice(c, c + self.patch[2]))
+
+    def _run_batch(self, batch: np.ndarray) -> np.ndarray:
+        count = batch.shape[0]
+        if count < self.batch_size:  # fixed-shape backends get a full batch
+            filler = np.zeros((self.batch_size - count,) + batch.shape[1:], dtype=batch.dtype)
+            batch = np.concatenate([batch, filler])
+        logits = self.runner(batch)[:count]
+        probs = 1.0 / (1.0 + np.exp(-logits.astype(np.float32)))
+        if self.mirror_tta:
+            mirrored = self.runner(np.ascontiguousarray(np.flip(batch, axis=-1)))[:count]
+            mirrored_probs = 1.0 / (1.0 + np.exp(-mirrored.astype(np.float32)))
+            mirrored_probs = np.flip(mirrored_probs, axis=-1)
+            order = list(range(probs.shape[1]))
+            for left, right in self.manifest.mirror_channel_swaps:
+                order[left], order[right] = order[right], order[left]
+            probs = 0.5 * (probs + mirrored_probs[:, order])
+        return probs
+
+    def predict_probabilities(self, image: np.ndarray) -> np.ndarray:
+        """Probabilities (C, D, H, W) float32 for a normalised (D, H, W) image on the model
+        grid."""
+        shape = image.shape
+        padded_shape = [max(s, p) for s, p in zip(shape, self.patch, strict=True)]
+        pads = [(0, ps - s) for ps, s in zip(padded_shape, shape, strict=True)]
+        padded = np.pad(image.astype(np.float32, copy=False), pads, constant_values=-1.0)
+        n_labels = len(self.manifest.labels)
+        accum = np.zeros((n_labels, *padded.shape), dtype=np.float32)
+        norm = np.zeros(padded.shape, dtype=np.float32)
+        weight = gaussian_importance(self.patch)
+        windows = list(self._windows(padded.shape))
+        for first in range(0, len(windows), self.batch_size):
+            chunk = windows[first:first + self.batch_size]
+            batch = np.stack([padded[w] for w in chunk])[:, None]
+            probs = self._run_batch(batch)
+            for window, window_probs in zip(chunk, probs, strict=True):
+                accum[(slice(None), *window)] += window_probs * weight
+                norm[window] += weight
+        accum /= norm
+        return accum[(slice(None), *(slice(0, s) for s in shape))]
+
+    # --- full pipeline on the input grid ----------------------------------------------------
+
+    def preprocess(self, hu: np.ndarray, spacing_mm: Sequence[float]) -> np.ndarray:
+        """HU (input grid) -> normalised float32 image on the model grid."""
+        target = self.manifest.target_spacing_mm
+        factors = [t / s for s, t in zip(spacing_mm, target, strict=True)]
+        source = np.asarray(hu, dtype=np.float32)
+        if any(f > 1.5 for f in factors):
+            # anti-alias before decimating: training CTs had ~4 mm partial-volume voxels
+            sigma = [math.sqrt(max(f * f - 1.0, 0.0)) / 2.0 for f in factors]
+            source = ndimage.gaussian_filter(source, sigma=sigma, truncate=3.0)
+        shape = resampled_shape(hu.shape, spacing_mm, target)
+        image = resample_to_shape(source, factors, shape, order=1)
+        del source
+        intensity = self.manifest.intensity
+        np.clip(image, intensity.clip_hu[0], intensity.clip_hu[1], out=image)
+        image -= intensity.mean
+        image /= intensity.std
+        return image
+
+    def predict(self, hu: np.ndarray, spacing_mm: Sequence[float]) -> dict[str, np.ndarray]:
+        """roi_name -> bool mask of ``hu``'s shape.
+
+        Args:
+            hu: (slices, rows, columns) CT in HU, canonical orientation (S->I, A->P, R->L).
+            spacing_mm: voxel size (slice, row, column) in mm.
+        """
+        if hu.ndim != 3:
+            raise ValueError(f"hu must be 3D (slices, rows, columns), got shape {hu.shape}")
+        if len(spacing_mm) != 3 or any(not s > 0 for s in spacing_mm):
+            raise ValueError(f"spacing_mm must be three positive numbers, got {spacing_mm!r}")
+        spacing = tuple(float(s) for s in spacing_mm)
+        image = self.preprocess(hu, spacing)
+        probs = self.predict_probabilities(image)
+        del image
+        target = self.manifest.target_spacing_mm
+        back_scale = [s / t for s, t in zip(spacing, target, strict=True)]
+        masks: dict[str, np.ndarray] = {}
+        for label in self.manifest.labels:
+            resampled = resample_to_shape(probs[label.index], back_scale, hu.shape, order=1)
+            mask = resampled >= 0.5
+            del resampled
+            masks[label.roi_name] = postprocess_mask(mask, label.single_component)
+        return masks

@@ -1,0 +1,214 @@
+"""Model packages: ``models/packages/<name>-<version>/`` with ``model.onnx``,
+``manifest.json`` (:class:`ModelManifest`) and ``MODEL_CARD.md``. No torch import.
+
+Loading never guesses: :func:`load_package` validates the manifest schema and the sha256 of
+the weights and raises :class:`ModelPackageError` with a sentence saying what is wrong.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from service.errors import ModelPackageError
+
+__all__ = [
+    "SCHEMA_VERSION",
+    "ModelPackageError",
+    "LabelSpec",
+    "IntensityNormalisation",
+    "ValidationMetric",
+    "TrainingData",
+    "ModelManifest",
+    "ModelPackage",
+    "sha256_file",
+    "load_package",
+    "find_latest_package",
+    "default_packages_root",
+]
+
+SCHEMA_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+WEIGHTS_NAME = "model.onnx"
+CARD_NAME = "MODEL_CARD.md"
+OPENKBP_CITATION = (
+    "Babier A, Zhang B, Mahmood R, et al. OpenKBP: The open-access knowledge-based planning "
+    "grand challenge and dataset. Medical Physics 48(9):5549-5561, 2021. doi:10.1002/mp.14845"
+)
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class LabelSpec(_Strict):
+    """One output channel."""
+
+    index: int = Field(ge=0)
+    roi_name: str = Field(min_length=1, max_length=16)
+    colour_rgb: tuple[int, int, int]
+    interpreted_type: Literal["ORGAN", "EXTERNAL", "PTV", "CTV", "GTV", "AVOIDANCE"] = "ORGAN"
+    single_component: bool = True
+
+    @field_validator("colour_rgb")
+    @classmethod
+    def _colour_in_range(cls, value: tuple[int, int, int]) -> tuple[int, int, int]:
+        if any(not 0 <= c <= 255 for c in value):
+            raise ValueError(f"colour_rgb components must be 0..255, got {value}")
+        return value
+
+
+class IntensityNormalisation(_Strict):
+    """``x = (clip(hu, clip_hu) - mean) / std`` applied before the network."""
+
+    clip_hu: tuple[float, float]
+    mean: float
+    std: float = Field(gt=0)
+
+
+class ValidationMetric(_Strict):
+    """Per-structure validation result (mean over patients that have the structure)."""
+
+    dice: float = Field(ge=0, le=1)
+    hd95_mm: float | None = Field(default=None, ge=0)
+    n_cases: int = Field(default=0, ge=0)
+
+
+class TrainingData(_Strict):
+    description: str
+    citation: str = OPENKBP_CITATION
+    n_train_cases: int = Field(ge=0)
+    n_validation_cases: int = Field(ge=0)
+
+
+class ModelManifest(_Strict):
+    """Everything inference needs to run a package, and where it came from."""
+
+    schema_version: Literal[1] = 1
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9-]*$")
+    version: str = Field(pattern=r"^\d+\.\d+\.\d+$")
+    created: datetime
+    architecture: str
+    input_axes: str = "batch, channel, slice (S->I), row (A->P), column (R->L)"
+    target_spacing_mm: tuple[float, float, float]
+    patch_size: tuple[int, int, int]
+    spatial_divisor: int = Field(default=16, ge=1)
+    intensity: IntensityNormalisation
+    labels: list[LabelSpec] = Field(min_length=1)
+    output_activation: Literal["sigmoid"] = "sigmoid"
+    mirror_axes: tuple[int, ...] = ()
+    mirror_channel_swaps: list[tuple[int, int]] = Field(default_factory=list)
+    training_data: TrainingData
+    validation_metrics: dict[str, ValidationMetric] = Field(default_factory=dict)
+    training_command: list[str] = Field(default_factory=list)
+    export_command: str = ""
+    onnx_opset: int = 17
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+
+    @field_validator("labels")
+    @classmethod
+    def _indices_are_channels(cls, value: list[LabelSpec]) -> list[LabelSpec]:
+        if [label.index for label in value] != list(range(len(value))):
+            raise ValueError("label indices must be 0..n-1 in order")
+        names = [label.roi_name for label in value]
+        if len(set(names)) != len(names):
+            raise ValueError(f"label roi_names must be unique, got {names}")
+        return value
+
+    @field_validator("mirror_axes")
+    @classmethod
+    def _mirror_axes_spatial(cls, value: tuple[int, ...]) -> tuple[int, ...]:
+        if any(axis not in (0, 1, 2) for axis in value):
+            raise ValueError(f"mirror_axes must be spatial axes 0, 1 or 2, got {value}")
+        return value
+
+
+@dataclass(frozen=True)
+class ModelPackage:
+    """A validated package on disk."""
+
+    path: Path
+    manifest: ModelManifest
+
+    @property
+    def onnx_path(self) -> Path:
+        return self.path / WEIGHTS_NAME
+
+    @property
+    def roi_names(self) -> list[str]:
+        return [label.roi_name for label in self.manifest.labels]
+
+
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file, read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as stream:
+        for chunk in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def load_package(path: Path | str) -> ModelPackage:
+    """Validate and return the package in folder ``path``."""
+    folder = Path(path)
+    if not folder.is_dir():
+        raise ModelPackageError(f"Model package folder {folder} does not exist.")
+    manifest_path, weights_path = folder / MANIFEST_NAME, folder / WEIGHTS_NAME
+    for required in (manifest_path, weights_path):
+        if not required.is_file():
+            raise ModelPackageError(f"Model package {folder} has no {required.name}.")
+    try:
+        raw = json.loads(manifest_path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ModelPackageError(f"Manifest {manifest_path} is not readable JSON: {exc}.") from exc
+    if isinstance(raw, dict) and raw.get("schema_version") != SCHEMA_VERSION:
+        raise ModelPackageError(
+            f"Manifest {manifest_path} has schema_version {raw.get('schema_version')!r}; "
+            f"this rtcontour reads schema_version {SCHEMA_VERSION}."
+        )
+    try:
+        manifest = ModelManifest.model_validate(raw)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors()
+        )
+        raise ModelPackageError(f"Manifest {manifest_path} is invalid: {problems}.") from exc
+    actual = sha256_file(weights_path)
+    if actual != manifest.sha256:
+        raise ModelPackageError(
+            f"Checksum mismatch for {weights_path}: manifest says sha256 {manifest.sha256} "
+            f"but the file has {actual}; the package is corrupt or was modified."
+        )
+    return ModelPackage(path=folder, manifest=manifest)
+
+
+_VERSIONED = re.compile(r"^(?P<name>.+)-(?P<version>\d+\.\d+\.\d+)$")
+
+
+def default_packages_root() -> Path:
+    return Path(__file__).resolve().parent / "packages"
+
+
+def find_latest_package(root: Path | str | None = None, name: str | None = None) -> Path:
+    """Folder of the highest-version package under ``root`` (optionally of one ``name``)."""
+    folder = Path(root) if root is not None else default_packages_root()
+    candidates: list[tuple[tuple[int, ...], Path]] = []
+    if folder.is_dir():
+        for child in folder.iterdir():
+            match = _VERSIONED.match(child.name)
+            if not match or not (child / MANIFEST_NAME).is_file():
+                continue
+            if name is not None and match["name"] != name:
+                continue
+            version = tuple(int(part) for part in match["version"].split("."))
+            candidates.append((version, child))
+    if not candidates:
+        raise ModelPackageError(f"No model package found under {folder}.")
+    return max(candidates)[1]

@@ -1,0 +1,103 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch", reason="torch is not installed (extra 'train')")
+
+from models.labels import ORGANS  # noqa: E402
+from models.train import (  # noqa: E402
+    PatchSampler,
+    load_checkpoint,
+    masked_dice_bce_loss,
+    mirror_left_right,
+    train,
+)
+
+from .conftest import make_cases, tiny_config  # noqa: E402
+
+
+def test_unknown_structure_contributes_no_gradient():
+    logits = torch.randn(2, 7, 4, 6, 6, requires_grad=True)
+    target = (torch.rand(2, 7, 4, 6, 6) > 0.7).float()
+    known = torch.ones(2, 7, dtype=torch.bool)
+    known[0, 4] = False  # Esophagus unknown for sample 0
+    known[1, 5] = False
+    loss, _ = masked_dice_bce_loss(logits, target, known)
+    loss.backward()
+    assert logits.grad is not None
+    assert torch.count_nonzero(logits.grad[0, 4]) == 0
+    assert torch.count_nonzero(logits.grad[1, 5]) == 0
+    assert torch.count_nonzero(logits.grad[0, 5]) > 0
+
+
+def test_unknown_structure_target_does_not_change_the_loss():
+    logits = torch.randn(1, 7, 4, 6, 6)
+    target = (torch.rand(1, 7, 4, 6, 6) > 0.7).float()
+    known = torch.ones(1, 7, dtype=torch.bool)
+    known[0, 2] = False
+    other = target.clone()
+    other[0, 2] = 1.0 - other[0, 2]
+    assert masked_dice_bce_loss(logits, target, known)[0] == pytest.approx(
+        float(masked_dice_bce_loss(logits, other, known)[0]))
+
+
+def test_dice_term_ignores_patches_without_the_structure():
+    logits = torch.full((1, 7, 4, 4, 4), -8.0, requires_grad=True)
+    target = torch.zeros(1, 7, 4, 4, 4)
+    target[0, 0, 1:3, 1:3, 1:3] = 1.0
+    known = torch.ones(1, 7, dtype=torch.bool)
+    _, parts = masked_dice_bce_loss(logits, target, known)
+    # only channel 0 is eligible for Dice: an all-background prediction gives ~1 loss there
+    assert parts["dice_loss"] > 0.85
+    loss, _ = masked_dice_bce_loss(logits, target, known)
+    loss.backward()
+    bce_only = torch.nn.functional.binary_cross_entropy_with_logits(
+        logits[0, 1], target[0, 1], reduction="mean") / 7
+    grad_expected = torch.autograd.grad(bce_only, logits)[0][0, 1]
+    torch.testing.assert_close(logits.grad[0, 1], grad_expected)
+
+
+def test_left_right_mirror_swaps_parotid_channels():
+    target = np.zeros((7, 2, 2, 4), dtype=np.float32)
+    left, right = [o.roi_name for o in ORGANS].index("Parotid_L"), [
+        o.roi_name for o in ORGANS].index("Parotid_R")
+    target[left, :, :, 3] = 1.0  # Parotid_L at high column (patient left)
+    target[right, :, :, 0] = 1.0
+    mirrored = mirror_left_right(target, channel_axis=0)
+    # after mirroring, the structure at the high column is the former right parotid, and it
+    # must now be labelled Parotid_L again
+    assert mirrored[left, :, :, 3].all() and mirrored[right, :, :, 0].all()
+    assert mirrored[left].sum() == target[left].sum()
+
+
+def test_sampler_mirror_keeps_parotid_side_consistent_with_anatomy():
+    cases = make_cases(1, shape=(16, 32, 32))
+    labels = np.zeros_like(cases[0].labels)
+    labels[:, :, :8] |= 1 << 3  # Parotid_R on patient right = low columns
+    labels[:, :, 24:] |= 1 << 2  # Parotid_L on patient left = high columns
+    cases[0].labels = labels
+    cases[0].known[:] = True
+    sampler = PatchSampler(cases, (16, 32, 32), 0.0, np.random.default_rng(1))
+    for _ in range(8):
+        _, target, _ = sampler.batch(1)
+        assert target[0, 2, :, :, 24:].all() and target[0, 3, :, :, :8].all()
+
+
+def test_resume_from_checkpoint_matches_uninterrupted_run(tmp_path):
+    cases = make_cases()
+    config = tiny_config(steps=4)
+    full = train(config, cases, [], tmp_path / "full")
+    train(tiny_config(steps=4), cases, [], tmp_path / "split", stop_after=2)
+    assert load_checkpoint(tmp_path / "split" / "last.pt")["step"] == 2
+    resumed = train(tiny_config(steps=4), cases, [], tmp_path / "split", resume=True)
+    assert resumed["step"] == full["step"] == 4
+    for name, tensor in full["model"].items():
+        torch.testing.assert_close(resumed["model"][name], tensor, rtol=0, atol=0, msg=name)
+    assert resumed["rng"]["numpy"] == full["rng"]["numpy"]
+    assert torch.equal(resumed["rng"]["torch"], full["rng"]["torch"])
+
+
+def test_checkpoint_loads_with_weights_only(tiny_checkpoint):
+    payload = torch.load(tiny_checkpoint, weights_only=True)
+    assert payload["step"] == 3 and "optimizer" in payload and "scheduler" in payload
