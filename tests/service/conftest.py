@@ -129,10 +129,13 @@ def send_files_with_pynetdicom(
     host: str = "127.0.0.1",
 ) -> list[int | None]:
     """Send Part 10 files as they are (pynetdicom reads only their file meta; the dataset
-    goes out as encoded) in one association, proposing each file's own SOP Class and transfer
-    syntax; return one status per file (None: no response)."""
+    bytes go out exactly as stored, however broken) in one association, proposing each
+    file's own SOP Class and transfer syntax; return one status per file (None: no
+    response)."""
     from pydicom.filereader import read_file_meta_info
-    from pynetdicom import AE
+    from pynetdicom import AE, _config
+
+    _config.STORE_SEND_CHUNKED_DATASET = True  # send the file's bytes, do not re-encode
 
     ae = AE(ae_title=calling_ae)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 10
