@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -183,3 +184,25 @@ def test_rtcontour_command_runs_mask2rtstruct(ct: tuple[Path, CtSeries], tmp_pat
     ]
     assert rtcontour(argv) == 0
     assert pydicom.dcmread(out).StructureSetROISequence[0].ROIName == "Marker"
+
+
+def test_ct_folder_with_other_files_and_two_series_needs_a_series_uid(
+    ct: tuple[Path, CtSeries], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    folder, series = ct
+    mixed = tmp_path / "export"
+    shutil.copytree(folder, mixed / "a")
+    write_ct_series(mixed / "b", PHANTOM.hu[:4], PHANTOM.spacing_mm, series_uid="1.2.3.4.5")
+    (mixed / "README.txt").write_text("exported from a planning system")
+    label_path = _nifti(
+        _canonical_labels(), series.volume.to_canonical().affine, tmp_path / "l.nii"
+    )
+    (tmp_path / "labels.json").write_text(json.dumps({"1": "Marker"}))
+    argv = [str(mixed), str(label_path), "--labels", str(tmp_path / "labels.json"),
+            "--out", str(tmp_path / "rs.dcm")]  # fmt: skip
+    assert main(argv) == 1
+    assert "holds 2 CT series" in capsys.readouterr().err
+    assert main([*argv, "--series-uid", series.series_instance_uid]) == 0
+    referenced = pydicom.dcmread(tmp_path / "rs.dcm").ReferencedFrameOfReferenceSequence[0]
+    study = referenced.RTReferencedStudySequence[0]
+    assert study.RTReferencedSeriesSequence[0].SeriesInstanceUID == series.series_instance_uid
