@@ -47,7 +47,7 @@ class Contour:
 
 
 @dataclass(frozen=True, eq=False)
-class _Outlines:
+class Outlines:
     """Linked outlines in pixel-corner coordinates (row, column of the vertex grid)."""
 
     slice_index: np.ndarray  # (k,) slice of each outline
@@ -99,7 +99,7 @@ def mask_to_contours(
     return contours
 
 
-def trace_outlines(mask: np.ndarray) -> _Outlines:
+def trace_outlines(mask: np.ndarray) -> Outlines:
     """Trace every pixel-edge outline of a bool mask (slices, rows, columns).
 
     Vertices are corners of the pixel grid: (i, j) is the top-left corner of pixel (i, j).
@@ -107,7 +107,7 @@ def trace_outlines(mask: np.ndarray) -> _Outlines:
     """
     if mask.ndim != 3:
         raise ValueError(f"mask must be 3-D (slices, rows, columns), got shape {mask.shape}")
-    empty = _Outlines(
+    empty = Outlines(
         np.zeros(0, np.int64), np.zeros((0, 2), np.int64), np.zeros(1, np.int64), np.zeros(0)
     )
     # Crop to the bounding box (one pixel of margin comes from the padding below); slices
@@ -142,7 +142,7 @@ def trace_outlines(mask: np.ndarray) -> _Outlines:
     # Shoelace over all edges of each cycle (x = column, y = row): outer > 0, hole < 0.
     cross = edge_cols * end_rows - end_cols * edge_rows
     signed_area = 0.5 * np.bincount(labels, weights=cross, minlength=len(starts))
-    return _Outlines(
+    return Outlines(
         slice_index=slices[order[starts]] + slice0,
         vertices=vertices,
         starts=corner_starts,
