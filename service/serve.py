@@ -61,15 +61,18 @@ class WorkerProcess:
             f"--hostname=rtcontour-serve-{os.getpid()}@{socket.gethostname()}",
         ]
         with self._lock:
-            self.process = subprocess.Popen(command)
+            self.process = subprocess.Popen(command, preexec_fn=_die_with_parent)
             self.pid_file.parent.mkdir(parents=True, exist_ok=True)
             self.pid_file.write_text(f"{self.process.pid}\n")
         logger.info("worker started (pid %d)", self.process.pid)
 
     def _watch(self) -> None:
+        pool: list[int] = []  # the worker's pool processes, seen last time it was alive
         while not self._stopping.is_set():
             process = self.process
-            if process is not None and process.poll() is not None:
+            if process is not None and process.poll() is None:
+                pool = _children(process.pid)
+            elif process is not None:
                 if self._stopping.is_set():
                     return
                 logger.warning(
@@ -78,6 +81,9 @@ class WorkerProcess:
                     process.returncode,
                     RESTART_DELAY_S,
                 )
+                # Orphaned pool processes would keep running (and heartbeating) its job.
+                for pid in pool:
+                    _kill(pid)
                 _kill_children(process.pid)
                 if self._stopping.wait(RESTART_DELAY_S):
                     return
@@ -104,6 +110,16 @@ class WorkerProcess:
         _kill_children(process.pid)
         self.pid_file.unlink(missing_ok=True)
         logger.info("worker stopped")
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: get SIGTERM if serve dies (Linux), so no stray worker."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        pr_set_pdeathsig = 1
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(pr_set_pdeathsig, signal.SIGTERM)
 
 
 def _children(pid: int) -> list[int]:
