@@ -275,12 +275,41 @@ class Segmenter:
         image = self.preprocess(hu, spacing)
         probs = self.predict_probabilities(image)
         del image
-        target = self.manifest.target_spacing_mm
-        back_scale = [s / t for s, t in zip(spacing, target, strict=True)]
-        masks: dict[str, np.ndarray] = {}
-        for label in self.manifest.labels:
-            resampled = resample_to_shape(probs[label.index], back_scale, hu.shape, order=1)
-            mask = resampled >= 0.5
-            del resampled
-            masks[label.roi_name] = postprocess_mask(mask, label.single_component)
+        masks = {
+            label.roi_name: postprocess_mask(
+                self._probabilities_to_mask(probs[label.index], spacing, hu.shape),
+                label.single_component,
+            )
+            for label in self.manifest.labels
+        }
         return masks
+
+    def _probabilities_to_mask(
+        self, probs: np.ndarray, spacing_mm: Sequence[float], shape: Sequence[int]
+    ) -> np.ndarray:
+        """Linear resampling of one probability map to the input grid, thresholded at 0.5.
+
+        Only the input-grid box whose samples can reach 0.5 is interpolated: a point more than
+        one model voxel outside the bounding box of ``probs >= 0.5`` interpolates only values
+        below 0.5, so the result equals full resampling at a fraction of the cost.
+        """
+        mask = np.zeros(tuple(shape), dtype=bool)
+        above = probs >= 0.5
+        if not above.any():
+            return mask
+        box = ndimage.find_objects(above.astype(np.uint8))[0]
+        target = self.manifest.target_spacing_mm
+        starts, stops = [], []
+        for axis, (s, t, size) in enumerate(zip(spacing_mm, target, shape, strict=True)):
+            low = (box[axis].start - 1) * t / s
+            high = box[axis].stop * t / s  # last voxel index (stop - 1) plus one
+            starts.append(max(0, math.ceil(low)))
+            stops.append(min(size, math.floor(high) + 1))
+        scale = [s / t for s, t in zip(spacing_mm, target, strict=True)]
+        offset = [start * f for start, f in zip(starts, scale, strict=True)]
+        sub_shape = [b - a for a, b in zip(starts, stops, strict=True)]
+        if min(sub_shape) <= 0:
+            return mask
+        resampled = resample_to_shape(probs, scale, sub_shape, order=1, offset=offset)
+        mask[tuple(slice(a, b) for a, b in zip(starts, stops, strict=True))] = resampled >= 0.5
+        return mask

@@ -39,8 +39,9 @@ def resample_to_shape(
     order: int = 1,
     cval_mode: str = "nearest",
     dtype: type | np.dtype | None = None,
+    offset: Sequence[float] | float = 0.0,
 ) -> np.ndarray:
-    """Resample ``array`` so that output voxel ``o`` samples input index ``o * scale``.
+    """Resample ``array`` so that output voxel ``o`` samples input index ``o * scale + offset``.
 
     ``scale`` is output spacing / input spacing per axis. Values beyond the input are the
     nearest edge value (``cval_mode="nearest"``).
@@ -50,7 +51,7 @@ def resample_to_shape(
     ndimage.affine_transform(
         np.asarray(array, dtype=np.float32) if array.dtype != np.float32 else array,
         matrix=np.asarray(scale, dtype=np.float64),
-        offset=0.0,
+        offset=offset,
         output_shape=tuple(output_shape),
         output=output,
         order=order,

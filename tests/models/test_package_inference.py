@@ -124,3 +124,18 @@ def test_window_starts_cover_and_are_symmetric():
         assert starts[0] == 0 and starts[-1] == size - patch
         assert starts == sorted(size - patch - s for s in starts)
         assert all(b - a <= patch for a, b in zip(starts, starts[1:], strict=False))
+
+
+def test_boxed_back_resampling_equals_full_resampling(tiny_package):
+    from models.resampling import resample_to_shape
+
+    segmenter = Segmenter(tiny_package, provider="onnxruntime")
+    target = segmenter.manifest.target_spacing_mm
+    rng = np.random.default_rng(3)
+    probs = np.zeros((20, 24, 24), dtype=np.float32)
+    probs[5:9, 10:15, 3:8] = rng.uniform(0.3, 1.0, (4, 5, 5))
+    spacing, shape = (2.0, 0.9, 1.1), (30, 100, 86)
+    boxed = segmenter._probabilities_to_mask(probs, spacing, shape)
+    scale = [s / t for s, t in zip(spacing, target, strict=True)]
+    full = resample_to_shape(probs, scale, shape, order=1) >= 0.5
+    assert boxed.any() and np.array_equal(boxed, full)
