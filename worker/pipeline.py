@@ -54,7 +54,9 @@ __all__ = [
     "Step",
     "WrittenOutput",
     "default_steps",
+    "masks_on_ct_grid",
     "run_steps",
+    "structure_summary",
 ]
 
 
@@ -170,15 +172,36 @@ class Segment:
         model = self.model_provider()
         ctx.model = model
         ctx.store.record_model(ctx.job_id, model.name, model.version)
-        volume = ctx.series.volume
-        canonical = volume.to_canonical()
-        masks = model.predict(canonical.array.astype(np.float32), canonical.spacing_mm)
-        ctx.masks = {
-            roi.name: volume.array_from_canonical(
-                np.asarray(masks.get(roi.name, np.zeros(canonical.shape, bool)), dtype=bool)
-            )
-            for roi in model.rois
+        ctx.masks = masks_on_ct_grid(ctx.series, model)
+
+
+def masks_on_ct_grid(series: CtSeries, model: SegmentationModel) -> dict[str, np.ndarray]:
+    """roi_name -> bool mask on ``series.volume``'s grid (slices, rows, columns as stored):
+    the CT goes to canonical orientation, through the model, and the masks come back."""
+    volume = series.volume
+    canonical = volume.to_canonical()
+    masks = model.predict(canonical.array.astype(np.float32), canonical.spacing_mm)
+    return {
+        roi.name: volume.array_from_canonical(
+            np.asarray(masks.get(roi.name, np.zeros(canonical.shape, bool)), dtype=bool)
+        )
+        for roi in model.rois
+    }
+
+
+def structure_summary(
+    series: CtSeries, masks: dict[str, np.ndarray], rois: Sequence[RoiSpec]
+) -> list[dict[str, Any]]:
+    """[{roi_name, volume_cc, colour}] for each ROI (volume from voxel count x voxel size)."""
+    voxel_cc = float(np.prod(series.volume.spacing_mm)) / 1000.0
+    return [
+        {
+            "roi_name": roi.name,
+            "volume_cc": round(float(np.count_nonzero(masks[roi.name])) * voxel_cc, 3),
+            "colour": list(roi.colour_rgb),
         }
+        for roi in rois
+    ]
 
 
 class RtstructWriter:
@@ -200,15 +223,7 @@ class RtstructWriter:
                 min_area_mm2=ctx.settings.min_contour_area_mm2,
                 smoothing=ctx.settings.smoothing,
             )
-        voxel_cc = float(np.prod(ctx.series.volume.spacing_mm)) / 1000.0
-        summary = [
-            {
-                "roi_name": roi.name,
-                "volume_cc": round(float(np.count_nonzero(ctx.masks[roi.name])) * voxel_cc, 3),
-                "colour": list(roi.colour_rgb),
-            }
-            for roi in ctx.model.rois
-        ]
+        summary = structure_summary(ctx.series, ctx.masks, ctx.model.rois)
         empty = [str(s["roi_name"]) for s in summary if s["volume_cc"] == 0]
         if empty:
             logger.warning("job %s: ROIs without any voxel: %s", ctx.job_id, ", ".join(empty))
@@ -348,7 +363,6 @@ def load_packaged_model(path: Path, overlap: float, mirror_tta: bool) -> Package
     """Load a model package and build its Segmenter (slow: do it once per process)."""
     try:
         from models.inference import Segmenter
-
         from models.package import load_package
     except ImportError as exc:
         raise ModelPackageError(f"model inference is not available: {exc}") from exc

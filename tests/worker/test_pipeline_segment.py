@@ -1,0 +1,46 @@
+"""``rtcontour segment``: a CT folder in, an RTSTRUCT file out, offline."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pydicom
+import pytest
+
+from tests.conftest import referenced_ct_uids, sop_uids, write_phantom_series
+from tests.worker.conftest import dciodvfy_errors
+from worker.segment import main
+
+
+def test_segment_writes_valid_rtstruct_referencing_every_ct(
+    tmp_path: Path, test_package: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    ct_files = write_phantom_series(tmp_path / "ct", (20, 64, 64))
+    out = tmp_path / "RS.dcm"
+    assert main([str(tmp_path / "ct"), "--out", str(out), "--model", str(test_package)]) == 0
+    assert dciodvfy_errors(out) == []
+    assert referenced_ct_uids(out) == sop_uids(ct_files)
+    assert pydicom.dcmread(out).Modality == "RTSTRUCT"
+    printed = capsys.readouterr().out
+    assert f"wrote {out}" in printed and "inference" in printed
+
+
+def test_segment_refuses_a_too_short_series_with_its_reason(
+    tmp_path: Path, test_package: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    write_phantom_series(tmp_path / "ct", (3, 32, 32))
+    code = main([str(tmp_path / "ct"), "--out", str(tmp_path / "RS.dcm"), "--model",
+                 str(test_package)])
+    assert code == 2
+    assert "series refused" in capsys.readouterr().err
+    assert not (tmp_path / "RS.dcm").exists()
+
+
+def test_segment_reports_a_missing_model_package(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    write_phantom_series(tmp_path / "ct", (12, 32, 32))
+    code = main([str(tmp_path / "ct"), "--out", str(tmp_path / "RS.dcm"), "--model",
+                 str(tmp_path / "nope")])
+    assert code == 3
+    assert "model package problem" in capsys.readouterr().err
