@@ -126,3 +126,27 @@ def test_two_series_in_one_association_make_two_jobs(
         frozenset(sop_uids(first)),
         frozenset(sop_uids(second)),
     }
+
+
+def test_openkbp_patient_contoured_by_the_trained_model(
+    tmp_path: Path, tps: StoreScp, serve_factory
+) -> None:
+    from tests.phantoms import openkbp_ct, write_ct_series
+    from tests.worker.conftest import openkbp_patient
+
+    package = real_package()
+    if package is None:
+        pytest.skip("no trained model package in models/packages yet")
+    hu, spacing_mm = openkbp_ct(openkbp_patient("pt_1.npz"))
+    ct_files = write_ct_series(tmp_path / "ct", hu, spacing_mm, patient_id="RTC-OPENKBP-1")
+    serve = serve_factory(
+        serve_env(tmp_path / "var", destinations=tps.destination, model_package=package)
+    )
+    storescu(serve.dicom_port, ct_files)
+    (job,) = wait_for_jobs(serve, 1, timeout_s=600)
+    detail = api_job(serve, job["id"])
+    assert detail["state"] == "done", detail
+    assert any(s["volume_cc"] > 0 for s in detail["structures"])
+    (rtstruct,) = wait_until(tps.received, 10, "the RTSTRUCT")
+    assert dciodvfy_errors(rtstruct) == []
+    assert referenced_ct_uids(rtstruct) == sop_uids(ct_files)
