@@ -9,7 +9,7 @@ class RtcontourError(Exception):
     """Base class of every domain error rtcontour raises on purpose."""
 
 
-class InvalidSeries(RtcontourError):
+class InvalidSeries(RtcontourError):  # noqa: N818 - domain name
     """A series that must not be contoured; the message is shown to users as the reason."""
 
 
@@ -17,11 +17,11 @@ class UnsupportedGeometry(InvalidSeries):
     """A series whose geometry the contouring path cannot handle (tilt, oblique, gaps)."""
 
 
-class InvalidInstance(RtcontourError):
+class InvalidInstance(RtcontourError):  # noqa: N818 - domain name
     """One DICOM instance that cannot be accepted (unparseable, missing attributes)."""
 
 
-class DestinationUnavailable(RtcontourError):
+class DestinationUnavailable(RtcontourError):  # noqa: N818 - domain name
     """A DICOM destination that refused or could not be reached."""
 
 
@@ -37,7 +37,7 @@ class SopClassMismatch(InvalidInstance):
     """An instance whose SOP Class differs from its presentation context or is not CT."""
 
 
-class InsufficientStorage(RtcontourError):
+class InsufficientStorage(RtcontourError):  # noqa: N818 - domain name
     """The spool cannot take an instance (free disk below the configured minimum, or full)."""
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import struct
 import threading
 import weakref
 import zlib
@@ -29,8 +30,8 @@ from pydicom.uid import (
     ExplicitVRBigEndian,
     ImplicitVRLittleEndian,
 )
+from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION
 from pynetdicom.dimse_primitives import C_STORE
-from pynetdicom.dsutils import create_file_meta, encode_file_meta
 from pynetdicom.events import Event
 from pynetdicom.pdu_primitives import A_ASSOCIATE
 
@@ -141,6 +142,46 @@ def _decode_stream(dataset: BytesIO, transfer_syntax: UID, limit: int) -> BytesI
     return dataset
 
 
+def _is_empty(ds: Dataset, keyword: str) -> bool:
+    """Absent, or present with no value (read without converting the raw element)."""
+    tag = Tag(keyword)
+    if tag not in ds:
+        return True
+    raw = ds.get_item(tag)
+    value = getattr(raw, "value", None)
+    return value is None or len(value) == 0
+
+
+def _element(tag: int, vr: bytes, value: bytes) -> bytes:
+    """One explicit VR little endian element with a 2-byte length (even-padded value)."""
+    return struct.pack("<HH2sH", tag >> 16, tag & 0xFFFF, vr, len(value)) + value
+
+
+def _padded(text: str, pad: bytes) -> bytes:
+    raw = text.encode("ascii")
+    return raw + pad if len(raw) % 2 else raw
+
+
+def encode_file_meta(
+    sop_class_uid: str, sop_instance_uid: str, transfer_syntax: str, source_ae: str
+) -> bytes:
+    """The File Meta Information group (PS3.10 7.1) as bytes, encoded directly (pydicom's
+    writer costs more than the rest of the store handler); the values are validated UIDs and
+    an AE title."""
+    body = b"".join(
+        (
+            struct.pack("<HH2sHI", 0x0002, 0x0001, b"OB", 0, 2) + b"\x00\x01",
+            _element(0x00020002, b"UI", _padded(sop_class_uid, b"\x00")),
+            _element(0x00020003, b"UI", _padded(sop_instance_uid, b"\x00")),
+            _element(0x00020010, b"UI", _padded(transfer_syntax, b"\x00")),
+            _element(0x00020012, b"UI", _padded(PYNETDICOM_IMPLEMENTATION_UID, b"\x00")),
+            _element(0x00020013, b"SH", _padded(PYNETDICOM_IMPLEMENTATION_VERSION, b" ")),
+            _element(0x00020016, b"AE", _padded(source_ae, b" ")) if source_ae else b"",
+        )
+    )
+    return struct.pack("<HH2sHI", 0x0002, 0x0000, b"UL", 4, len(body)) + body
+
+
 def _number_list(ds: Dataset, keyword: str, count: int) -> list[float]:
     value = ds[keyword].value
     values = list(value) if isinstance(value, Sequence) and not isinstance(value, str) else [value]
@@ -191,7 +232,7 @@ def read_instance_header(
             is_little_endian=transfer_syntax != ExplicitVRBigEndian,
             specific_tags=_READ_TAGS,
         )
-        missing = [kw for kw in _REQUIRED if kw not in ds or ds[kw].value in (None, "", b"")]
+        missing = [kw for kw in _REQUIRED if _is_empty(ds, kw)]
         if missing:
             raise InvalidInstance(f"required attributes missing or empty: {', '.join(missing)}")
         if str(ds.SOPClassUID) != request_sop_class:
@@ -256,18 +297,15 @@ def handle_store(event: Event, edge: Edge) -> int:
             request_sop_instance=str(request.AffectedSOPInstanceUID),
             max_instance_bytes=edge.max_instance_bytes,
         )
-        file_meta = create_file_meta(
-            sop_class_uid=CTImageStorage,
-            sop_instance_uid=UID(header.sop_instance_uid),
-            transfer_syntax=transfer_syntax,
-        )
         calling_ae = str(event.assoc.requestor.ae_title).strip()
-        file_meta.SourceApplicationEntityTitle = calling_ae
+        file_meta = encode_file_meta(
+            CTImageStorage, header.sop_instance_uid, transfer_syntax, calling_ae
+        )
         with dataset.getbuffer() as dataset_bytes:
             edge.spool.write(
                 header.series_instance_uid,
                 header.sop_instance_uid,
-                [_PREAMBLE, encode_file_meta(file_meta), dataset_bytes],
+                [_PREAMBLE, file_meta, dataset_bytes],
             )
         edge.tracker.instance_stored(serial, header, calling_ae)
     except RtcontourError as exc:
@@ -357,3 +395,11 @@ def handle_aborted(event: Event, edge: Edge) -> None:
 
 def handle_conn_close(event: Event, edge: Edge) -> None:
     edge.tracker.connection_closed(edge.serials.of(event.assoc))
+
+
+def handle_dimse_received(event: Event, edge: Edge) -> None:
+    """A complete DIMSE message arrived: the connection's receive budget starts again."""
+    transport = event.assoc.dul.socket
+    reset = getattr(getattr(transport, "socket", None), "reset_budget", None)
+    if reset is not None:
+        reset()

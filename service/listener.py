@@ -72,16 +72,56 @@ SUPPORTED_TRANSFER_SYNTAXES = [
 ]
 
 
+RECEIVE_MARGIN_BYTES = 1024 * 1024  # command set and PDU headers beyond max_instance_bytes
+
+
+class _ReceiveBudget:
+    """``recv`` that ends the connection once a peer has sent more than ``budget_bytes``
+    since the last complete DIMSE message (``reset_budget``, called on EVT_DIMSE_RECV).
+
+    pynetdicom buffers a whole PDU and a whole message in memory before any handler sees it;
+    this bounds that memory by ``max_instance_bytes`` plus a margin. Returning ``b""`` looks
+    like the peer closing the connection: pynetdicom aborts the association (A-P-ABORT).
+    """
+
+    budget_bytes = 0
+    _received = 0
+
+    def reset_budget(self) -> None:
+        self._received = 0
+
+    def recv(self, bufsize: int = 1024, flags: int = 0) -> bytes:
+        data: bytes = super().recv(bufsize, flags)  # type: ignore[misc]
+        self._received += len(data)
+        if self.budget_bytes and self._received > self.budget_bytes:
+            logger.warning(
+                "peer sent more than %d bytes without completing a message; dropping it",
+                self.budget_bytes,
+            )
+            return b""
+        return data
+
+
+class _BudgetSocket(_ReceiveBudget, socket.socket):
+    pass
+
+
+class _BudgetSSLSocket(_ReceiveBudget, ssl.SSLSocket):
+    pass
+
+
 class _AssociationServer(ThreadedAssociationServer):
     """pynetdicom's threaded server, with the TLS handshake moved into each connection's thread
-    (pynetdicom does it in the accept loop, where one silent client would block everyone)."""
+    (pynetdicom does it in the accept loop, where one silent client would block everyone), and
+    a receive budget on every connection."""
 
     tls_context: ssl.SSLContext | None = None
     handshake_timeout_s: float = 30.0
     on_tls_failure: Any = None
+    receive_budget_bytes: int = 0
 
     def process_request_thread(self, request: Any, client_address: Any) -> None:
-        # Small PDUs (C-STORE-RSP) must not wait for delayed ACKs: ~40 ms per instance otherwise.
+        # Small PDUs (C-STORE-RSP) must not wait for delayed ACKs.
         request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if self.tls_context is not None:
             try:
@@ -92,6 +132,11 @@ class _AssociationServer(ThreadedAssociationServer):
                     self.on_tls_failure(client_address, exc)
                 self.shutdown_request(request)
                 return
+        else:
+            request = _BudgetSocket(
+                request.family, request.type, request.proto, fileno=request.detach()
+            )
+        request.budget_bytes = self.receive_budget_bytes
         super().process_request_thread(request, client_address)
 
     def shutdown(self) -> None:
@@ -161,6 +206,7 @@ def _event_handlers(edge: Edge) -> list[Any]:
         (evt.EVT_RELEASED, handlers.handle_released, [edge]),
         (evt.EVT_ABORTED, handlers.handle_aborted, [edge]),
         (evt.EVT_CONN_CLOSE, handlers.handle_conn_close, [edge]),
+        (evt.EVT_DIMSE_RECV, handlers.handle_dimse_received, [edge]),
     ]
 
 
@@ -192,6 +238,7 @@ def start_listener(
         server.tls_context = server_ssl_context(
             settings.tls_cert_file, settings.tls_key_file, settings.tls_ca_file
         )
+        server.tls_context.sslsocket_class = _BudgetSSLSocket
         server.handshake_timeout_s = settings.acse_timeout_s
 
         def on_tls_failure(client_address: Any, exc: OSError) -> None:
@@ -206,6 +253,7 @@ def start_listener(
                 audit(handlers.ASSOCIATION_REJECTED, detail)
 
         server.on_tls_failure = on_tls_failure
+    server.receive_budget_bytes = settings.max_instance_bytes + RECEIVE_MARGIN_BYTES
     tracker.start()
     thread = threading.Thread(
         target=server.serve_forever, name="rtcontour-dicom-listener", daemon=True

@@ -22,9 +22,9 @@ import logging
 import os
 import re
 import shutil
-import tempfile
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +38,8 @@ logger = logging.getLogger(__name__)
 
 _UID_PATTERN = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")  # PS3.5 9.1
 _PARTIAL_SUFFIX = ".part"
+_FREE_SPACE_TTL_S = 1.0
+_FREE_MARGIN = 256 * 1024 * 1024  # re-ask the file system when within this of the minimum
 
 
 def checked_uid(value: object, name: str) -> str:
@@ -70,6 +72,9 @@ class InstanceSpool:
         self.incoming_dir = Path(spool_dir) / "incoming"
         self.min_free_disk_bytes = min_free_disk_bytes
         self.incoming_dir.mkdir(parents=True, exist_ok=True)
+        self._free_lock = threading.Lock()
+        self._free_estimate = 0
+        self._free_checked_at = -_FREE_SPACE_TTL_S
 
     def series_folder(self, series_instance_uid: str) -> Path:
         return self.incoming_dir / checked_uid(series_instance_uid, "SeriesInstanceUID")
@@ -85,30 +90,46 @@ class InstanceSpool:
         size = sum(len(part) for part in parts)
         folder = self.series_folder(series_instance_uid)
         final = folder / f"{checked_uid(sop_instance_uid, 'SOPInstanceUID')}.dcm"
-        free = shutil.disk_usage(self.incoming_dir).free
-        if free - size < self.min_free_disk_bytes:
-            raise InsufficientStorage(
-                f"spool has {free} bytes free; storing {size} more would go below the "
-                f"minimum of {self.min_free_disk_bytes}"
-            )
+        self._reserve(size)
         folder.mkdir(exist_ok=True)
-        fd, temp_name = tempfile.mkstemp(
-            dir=folder, prefix=f".{final.stem}.", suffix=_PARTIAL_SUFFIX
-        )
+        temp_name = folder / f".{final.stem}.{uuid.uuid4().hex[:12]}{_PARTIAL_SUFFIX}"
         try:
-            with os.fdopen(fd, "wb") as stream:
+            fd = os.open(temp_name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with open(fd, "wb", buffering=0) as stream:
                 for part in parts:
-                    stream.write(part)
+                    view = memoryview(part)
+                    while view:
+                        view = view[stream.write(view) :]
             os.replace(temp_name, final)
         except OSError as exc:
-            Path(temp_name).unlink(missing_ok=True)
+            temp_name.unlink(missing_ok=True)
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise InsufficientStorage(f"spool file system is full: {exc}") from exc
             raise
         except BaseException:
-            Path(temp_name).unlink(missing_ok=True)
+            temp_name.unlink(missing_ok=True)
             raise
         return final
+
+    def _reserve(self, size: int) -> None:
+        """Raise InsufficientStorage unless ``size`` bytes leave the minimum free.
+
+        statvfs is asked at most every ``_FREE_SPACE_TTL_S`` (and whenever the estimate gets
+        close to the minimum); in between, the bytes written are subtracted from its answer.
+        """
+        with self._free_lock:
+            now = time.monotonic()
+            near_minimum = self._free_estimate - size < self.min_free_disk_bytes + _FREE_MARGIN
+            if near_minimum or now - self._free_checked_at > _FREE_SPACE_TTL_S:
+                self._free_estimate = shutil.disk_usage(self.incoming_dir).free
+                self._free_checked_at = now
+            free = self._free_estimate
+            if free - size < self.min_free_disk_bytes:
+                raise InsufficientStorage(
+                    f"spool has {free} bytes free; storing {size} more would go below the "
+                    f"minimum of {self.min_free_disk_bytes}"
+                )
+            self._free_estimate -= size
 
     def sweep_partials(self) -> int:
         """Remove temporary files left by a killed listener; return how many were removed."""
