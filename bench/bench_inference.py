@@ -125,7 +125,8 @@ def _worker(task: dict[str, Any], queue: Any) -> None:
     times: list[float] = []
     if task["method"].startswith("e2e-"):
         segmenter = Segmenter(package, overlap=task["overlap"], provider=task["provider"],
-                              threads=task["threads"])
+                              threads=task["threads"],
+                              openvino_precision=task.get("precision", "bf16"))
         for _ in range(task["rounds"]):
             started = time.perf_counter()
             masks = segmenter.predict(ct, CT_SPACING)
@@ -154,7 +155,8 @@ def _worker(task: dict[str, Any], queue: Any) -> None:
             times = times[1:]
         else:
             segmenter = Segmenter(package, overlap=task["overlap"], provider=task["provider"],
-                                  threads=task["threads"])
+                                  threads=task["threads"],
+                                  openvino_precision=task.get("precision", "bf16"))
             segmenter.predict_probabilities(image[:patch[0], :patch[1], :patch[2]])  # warm-up
             for _ in range(task["rounds"]):
                 started = time.perf_counter()
@@ -195,7 +197,10 @@ def main(argv: list[str] | None = None) -> int:
             "rounds": args.rounds, "checkpoint": args.checkpoint}
     methods = [
         ("rtcontour onnxruntime", {"method": "ours-ort", "provider": "cpu"}),
-        ("rtcontour OpenVINO", {"method": "ours-openvino", "provider": "openvino"}),
+        ("rtcontour OpenVINO f32", {"method": "ours-openvino", "provider": "openvino",
+                                    "precision": "f32"}),
+        ("rtcontour OpenVINO bf16", {"method": "ours-openvino", "provider": "openvino",
+                                     "precision": "bf16"}),
         ("MONAI sliding_window_inference (PyTorch fp32)", {"method": "monai-pytorch"}),
     ]
     flops_window = conv_flops(_torch_model(args.checkpoint, patch), patch)  # type: ignore[arg-type]
@@ -218,8 +223,11 @@ def main(argv: list[str] | None = None) -> int:
               f"{100 * gflops / peak:>6.1f}% {result['peak_rss_mb']:>12.0f}")
     print("\nend to end: Segmenter.predict, HU 130x512x512 -> 7 masks on the CT grid")
     print(f"{'backend':<48} {'s':>7} {'peak RSS MB':>12}")
-    for label, provider in (("onnxruntime CPU", "cpu"), ("OpenVINO CPU", "openvino")):
-        result = run_isolated({**base, "method": f"e2e-{provider}", "provider": provider})
+    for label, provider, precision in (("onnxruntime CPU", "cpu", "f32"),
+                                       ("OpenVINO CPU f32", "openvino", "f32"),
+                                       ("OpenVINO CPU bf16 (default)", "openvino", "bf16")):
+        result = run_isolated({**base, "method": f"e2e-{provider}", "provider": provider,
+                               "precision": precision})
         print(f"{label:<48} {result['seconds']:>7.2f} {result['peak_rss_mb']:>12.0f}")
     return 0
 

@@ -55,7 +55,8 @@ class _OrtRunner:
 
 
 class _OpenVinoRunner:
-    def __init__(self, onnx_path: Path, input_shape: Sequence[int], threads: int) -> None:
+    def __init__(self, onnx_path: Path, input_shape: Sequence[int], threads: int,
+                 precision: str) -> None:
         import openvino as ov
 
         core = ov.Core()
@@ -67,12 +68,13 @@ class _OpenVinoRunner:
             {
                 "INFERENCE_NUM_THREADS": threads,
                 "PERFORMANCE_HINT": "LATENCY",
-                # f32 keeps the outputs equal to onnxruntime's within float tolerance
-                "INFERENCE_PRECISION_HINT": "f32",
+                # bf16 (used when the CPU has it) matches training, which ran under bf16
+                # autocast; f32 matches onnxruntime to float tolerance
+                "INFERENCE_PRECISION_HINT": precision,
             },
         )
         self.request = self.compiled.create_infer_request()
-        self.name = "openvino[CPU]"
+        self.name = f"openvino[CPU,{precision}]"
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
         self.request.infer({0: batch})
@@ -138,6 +140,8 @@ class Segmenter:
             (onnxruntime CPU) or ``openvino``.
         batch_size: windows per network call.
         threads: CPU threads (default: all cores).
+        openvino_precision: ``bf16`` (default; OpenVINO uses f32 on CPUs without bf16) or
+            ``f32``.
     """
 
     def __init__(
@@ -148,6 +152,7 @@ class Segmenter:
         provider: str = "auto",
         batch_size: int = 2,
         threads: int | None = None,
+        openvino_precision: str = "bf16",
     ) -> None:
         if not isinstance(package, ModelPackage):
             package = load_package(package)
@@ -162,6 +167,10 @@ class Segmenter:
         self.overlap = overlap
         self.mirror_tta = mirror_tta
         self.batch_size = batch_size
+        if openvino_precision not in ("bf16", "f32"):
+            raise ValueError(
+                f"openvino_precision must be 'bf16' or 'f32', got {openvino_precision!r}")
+        self.openvino_precision = openvino_precision
         self.patch = tuple(self.manifest.patch_size)
         self.threads = threads or os.cpu_count() or 1
         self.runner = self._make_runner(provider)
@@ -187,7 +196,8 @@ class Segmenter:
                         DEFAULT_CPU_BACKEND if provider == "auto" else "onnxruntime")
             provider = "cpu" if provider == "cuda" else DEFAULT_CPU_BACKEND
         if provider == "openvino":
-            return _OpenVinoRunner(onnx_path, (self.batch_size, 1, *self.patch), self.threads)
+            return _OpenVinoRunner(onnx_path, (self.batch_size, 1, *self.patch), self.threads,
+                                   self.openvino_precision)
         return _OrtRunner(onnx_path, ["CPUExecutionProvider"], self.threads)
 
     # --- network on the model grid ----------------------------------------------------------
