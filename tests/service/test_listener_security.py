@@ -10,7 +10,12 @@ from pynetdicom import AE
 from pynetdicom.sop_class import Verification
 
 from service.dicom_status import Status
-from tests.service.conftest import requires_dcmtk, run_echoscu, run_storescu
+from tests.service.conftest import (
+    requires_dcmtk,
+    run_echoscu,
+    run_storescu,
+    send_files_with_pynetdicom,
+)
 
 pytestmark = requires_dcmtk
 REJECTED = "dicom.association_rejected"
@@ -120,3 +125,17 @@ def test_silent_peers_do_not_block_others(listener_factory):
     finally:
         for connection in silent:
             connection.close()
+
+
+def test_message_far_beyond_the_size_cap_is_cut_off_before_it_is_buffered(
+    listener_factory, ct_series, caplog
+):
+    listener = listener_factory(max_instance_bytes=4000)
+    huge = ct_series(n_slices=1, rows=1024, columns=1024)  # 2 MiB: beyond cap + 1 MiB margin
+    statuses = send_files_with_pynetdicom(listener.port, huge)
+    assert statuses == [None]  # no response: the association was aborted mid-message
+    assert "without completing a message" in caplog.text
+    assert listener.spooled_files() == []
+    assert run_echoscu(listener.port).returncode == 0
+    small = ct_series(n_slices=1, rows=8, columns=8)
+    assert send_files_with_pynetdicom(listener.port, small) == [Status.SUCCESS]
