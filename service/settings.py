@@ -76,7 +76,7 @@ class Settings(BaseSettings):
     acse_timeout_s: float = Field(30.0, gt=0)
     dimse_timeout_s: float = Field(30.0, gt=0)
     network_timeout_s: float = Field(60.0, gt=0)
-    max_pdu_bytes: int = Field(16382, ge=0)
+    max_pdu_bytes: int = Field(131072, ge=4096)  # DCMTK's maximum; fewer PDUs, faster ingest
     max_instance_bytes: int = Field(64 * 1024 * 1024, gt=0)
     min_free_disk_bytes: int = Field(512 * 1024 * 1024, ge=0)
     tls_cert_file: Path | None = None
