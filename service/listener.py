@@ -18,7 +18,8 @@ Public API (stable; ``service/serve.py`` builds the listener with it)
 
 Settings used: ae_title, dicom_host, dicom_port, known_peers, quiet_period_s,
 max_associations, acse_timeout_s, dimse_timeout_s, network_timeout_s, max_pdu_bytes,
-max_instance_bytes, min_free_disk_bytes, tls_cert_file, tls_key_file, tls_ca_file, data_dir.
+max_instance_bytes, min_free_disk_bytes, incoming_retention_s, tls_cert_file, tls_key_file,
+tls_ca_file, data_dir.
 """
 
 from __future__ import annotations
@@ -216,7 +217,12 @@ def start_listener(
     """Start the listener in background threads; see the module docstring."""
     spool = InstanceSpool(settings.spool_dir, min_free_disk_bytes=settings.min_free_disk_bytes)
     spool.sweep_partials()
-    tracker = SeriesTracker(sink, spool, quiet_period_s=settings.quiet_period_s)
+    tracker = SeriesTracker(
+        sink,
+        spool,
+        quiet_period_s=settings.quiet_period_s,
+        retention_s=settings.incoming_retention_s,
+    )
     edge = Edge(
         ae_title=settings.ae_title,
         spool=spool,

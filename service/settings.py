@@ -79,6 +79,7 @@ class Settings(BaseSettings):
     max_pdu_bytes: int = Field(131072, ge=4096)  # DCMTK's maximum; fewer PDUs, faster ingest
     max_instance_bytes: int = Field(64 * 1024 * 1024, gt=0)
     min_free_disk_bytes: int = Field(512 * 1024 * 1024, ge=0)
+    incoming_retention_s: float = Field(7 * 24 * 3600.0, gt=0)  # interrupted series' files
     tls_cert_file: Path | None = None
     tls_key_file: Path | None = None
     tls_ca_file: Path | None = None

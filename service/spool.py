@@ -142,6 +142,28 @@ class InstanceSpool:
         return removed
 
 
+    def sweep_stale_series(self, older_than_s: float, *, keep: frozenset[str]) -> int:
+        """Delete incoming series folders (not in ``keep``) with nothing newer than
+        ``older_than_s`` seconds: what aborted associations or a killed listener left behind.
+        Return how many folders were deleted."""
+        cutoff = time.time() - older_than_s
+        deleted = 0
+        for folder in self.incoming_dir.iterdir():
+            if folder.name in keep or not folder.is_dir():
+                continue
+            try:
+                newest = max(
+                    [folder.stat().st_mtime, *(p.stat().st_mtime for p in folder.iterdir())]
+                )
+            except FileNotFoundError:
+                continue
+            if newest < cutoff:
+                shutil.rmtree(folder, ignore_errors=True)
+                logger.warning("deleted stale incomplete series %s from the spool", folder.name)
+                deleted += 1
+        return deleted
+
+
 def count_instances(folder: Path) -> int:
     """Number of complete instance files in a series folder."""
     return sum(1 for _ in folder.glob("*.dcm"))
@@ -182,6 +204,7 @@ class SeriesTracker:
         *,
         quiet_period_s: float,
         outcome_grace_s: float = 10.0,
+        retention_s: float | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._sink = sink
@@ -189,6 +212,7 @@ class SeriesTracker:
         self._quiet_period_s = quiet_period_s
         self._outcome_grace_s = outcome_grace_s
         self._clock = clock
+        self._retention_s = retention_s
         self._lock = threading.Lock()
         self._associations: dict[int, _Association] = {}
         self._series: dict[str, _Series] = {}
@@ -343,11 +367,23 @@ class SeriesTracker:
         self._thread.start()
 
     def _run(self, interval_s: float) -> None:
+        next_sweep = 0.0
         while not self._stop.wait(interval_s):
             try:
                 self.poll()
-            except Exception:  # the timer must survive anything a sink does
+                if self._retention_s is not None and time.monotonic() >= next_sweep:
+                    next_sweep = time.monotonic() + min(3600.0, self._retention_s / 10)
+                    self.sweep_stale()
+            except Exception:  # the timer must survive anything a sink or the disk does
                 logger.exception("series tracker poll failed")
+
+    def sweep_stale(self) -> int:
+        """Delete incoming folders of series older than the retention that are not pending."""
+        if self._retention_s is None:
+            return 0
+        with self._lock:
+            keep = frozenset(self._series)
+        return self._spool.sweep_stale_series(self._retention_s, keep=keep)
 
     def stop(self, *, flush: bool = True) -> list[SeriesArrival]:
         """Stop the background thread; with ``flush``, emit every series already complete."""

@@ -92,3 +92,17 @@ def test_sweep_removes_partials_left_by_a_killed_listener(spool):
     (folder / f"{SOP}.dcm").write_bytes(b"whole")
     assert spool.sweep_partials() == 1
     assert [p.name for p in folder.iterdir()] == [f"{SOP}.dcm"]
+
+
+def test_stale_incomplete_series_are_deleted_after_the_retention(spool):
+    import time
+
+    old = spool.write(SERIES, SOP, [b"left by an aborted association"]).parent
+    recent = spool.write("1.2.3.9", SOP, [b"recent"]).parent
+    pending = spool.write("1.2.3.10", SOP, [b"old but still tracked"]).parent
+    long_ago = time.time() - 3600
+    for folder in (old, pending):
+        for path in (*folder.iterdir(), folder):
+            os.utime(path, (long_ago, long_ago))
+    assert spool.sweep_stale_series(600, keep=frozenset({"1.2.3.10"})) == 1
+    assert not old.exists() and recent.exists() and pending.exists()
