@@ -169,14 +169,15 @@ class ServeProcess:
         return self.log_path.read_text(errors="replace")[-20000:]
 
     def stop(self, timeout_s: float = 20.0) -> int | None:
-        """SIGTERM the group, then SIGKILL whatever is left (no stray worker survives)."""
+        """SIGTERM serve (it stops its children), then SIGKILL whatever is left in its
+        process group (no stray worker survives to take the next test's messages)."""
         if self.process is None:
             return None
         pgid = self.process.pid
         code: int | None = None
         if self.process.poll() is None:
             with _suppress_lookup():
-                os.killpg(pgid, signal.SIGTERM)
+                os.kill(pgid, signal.SIGTERM)
             try:
                 code = self.process.wait(timeout_s)
             except subprocess.TimeoutExpired:
