@@ -39,7 +39,7 @@ from tests.service.conftest import (
     send_files_with_pynetdicom,
 )
 
-pytestmark = requires_dcmtk
+pytestmark = [requires_dcmtk, pytest.mark.filterwarnings("ignore:Invalid value:UserWarning")]
 
 N_STRUCTURAL = 560
 N_BYTE_LEVEL = 560
