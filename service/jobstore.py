@@ -434,16 +434,26 @@ class JobStore:
 
     def recoverable_jobs(self, *, older_than_s: float = 0.0) -> builtins.list[str]:
         """Ids of jobs whose message may have been lost: received/queued for longer than
-        ``older_than_s``, and running jobs whose worker's lease expired."""
-        now = utcnow()
-        cutoff = now - dt.timedelta(seconds=older_than_s)
+        ``older_than_s`` (``waiting_jobs``), and running jobs whose worker's lease expired
+        (``orphaned_jobs``), oldest first."""
+        return self.waiting_jobs(older_than_s=older_than_s) + self.orphaned_jobs()
+
+    def waiting_jobs(self, *, older_than_s: float = 0.0) -> builtins.list[str]:
+        """Ids of received/queued jobs not touched for ``older_than_s`` seconds."""
+        cutoff = utcnow() - dt.timedelta(seconds=older_than_s)
         query = select(Job.id).where(
-            or_(
-                (Job.state.in_([JobState.RECEIVED.value, JobState.QUEUED.value]))
-                & (Job.updated_at <= cutoff),
-                (Job.state == JobState.RUNNING.value)
-                & (or_(Job.lease_expires_at.is_(None), Job.lease_expires_at < now)),
-            )
+            Job.state.in_([JobState.RECEIVED.value, JobState.QUEUED.value]),
+            Job.updated_at <= cutoff,
+        )
+        with self._sessions() as session:
+            return builtins.list(session.scalars(query.order_by(Job.created_at)))
+
+    def orphaned_jobs(self) -> builtins.list[str]:
+        """Ids of running jobs whose worker stopped renewing its lease (it died)."""
+        now = utcnow()
+        query = select(Job.id).where(
+            Job.state == JobState.RUNNING.value,
+            or_(Job.lease_expires_at.is_(None), Job.lease_expires_at < now),
         )
         with self._sessions() as session:
             return builtins.list(session.scalars(query.order_by(Job.created_at)))

@@ -23,7 +23,13 @@ from celery.signals import worker_ready, worker_shutdown
 
 from service.settings import Settings
 from worker import embedded_broker
-from worker.tasks import RUN_JOB_TASK, RecoverySweeper, make_enqueue, register_tasks
+from worker.tasks import (
+    RUN_JOB_TASK,
+    RecoverySweeper,
+    make_enqueue,
+    make_queue_depth,
+    register_tasks,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -119,7 +125,11 @@ def main(argv: list[str] | None = None) -> int:
 
             engine = make_engine(settings)
             create_schema(engine)
-            sweeper.append(RecoverySweeper(settings, JobStore(engine), make_enqueue(app)).start())
+            sweeper.append(
+                RecoverySweeper(
+                    settings, JobStore(engine), make_enqueue(app), make_queue_depth(app, QUEUE)
+                ).start()
+            )
 
         @worker_shutdown.connect(weak=False)
         def _stop_sweep(**_: Any) -> None:

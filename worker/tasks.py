@@ -259,13 +259,23 @@ def _retry_or_fail(
 
 
 # -- the sweep that makes the broker disposable ---------------------------------------------
-def recover_jobs(store: JobStore, enqueue: Callable[[str], None], older_than_s: float) -> int:
+def recover_jobs(
+    store: JobStore,
+    enqueue: Callable[[str], None],
+    older_than_s: float,
+    waiting_messages: int | None = None,
+) -> int:
     """Re-enqueue jobs whose message may be lost; return how many.
 
-    Received/queued jobs untouched for ``older_than_s``, and running jobs whose lease
-    expired (their worker died). Duplicates are harmless (the claim makes them no-ops).
+    Running jobs whose lease expired (their worker died) always; received/queued jobs
+    untouched for ``older_than_s`` unless the broker still holds at least as many waiting
+    messages as there are such jobs (``waiting_messages``; None: unknown, re-enqueue).
+    Duplicates are harmless (the claim makes them no-ops); this only keeps them rare.
     """
-    job_ids = store.recoverable_jobs(older_than_s=older_than_s)
+    waiting = store.waiting_jobs(older_than_s=older_than_s)
+    if waiting_messages is not None and waiting_messages >= len(waiting):
+        waiting = []
+    job_ids = waiting + store.orphaned_jobs()
     for job_id in job_ids:
         try:
             enqueue(job_id)
@@ -279,10 +289,20 @@ def recover_jobs(store: JobStore, enqueue: Callable[[str], None], older_than_s: 
 
 
 class RecoverySweeper:
-    """Runs ``recover_jobs`` now and every ``settings.recovery_interval_s`` in a thread."""
+    """Runs ``recover_jobs`` now and every ``settings.recovery_interval_s`` in a thread.
 
-    def __init__(self, settings: Settings, store: JobStore, enqueue: Callable[[str], None]):
+    ``queue_depth()`` returns the messages waiting in the broker (None if unknown).
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        store: JobStore,
+        enqueue: Callable[[str], None],
+        queue_depth: Callable[[], int | None] | None = None,
+    ) -> None:
         self.settings, self.store, self.enqueue = settings, store, enqueue
+        self.queue_depth = queue_depth or (lambda: None)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="recovery-sweep", daemon=True)
 
@@ -298,7 +318,8 @@ class RecoverySweeper:
         older_than_s = 0.0  # at start every received/queued job may have lost its message
         while not self._stop.is_set():
             try:
-                recover_jobs(self.store, self.enqueue, older_than_s)
+                depth = self.queue_depth()
+                recover_jobs(self.store, self.enqueue, older_than_s, waiting_messages=depth)
             except Exception:
                 logger.exception("recovery sweep failed (will retry)")
             older_than_s = self.settings.recovery_interval_s
@@ -306,6 +327,21 @@ class RecoverySweeper:
 
 
 # -- Celery registration ----------------------------------------------------------------------
+def make_queue_depth(app: Celery, queue: str) -> Callable[[], int | None]:
+    """``depth()``: messages waiting in ``queue`` on the app's broker (None if unknown)."""
+
+    def depth() -> int | None:
+        try:
+            with app.connection_for_read() as connection:
+                declared = connection.default_channel.queue_declare(queue, passive=True)
+                return int(declared.message_count)
+        except Exception:
+            logger.debug("queue depth of %s unknown", queue, exc_info=True)
+            return None
+
+    return depth
+
+
 def make_enqueue(app: Celery) -> Callable[[str], None]:
     """``enqueue(job_id)``: publish ``rtcontour.run_job`` for the job (no result kept)."""
 

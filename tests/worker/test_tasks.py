@@ -44,3 +44,46 @@ def test_embedded_broker_keeps_messages_in_data_dir(settings: Settings) -> None:
     (message,) = [p for p in queue.iterdir() if not p.name.startswith(".")]
     assert message.name.endswith(".rtcontour.msg")
     assert "0123456789abcdef0123456789abcdef" in message.read_text()
+
+
+@pytest.mark.parametrize("broker", ["embedded", "redis"], ids=["embedded", "redis"])
+def test_queue_depth_counts_waiting_messages(
+    settings: Settings, broker: str, request: pytest.FixtureRequest
+) -> None:
+    from worker.celery_app import QUEUE
+    from worker.tasks import make_enqueue, make_queue_depth
+
+    if broker == "redis":
+        settings = settings.model_copy(
+            update={"broker_url": request.getfixturevalue("redis_db_url")}
+        )
+    app = make_celery(settings)
+    depth = make_queue_depth(app, QUEUE)
+    assert depth() in (0, None) if broker == "redis" else depth() == 0
+    enqueue = make_enqueue(app)
+    enqueue("a" * 32)
+    enqueue("b" * 32)
+    assert depth() == 2
+
+
+def test_recovery_skips_waiting_jobs_while_the_broker_holds_their_messages(
+    settings: Settings,
+) -> None:
+    from service.db import create_schema, make_engine
+    from service.jobstore import JobStore
+    from worker.tasks import recover_jobs
+
+    engine = make_engine(settings)
+    create_schema(engine)
+    store = JobStore(engine)
+    waiting = [
+        store.create_or_merge_for_series(series_instance_uid=f"1.2.{i}").job.id for i in range(2)
+    ]
+    orphan = store.create_or_merge_for_series(series_instance_uid="1.2.9").job.id
+    store.claim(orphan, "dead-worker", lease_s=0.0)
+    enqueued: list[str] = []
+    assert recover_jobs(store, enqueued.append, 0, waiting_messages=2) == 1
+    assert enqueued == [orphan]
+    enqueued.clear()
+    assert recover_jobs(store, enqueued.append, 0, waiting_messages=1) == 3
+    assert enqueued == [*waiting, orphan]
