@@ -21,10 +21,12 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from service.db import create_schema, make_engine
+from service.errors import ConfigurationError
 from service.intake import Intake
 from service.jobstore import JobStore
 from service.settings import Settings
@@ -213,42 +215,50 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, request_stop)
 
-    worker = None
-    if not args.no_worker:
-        worker = WorkerProcess(
-            settings, args.log_level, settings.data_dir / "run" / "worker.pid"
-        ).start()
-    api = ApiServer(settings, engine, enqueue).start()
-    intake = Intake(settings, store, enqueue)
-    listener = start_listener(settings, intake, audit=intake.audit)
-    host, port = listener.address
-    logger.info(
-        "rtcontour serving: DICOM %s@%s:%d, API http://%s:%d",
-        settings.ae_title,
-        host,
-        port,
-        settings.api_host,
-        settings.api_port,
-    )
+    stoppers: list[tuple[str, Callable[[], object]]] = []  # started parts, stopped in parallel
     try:
+        intake = Intake(settings, store, enqueue)
+        listener = start_listener(settings, intake, audit=intake.audit)
+        stoppers.append(("listener", lambda: listener.shutdown(timeout_s=10.0)))
+        api = ApiServer(settings, engine, enqueue).start()
+        stoppers.append(("api", api.stop))
+        if not args.no_worker:
+            worker = WorkerProcess(
+                settings, args.log_level, settings.data_dir / "run" / "worker.pid"
+            ).start()
+            stoppers.append(("worker", lambda: worker.stop(args.worker_grace)))
+        host, port = listener.address
+        logger.info(
+            "rtcontour serving: DICOM %s@%s:%d, API http://%s:%d",
+            settings.ae_title,
+            host,
+            port,
+            settings.api_host,
+            settings.api_port,
+        )
         while not stop.wait(1.0):
-            pass
+            if not api.thread.is_alive():
+                raise ConfigurationError(
+                    f"the HTTP API stopped (is port {settings.api_port} in use?); see the log"
+                )
+    except (ConfigurationError, OSError) as exc:
+        logger.error("rtcontour serve cannot run: %s", exc)
+        exit_code = 1
+    else:
+        exit_code = 0
     finally:
         started = time.monotonic()
         # In parallel: the worker's warm shutdown takes seconds even when idle.
-        stoppers = [
-            threading.Thread(target=listener.shutdown, kwargs={"timeout_s": 10.0}),
-            threading.Thread(target=api.stop),
+        threads = [
+            threading.Thread(target=stop_part, name=f"stop-{name}") for name, stop_part in stoppers
         ]
-        if worker is not None:
-            stoppers.append(threading.Thread(target=worker.stop, args=(args.worker_grace,)))
-        for stopper in stoppers:
-            stopper.start()
-        for stopper in stoppers:
-            stopper.join()
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
         engine.dispose()
         logger.info("stopped in %.1f s", time.monotonic() - started)
-    return 0
+    return exit_code
 
 
 def _log_locations(settings: Settings) -> None:
