@@ -27,6 +27,7 @@ import socket
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from celery.exceptions import SoftTimeLimitExceeded
@@ -231,9 +232,7 @@ def _run_pipeline(
     )
 
 
-def _spool_dir(settings: Settings, spool_dir: str | None, job_id: str) -> Any:
-    from pathlib import Path
-
+def _spool_dir(settings: Settings, spool_dir: str | None, job_id: str) -> Path:
     return Path(spool_dir) if spool_dir else settings.spool_dir / "jobs" / job_id
 
 
