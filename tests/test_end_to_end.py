@@ -75,6 +75,12 @@ def test_ct_series_in_rtstruct_out_job_done_over_api(
     downloaded = tmp_path / "downloaded.dcm"
     downloaded.write_bytes(download.content)
     assert pydicom.dcmread(downloaded) == pydicom.dcmread(rtstruct)  # same data set
+    archived = serve.data_dir / "archive" / job["id"] / f"RS_{rtstruct_uid(detail)}.dcm"
+    assert download.content == archived.read_bytes()  # the archived file itself
+
+
+def rtstruct_uid(detail: dict) -> str:
+    return str(detail["rtstruct_sop_instance_uid"])
 
 
 def test_resend_merges_while_running_and_makes_new_job_after_done(
