@@ -12,9 +12,12 @@
 
 Merging into a *running* job: the new files appear atomically in the job folder, and the
 merge bumps ``Job.generation``; the worker compares it with the generation it loaded before
-archiving and, if it changed, starts the job's pipeline again from loading (so the RTSTRUCT
-always references every instance received before it was written). A failed enqueue (broker
-down) is logged and left to the recovery sweep: the job is in the store, so nothing is lost.
+archiving and again after sending and, if it changed, runs the job's pipeline again from
+loading (after sending: the delivery records are cleared so the rebuilt RTSTRUCT is sent
+again), so the final RTSTRUCT references every instance received before the job ended.
+
+A failed enqueue (broker down) is logged and left to the recovery sweep: the job is in the
+store, so nothing is lost.
 """
 
 from __future__ import annotations

@@ -498,6 +498,10 @@ class JobStore:
             if key not in (job.sent_destinations or []):
                 job.sent_destinations = [*(job.sent_destinations or []), key]
 
+    def forget_sent(self, job_id: str) -> None:
+        """Clear the delivery records (the job's output changed and must be sent again)."""
+        self._update(job_id, sent_destinations=[])
+
     def was_sent(self, job_id: str, destination: str, sop_instance_uid: str) -> bool:
         return f"{destination}|{sop_instance_uid}" in (self.get(job_id).sent_destinations or [])
 

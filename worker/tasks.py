@@ -223,7 +223,11 @@ def _run_pipeline(
 
         try:
             run_steps(ctx, runtime.steps(), before_step)
-            return
+            if store.get(job_id).generation == ctx.generation:
+                return
+            # Merged while sending: the RTSTRUCT (same UID) is rebuilt and sent again.
+            store.forget_sent(job_id)
+            raise SeriesChanged(job_id)
         except SeriesChanged:
             logger.info("job %s: instances were merged in while running; restarting", job_id)
     raise InvalidSeries(

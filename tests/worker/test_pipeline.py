@@ -227,3 +227,45 @@ def _wait_files(peer: StoreScp, n: int, timeout_s: float = 10) -> list[Path]:
             return files
         time.sleep(0.1)
     raise AssertionError(f"storescp received {len(peer.received())} files, expected {n}")
+
+
+def test_instances_merged_while_sending_rebuild_and_resend(
+    settings: Settings, tmp_path: Path, tps: StoreScp, model: ThresholdModel
+) -> None:
+    from service.sender import Sender as RealSender
+
+    settings = settings.model_copy(update={"destinations": [_dest(tps)]})
+    holder: dict[str, object] = {}
+
+    class MergingSender(RealSender):
+        """The series is re-sent by the TPS while the first RTSTRUCT goes out."""
+
+        def send_file(self, path, destination):  # type: ignore[no-untyped-def]
+            super().send_file(path, destination)
+            if not holder.get("merged"):
+                holder["merged"] = True
+                store = holder["store"]
+                job = store.get(holder["job_id"])  # type: ignore[attr-defined]
+                store.create_or_merge_for_series(  # type: ignore[attr-defined]
+                    series_instance_uid=job.series_instance_uid
+                )
+
+    engine = make_engine(settings)
+    create_schema(engine)
+    runtime = WorkerRuntime(
+        settings,
+        store=JobStore(engine),
+        model_cache=SegmenterCache(loader=lambda *_: model, resolver=lambda _: Path("test")),
+        sender=MergingSender(settings),
+    )
+    job_id = _submit(settings, runtime.store, tmp_path)
+    holder.update(store=runtime.store, job_id=job_id)
+    assert execute_job(job_id, runtime).state == "done"
+    assert model.calls == 2
+    assert len(runtime.store.get(job_id).sent_destinations) == 1
+    wait = time.monotonic() + 10
+    while len(tps.received()) < 1 and time.monotonic() < wait:
+        time.sleep(0.1)
+    time.sleep(0.5)
+    # storescp names files by SOP Instance UID: the second delivery replaced the first
+    assert len(tps.received()) == 1
