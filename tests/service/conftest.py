@@ -177,6 +177,16 @@ class RecordingSink:
             self._changed.wait_for(lambda: len(self.arrivals) >= count, timeout=timeout_s)
             return list(self.arrivals)
 
+    def wait_for_series(self, series_uid: str, timeout_s: float = 10.0) -> SeriesArrival | None:
+        """Wait for an arrival of ``series_uid``; return the latest one (None on timeout)."""
+        def latest() -> SeriesArrival | None:
+            found = [a for a in self.arrivals if a.series_instance_uid == series_uid]
+            return found[-1] if found else None
+
+        with self._changed:
+            self._changed.wait_for(lambda: latest() is not None, timeout=timeout_s)
+            return latest()
+
     def by_series(self) -> dict[str, list[SeriesArrival]]:
         grouped: dict[str, list[SeriesArrival]] = {}
         for arrival in list(self.arrivals):
