@@ -8,10 +8,13 @@ Public API (stable; ``service/serve.py`` builds the listener with it)
     ``sink.series_complete`` (from the tracker's thread). ``audit(event, detail)`` is called
     for every rejected association / refused TLS handshake with ``event ==
     "dicom.association_rejected"`` and ``detail`` holding ``calling_ae``, ``called_ae``,
-    ``address``, ``reason``.
-``ListenerHandle.shutdown(timeout_s=10.0)``
+    ``address``, ``reason`` (and ``actor: "dicom-listener"`` for ``service.audit``). With
+    ``settings.known_peers`` empty every calling AE title is accepted; otherwise only those
+    peers (``AE`` or ``AE@ip``), and the called AE title must be ``settings.ae_title``.
+``ListenerHandle.shutdown(timeout_s=10.0) -> list[SeriesArrival]``
     Stop accepting, let running associations finish for up to ``timeout_s`` (then abort them),
-    hand every series already complete to the sink, stop the tracker. Idempotent.
+    hand every series already complete to the sink without waiting for its quiet period, stop
+    the tracker; return those arrivals. Idempotent.
 ``ListenerHandle.address``  ``(host, port)`` actually bound.
 ``SUPPORTED_TRANSFER_SYNTAXES``  what the listener accepts for CT Image Storage.
 ``main(argv) -> int``  ``rtcontour listener``: runs until SIGTERM/SIGINT, then shuts down.
@@ -317,6 +320,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    if args.log_level.upper() != "DEBUG":  # pynetdicom logs every request at INFO
+        logging.getLogger("pynetdicom").setLevel(logging.WARNING)
     overrides = {
         key: value
         for key, value in {
