@@ -9,6 +9,7 @@ Domain errors become DICOM statuses in ``service.dicom_status.store_status`` onl
 
 from __future__ import annotations
 
+import ipaddress
 import itertools
 import logging
 import struct
@@ -94,7 +95,19 @@ class KnownPeer:
         return cls(ae_title.strip(), address.strip() or None)
 
     def matches(self, ae_title: str, address: str) -> bool:
-        return self.ae_title == ae_title.strip() and self.address in (None, address)
+        if self.ae_title != ae_title.strip():
+            return False
+        return self.address is None or _normalised_ip(self.address) == _normalised_ip(address)
+
+
+def _normalised_ip(text: str) -> str:
+    """An IP address in canonical form (IPv4-mapped IPv6 as IPv4); other text unchanged."""
+    try:
+        address = ipaddress.ip_address(text.strip().strip("[]"))
+    except ValueError:
+        return text.strip()
+    mapped = getattr(address, "ipv4_mapped", None)
+    return str(mapped or address)
 
 
 class AssociationSerials:

@@ -6,10 +6,12 @@ import socket
 import threading
 import time
 
+import pytest
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification
 
 from service.dicom_status import Status
+from service.handlers import KnownPeer
 from tests.service.conftest import (
     requires_dcmtk,
     run_echoscu,
@@ -139,3 +141,18 @@ def test_message_far_beyond_the_size_cap_is_cut_off_before_it_is_buffered(
     assert run_echoscu(listener.port).returncode == 0
     small = ct_series(n_slices=1, rows=8, columns=8)
     assert send_files_with_pynetdicom(listener.port, small) == [Status.SUCCESS]
+
+
+@pytest.mark.parametrize(
+    "peer, calling_ae, address, expected",
+    [
+        ("TPS", "TPS", "10.1.1.1", True),
+        ("TPS@127.0.0.1", "TPS", "::ffff:127.0.0.1", True),
+        ("TPS@::1", "TPS", "0:0:0:0:0:0:0:1", True),
+        ("TPS@127.0.0.1", "TPS", "10.0.0.1", False),
+        ("TPS@127.0.0.1", "TPX", "127.0.0.1", False),
+    ],
+    ids=["any-address", "ipv4-mapped", "ipv6-forms", "other-address", "other-title"],
+)
+def test_known_peer_matching(peer, calling_ae, address, expected):
+    assert KnownPeer.parse(peer).matches(calling_ae, address) is expected
