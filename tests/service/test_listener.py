@@ -222,3 +222,28 @@ def test_invalid_instance_is_refused_while_the_valid_ones_are_stored(
     )
     [arrival] = listener.sink.wait_for(1)
     assert arrival.n_instances == 2
+
+
+def test_instance_whose_sop_class_differs_from_its_context_is_refused(
+    listener_factory, ct_series
+):
+    listener = listener_factory()
+    good, mismatched = ct_series(n_slices=2)
+    ds = pydicom.dcmread(mismatched)
+    ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.4"  # MR Image Storage; the file meta says CT
+    ds.save_as(mismatched)
+    statuses = send_files_with_pynetdicom(listener.port, [good, mismatched])
+    assert statuses == [Status.SUCCESS, Status.DATASET_DOES_NOT_MATCH_SOP_CLASS]
+    [arrival] = listener.sink.wait_for(1)
+    assert arrival.n_instances == 1
+
+
+def test_invalid_uid_is_refused_and_never_becomes_a_path(listener_factory, ct_series, tmp_path):
+    listener = listener_factory()
+    [path] = ct_series(n_slices=1)
+    ds = pydicom.dcmread(path)
+    ds.SeriesInstanceUID = "1.2.3/../../../../tmp/evil"
+    ds.save_as(path)
+    assert send_files_with_pynetdicom(listener.port, [path]) == [Status.CANNOT_UNDERSTAND]
+    assert listener.spooled_files() == []
+    assert not (tmp_path / "tmp" / "evil").exists()
