@@ -120,6 +120,9 @@ class Intake:
                 },
             )
         else:
+            # Bumped again now the files are in place: a worker that restarted on the first
+            # bump and loaded a partial folder will see this and load again.
+            self.store.bump_generation(job.id)
             logger.info(
                 "series %s re-sent: %d instances merged into %s job %s (now %d instances)",
                 arrival.series_instance_uid,

@@ -214,15 +214,15 @@ class JobStore:
         """
         for _ in range(5):
             with self._sessions.begin() as session:
-                job = session.scalars(
-                    select(Job)
-                    .where(Job.active_series_uid == series_instance_uid)
-                    .with_for_update()
-                ).first()
-                if job is not None:
-                    job.generation += 1
-                    job.updated_at = utcnow()
-                    return MergeResult(job, created=False)
+                job_id = session.scalar(
+                    select(Job.id).where(Job.active_series_uid == series_instance_uid)
+                )
+                if job_id is not None and self._bump(session, job_id):
+                    job = session.get(Job, job_id, populate_existing=True)
+                    if job is not None:
+                        return MergeResult(job, created=False)
+                if job_id is not None:
+                    continue  # it finished between the two statements: look again
             try:
                 with self._sessions.begin() as session:
                     now = utcnow()
@@ -247,6 +247,49 @@ class JobStore:
             except IntegrityError:
                 continue  # another intake created the active job first: merge into it
         raise RtcontourError(f"could not create or merge a job for series {series_instance_uid}")
+
+    @staticmethod
+    def _bump(session: Session, job_id: str) -> bool:
+        # Conditional on the job still being active, so a merge and a completion
+        # (``complete_if_unchanged``) cannot both succeed, on SQLite as on PostgreSQL.
+        result = session.execute(
+            update(Job)
+            .where(Job.id == job_id, Job.active_series_uid.is_not(None))
+            .values(generation=Job.generation + 1, updated_at=utcnow())
+            .execution_options(synchronize_session=False)
+        )
+        return bool(result.rowcount == 1)  # type: ignore[attr-defined]
+
+    def bump_generation(self, job_id: str) -> bool:
+        """Mark an active job's instances as changed again (the intake calls it after moving
+        merged files); False if the job is no longer active."""
+        with self._sessions.begin() as session:
+            return self._bump(session, job_id)
+
+    def complete_if_unchanged(self, job_id: str, worker: str, generation: int) -> bool:
+        """running -> done, only if ``worker`` holds the job and no instances were merged in
+        since ``generation`` was read; False otherwise (run it again, or it was taken over)."""
+        now = utcnow()
+        with self._sessions.begin() as session:
+            result = session.execute(
+                update(Job)
+                .where(
+                    Job.id == job_id,
+                    Job.state == JobState.RUNNING.value,
+                    Job.worker == worker,
+                    Job.generation == generation,
+                )
+                .values(
+                    state=JobState.DONE.value,
+                    finished_at=now,
+                    updated_at=now,
+                    active_series_uid=None,
+                    lease_expires_at=None,
+                    failure_reason=None,
+                )
+                .execution_options(synchronize_session=False)
+            )
+            return bool(result.rowcount == 1)  # type: ignore[attr-defined]
 
     def set_spool_dir(self, job_id: str, spool_dir: str, n_instances: int) -> None:
         self._update(job_id, spool_dir=spool_dir, n_instances=n_instances)

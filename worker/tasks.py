@@ -194,9 +194,6 @@ def execute_job(job_id: str, runtime: WorkerRuntime) -> Outcome:
             logger.exception("job %s: attempt %d failed", job_id, job.attempts)
             reason = f"Unexpected error: {type(exc).__name__}: {exc}"
             return _retry_or_fail(store, job_id, job.attempts, settings, reason)
-        if heartbeat.lost:
-            return Outcome("lost")
-        store.transition(job_id, JobState.DONE)
         logger.info("job %s done", job_id)
         return Outcome(JobState.DONE.value)
 
@@ -223,8 +220,12 @@ def _run_pipeline(
 
         try:
             run_steps(ctx, runtime.steps(), before_step)
-            if store.get(job_id).generation == ctx.generation:
+            if heartbeat.lost:
+                raise LostClaim(job_id)
+            if store.complete_if_unchanged(job_id, runtime.worker_name, ctx.generation):
                 return
+            if store.get(job_id).worker != runtime.worker_name:
+                raise LostClaim(job_id)
             # Merged while sending: the RTSTRUCT (same UID) is rebuilt and sent again.
             store.forget_sent(job_id)
             raise SeriesChanged(job_id)
@@ -372,6 +373,7 @@ def register_tasks(app: Celery, settings: Settings) -> None:
 
     @app.task(
         name=RUN_JOB_TASK,
+        shared=False,  # this app's task only: another app's settings must not leak in
         bind=True,
         acks_late=True,
         reject_on_worker_lost=True,

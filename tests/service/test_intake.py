@@ -63,7 +63,7 @@ def test_resend_while_active_merges_and_dedupes_by_sop_instance_uid(
     intake.series_complete(_arrival(settings, ["1.2", "1.3"]))
     assert store.count() == 1
     merged = store.get(job.id)
-    assert merged.n_instances == 3 and merged.generation == 1
+    assert merged.n_instances == 3 and merged.generation == 2  # merge, then files in place
     assert merged.state == state
     assert enqueued == [job.id, job.id]
     assert (job_folder(settings, job.id) / "1.2.dcm").read_bytes() == b"instance 1.2"

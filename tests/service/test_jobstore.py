@@ -191,3 +191,18 @@ def test_requeue_finished_gives_fresh_attempts_and_refuses_active_jobs(store: Jo
     _new(store)  # a newer job of the same series is active
     with pytest.raises(IllegalTransition, match="another job of its series is active"):
         store.requeue_finished(job_id, reason="retry")
+
+
+def test_completion_refused_after_a_merge_and_merge_after_completion_makes_new_job(
+    store: JobStore,
+) -> None:
+    job_id = _new(store)
+    store.claim(job_id, "w1", 60)
+    assert not store.complete_if_unchanged(job_id, "w2", 0)  # not the worker holding it
+    store.create_or_merge_for_series(series_instance_uid="1.2.3.4")
+    assert not store.complete_if_unchanged(job_id, "w1", 0)  # instances merged meanwhile
+    assert store.complete_if_unchanged(job_id, "w1", 1)
+    job = store.get(job_id)
+    assert job.state == JobState.DONE and job.finished_at is not None
+    assert not store.bump_generation(job_id)
+    assert store.create_or_merge_for_series(series_instance_uid="1.2.3.4").created
