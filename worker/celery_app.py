@@ -53,6 +53,9 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "accept_content": ["json"],
         "broker_connection_retry_on_startup": True,
         "broker_connection_max_retries": None,
+        # A running job keeps running when the broker connection drops: its claim in the job
+        # store, not the message, guards against a second run.
+        "worker_cancel_long_running_tasks_on_connection_loss": False,
         "worker_hijack_root_logger": False,
         "worker_send_task_events": False,
         "task_send_sent_event": False,
