@@ -102,8 +102,11 @@ def symmetric_window_starts(size: int, patch: int, overlap: float) -> list[int]:
     span = size - patch
     step = max(1, int(round(patch * (1.0 - overlap))))
     count = math.ceil(span / step) + 1
-    first_half = [int(math.floor(i * span / (count - 1) + 0.5)) for i in range((count + 1) // 2)]
-    return sorted(set(first_half) | {span - s for s in first_half})
+    first_half = [int(math.floor(i * span / (count - 1) + 0.5)) for i in range(count // 2)]
+    starts = set(first_half) | {span - s for s in first_half}
+    if count % 2:  # one middle window (exactly centred when span is even)
+        starts.add(span // 2)
+    return sorted(starts)
 
 
 def postprocess_mask(mask: np.ndarray, single_component: bool) -> np.ndarray:
