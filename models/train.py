@@ -54,8 +54,6 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 CHECKPOINT_FORMAT = 1
-# Sampling weight of each channel when choosing the structure to centre a patch on.
-STRUCTURE_WEIGHTS = np.array([1.0, 1.5, 1.0, 1.0, 2.0, 2.0, 1.0])
 
 
 @dataclass
@@ -74,6 +72,11 @@ class TrainConfig:
     weight_decay: float = 3e-5
     warmup_steps: int = 50
     foreground_fraction: float = 0.67
+    # Sampling weight per channel when choosing the structure to centre a patch on.
+    structure_weights: tuple[float, ...] = (1.0, 1.5, 1.0, 1.0, 3.0, 3.0, 1.0)
+    # BCE weight of positive voxels per channel: the rare thin structures (Esophagus, Larynx)
+    # otherwise sink into the saturated-sigmoid region before Dice can lift them.
+    pos_weight: tuple[float, ...] = (1.0, 1.0, 1.0, 1.0, 8.0, 8.0, 1.0)
     val_every: int = 300
     val_cases: int = 6
     val_overlap: float = 0.25
@@ -113,7 +116,10 @@ def build_model(config: TrainConfig) -> ResidualUNet3D:
 
 
 def masked_dice_bce_loss(
-    logits: torch.Tensor, target: torch.Tensor, known: torch.Tensor
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    known: torch.Tensor,
+    pos_weight: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """BCE + soft Dice, masked per (sample, structure).
 
@@ -121,6 +127,7 @@ def masked_dice_bce_loss(
         logits: (B, C, D, H, W) raw outputs.
         target: (B, C, D, H, W) {0, 1}.
         known: (B, C) bool, structure contoured for that patient.
+        pos_weight: optional (C,) BCE weight of positive voxels per channel.
 
     BCE averages over known pairs; Dice averages over known pairs whose patch holds the
     structure. Unknown pairs contribute no gradient.
@@ -129,7 +136,9 @@ def masked_dice_bce_loss(
     target = target.float()
     known_f = known.float()
     spatial = tuple(range(2, logits.ndim))
-    bce_map = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
+    weight = None if pos_weight is None else pos_weight.view(1, -1, *([1] * len(spatial)))
+    bce_map = F.binary_cross_entropy_with_logits(logits, target, reduction="none",
+                                                 pos_weight=weight)
     bce = bce_map.mean(dim=spatial)
     n_known = known_f.sum()
     bce_loss = (bce * known_f).sum() / n_known.clamp(min=1.0)
@@ -171,6 +180,7 @@ class PatchSampler:
         patch_size: Sequence[int],
         foreground_fraction: float,
         rng: np.random.Generator,
+        structure_weights: Sequence[float] = TrainConfig.structure_weights,
     ) -> None:
         if not cases:
             raise ValueError("cases must not be empty")
@@ -179,6 +189,10 @@ class PatchSampler:
         self.patch = tuple(int(p) for p in patch_size)
         self.foreground_fraction = foreground_fraction
         self.rng = rng
+        if len(structure_weights) != len(ORGANS) or min(structure_weights) <= 0:
+            raise ValueError(f"structure_weights must be {len(ORGANS)} positive numbers, "
+                             f"got {structure_weights!r}")
+        self.structure_weights = np.asarray(structure_weights, dtype=np.float64)
         self.images: list[np.ndarray] = []
         self.labels: list[np.ndarray] = []
         self.known: list[np.ndarray] = []
@@ -200,7 +214,7 @@ class PatchSampler:
         shape = image.shape
         present = [c for c in range(len(ORGANS)) if known[c] and self.foreground[index][c].size]
         if present and self.rng.random() < self.foreground_fraction:
-            weights = STRUCTURE_WEIGHTS[present] / STRUCTURE_WEIGHTS[present].sum()
+            weights = self.structure_weights[present] / self.structure_weights[present].sum()
             channel = present[int(self.rng.choice(len(present), p=weights))]
             voxels = self.foreground[index][channel]
             centre = np.unravel_index(int(voxels[self.rng.integers(voxels.size)]), shape)
@@ -389,7 +403,9 @@ def train(
         rng.bit_generator.state = payload["rng"]["numpy"]
         random.setstate(_python_state_from_plain(payload["rng"]["python"]))
         log.info("resumed %s at step %d (best val Dice %.4f)", last_path, step, best_dice)
-    sampler = PatchSampler(train_cases, config.patch_size, config.foreground_fraction, rng)
+    sampler = PatchSampler(train_cases, config.patch_size, config.foreground_fraction, rng,
+                           config.structure_weights)
+    pos_weight = torch.tensor(config.pos_weight, dtype=torch.float32)
     n_params = sum(p.numel() for p in model.parameters())
     log.info("model %s: %d parameters; %d train / %d val cases; %d steps of batch %d, patch %s",
              config.arch, n_params, len(train_cases), len(val_cases), config.steps,
@@ -421,7 +437,7 @@ def train(
         image, target, known = sampler.batch(config.batch_size)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.bf16):
             logits = model(image)
-        loss, parts = masked_dice_bce_loss(logits, target, known)
+        loss, parts = masked_dice_bce_loss(logits, target, known, pos_weight)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 12.0)
@@ -493,6 +509,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--train-limit", type=int, default=0, help="use only N train cases")
     parser.add_argument("--stop-after", type=int, default=None)
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--rebalance", action="store_true",
+                        help="on --resume, switch to the current structure_weights/pos_weight")
     return parser
 
 
@@ -512,6 +530,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             log.warning("changing total steps from %d to %d on resume: the LR schedule "
                         "differs from an uninterrupted run", stored.steps, args.steps)
             stored.steps = args.steps
+        if args.rebalance:
+            log.warning("resuming with the current default structure_weights %s and "
+                        "pos_weight %s (were %s and %s)", TrainConfig.structure_weights,
+                        TrainConfig.pos_weight, stored.structure_weights, stored.pos_weight)
+            stored.structure_weights = TrainConfig.structure_weights
+            stored.pos_weight = TrainConfig.pos_weight
         config = stored
         config.command = config.command + [" ".join(["rtcontour train", *argv])]
     else:
