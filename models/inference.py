@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Protocol
 
 import numpy as np
-from scipy import ndimage
+from scipy import ndimage, special
 
 from models.package import ModelPackage, load_package
 from models.resampling import resample_to_shape, resampled_shape
@@ -220,10 +220,10 @@ class Segmenter:
             filler = np.zeros((self.batch_size - count,) + batch.shape[1:], dtype=batch.dtype)
             batch = np.concatenate([batch, filler])
         logits = self.runner(batch)[:count]
-        probs = 1.0 / (1.0 + np.exp(-logits.astype(np.float32)))
+        probs = special.expit(logits.astype(np.float32))
         if self.mirror_tta:
             mirrored = self.runner(np.ascontiguousarray(np.flip(batch, axis=-1)))[:count]
-            mirrored_probs = 1.0 / (1.0 + np.exp(-mirrored.astype(np.float32)))
+            mirrored_probs = special.expit(mirrored.astype(np.float32))
             mirrored_probs = np.flip(mirrored_probs, axis=-1)
             order = list(range(probs.shape[1]))
             for left, right in self.manifest.mirror_channel_swaps:
