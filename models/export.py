@@ -151,8 +151,8 @@ head-and-neck planning CTs of adults (head first supine), input in canonical ori
 
 ## Data
 {manifest.training_data.description}. Validation: OpenKBP validation split
-({manifest.training_data.n_validation_cases} patients; the first 6 were also used to pick the
-checkpoint, so the figures below are slightly optimistic).
+({manifest.training_data.n_validation_cases} patients; the first few (`--val-cases`) were also
+used to pick the checkpoint, so the figures below are slightly optimistic).
 
 Citation: {manifest.training_data.citation}
 
