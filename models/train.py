@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
-import math
 import os
 import random
 import sys
@@ -36,6 +35,7 @@ from models.data import (
     default_data_dir,
     load_split,
 )
+from models.inference import gaussian_importance, symmetric_window_starts
 from models.labels import LR_SWAP_PAIRS, ORGANS
 from models.unet import ResidualUNet3D, deep_residual_unet
 
@@ -258,28 +258,6 @@ class PatchSampler:
         )
 
 
-def gaussian_importance(patch_size: Sequence[int], sigma_scale: float = 0.125) -> np.ndarray:
-    """Separable Gaussian weight map (float32, max 1) centred in the patch."""
-    weight = np.ones(tuple(patch_size), dtype=np.float32)
-    for axis, size in enumerate(patch_size):
-        coords = np.arange(size, dtype=np.float32) - (size - 1) / 2.0
-        profile = np.exp(-0.5 * (coords / (sigma_scale * size)) ** 2)
-        shape = [1] * len(patch_size)
-        shape[axis] = size
-        weight = weight * profile.reshape(shape)
-    weight /= weight.max()
-    return np.maximum(weight, 1e-3).astype(np.float32)
-
-
-def window_starts(size: int, patch: int, overlap: float) -> list[int]:
-    """Window start indices covering ``size`` with windows of ``patch`` (size >= patch)."""
-    if size <= patch:
-        return [0]
-    step = max(1, int(round(patch * (1.0 - overlap))))
-    count = math.ceil((size - patch) / step) + 1
-    return sorted({int(round(i * (size - patch) / (count - 1))) for i in range(count)})
-
-
 @torch.no_grad()
 def sliding_window_logits(
     model: nn.Module,
@@ -294,7 +272,10 @@ def sliding_window_logits(
     weight = gaussian_importance(patch_size)
     accum = np.zeros((len(ORGANS),) + padded.shape, dtype=np.float32)
     norm = np.zeros(padded.shape, dtype=np.float32)
-    starts = [window_starts(s, p, overlap) for s, p in zip(padded.shape, patch_size, strict=True)]
+    starts = [
+        symmetric_window_starts(size, patch, overlap)
+        for size, patch in zip(padded.shape, patch_size, strict=True)
+    ]
     for a in starts[0]:
         for b in starts[1]:
             for c in starts[2]:
