@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from tests.phantoms import openkbp_ct, openkbp_masks, write_ct_series
-from worker.mask2rtstruct import LabelMap, resample_nearest
+from tests.worker.conftest import plastimatch_masks  # the tests' independent rasteriser
 from worker.rtstruct import RoiSpec, build_rtstruct, save_rtstruct
 from worker.volume import CtSeries, Volume, load_series
 
@@ -107,37 +107,14 @@ def _dciodvfy_errors(path: Path) -> int:
 def _plastimatch_dice(
     rs_path: Path, ct_dir: Path, volume: Volume, masks: dict[str, np.ndarray], work: Path
 ) -> dict[str, float]:
-    import nrrd
-
     out = work / f"raster-{rs_path.stem}"
-    subprocess.run(
-        [
-            "plastimatch",
-            "convert",
-            "--input",
-            str(rs_path),
-            "--referenced-ct",
-            str(ct_dir),
-            "--output-prefix",
-            str(out),
-            "--prefix-format",
-            "nrrd",
-            "--xor-contours",
-        ],
-        check=True,
-        capture_output=True,
-    )
+    rasters = plastimatch_masks(rs_path, ct_dir, out, volume)
     dice = {}
     for name, mask in masks.items():
-        path = out / f"{name}.nrrd"
-        if not path.exists():
+        raster = rasters.get(name)
+        if raster is None:
             dice[name] = 0.0
             continue
-        array, header = nrrd.read(str(path))
-        affine = np.eye(4)
-        affine[:3, :3] = np.asarray(header["space directions"], float).T
-        affine[:3, 3] = header["space origin"]
-        raster = resample_nearest(LabelMap(array, affine), volume).astype(bool)
         dice[name] = float(2 * np.sum(raster & mask) / (raster.sum() + mask.sum()))
     return dice
 
