@@ -71,6 +71,9 @@ class TrainConfig:
     lr: float = 2e-3
     weight_decay: float = 3e-5
     warmup_steps: int = 50
+    # Global step at which the current LR schedule (warm-up, then poly decay to ``steps``)
+    # began: 0 for a run's first schedule, later for a warm restart (``--restart-schedule``).
+    schedule_start: int = 0
     foreground_fraction: float = 0.67
     # Sampling weight per channel when choosing the structure to centre a patch on.
     structure_weights: tuple[float, ...] = (1.0, 1.5, 1.0, 1.0, 3.0, 3.0, 1.0)
@@ -317,9 +320,12 @@ def validate(
 
 
 def _lr_lambda(config: TrainConfig) -> Callable[[int], float]:
+    # ``step`` counts the scheduler's own steps, i.e. global steps since ``schedule_start``.
+    length = max(1, config.steps - config.schedule_start)
+
     def factor(step: int) -> float:
         warm = min(1.0, (step + 1) / max(1, config.warmup_steps))
-        progress = min(1.0, step / max(1, config.steps))
+        progress = min(1.0, step / length)
         return warm * (1.0 - progress) ** 0.9
 
     return factor
@@ -356,12 +362,17 @@ def train(
     resume: bool = False,
     stop_after: int | None = None,
     on_step: Callable[[int, float], None] | None = None,
+    restart_schedule: bool = False,
 ) -> dict[str, Any]:
     """Run (or resume) training; returns the final checkpoint payload.
 
     ``stop_after``: stop (with a checkpoint) after that global step, for tests and
     interruptions; the LR schedule still follows ``config.steps``.
+    ``restart_schedule`` (with ``resume``): keep weights and optimiser moments but start a
+    new warm-up and decay from ``config.lr`` at the checkpoint's step to ``config.steps``.
     """
+    if restart_schedule and not resume:
+        raise ValueError("restart_schedule needs resume=True")
     run_dir.mkdir(parents=True, exist_ok=True)
     last_path, best_path = run_dir / "last.pt", run_dir / "best.pt"
     torch.set_num_threads(config.threads)
@@ -371,14 +382,28 @@ def train(
     model = build_model(config)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr,
                                   weight_decay=config.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(config))
     step, best_dice, history = 0, -1.0, []
-    if resume:
-        payload = load_checkpoint(last_path)
+    payload = load_checkpoint(last_path) if resume else None
+    if payload is not None:
+        step, best_dice = int(payload["step"]), float(payload["best_dice"])
+    if restart_schedule:
+        if step >= config.steps:
+            raise ValueError(f"restart_schedule: total steps {config.steps} must exceed the "
+                             f"checkpoint's step {step}")
+        config.schedule_start = step
+    # The scheduler exists before the optimiser state is loaded: creating it afterwards
+    # would overwrite the restored learning rate with the schedule's first value.
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(config))
+    if payload is not None:
         model.load_state_dict(payload["model"])
         optimizer.load_state_dict(payload["optimizer"])
-        scheduler.load_state_dict(payload["scheduler"])
-        step, best_dice = int(payload["step"]), float(payload["best_dice"])
+        if restart_schedule:
+            for group in optimizer.param_groups:
+                group["initial_lr"] = config.lr
+                group["lr"] = config.lr * _lr_lambda(config)(0)
+            scheduler.base_lrs = [config.lr] * len(optimizer.param_groups)
+        else:
+            scheduler.load_state_dict(payload["scheduler"])
         history = list(payload["history"])
         torch.set_rng_state(payload["rng"]["torch"])
         rng.bit_generator.state = payload["rng"]["numpy"]
@@ -492,6 +517,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument("--rebalance", action="store_true",
                         help="on --resume, switch to the current structure_weights/pos_weight")
+    parser.add_argument("--restart-schedule", action="store_true",
+                        help="on --resume, a warm restart: new warm-up and decay from --lr at "
+                             "the checkpoint's step to --steps (weights and Adam moments kept)")
     return parser
 
 
@@ -505,12 +533,19 @@ def main(argv: Sequence[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     run_dir = args.runs_dir / args.run
     data_dir = args.data_dir or default_data_dir()
+    if args.restart_schedule and not (args.resume and "--steps" in argv):
+        raise SystemExit("rtcontour train: --restart-schedule needs --resume and --steps")
     if args.resume:
         stored = TrainConfig.from_dict(load_checkpoint(run_dir / "last.pt")["config"])
-        if args.steps != stored.steps and "--steps" in " ".join(argv):
+        if args.restart_schedule:
+            log.info("warm restart: LR %.1e decaying to step %d", args.lr, args.steps)
+            stored.steps, stored.lr = args.steps, args.lr
+        elif args.steps != stored.steps and "--steps" in " ".join(argv):
             log.warning("changing total steps from %d to %d on resume: the LR schedule "
                         "differs from an uninterrupted run", stored.steps, args.steps)
             stored.steps = args.steps
+        if "--val-every" in argv:
+            stored.val_every = args.val_every
         if args.rebalance:
             log.warning("resuming with the current default structure_weights %s and "
                         "pos_weight %s (were %s and %s)", TrainConfig.structure_weights,
@@ -542,7 +577,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         bar.refresh()
 
     final = train(config, train_cases, val_cases, run_dir, resume=args.resume,
-                  stop_after=args.stop_after, on_step=on_step)
+                  stop_after=args.stop_after, on_step=on_step,
+                  restart_schedule=args.restart_schedule)
     bar.close()
     print(f"step {final['step']}; best validation mean Dice {final['best_dice']:.4f}")  # noqa: T201
     return 0

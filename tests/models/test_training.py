@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import shutil
+
 import numpy as np
 import pytest
 
@@ -8,6 +10,7 @@ torch = pytest.importorskip("torch", reason="torch is not installed (extra 'trai
 from models.labels import ORGANS  # noqa: E402
 from models.train import (  # noqa: E402
     PatchSampler,
+    TrainConfig,
     load_checkpoint,
     masked_dice_bce_loss,
     mirror_left_right,
@@ -96,6 +99,33 @@ def test_resume_from_checkpoint_matches_uninterrupted_run(tmp_path):
         torch.testing.assert_close(resumed["model"][name], tensor, rtol=0, atol=0, msg=name)
     assert resumed["rng"]["numpy"] == full["rng"]["numpy"]
     assert torch.equal(resumed["rng"]["torch"], full["rng"]["torch"])
+
+
+def test_warm_restart_raises_the_lr_again_and_resumes_exactly(tmp_path):
+    # a finished run (LR decayed to 0) continued with a new schedule, once in one go and once
+    # interrupted: the interrupted one resumes from its own checkpoint's config and schedule
+    cases = make_cases()
+    finished = train(tiny_config(steps=4), cases, [], tmp_path / "base")
+    assert finished["optimizer"]["param_groups"][0]["lr"] == pytest.approx(0.0)
+    for name in ("whole", "split"):
+        (tmp_path / name).mkdir()
+        shutil.copy(tmp_path / "base" / "last.pt", tmp_path / name / "last.pt")
+    whole = train(tiny_config(steps=8, lr=1e-3), cases, [], tmp_path / "whole", resume=True,
+                  restart_schedule=True)
+    part = train(tiny_config(steps=8, lr=1e-3), cases, [], tmp_path / "split", resume=True,
+                 restart_schedule=True, stop_after=7)
+    # three steps into a four-step schedule after a two-step warm-up
+    assert part["optimizer"]["param_groups"][0]["lr"] == pytest.approx(1e-3 * 0.25 ** 0.9)
+    stored = TrainConfig.from_dict(part["config"])
+    assert stored.schedule_start == 4 and stored.steps == 8 and stored.lr == 1e-3
+    resumed = train(stored, cases, [], tmp_path / "split", resume=True)
+    assert resumed["step"] == whole["step"] == 8
+    for name, tensor in whole["model"].items():
+        torch.testing.assert_close(resumed["model"][name], tensor, rtol=0, atol=0, msg=name)
+        assert not torch.equal(tensor, finished["model"][name]) or "num_batches" in name
+    with pytest.raises(ValueError, match="must exceed"):
+        train(tiny_config(steps=8, lr=1e-3), cases, [], tmp_path / "whole", resume=True,
+              restart_schedule=True)
 
 
 def test_checkpoint_loads_with_weights_only(tiny_checkpoint):
