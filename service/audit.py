@@ -37,6 +37,7 @@ ASSOCIATION_REJECTED = "dicom.association_rejected"
 JOB_CREATED = "job.created"
 JOB_SENT = "job.sent"
 JOB_RETRIED = "job.retried"
+JOB_FILES_PURGED = "job.files_purged"
 
 _PATIENT_KEYS = {
     "patientname",

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
-from sqlalchemy import Engine, create_engine, event
+import logging
+
+from sqlalchemy import Engine, create_engine, event, inspect, text
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import DeclarativeBase
 
 from service.settings import Settings
+
+logger = logging.getLogger(__name__)
 
 
 class Base(DeclarativeBase):
@@ -40,3 +45,37 @@ def create_schema(engine: Engine) -> None:
         import service.auth  # noqa: F401
 
     Base.metadata.create_all(engine)
+    add_missing_columns(engine)
+
+
+def add_missing_columns(engine: Engine) -> list[str]:
+    """Add nullable columns that a newer release defines but an existing table lacks.
+
+    rtcontour's schema only ever grows by nullable columns, for which ``ALTER TABLE ... ADD
+    COLUMN`` is the whole migration on SQLite and PostgreSQL alike (no Alembic needed).
+    Returns ``table.column`` for each column added.
+    """
+    added = []
+    inspector = inspect(engine)
+    for table in Base.metadata.sorted_tables:
+        existing = {column["name"] for column in inspector.get_columns(table.name)}
+        for column in table.columns:
+            if column.name in existing:
+                continue
+            if not column.nullable:
+                raise RuntimeError(f"table {table.name} lacks the required column {column.name}")
+            kind = column.type.compile(dialect=engine.dialect)
+            try:
+                with engine.begin() as connection:
+                    connection.execute(
+                        text(f'ALTER TABLE {table.name} ADD COLUMN "{column.name}" {kind}')
+                    )
+            except DBAPIError:
+                # another process starting at the same moment may have added it first
+                now = {c["name"] for c in inspect(engine).get_columns(table.name)}
+                if column.name not in now:
+                    raise
+                continue
+            added.append(f"{table.name}.{column.name}")
+            logger.warning("database upgraded: column %s.%s added", table.name, column.name)
+    return added

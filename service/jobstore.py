@@ -161,6 +161,9 @@ class Job(Base):
     # Which worker runs the job and until when its claim holds without a heartbeat.
     worker: Mapped[str | None] = mapped_column(String(128))
     lease_expires_at: Mapped[dt.datetime | None] = mapped_column(UtcDateTime)
+    # When the retention policy deleted the job's CT instances and archived outputs (the row
+    # and the audit trail stay); a purged job cannot be retried.
+    purged_at: Mapped[dt.datetime | None] = mapped_column(UtcDateTime)
 
     @property
     def job_state(self) -> JobState:
@@ -559,6 +562,38 @@ class JobStore:
             if result.rowcount != 1:  # type: ignore[attr-defined]
                 raise JobNotFound(f"no job {job_id!r}")
 
+    # -- retention ---------------------------------------------------------------------------
+    def mark_expired_for_purge(
+        self, finished_before: dt.datetime, *, limit: int = 100
+    ) -> builtins.list[Job]:
+        """Mark done/failed jobs finished before ``finished_before`` as purged; return them.
+
+        The caller deletes their files afterwards: marking first means a user's retry can no
+        longer start a job whose files are being deleted. ``send_failed`` jobs are kept (their
+        RTSTRUCT still awaits delivery).
+        """
+        expired = (
+            Job.state.in_([JobState.DONE.value, JobState.FAILED.value]),
+            Job.finished_at < finished_before,
+            Job.purged_at.is_(None),
+        )
+        with self._sessions() as session:
+            ids = builtins.list(
+                session.scalars(select(Job.id).where(*expired).order_by(Job.finished_at).limit(limit))
+            )
+        marked = []
+        for job_id in ids:
+            with self._sessions.begin() as session:
+                result = session.execute(
+                    update(Job)
+                    .where(Job.id == job_id, *expired)
+                    .values(purged_at=utcnow())
+                    .execution_options(synchronize_session=False)
+                )
+            if result.rowcount == 1:  # type: ignore[attr-defined]
+                marked.append(self.get(job_id))
+        return marked
+
     # -- API (issue 5): manual retry of a finished job ----------------------------------
     def requeue_finished(self, job_id: str, *, reason: str) -> Job:
         """failed | send_failed -> queued on a user's request, with a fresh set of attempts.
@@ -574,6 +609,11 @@ class JobStore:
                     raise JobNotFound(f"no job {job_id!r}")
                 if job.state not in retryable:
                     raise IllegalTransition(f"job {job_id} is {job.state}; it cannot be retried")
+                if job.purged_at is not None:
+                    raise IllegalTransition(
+                        f"job {job_id} cannot be retried: its CT instances were deleted by the "
+                        "retention policy; send the series again"
+                    )
                 now = utcnow()
                 job.state = JobState.QUEUED.value
                 job.queued_at = job.updated_at = now

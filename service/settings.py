@@ -104,6 +104,9 @@ class Settings(BaseSettings):
     # whose worker died is re-enqueued by the recovery sweep once its claim expired.
     job_lease_s: float = Field(60.0, ge=2, le=3600)
     recovery_interval_s: float = Field(30.0, gt=0, le=3600)
+    # Days after a done or failed job finished before its CT instances and archived outputs
+    # are deleted (the job record and audit trail stay); 0 keeps them forever.
+    retention_days: float = Field(30.0, ge=0)
     worker_concurrency: int = Field(1, ge=1, le=64)
 
     # Contouring

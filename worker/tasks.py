@@ -25,6 +25,7 @@ import logging
 import os
 import socket
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +36,7 @@ from celery.exceptions import SoftTimeLimitExceeded
 from service.db import create_schema, make_engine
 from service.errors import DestinationUnavailable, InvalidSeries, ModelPackageError
 from service.jobstore import JobState, JobStore
+from service.retention import purge_expired
 from service.sender import Sender
 from service.settings import Settings
 from worker.pipeline import (
@@ -56,6 +58,7 @@ RUN_JOB_TASK = "rtcontour.run_job"
 JOB_SENT_EVENT = "job.sent"
 MAX_RESTARTS = 3  # pipeline restarts of one attempt because instances were merged in
 RETRY_BACKOFF_S = 5.0
+PURGE_INTERVAL_S = 3600.0  # how often the retention policy runs (it is measured in days)
 
 
 class LostClaim(Exception):  # noqa: N818 - a signal, not an error
@@ -293,7 +296,8 @@ def recover_jobs(
 
 
 class RecoverySweeper:
-    """Runs ``recover_jobs`` now and every ``settings.recovery_interval_s`` in a thread.
+    """Runs ``recover_jobs`` now and every ``settings.recovery_interval_s`` in a thread, and
+    the retention policy (``service.retention.purge_expired``) now and every hour.
 
     ``queue_depth()`` returns the messages waiting in the broker (None if unknown).
     """
@@ -320,12 +324,19 @@ class RecoverySweeper:
 
     def _run(self) -> None:
         older_than_s = 0.0  # at start every received/queued job may have lost its message
+        next_purge = time.monotonic()
         while not self._stop.is_set():
             try:
                 depth = self.queue_depth()
                 recover_jobs(self.store, self.enqueue, older_than_s, waiting_messages=depth)
             except Exception:
                 logger.exception("recovery sweep failed (will retry)")
+            if time.monotonic() >= next_purge:
+                next_purge = time.monotonic() + PURGE_INTERVAL_S
+                try:
+                    purge_expired(self.settings, self.store)
+                except Exception:
+                    logger.exception("retention sweep failed (will retry)")
             older_than_s = self.settings.recovery_interval_s
             self._stop.wait(self.settings.recovery_interval_s)
 

@@ -52,6 +52,9 @@ class JobSummaryOut(BaseModel):
     failure_reason: str | None = None
     created_at: dt.datetime | None = None
     finished_at: dt.datetime | None = None
+    purged_at: dt.datetime | None = Field(
+        None, description="when the retention policy deleted the job's CT and RTSTRUCT files"
+    )
 
 
 class JobDetailOut(JobSummaryOut):
@@ -97,6 +100,7 @@ def summary(job: Job) -> JobSummaryOut:
         failure_reason=job.failure_reason,
         created_at=job.created_at,
         finished_at=job.finished_at,
+        purged_at=job.purged_at,
     )
 
 
@@ -201,12 +205,22 @@ def get_job(job_id: str, _: ViewerUser, ctx: Context) -> JobDetailOut:
     "/{job_id}/rtstruct",
     response_class=FileResponse,
     summary="Download the archived RTSTRUCT",
-    responses={200: {"content": {"application/dicom": {}}}, 404: {"description": "no RTSTRUCT"}},
+    responses={
+        200: {"content": {"application/dicom": {}}},
+        404: {"description": "no RTSTRUCT"},
+        410: {"description": "deleted by the retention policy"},
+    },
 )
 def download_rtstruct(
     job_id: str, principal: ClinicianUser, session: DbSession, ctx: Context
 ) -> FileResponse:
     job = load_job(ctx.store, job_id)
+    if job.purged_at is not None:
+        raise HTTPException(
+            status.HTTP_410_GONE,
+            detail=f"job {job_id}'s files were deleted on {job.purged_at:%Y-%m-%d} by the "
+            f"retention policy ({ctx.settings.retention_days:g} days after the job ended)",
+        )
     file = rtstruct_file(job)
     if file is None:
         raise HTTPException(
@@ -232,7 +246,7 @@ def download_rtstruct(
     response_model=RetryOut,
     status_code=status.HTTP_202_ACCEPTED,
     summary="Queue a failed job again",
-    responses={409: {"description": "the job is not in a failed state"}},
+    responses={409: {"description": "not failed, or its files were deleted by retention"}},
 )
 def retry_job(job_id: str, principal: ClinicianUser, session: DbSession, ctx: Context) -> RetryOut:
     job = load_job(ctx.store, job_id)

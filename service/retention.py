@@ -1,0 +1,81 @@
+"""The retention policy: files of finished jobs are deleted ``retention_days`` after they end.
+
+A done or failed job keeps its CT instances (``spool/jobs/<job_id>/``) and archived outputs
+(``archive/<job_id>/``) until then, so clinicians can download and administrators can retry;
+afterwards both folders are deleted, the job row is marked ``purged_at`` and an audit entry
+``job.files_purged`` is written. The job record, its timings and the audit trail stay.
+``send_failed`` jobs are never purged: their RTSTRUCT still awaits delivery.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from service import audit
+from service.intake import job_folder
+from service.jobstore import Job, JobStore, utcnow
+from service.settings import Settings
+
+__all__ = ["PurgeReport", "purge_expired"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PurgeReport:
+    jobs: int
+    bytes_freed: int
+
+
+def _size(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+
+
+def _job_folders(settings: Settings, job: Job) -> list[Path]:
+    """The job's spool and archive folders, only where they lie inside rtcontour's own trees
+    (a corrupted ``spool_dir`` value must never make the sweep delete anything else)."""
+    candidates = [Path(job.spool_dir) if job.spool_dir else job_folder(settings, job.id),
+                  settings.archive_dir / job.id]
+    roots = [settings.spool_dir.resolve(), settings.archive_dir.resolve()]
+    folders = []
+    for folder in candidates:
+        resolved = folder.resolve()
+        if not any(resolved.is_relative_to(root) and resolved != root for root in roots):
+            logger.error("job %s: %s is outside the spool and archive; not deleted", job.id, folder)
+            continue
+        folders.append(resolved)
+    return folders
+
+
+def purge_expired(
+    settings: Settings, store: JobStore, now: dt.datetime | None = None, batch: int = 100
+) -> PurgeReport:
+    """Delete the files of every done/failed job that finished over ``retention_days`` ago."""
+    if settings.retention_days <= 0:
+        return PurgeReport(0, 0)
+    cutoff = (now or utcnow()) - dt.timedelta(days=settings.retention_days)
+    jobs = freed = 0
+    while True:
+        marked = store.mark_expired_for_purge(cutoff, limit=batch)
+        for job in marked:
+            job_bytes = 0
+            for folder in _job_folders(settings, job):
+                if folder.exists():
+                    job_bytes += _size(folder)
+                    shutil.rmtree(folder, ignore_errors=True)
+                    if folder.exists():
+                        logger.error("job %s: %s could not be deleted entirely", job.id, folder)
+            audit.record(store.engine, audit.JOB_FILES_PURGED, "retention",
+                         {"bytes": job_bytes, "retention_days": settings.retention_days},
+                         job_id=job.id)
+            jobs, freed = jobs + 1, freed + job_bytes
+        if len(marked) < batch:
+            break
+    if jobs:
+        logger.info("retention: deleted the files of %d job(s) finished before %s (%.1f MB)",
+                    jobs, cutoff.isoformat(timespec="seconds"), freed / 1e6)
+    return PurgeReport(jobs, freed)
