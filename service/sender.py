@@ -20,10 +20,12 @@ from typing import Any
 import pydicom
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE
+from pynetdicom.association import Association
 
 from service.errors import DestinationUnavailable
 from service.jobstore import JobStore
 from service.settings import Destination, Settings
+from service.tls import client_ssl_context
 
 logger = logging.getLogger(__name__)
 
@@ -31,6 +33,20 @@ JOB_SENT_EVENT = "job.sent"
 
 # C-STORE statuses that mean "stored": success and the warnings of PS3.4 B.2.3.
 _STORED = {0x0000, 0xB000, 0xB006, 0xB007}
+
+
+def associate(ae: AE, destination: Destination, settings: Settings) -> Association:
+    """Request an association with ``destination`` from ``ae``; over DICOM TLS (peer verified
+    against ``tls_ca_file``, our ``tls_cert_file`` presented) for ``+tls`` destinations."""
+    tls_args = None
+    if destination.tls:
+        context = client_ssl_context(
+            settings.tls_ca_file, settings.tls_cert_file, settings.tls_key_file
+        )
+        tls_args = (context, destination.host)
+    return ae.associate(
+        destination.host, destination.port, ae_title=destination.ae_title, tls_args=tls_args
+    )
 
 
 @dataclass(frozen=True)
@@ -89,9 +105,14 @@ class Sender:
         ae.add_requested_context(
             dataset.SOPClassUID, [ExplicitVRLittleEndian, ImplicitVRLittleEndian]
         )
-        assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title)
+        assoc = associate(ae, destination, self.settings)
         if not assoc.is_established:
-            reason = "rejected the association" if assoc.is_rejected else "was not reachable"
+            if assoc.is_rejected:
+                reason = "rejected the association"
+            elif destination.tls:
+                reason = "was not reachable or the TLS handshake failed"
+            else:
+                reason = "was not reachable"
             raise DestinationUnavailable(f"destination {destination} {reason}")
         try:
             status = assoc.send_c_store(dataset)

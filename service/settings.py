@@ -15,7 +15,9 @@ from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 _AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # printable ASCII without backslash
-_DESTINATION = re.compile(r"^(?P<ae>[^@]{1,16})@(?P<host>[^:@\s]+):(?P<port>\d{1,5})$")
+_DESTINATION = re.compile(
+    r"^(?P<ae>[^@]{1,16})@(?P<host>[^:@\s]+):(?P<port>\d{1,5})(?P<tls>\+tls)?$"
+)
 
 DEVELOPMENT_ADMIN_TOKEN = "development-admin-token"  # noqa: S105 - named as a development default
 
@@ -32,24 +34,26 @@ def validate_ae_title(value: str) -> str:
 
 @dataclass(frozen=True)
 class Destination:
-    """A DICOM peer that receives every RTSTRUCT: ``AE@host:port``."""
+    """A DICOM peer that receives every RTSTRUCT: ``AE@host:port``, or ``AE@host:port+tls``
+    for DICOM TLS (see ``service.tls.client_ssl_context``)."""
 
     ae_title: str
     host: str
     port: int
+    tls: bool = False
 
     @classmethod
     def parse(cls, text: str) -> Destination:
         match = _DESTINATION.match(text.strip())
         if match is None:
-            raise ValueError(f"destination {text!r} is not of the form AE@host:port")
+            raise ValueError(f"destination {text!r} is not of the form AE@host:port[+tls]")
         port = int(match["port"])
         if not 1 <= port <= 65535:
             raise ValueError(f"destination {text!r} has port {port} outside 1-65535")
-        return cls(validate_ae_title(match["ae"]), match["host"], port)
+        return cls(validate_ae_title(match["ae"]), match["host"], port, bool(match["tls"]))
 
     def __str__(self) -> str:
-        return f"{self.ae_title}@{self.host}:{self.port}"
+        return f"{self.ae_title}@{self.host}:{self.port}" + ("+tls" if self.tls else "")
 
 
 def _split_list(value: object) -> object:

@@ -1,8 +1,12 @@
-"""DICOM TLS for the listener: the server's SSL context, and the handshake on a new connection.
+"""DICOM TLS: the listener's server context and handshake, and the client context with which
+the sender and the C-ECHO check reach ``+tls`` destinations.
 
-With ``tls_ca_file`` set, clients must present a certificate signed by that CA (mutual TLS).
-The handshake runs in the connection's own thread with a timeout, never in the accept loop, so
-a silent or slow client cannot hold up other peers.
+Listener: with ``tls_ca_file`` set, clients must present a certificate signed by that CA
+(mutual TLS). The handshake runs in the connection's own thread with a timeout, never in the
+accept loop, so a silent or slow client cannot hold up other peers.
+
+Destinations (``AE@host:port+tls``): the peer's certificate must chain to ``tls_ca_file`` (the
+system's CAs when unset) and name the host; rtcontour presents ``tls_cert_file`` when set.
 """
 
 from __future__ import annotations
@@ -23,6 +27,22 @@ def server_ssl_context(
     if ca_file is not None:
         context.load_verify_locations(cafile=str(ca_file))
         context.verify_mode = ssl.CERT_REQUIRED
+    return context
+
+
+def client_ssl_context(
+    ca_file: Path | None = None, cert_file: Path | None = None, key_file: Path | None = None
+) -> ssl.SSLContext:
+    """A TLS 1.2+ client context that verifies the peer (certificate and host name) against
+    ``ca_file`` (default: the system's CAs) and presents our certificate when given."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # CERT_REQUIRED and check_hostname
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    if ca_file is not None:
+        context.load_verify_locations(cafile=str(ca_file))
+    else:
+        context.load_default_certs(ssl.Purpose.SERVER_AUTH)
+    if cert_file is not None and key_file is not None:
+        context.load_cert_chain(certfile=str(cert_file), keyfile=str(key_file))
     return context
 
 

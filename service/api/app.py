@@ -72,18 +72,26 @@ def broker_queue_depth(settings: Settings) -> Callable[[], int | None]:
     return depth
 
 
-def c_echo(destination: Destination, timeout_s: float = 3.0) -> tuple[bool, str]:
-    """C-ECHO ``destination``; return (reachable, a short status sentence)."""
+def c_echo(
+    destination: Destination, settings: Settings, timeout_s: float = 3.0
+) -> tuple[bool, str]:
+    """C-ECHO ``destination`` as the sender would reach it (our AE title, TLS for ``+tls``);
+    return (reachable, a short status sentence)."""
     from pynetdicom import AE
     from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
-    ae = AE(ae_title="RTCONTOUR")
+    from service.sender import associate
+
+    ae = AE(ae_title=settings.ae_title)
     ae.add_requested_context(Verification)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout_s
     ae.connection_timeout = timeout_s
-    assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title)
+    assoc = associate(ae, destination, settings)
     if not assoc.is_established:
-        return False, "association refused or unreachable"
+        if assoc.is_rejected:
+            return False, "association rejected"
+        tls = " or TLS handshake failed" if destination.tls else ""
+        return False, f"unreachable{tls}"
     try:
         answer = assoc.send_c_echo()
     finally:
@@ -127,7 +135,7 @@ def create_app(
         store=JobStore(engine),
         enqueue=enqueue or celery_enqueuer(settings),
         queue_depth=queue_depth or broker_queue_depth(settings),
-        echo=echo or c_echo,
+        echo=echo or (lambda destination: c_echo(destination, settings)),
         previews=PreviewCache(),
     )
 

@@ -7,6 +7,7 @@ with a recording sink, small CT series. Names here are stable (other service tes
 - ``listener_factory`` fixture: ``listener_factory(**settings) -> RunningListener``
 - ``ct_series`` fixture: ``ct_series(n_slices=4, ...) -> list[Path]`` (tests.phantoms)
 - ``RecordingSink``: a ``SeriesSink`` that keeps arrivals; ``wait_for(n, timeout_s)``
+- ``pki`` fixture: CAs and certificates for DICOM TLS tests (``Pki``)
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ __all__ = [
     "send_files_with_pynetdicom",
     "RecordingSink",
     "RunningListener",
+    "Pki",
 ]
 
 LISTENER_AE = "RTCONTOUR"
@@ -292,6 +294,79 @@ def wait_for_port(port: int, timeout_s: float = 10.0) -> None:
                 return
         time.sleep(0.05)
     raise TimeoutError(f"nothing listening on port {port}")
+
+
+@dataclass(frozen=True)
+class Pki:
+    ca: Path
+    server_cert: Path
+    server_key: Path
+    client_cert: Path
+    client_key: Path
+    rogue_cert: Path
+    rogue_key: Path
+    tps_scp_cert: Path  # a TPS receiving RTSTRUCTs over TLS (server certificate for 127.0.0.1)
+    tps_scp_key: Path
+    rtcontour_cert: Path  # rtcontour's client certificate when it sends
+    rtcontour_key: Path
+    rogue_scp_cert: Path  # a server for 127.0.0.1 signed by the other CA
+    rogue_scp_key: Path
+
+
+def _openssl(*args: str, cwd: Path) -> None:
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
+
+
+def _ca(folder: Path, name: str) -> None:
+    _openssl(
+        "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", f"/CN={name}",
+        "-keyout", f"{name}.key", "-out", f"{name}.crt", cwd=folder,
+    )
+
+
+def _signed(folder: Path, name: str, ca: str, extensions: str) -> None:
+    _openssl(
+        "req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={name}",
+        "-keyout", f"{name}.key", "-out", f"{name}.csr", cwd=folder,
+    )
+    (folder / f"{name}.ext").write_text(extensions)
+    _openssl(
+        "x509", "-req", "-in", f"{name}.csr", "-CA", f"{ca}.crt", "-CAkey", f"{ca}.key",
+        "-CAcreateserial", "-days", "2", "-extfile", f"{name}.ext", "-out", f"{name}.crt",
+        cwd=folder,
+    )
+
+
+@pytest.fixture(scope="session")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    """A clinic CA with the listener's, a TPS client's, a TPS server's and rtcontour's
+    certificates, and a rogue CA with a client and a server certificate."""
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is not installed")
+    folder = tmp_path_factory.mktemp("pki")
+    _ca(folder, "clinic-ca")
+    _ca(folder, "rogue-ca")
+    _signed(folder, "listener", "clinic-ca", "subjectAltName=DNS:localhost,IP:127.0.0.1\n")
+    _signed(folder, "tps", "clinic-ca", "extendedKeyUsage=clientAuth\n")
+    _signed(folder, "rogue", "rogue-ca", "extendedKeyUsage=clientAuth\n")
+    _signed(folder, "tps-scp", "clinic-ca", "subjectAltName=DNS:localhost,IP:127.0.0.1\n")
+    _signed(folder, "rtcontour", "clinic-ca", "extendedKeyUsage=clientAuth\n")
+    _signed(folder, "rogue-scp", "rogue-ca", "subjectAltName=DNS:localhost,IP:127.0.0.1\n")
+    return Pki(
+        ca=folder / "clinic-ca.crt",
+        server_cert=folder / "listener.crt",
+        server_key=folder / "listener.key",
+        client_cert=folder / "tps.crt",
+        client_key=folder / "tps.key",
+        rogue_cert=folder / "rogue.crt",
+        rogue_key=folder / "rogue.key",
+        tps_scp_cert=folder / "tps-scp.crt",
+        tps_scp_key=folder / "tps-scp.key",
+        rtcontour_cert=folder / "rtcontour.crt",
+        rtcontour_key=folder / "rtcontour.key",
+        rogue_scp_cert=folder / "rogue-scp.crt",
+        rogue_scp_key=folder / "rogue-scp.key",
+    )
 
 
 @pytest.fixture

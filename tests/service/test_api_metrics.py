@@ -118,7 +118,7 @@ def test_destinations_are_checked_with_a_real_c_echo(tmp_path: Path) -> None:
         )
         from fastapi.testclient import TestClient
 
-        client = TestClient(create_app(settings, echo=lambda d: c_echo(d, timeout_s=2.0)))
+        client = TestClient(create_app(settings, echo=lambda d: c_echo(d, settings, timeout_s=2.0)))
         rows = client.get(
             "/api/destinations", headers={"Authorization": "Bearer " + "a" * 32}
         ).json()
@@ -130,4 +130,5 @@ def test_destinations_are_checked_with_a_real_c_echo(tmp_path: Path) -> None:
         assert rows[1]["elapsed_ms"] < 5000
     finally:
         server.shutdown()
-    assert c_echo(Destination("TPS", "127.0.0.1", _free_port()), timeout_s=1.0)[0] is False
+    assert c_echo(Destination("TPS", "127.0.0.1", _free_port()), settings, timeout_s=1.0) == (
+        False, "unreachable")

@@ -1,81 +1,24 @@
 """DICOM TLS with DCMTK's TLS-enabled echoscu/storescu: trusted clients in, others out.
 
-Certificates are generated at test time with Debian's ``openssl``: a CA, the listener's
-certificate, a client certificate signed by the CA and one signed by another CA.
+Certificates come from the ``pki`` fixture (tests/service/conftest.py, Debian's ``openssl``).
 """
 
 from __future__ import annotations
 
 import shutil
 import socket
-import subprocess
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from service.dicom_status import Status
-from tests.service.conftest import requires_dcmtk, run_echoscu, run_storescu
+from tests.service.conftest import Pki, requires_dcmtk, run_echoscu, run_storescu
 
 pytestmark = [
     requires_dcmtk,
     pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl is not installed"),
 ]
-
-
-@dataclass(frozen=True)
-class Pki:
-    ca: Path
-    server_cert: Path
-    server_key: Path
-    client_cert: Path
-    client_key: Path
-    rogue_cert: Path
-    rogue_key: Path
-
-
-def _openssl(*args: str, cwd: Path) -> None:
-    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
-
-
-def _ca(folder: Path, name: str) -> None:
-    _openssl(
-        "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", f"/CN={name}",
-        "-keyout", f"{name}.key", "-out", f"{name}.crt", cwd=folder,
-    )
-
-
-def _signed(folder: Path, name: str, ca: str, extensions: str) -> None:
-    _openssl(
-        "req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={name}",
-        "-keyout", f"{name}.key", "-out", f"{name}.csr", cwd=folder,
-    )
-    (folder / f"{name}.ext").write_text(extensions)
-    _openssl(
-        "x509", "-req", "-in", f"{name}.csr", "-CA", f"{ca}.crt", "-CAkey", f"{ca}.key",
-        "-CAcreateserial", "-days", "2", "-extfile", f"{name}.ext", "-out", f"{name}.crt",
-        cwd=folder,
-    )
-
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
-    folder = tmp_path_factory.mktemp("pki")
-    _ca(folder, "clinic-ca")
-    _ca(folder, "rogue-ca")
-    _signed(folder, "listener", "clinic-ca", "subjectAltName=DNS:localhost,IP:127.0.0.1\n")
-    _signed(folder, "tps", "clinic-ca", "extendedKeyUsage=clientAuth\n")
-    _signed(folder, "rogue", "rogue-ca", "extendedKeyUsage=clientAuth\n")
-    return Pki(
-        ca=folder / "clinic-ca.crt",
-        server_cert=folder / "listener.crt",
-        server_key=folder / "listener.key",
-        client_cert=folder / "tps.crt",
-        client_key=folder / "tps.key",
-        rogue_cert=folder / "rogue.crt",
-        rogue_key=folder / "rogue.key",
-    )
 
 
 @pytest.fixture
