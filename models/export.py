@@ -166,7 +166,7 @@ Only patients with the structure in `rois_present` count. HD95 in mm on the Open
 ## Limitations
 - Research use only, not a medical device; not validated for clinical use.
 - Trained on {manifest.training_data.n_train_cases} OpenKBP patients at ~4 mm in-plane
-  resolution, on CPU for about 100 minutes: coarse boundaries; small structures (Esophagus,
+  resolution, {step} steps on a 2-core CPU: coarse boundaries; small structures (Esophagus,
   Larynx) are the least reliable.
 - OpenKBP contours vary in extent between patients (e.g. SpinalCord and Esophagus length).
 - Unseen anatomy, contrast, implants, other sites or pediatric patients are untested.
