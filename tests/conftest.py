@@ -534,7 +534,7 @@ def slow_test_package(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (to act while a job is in the middle of inference)."""
     pytest.importorskip("torch", reason="the 'train' extra (torch) exports the test package")
     return build_test_package(
-        tmp_path_factory.mktemp("slow-packages"), name="slow-test", patch_size=(8, 16, 16)
+        tmp_path_factory.mktemp("slow-packages"), name="slow-test", patch_size=(4, 8, 8)
     )
 
 
