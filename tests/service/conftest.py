@@ -313,6 +313,19 @@ class Pki:
     rogue_scp_key: Path
 
 
+_SERVER_EXT = "subjectAltName=DNS:localhost,IP:127.0.0.1\n"
+_CLIENT_EXT = "extendedKeyUsage=clientAuth\n"
+# Pki field prefix -> (file name, signing CA, extensions)
+_CERTIFICATES = {
+    "server": ("listener", "clinic-ca", _SERVER_EXT),
+    "client": ("tps", "clinic-ca", _CLIENT_EXT),
+    "rogue": ("rogue", "rogue-ca", _CLIENT_EXT),
+    "tps_scp": ("tps-scp", "clinic-ca", _SERVER_EXT),
+    "rtcontour": ("rtcontour", "clinic-ca", _CLIENT_EXT),
+    "rogue_scp": ("rogue-scp", "rogue-ca", _SERVER_EXT),
+}
+
+
 def _openssl(*args: str, cwd: Path) -> None:
     subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
 
@@ -346,27 +359,12 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
     folder = tmp_path_factory.mktemp("pki")
     _ca(folder, "clinic-ca")
     _ca(folder, "rogue-ca")
-    _signed(folder, "listener", "clinic-ca", "subjectAltName=DNS:localhost,IP:127.0.0.1\n")
-    _signed(folder, "tps", "clinic-ca", "extendedKeyUsage=clientAuth\n")
-    _signed(folder, "rogue", "rogue-ca", "extendedKeyUsage=clientAuth\n")
-    _signed(folder, "tps-scp", "clinic-ca", "subjectAltName=DNS:localhost,IP:127.0.0.1\n")
-    _signed(folder, "rtcontour", "clinic-ca", "extendedKeyUsage=clientAuth\n")
-    _signed(folder, "rogue-scp", "rogue-ca", "subjectAltName=DNS:localhost,IP:127.0.0.1\n")
-    return Pki(
-        ca=folder / "clinic-ca.crt",
-        server_cert=folder / "listener.crt",
-        server_key=folder / "listener.key",
-        client_cert=folder / "tps.crt",
-        client_key=folder / "tps.key",
-        rogue_cert=folder / "rogue.crt",
-        rogue_key=folder / "rogue.key",
-        tps_scp_cert=folder / "tps-scp.crt",
-        tps_scp_key=folder / "tps-scp.key",
-        rtcontour_cert=folder / "rtcontour.crt",
-        rtcontour_key=folder / "rtcontour.key",
-        rogue_scp_cert=folder / "rogue-scp.crt",
-        rogue_scp_key=folder / "rogue-scp.key",
-    )
+    paths = {"ca": folder / "clinic-ca.crt"}
+    for prefix, (name, ca, extensions) in _CERTIFICATES.items():
+        _signed(folder, name, ca, extensions)
+        paths[f"{prefix}_cert"] = folder / f"{name}.crt"
+        paths[f"{prefix}_key"] = folder / f"{name}.key"
+    return Pki(**paths)
 
 
 @pytest.fixture
