@@ -397,11 +397,9 @@ def train(
     if payload is not None:
         model.load_state_dict(payload["model"])
         optimizer.load_state_dict(payload["optimizer"])
-        if restart_schedule:
-            for group in optimizer.param_groups:
-                group["initial_lr"] = config.lr
-                group["lr"] = config.lr * _lr_lambda(config)(0)
-            scheduler.base_lrs = [config.lr] * len(optimizer.param_groups)
+        if restart_schedule:  # the loaded state holds the old schedule's rates: use the new
+            for group, lr in zip(optimizer.param_groups, scheduler.get_last_lr(), strict=True):
+                group["initial_lr"], group["lr"] = config.lr, lr
         else:
             scheduler.load_state_dict(payload["scheduler"])
         history = list(payload["history"])
