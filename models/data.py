@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from models.labels import ORGANS
+from models.reference_qa import reference_problems
 from models.resampling import resample_linear, resampled_shape
 
 __all__ = [
@@ -85,9 +86,15 @@ class CaseArrays:
         return ((self.labels[None] >> bits[:, None, None, None]) & 1).astype(bool)
 
 
-def load_openkbp_raw(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, tuple[float, ...]]:
+def load_openkbp_raw(
+    path: Path, reference_qa: bool = True
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, tuple[float, ...]]:
     """Read one OpenKBP npz and return canonical (hu int16, masks bool (7,...), known bool (7,),
-    spacing_mm (slice, row, col)). Masks of unknown structures are all False."""
+    spacing_mm (slice, row, col)). Masks of unknown structures are all False.
+
+    With ``reference_qa`` a reference contour failing :mod:`models.reference_qa` is logged and
+    returned as unknown (not contoured), so it neither trains nor judges a model.
+    """
     with np.load(path) as npz:
         ct = npz["ct_hu"].transpose(2, 0, 1)
         bits = npz["label_bits"].transpose(2, 0, 1)
@@ -102,14 +109,20 @@ def load_openkbp_raw(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, tu
         known[channel] = organ.openkbp_name in present
         if known[channel]:
             masks[channel] = (bits >> bit) & 1
+    if reference_qa:
+        for channel, reason in reference_problems(masks, known, spacing).items():
+            log.warning("%s: reference %s set aside as not contoured: %s",
+                        path.stem, ORGANS[channel].roi_name, reason)
+            known[channel] = False
+            masks[channel] = False
     return np.ascontiguousarray(ct), masks, known, spacing
 
 
 def preprocess_case(
-    path: Path, target_spacing_mm: Sequence[float] = TARGET_SPACING_MM
+    path: Path, target_spacing_mm: Sequence[float] = TARGET_SPACING_MM, reference_qa: bool = True
 ) -> CaseArrays:
     """Load, resample (CT and each mask trilinearly, masks thresholded at 0.5) and normalise."""
-    hu, masks, known, spacing = load_openkbp_raw(path)
+    hu, masks, known, spacing = load_openkbp_raw(path, reference_qa)
     shape = resampled_shape(hu.shape, spacing, target_spacing_mm)
     image = normalise_hu(resample_linear(hu.astype(np.float32), spacing, target_spacing_mm))
     labels = np.zeros(shape, dtype=np.uint8)
@@ -128,18 +141,18 @@ def preprocess_case(
 
 
 def _cache_path(cache_dir: Path, split: str, case_id: str,
-                target_spacing_mm: Sequence[float]) -> Path:
-    tag = "x".join(f"{s:g}" for s in target_spacing_mm)
+                target_spacing_mm: Sequence[float], reference_qa: bool) -> Path:
+    tag = "x".join(f"{s:g}" for s in target_spacing_mm) + ("-qa" if reference_qa else "")
     return cache_dir / f"openkbp-v{CACHE_VERSION}-{tag}" / split / f"{case_id}.npz"
 
 
-def _load_or_build(args: tuple[Path, Path, str, tuple[float, float, float]]) -> CaseArrays:
-    path, cache_dir, split, target = args
-    cached = _cache_path(cache_dir, split, path.stem, target)
+def _load_or_build(args: tuple[Path, Path, str, tuple[float, float, float], bool]) -> CaseArrays:
+    path, cache_dir, split, target, reference_qa = args
+    cached = _cache_path(cache_dir, split, path.stem, target, reference_qa)
     if cached.exists():
         with np.load(cached) as npz:
             return CaseArrays(path.stem, npz["image"], npz["labels"], npz["known"], target)
-    case = preprocess_case(path, target)
+    case = preprocess_case(path, target, reference_qa)
     cached.parent.mkdir(parents=True, exist_ok=True)
     partial = cached.with_name(cached.stem + f".{os.getpid()}.tmp.npz")
     np.savez(partial, image=case.image, labels=case.labels, known=case.known)
@@ -167,16 +180,19 @@ def load_split(
     target_spacing_mm: Sequence[float] = TARGET_SPACING_MM,
     limit: int | None = None,
     workers: int = 2,
+    reference_qa: bool = True,
 ) -> list[CaseArrays]:
-    """Preprocessed cases of a split, built once and cached under ``cache_dir``."""
+    """Preprocessed cases of a split, built once and cached under ``cache_dir``
+    (``reference_qa``: see :func:`load_openkbp_raw`)."""
     paths = list_cases(data_dir, split)
     if limit is not None:
         paths = paths[:limit]
     target = (float(target_spacing_mm[0]), float(target_spacing_mm[1]),
               float(target_spacing_mm[2]))
-    jobs = [(path, Path(cache_dir), split, target) for path in paths]
+    jobs = [(path, Path(cache_dir), split, target, reference_qa) for path in paths]
     missing = sum(
-        not _cache_path(Path(cache_dir), split, p.stem, target).exists() for p in paths
+        not _cache_path(Path(cache_dir), split, p.stem, target, reference_qa).exists()
+        for p in paths
     )
     if missing:
         log.info("preprocessing %d of %d %s cases into %s", missing, len(paths), split, cache_dir)

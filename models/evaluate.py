@@ -2,7 +2,9 @@
 
 Each patient goes through :class:`models.inference.Segmenter` exactly as in the service
 (HU array in, masks on the CT grid out). Dice and HD95 (mm) per structure, counting only
-patients whose ``rois_present`` lists the structure.
+patients whose ``rois_present`` lists the structure and whose reference contour passes
+:mod:`models.reference_qa`; the same figures over every listed reference are reported beside
+them (``per_structure_all_references``), and the set-aside references are named.
 """
 
 from __future__ import annotations
@@ -21,7 +23,9 @@ from scipy import ndimage
 
 from models.data import default_data_dir, list_cases, load_openkbp_raw
 from models.inference import Segmenter
+from models.labels import ORGANS
 from models.package import find_latest_package
+from models.reference_qa import reference_problems
 
 __all__ = ["dice", "hd95_mm", "evaluate_package", "format_table", "main"]
 
@@ -66,34 +70,30 @@ def evaluate_package(
     segmenter = Segmenter(package, overlap=overlap, mirror_tta=mirror_tta, provider=provider)
     paths = list_cases(data_dir, split)[:limit]
     names = [label.roi_name for label in segmenter.manifest.labels]
-    dices: dict[str, list[float]] = {name: [] for name in names}
-    distances: dict[str, list[float]] = {name: [] for name in names}
-    missed: dict[str, int] = dict.fromkeys(names, 0)
+    if names != [organ.roi_name for organ in ORGANS]:
+        raise ValueError(f"{package} labels {names} are not the OpenKBP structures")
+    checked = _Scores(names)
+    everything = _Scores(names)
+    set_aside: list[dict[str, Any]] = []
     started = time.monotonic()
     for number, path in enumerate(paths, start=1):
-        hu, masks, known, spacing = load_openkbp_raw(path)
+        hu, masks, known, spacing = load_openkbp_raw(path, reference_qa=False)
+        problems = reference_problems(masks, known, spacing)
         predicted = segmenter.predict(hu.astype(np.float32), spacing)
         for channel, name in enumerate(names):
             if not known[channel]:
                 continue
-            dices[name].append(dice(predicted[name], masks[channel]))
+            score = dice(predicted[name], masks[channel])
             distance = hd95_mm(predicted[name], masks[channel], spacing)
-            if distance is None:
-                missed[name] += 1
+            everything.add(name, score, distance)
+            if channel in problems:
+                set_aside.append({"case": path.stem, "structure": name, "dice": score,
+                                  "reason": problems[channel]})
             else:
-                distances[name].append(distance)
+                checked.add(name, score, distance)
         log.info("%d/%d %s done", number, len(paths), path.stem)
-    per_structure = {
-        name: {
-            "dice": float(np.mean(dices[name])),
-            "hd95_mm": float(np.mean(distances[name])) if distances[name] else None,
-            "n_cases": len(dices[name]),
-            "n_empty_predictions": missed[name],
-        }
-        for name in names
-        if dices[name]
-    }
-    hd_values = [r["hd95_mm"] for r in per_structure.values() if r["hd95_mm"] is not None]
+    per_structure = checked.summary()
+    all_references = everything.summary()
     return {
         "package": str(package),
         "split": split,
@@ -103,20 +103,76 @@ def evaluate_package(
         "mirror_tta": mirror_tta,
         "seconds_per_case": (time.monotonic() - started) / max(1, len(paths)),
         "per_structure": per_structure,
+        **_means(per_structure),
+        "references_set_aside": set_aside,
+        "per_structure_all_references": all_references,
+        "all_references": _means(all_references),
+    }
+
+
+class _Scores:
+    """Dice and HD95 lists per structure (HD95 only where the prediction is not empty)."""
+
+    def __init__(self, names: Sequence[str]) -> None:
+        self.dices: dict[str, list[float]] = {name: [] for name in names}
+        self.distances: dict[str, list[float]] = {name: [] for name in names}
+        self.missed: dict[str, int] = dict.fromkeys(names, 0)
+
+    def add(self, name: str, score: float, distance: float | None) -> None:
+        self.dices[name].append(score)
+        if distance is None:
+            self.missed[name] += 1
+        else:
+            self.distances[name].append(distance)
+
+    def summary(self) -> dict[str, dict[str, Any]]:
+        return {
+            name: {
+                "dice": float(np.mean(values)),
+                "hd95_mm": (float(np.mean(self.distances[name])) if self.distances[name]
+                            else None),
+                "n_cases": len(values),
+                "n_empty_predictions": self.missed[name],
+            }
+            for name, values in self.dices.items()
+            if values
+        }
+
+
+def _means(per_structure: dict[str, dict[str, Any]]) -> dict[str, float | None]:
+    hd_values = [r["hd95_mm"] for r in per_structure.values() if r["hd95_mm"] is not None]
+    return {
         "mean_dice": float(np.mean([r["dice"] for r in per_structure.values()])),
         "mean_hd95_mm": float(np.mean(hd_values)) if hd_values else None,
     }
 
 
 def format_table(results: dict[str, Any]) -> str:
-    lines = [f"{'structure':<14} {'Dice':>6} {'HD95 mm':>8} {'n':>3}", "-" * 34]
-    for name, row in results["per_structure"].items():
-        hd = "-" if row["hd95_mm"] is None else f"{row['hd95_mm']:.1f}"
-        lines.append(f"{name:<14} {row['dice']:>6.3f} {hd:>8} {row['n_cases']:>3}")
-    mean_hd = "-" if results["mean_hd95_mm"] is None else f"{results['mean_hd95_mm']:.1f}"
-    lines += ["-" * 34, f"{'mean':<14} {results['mean_dice']:>6.3f} {mean_hd:>8}",
+    """Per-structure table: checked references first, every listed reference beside them."""
+    every = results["per_structure_all_references"]
+    lines = [f"{'structure':<14} {'Dice':>6} {'HD95 mm':>8} {'n':>3}   "
+             f"{'all references: Dice':>20} {'HD95 mm':>8} {'n':>3}", "-" * 70]
+
+    def hd(value: float | None) -> str:
+        return "-" if value is None else f"{value:.1f}"
+
+    for name, row in every.items():
+        ours = results["per_structure"].get(name)
+        left = (f"{ours['dice']:>6.3f} {hd(ours['hd95_mm']):>8} {ours['n_cases']:>3}" if ours
+                else f"{'-':>6} {'-':>8} {0:>3}")
+        lines.append(f"{name:<14} {left}   {row['dice']:>20.3f} {hd(row['hd95_mm']):>8} "
+                     f"{row['n_cases']:>3}")
+    overall = results["all_references"]
+    lines += ["-" * 70,
+              f"{'mean':<14} {results['mean_dice']:>6.3f} {hd(results['mean_hd95_mm']):>8}     "
+              f"{overall['mean_dice']:>20.3f} {hd(overall['mean_hd95_mm']):>8}",
               f"({results['n_cases']} patients, {results['backend']}, "
               f"{results['seconds_per_case']:.1f} s/patient)"]
+    if results["references_set_aside"]:
+        lines.append("reference contours set aside by the plausibility check "
+                     "(models.reference_qa):")
+        lines += [f"  {r['case']} {r['structure']}: Dice {r['dice']:.3f}; {r['reason']}"
+                  for r in results["references_set_aside"]]
     return "\n".join(lines)
 
 

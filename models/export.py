@@ -16,6 +16,7 @@ import sys
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -98,8 +99,10 @@ def build_manifest(
         training_data=TrainingData(
             description=(
                 "OpenKBP head-and-neck CT (train split, "
-                f"{n_train} patients; loss masked for structures not in rois_present); "
-                "resampled to the target spacing"
+                f"{n_train} patients; loss masked for structures not in rois_present"
+                + ("; references failing the plausibility check of models.reference_qa "
+                   "treated as not contoured" if config.reference_qa else "")
+                + "); resampled to the target spacing"
             ),
             citation=OPENKBP_CITATION,
             n_train_cases=n_train,
@@ -112,7 +115,8 @@ def build_manifest(
     )
 
 
-def render_card(manifest: ModelManifest, evaluate_command: str, step: int) -> str:
+def render_card(manifest: ModelManifest, evaluate_command: str, step: int,
+                evaluation_notes: str = "") -> str:
     rows = []
     for label in manifest.labels:
         metric = manifest.validation_metrics.get(label.roi_name)
@@ -157,12 +161,14 @@ used to pick the checkpoint, so the figures below are slightly optimistic).
 Citation: {manifest.training_data.citation}
 
 ## Validation metrics (OpenKBP validation split)
-Only patients with the structure in `rois_present` count. HD95 in mm on the OpenKBP grid.
+Only patients with the structure in `rois_present` count, and only references that pass the
+plausibility check of `models.reference_qa` (mean cross-section within 0.25x to 4x of the
+organ's typical value). HD95 in mm on the OpenKBP grid.
 
 | structure | Dice | HD95 (mm) | patients |
 | --- | --- | --- | --- |
 {chr(10).join(rows)}
-
+{evaluation_notes}
 ## Limitations
 - Research use only, not a medical device; not validated for clinical use.
 - Trained on {manifest.training_data.n_train_cases} OpenKBP patients at ~4 mm in-plane
@@ -199,8 +205,10 @@ def write_package(
     export_command: str,
     metrics: dict[str, ValidationMetric] | None = None,
     n_validation: int = 0,
+    evaluation_notes: str = "",
 ) -> Path:
-    """Export ``checkpoint_path`` into ``out_root/<name>-<version>/``; returns the folder."""
+    """Export ``checkpoint_path`` into ``out_root/<name>-<version>/``; returns the folder
+    (``evaluation_notes``: markdown put under the card's metrics table)."""
     payload = load_checkpoint(checkpoint_path)
     config = TrainConfig.from_dict(payload["config"])
     model = build_model(config)
@@ -218,12 +226,28 @@ def write_package(
                                         encoding="utf-8")
     evaluate_command = f"python -m models.evaluate --package {folder.relative_to(REPO_ROOT)}" \
         if folder.is_relative_to(REPO_ROOT) else f"python -m models.evaluate --package {folder}"
-    (folder / CARD_NAME).write_text(render_card(manifest, evaluate_command, int(payload["step"])),
+    (folder / CARD_NAME).write_text(render_card(manifest, evaluate_command, int(payload["step"]),
+                                                evaluation_notes),
                                     encoding="utf-8")
     load_package(folder)
     log.info("wrote package %s (%.1f MB weights, step %d)", folder,
              onnx_path.stat().st_size / 1e6, int(payload["step"]))
     return folder
+
+
+def _set_aside_notes(results: dict[str, Any]) -> str:
+    """Card lines on the references the plausibility check set aside (see validation.json)."""
+    set_aside = results["references_set_aside"]
+    if not set_aside:
+        return ""
+    overall = results["all_references"]
+    hd = "-" if overall["mean_hd95_mm"] is None else f"{overall['mean_hd95_mm']:.1f}"
+    lines = [f"Over every listed reference, including the {len(set_aside)} set aside: mean Dice "
+             f"{overall['mean_dice']:.3f}, HD95 {hd} mm (per structure in `validation.json`). "
+             "Set aside:", ""]
+    lines += [f"- {r['case']} {r['structure']} (Dice {r['dice']:.3f}): {r['reason']}"
+              for r in set_aside]
+    return "\n".join(lines) + "\n"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -265,7 +289,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         }
         shutil.rmtree(folder)
         folder = write_package(args.checkpoint, args.out_root, args.name, args.version, command,
-                               metrics=metrics, n_validation=int(results["n_cases"]))
+                               metrics=metrics, n_validation=int(results["n_cases"]),
+                               evaluation_notes=_set_aside_notes(results))
         (folder / "validation.json").write_text(json.dumps(results, indent=2) + "\n",
                                                 encoding="utf-8")
     print(folder)  # noqa: T201

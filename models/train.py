@@ -91,6 +91,9 @@ class TrainConfig:
     hu_clip: tuple[float, float] = HU_CLIP
     data_dir: str = ""
     train_limit: int = 0
+    # Reference contours failing models.reference_qa count as not contoured. Checkpoints made
+    # before the check existed lack the field and trained without it (see from_dict).
+    reference_qa: bool = True
     command: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
@@ -105,6 +108,7 @@ class TrainConfig:
             if key not in known:
                 continue
             kwargs[key] = tuple(value) if isinstance(value, list) and key != "command" else value
+        kwargs.setdefault("reference_qa", False)
         return cls(**kwargs)
 
 
@@ -513,6 +517,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--train-limit", type=int, default=0, help="use only N train cases")
     parser.add_argument("--stop-after", type=int, default=None)
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--no-reference-qa", action="store_true",
+                        help="train on every reference contour, even those failing the "
+                             "plausibility check of models.reference_qa (new runs and "
+                             "--restart-schedule only)")
     parser.add_argument("--rebalance", action="store_true",
                         help="on --resume, switch to the current structure_weights/pos_weight")
     parser.add_argument("--restart-schedule", action="store_true",
@@ -538,6 +546,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.restart_schedule:
             log.info("warm restart: LR %.1e decaying to step %d", args.lr, args.steps)
             stored.steps, stored.lr = args.steps, args.lr
+            if stored.reference_qa == args.no_reference_qa:
+                log.info("reference contour check %s from this restart on",
+                         "off" if args.no_reference_qa else "on")
+                stored.reference_qa = not args.no_reference_qa
         elif args.steps != stored.steps and "--steps" in " ".join(argv):
             log.warning("changing total steps from %d to %d on resume: the LR schedule "
                         "differs from an uninterrupted run", stored.steps, args.steps)
@@ -559,13 +571,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             steps=args.steps, lr=args.lr, val_every=args.val_every, val_cases=args.val_cases,
             checkpoint_minutes=args.checkpoint_minutes, seed=args.seed, threads=args.threads,
             bf16=not args.no_bf16, data_dir=str(data_dir), train_limit=args.train_limit,
-            command=[" ".join(["rtcontour train", *argv])],
+            reference_qa=not args.no_reference_qa, command=[" ".join(["rtcontour train", *argv])],
         )
     torch.set_num_threads(config.threads)
     train_cases = load_split(data_dir, "train", args.cache_dir, config.target_spacing_mm,
-                             limit=config.train_limit or None)
+                             limit=config.train_limit or None,
+                             reference_qa=config.reference_qa)
     val_cases = load_split(data_dir, "validation", args.cache_dir, config.target_spacing_mm,
-                           limit=config.val_cases)
+                           limit=config.val_cases, reference_qa=config.reference_qa)
     bar = tqdm(total=config.steps, disable=args.no_progress or not sys.stderr.isatty(),
                desc="train")
 

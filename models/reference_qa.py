@@ -1,0 +1,109 @@
+"""Plausibility check of reference contours before they train or judge a model.
+
+A reference contour that is not the organ its name says poisons both training and evaluation:
+in OpenKBP's validation split the "SpinalCord" of pt_215 and pt_216 is the whole posterior
+neck (17 and 25 times the cord's cross-section), so a perfect cord scores Dice 0.07 there.
+
+The check compares a contour's mean cross-section (volume / number of slices it occupies, in
+mm^2, so independent of how far craniocaudally it was drawn) with the organ's typical value,
+the median over the OpenKBP training split (``python -m models.reference_qa --split train``
+prints it). More than ``FACTOR`` times larger or smaller is implausible: the training split's
+5th to 95th percentiles lie within 0.5x to 2.7x of the median for every organ. A structure
+listed as contoured but with no voxel fails too. A failed reference is treated as not
+contoured (unknown), never as background.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+import numpy as np
+
+from models.labels import ORGANS
+
+__all__ = ["FACTOR", "TYPICAL_AREA_MM2", "mean_cross_section_mm2", "reference_problem",
+           "reference_problems", "main"]
+
+log = logging.getLogger(__name__)
+
+FACTOR = 4.0
+
+# Median mean cross-section (mm^2) per structure over the OpenKBP training split (169 patients).
+TYPICAL_AREA_MM2: dict[str, float] = {
+    "Brainstem": 448.0,
+    "SpinalCord": 133.0,
+    "Parotid_L": 495.0,
+    "Parotid_R": 499.0,
+    "Esophagus": 162.0,
+    "Larynx": 655.0,
+    "Bone_Mandible": 841.0,
+}
+
+
+def mean_cross_section_mm2(mask: np.ndarray, spacing_mm: Sequence[float]) -> float:
+    """Area per occupied slice (mm^2) of a (slices, rows, columns) bool mask; 0 if empty."""
+    slices = int(np.count_nonzero(mask.any(axis=(1, 2))))
+    if slices == 0:
+        return 0.0
+    return float(np.count_nonzero(mask)) * float(spacing_mm[1]) * float(spacing_mm[2]) / slices
+
+
+def reference_problem(roi_name: str, mask: np.ndarray, spacing_mm: Sequence[float]) -> str | None:
+    """Why the reference contour ``mask`` of ``roi_name`` is implausible, or ``None``."""
+    area = mean_cross_section_mm2(mask, spacing_mm)
+    if area == 0.0:
+        return "listed as contoured but empty"
+    typical = TYPICAL_AREA_MM2[roi_name]
+    ratio = area / typical
+    if ratio > FACTOR or ratio < 1.0 / FACTOR:
+        return (f"mean cross-section {area:.0f} mm^2 is {ratio:.2f}x the typical "
+                f"{typical:.0f} mm^2 (allowed {1 / FACTOR:.2f}x to {FACTOR:.0f}x)")
+    return None
+
+
+def reference_problems(
+    masks: np.ndarray, known: np.ndarray, spacing_mm: Sequence[float]
+) -> dict[int, str]:
+    """Channel -> reason for every known structure of one patient whose reference fails."""
+    problems: dict[int, str] = {}
+    for channel, organ in enumerate(ORGANS):
+        if known[channel]:
+            reason = reference_problem(organ.roi_name, masks[channel], spacing_mm)
+            if reason is not None:
+                problems[channel] = reason
+    return problems
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """List the failing references of an OpenKBP split and the split's median cross-sections."""
+    from models.data import default_data_dir, list_cases, load_openkbp_raw
+
+    parser = argparse.ArgumentParser(prog="python -m models.reference_qa",
+                                     description=main.__doc__)
+    parser.add_argument("--split", default="train")
+    parser.add_argument("--data-dir", default=None)
+    args = parser.parse_args(argv)
+    data_dir = default_data_dir() if args.data_dir is None else args.data_dir
+    areas: dict[str, list[float]] = {organ.roi_name: [] for organ in ORGANS}
+    lines = []
+    for path in list_cases(data_dir, args.split):
+        _, masks, known, spacing = load_openkbp_raw(path, reference_qa=False)
+        for channel, organ in enumerate(ORGANS):
+            if known[channel] and masks[channel].any():
+                areas[organ.roi_name].append(mean_cross_section_mm2(masks[channel], spacing))
+        for channel, reason in reference_problems(masks, known, spacing).items():
+            lines.append(f"{path.stem:<8} {ORGANS[channel].roi_name:<14} {reason}")
+    out = sys.stdout
+    out.write(f"{'structure':<14} {'n':>4} {'median mm^2':>12}\n")
+    for name, values in areas.items():
+        out.write(f"{name:<14} {len(values):>4} {float(np.median(values)):>12.0f}\n")
+    out.write(f"\n{len(lines)} implausible reference contour(s) in {args.split}:\n")
+    out.write("".join(line + "\n" for line in lines))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

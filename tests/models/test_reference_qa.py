@@ -1,0 +1,110 @@
+"""Implausible reference contours are set aside, named, and never counted as background."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from models.data import list_cases, load_openkbp_raw, preprocess_case
+from models.evaluate import evaluate_package, format_table
+from models.labels import ORGANS
+from models.reference_qa import reference_problem, reference_problems
+
+ROI_NAMES = ["Brainstem", "SpinalCord", "RightParotid", "LeftParotid", "Esophagus", "Larynx",
+             "Mandible", "PTV56", "PTV63", "PTV70"]
+SPACING = (4.0, 4.0, 3.0)  # OpenKBP voxel_mm order: rows, columns, slices
+CORD = ORGANS.index(next(o for o in ORGANS if o.roi_name == "SpinalCord"))
+
+
+def _cord(shape: tuple[int, int, int], half_width: int, slices: slice) -> np.ndarray:
+    mask = np.zeros(shape, dtype=bool)
+    centre_row, centre_col = shape[1] // 2, shape[2] // 2
+    mask[slices, centre_row - half_width:centre_row + half_width + 1,
+         centre_col - half_width:centre_col + half_width + 1] = True
+    return mask
+
+
+def write_openkbp_case(path: Path, cord_half_width: int, with_larynx: bool = False) -> None:
+    """A small OpenKBP-format patient: a cord of (2h+1)^2 voxels per slice, optional larynx."""
+    shape = (24, 40, 40)  # canonical (slices, rows, columns)
+    hu = np.full(shape, -1000, dtype=np.int16)
+    hu[:, 8:32, 8:32] = 40
+    bits = np.zeros(shape, dtype=np.uint16)
+    bits |= _cord(shape, cord_half_width, slice(2, 22)).astype(np.uint16) << 1
+    present = ["SpinalCord"]
+    if with_larynx:
+        larynx = np.zeros(shape, dtype=bool)
+        larynx[8:14, 12:19, 16:23] = True  # 49 voxels of 16 mm^2: 784 mm^2 per slice
+        bits |= larynx.astype(np.uint16) << 5
+        present.append("Larynx")
+    np.savez_compressed(
+        path, ct_hu=hu.transpose(1, 2, 0), label_bits=bits.transpose(1, 2, 0),
+        voxel_mm=np.asarray(SPACING, dtype=np.float32), roi_names=np.asarray(ROI_NAMES),
+        rois_present=np.asarray(present),
+    )
+
+
+def test_a_cord_sized_contour_passes_whatever_its_length():
+    spacing = (3.0, 4.0, 4.0)
+    assert reference_problem("SpinalCord", _cord((60, 40, 40), 1, slice(0, 60)), spacing) is None
+    assert reference_problem("SpinalCord", _cord((60, 40, 40), 1, slice(30, 33)), spacing) is None
+
+
+def test_a_neck_sized_spinal_cord_and_an_empty_listed_contour_fail_with_their_reason():
+    spacing = (3.0, 4.0, 4.0)
+    neck = reference_problem("SpinalCord", _cord((60, 40, 40), 10, slice(0, 60)), spacing)
+    assert neck is not None and "53.05x the typical 133 mm^2" in neck
+    assert reference_problem("SpinalCord", np.zeros((60, 40, 40), bool), spacing) == (
+        "listed as contoured but empty")
+    masks = np.zeros((7, 60, 40, 40), dtype=bool)
+    masks[CORD] = _cord((60, 40, 40), 10, slice(0, 60))
+    known = np.zeros(7, dtype=bool)
+    known[CORD] = True
+    assert set(reference_problems(masks, known, spacing)) == {CORD}
+    known[CORD] = False  # a structure not contoured at all is not checked
+    assert reference_problems(masks, known, spacing) == {}
+
+
+def test_loading_sets_a_failed_reference_aside_as_unknown_and_logs_the_case(tmp_path, caplog):
+    path = tmp_path / "pt_9.npz"
+    write_openkbp_case(path, cord_half_width=8)
+    with caplog.at_level(logging.WARNING, logger="models.data"):
+        _, masks, known, _ = load_openkbp_raw(path)
+    assert not known[CORD] and not masks[CORD].any()
+    assert "pt_9: reference SpinalCord set aside as not contoured" in caplog.text
+    _, masks, known, _ = load_openkbp_raw(path, reference_qa=False)
+    assert known[CORD] and masks[CORD].sum() == 20 * 17 * 17
+    # training data: the set-aside structure is unknown (no gradient), not background
+    case = preprocess_case(path)
+    assert not case.known[CORD] and not ((case.labels >> CORD) & 1).any()
+
+
+def test_evaluation_reports_checked_and_all_references_and_names_the_set_aside(
+    tmp_path, tiny_package
+):
+    split = tmp_path / "validation"
+    split.mkdir()
+    write_openkbp_case(split / "pt_1.npz", cord_half_width=1, with_larynx=True)
+    write_openkbp_case(split / "pt_2.npz", cord_half_width=8)
+    results = evaluate_package(tiny_package, tmp_path, overlap=0.25)
+    assert [(r["case"], r["structure"]) for r in results["references_set_aside"]] == [
+        ("pt_2", "SpinalCord")]
+    assert results["per_structure"]["SpinalCord"]["n_cases"] == 1
+    assert results["per_structure_all_references"]["SpinalCord"]["n_cases"] == 2
+    assert results["per_structure"]["Larynx"]["n_cases"] == 1
+    table = format_table(results)
+    assert "pt_2 SpinalCord" in table and "all references" in table
+
+
+def test_openkbp_mislabelled_spinal_cords_are_caught_and_little_else(openkbp_dir):
+    set_aside, references = [], 0
+    for path in list_cases(openkbp_dir, "validation"):
+        _, masks, known, spacing = load_openkbp_raw(path, reference_qa=False)
+        references += int(known.sum())
+        set_aside += [(path.stem, ORGANS[c].roi_name)
+                      for c in reference_problems(masks, known, spacing)]
+    # pt_215 and pt_216 label the posterior neck (vertebra and muscles) "SpinalCord"
+    assert {("pt_215", "SpinalCord"), ("pt_216", "SpinalCord")} <= set(set_aside)
+    assert len(set_aside) <= 0.03 * references, set_aside
