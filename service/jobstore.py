@@ -569,8 +569,9 @@ class JobStore:
         """Mark done/failed jobs finished before ``finished_before`` as purged; return them.
 
         The caller deletes their files afterwards: marking first means a user's retry can no
-        longer start a job whose files are being deleted. ``send_failed`` jobs are kept (their
-        RTSTRUCT still awaits delivery).
+        longer start a job whose files are being deleted (a deletion cut short is finished by
+        the next sweep, see ``purged_among``). ``send_failed`` jobs are kept (their RTSTRUCT
+        still awaits delivery).
         """
         expired = (
             Job.state.in_([JobState.DONE.value, JobState.FAILED.value]),
@@ -593,6 +594,20 @@ class JobStore:
             if result.rowcount == 1:  # type: ignore[attr-defined]
                 marked.append(self.get(job_id))
         return marked
+
+    def purged_among(self, job_ids: Iterable[str], *, chunk: int = 500) -> builtins.list[Job]:
+        """The jobs of ``job_ids`` already marked purged (queried ``chunk`` ids at a time to
+        stay under the databases' bound-parameter limits)."""
+        ids = sorted(job_ids)
+        found: builtins.list[Job] = []
+        with self._sessions() as session:
+            for start in range(0, len(ids), chunk):
+                rows = session.scalars(
+                    select(Job).where(Job.id.in_(ids[start:start + chunk]),
+                                      Job.purged_at.is_not(None))
+                )
+                found += rows
+        return found
 
     # -- API (issue 5): manual retry of a finished job ----------------------------------
     def requeue_finished(self, job_id: str, *, reason: str) -> Job:

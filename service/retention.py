@@ -4,7 +4,8 @@ A done or failed job keeps its CT instances (``spool/jobs/<job_id>/``) and archi
 (``archive/<job_id>/``) until then, so clinicians can download and administrators can retry;
 afterwards both folders are deleted, the job row is marked ``purged_at`` and an audit entry
 ``job.files_purged`` is written. The job record, its timings and the audit trail stay.
-``send_failed`` jobs are never purged: their RTSTRUCT still awaits delivery.
+``send_failed`` jobs are never purged: their RTSTRUCT still awaits delivery. A sweep cut
+short between marking a job and deleting its folders is finished by the next one.
 """
 
 from __future__ import annotations
@@ -51,28 +52,54 @@ def _job_folders(settings: Settings, job: Job) -> list[Path]:
     return folders
 
 
+def _delete_job_files(settings: Settings, store: JobStore, job: Job, resumed: bool) -> int:
+    """Delete the folders of a job marked purged, audit it; returns the bytes freed."""
+    job_bytes = 0
+    for folder in _job_folders(settings, job):
+        if folder.exists():
+            job_bytes += _size(folder)
+            shutil.rmtree(folder, ignore_errors=True)
+            if folder.exists():
+                logger.error("job %s: %s could not be deleted entirely", job.id, folder)
+    detail: dict[str, object] = {"bytes": job_bytes, "retention_days": settings.retention_days}
+    if resumed:
+        detail["resumed"] = True
+    audit.record(store.engine, audit.JOB_FILES_PURGED, "retention", detail, job_id=job.id)
+    return job_bytes
+
+
+def _interrupted_purges(settings: Settings, store: JobStore) -> list[Job]:
+    """Jobs marked purged whose folders are still on disk: an earlier sweep stopped between
+    marking and deleting. Only folders present are looked up, so the cost follows the
+    retention window, not the history."""
+    names = {
+        folder.name
+        for root in (settings.spool_dir / "jobs", settings.archive_dir)
+        if root.is_dir()
+        for folder in root.iterdir()
+        if folder.is_dir()
+    }
+    return store.purged_among(names) if names else []
+
+
 def purge_expired(
     settings: Settings, store: JobStore, now: dt.datetime | None = None, batch: int = 100
 ) -> PurgeReport:
-    """Delete the files of every done/failed job that finished over ``retention_days`` ago."""
+    """Delete the files of every done/failed job that finished over ``retention_days`` ago,
+    and finish the deletions an interrupted sweep left behind."""
     if settings.retention_days <= 0:
         return PurgeReport(0, 0)
     cutoff = (now or utcnow()) - dt.timedelta(days=settings.retention_days)
     jobs = freed = 0
+    for job in _interrupted_purges(settings, store):
+        logger.warning("job %s: marked purged but its files remain; deleting them now", job.id)
+        freed += _delete_job_files(settings, store, job, resumed=True)
+        jobs += 1
     while True:
         marked = store.mark_expired_for_purge(cutoff, limit=batch)
         for job in marked:
-            job_bytes = 0
-            for folder in _job_folders(settings, job):
-                if folder.exists():
-                    job_bytes += _size(folder)
-                    shutil.rmtree(folder, ignore_errors=True)
-                    if folder.exists():
-                        logger.error("job %s: %s could not be deleted entirely", job.id, folder)
-            audit.record(store.engine, audit.JOB_FILES_PURGED, "retention",
-                         {"bytes": job_bytes, "retention_days": settings.retention_days},
-                         job_id=job.id)
-            jobs, freed = jobs + 1, freed + job_bytes
+            freed += _delete_job_files(settings, store, job, resumed=False)
+            jobs += 1
         if len(marked) < batch:
             break
     if jobs:

@@ -148,3 +148,23 @@ def test_the_workers_sweep_applies_the_policy_when_it_starts(api: ApiHarness) ->
         sweeper.stop()
     assert api.store.get(job.id).purged_at is not None
     assert not any(folder.exists() for folder in _folders(api, job))
+
+
+def test_a_sweep_interrupted_after_marking_is_finished_by_the_next(api: ApiHarness) -> None:
+    job = add_finished_job(api)
+    _finished_ago(api, job, 40)
+    # the previous sweep marked the job, then the worker died before deleting anything
+    assert [marked.id for marked in api.store.mark_expired_for_purge(
+        dt.datetime.now(dt.UTC) - 30 * DAY)] == [job.id]
+    assert all(folder.is_dir() for folder in _folders(api, job))
+
+    report = purge_expired(api.settings, api.store)
+
+    assert report.jobs == 1 and report.bytes_freed > 0
+    assert not any(folder.exists() for folder in _folders(api, job))
+    with Session(api.engine) as session:
+        details = session.scalars(
+            select(AuditEvent.detail).where(AuditEvent.event == JOB_FILES_PURGED)
+        ).all()
+    assert len(details) == 1 and details[0]["resumed"] is True
+    assert purge_expired(api.settings, api.store).jobs == 0
