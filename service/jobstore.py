@@ -54,6 +54,7 @@ __all__ = [
     "STAGES",
     "IllegalTransition",
     "Job",
+    "JobFilter",
     "JobNotFound",
     "JobState",
     "JobStore",
@@ -185,6 +186,34 @@ class MergeResult:
     created: bool
 
 
+@dataclass(frozen=True)
+class JobFilter:
+    """Criteria for ``JobStore.list`` and ``count``; each one given must hold."""
+
+    state: JobState | str | Iterable[JobState | str] | None = None
+    since: dt.datetime | None = None  # created at or after
+    until: dt.datetime | None = None  # created before
+    calling_ae: str | None = None
+    model_name: str | None = None
+    series_instance_uid: str | None = None
+
+    def apply(self, query: Any) -> Any:
+        """``query`` (a select over Job) narrowed to the jobs matching this filter."""
+        if self.state is not None:
+            states = [self.state] if isinstance(self.state, str) else builtins.list(self.state)
+            query = query.where(Job.state.in_([JobState(s).value for s in states]))
+        if self.since is not None:
+            query = query.where(Job.created_at >= self.since)
+        if self.until is not None:
+            query = query.where(Job.created_at < self.until)
+        for column, value in ((Job.calling_ae, self.calling_ae),
+                              (Job.model_name, self.model_name),
+                              (Job.series_instance_uid, self.series_instance_uid)):
+            if value is not None:
+                query = query.where(column == value)
+        return query
+
+
 class JobStore:
     """Typed access to the ``jobs`` table; every method is one short transaction.
 
@@ -306,45 +335,17 @@ class JobStore:
             return job
 
     def list(
-        self,
-        *,
-        state: JobState | str | Iterable[JobState | str] | None = None,
-        since: dt.datetime | None = None,
-        until: dt.datetime | None = None,
-        calling_ae: str | None = None,
-        model_name: str | None = None,
-        series_instance_uid: str | None = None,
-        limit: int = 50,
-        offset: int = 0,
+        self, where: JobFilter | None = None, *, limit: int = 50, offset: int = 0
     ) -> builtins.list[Job]:
-        """Jobs matching every given filter, newest first; ``since``/``until`` on created_at."""
-        query = self._filtered(
-            select(Job), state, since, until, calling_ae, model_name, series_instance_uid
-        )
+        """Jobs matching ``where`` (every job without it), newest first."""
+        query = (where or JobFilter()).apply(select(Job))
         query = query.order_by(Job.created_at.desc(), Job.id).limit(limit).offset(offset)
         with self._sessions() as session:
             return builtins.list(session.scalars(query))
 
-    def count(
-        self,
-        *,
-        state: JobState | str | Iterable[JobState | str] | None = None,
-        since: dt.datetime | None = None,
-        until: dt.datetime | None = None,
-        calling_ae: str | None = None,
-        model_name: str | None = None,
-        series_instance_uid: str | None = None,
-    ) -> int:
-        """How many jobs ``list`` would return without pagination."""
-        query = self._filtered(
-            select(func.count(Job.id)),
-            state,
-            since,
-            until,
-            calling_ae,
-            model_name,
-            series_instance_uid,
-        )
+    def count(self, where: JobFilter | None = None) -> int:
+        """How many jobs ``list(where)`` would return without pagination."""
+        query = (where or JobFilter()).apply(select(func.count(Job.id)))
         with self._sessions() as session:
             return int(session.scalar(query) or 0)
 
@@ -355,31 +356,6 @@ class JobStore:
             counts = {state.value: 0 for state in JobState}
             counts.update({state: int(n) for state, n in rows})
             return counts
-
-    @staticmethod
-    def _filtered(
-        query: Any,
-        state: JobState | str | Iterable[JobState | str] | None,
-        since: dt.datetime | None,
-        until: dt.datetime | None,
-        calling_ae: str | None,
-        model_name: str | None,
-        series_instance_uid: str | None,
-    ) -> Any:
-        if state is not None:
-            states = [state] if isinstance(state, str) else builtins.list(state)
-            query = query.where(Job.state.in_([JobState(s).value for s in states]))
-        if since is not None:
-            query = query.where(Job.created_at >= since)
-        if until is not None:
-            query = query.where(Job.created_at < until)
-        if calling_ae is not None:
-            query = query.where(Job.calling_ae == calling_ae)
-        if model_name is not None:
-            query = query.where(Job.model_name == model_name)
-        if series_instance_uid is not None:
-            query = query.where(Job.series_instance_uid == series_instance_uid)
-        return query
 
     # -- state machine -------------------------------------------------------------------
     def transition(

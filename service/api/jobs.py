@@ -5,7 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 from fastapi import APIRouter, HTTPException, Query, status
 from fastapi.responses import FileResponse
@@ -13,7 +13,7 @@ from pydantic import BaseModel, Field
 
 from service import audit
 from service.api.deps import ClinicianUser, Context, DbSession, ViewerUser
-from service.jobstore import IllegalTransition, Job, JobNotFound, JobState, JobStore
+from service.jobstore import IllegalTransition, Job, JobFilter, JobNotFound, JobState, JobStore
 
 logger = logging.getLogger(__name__)
 
@@ -180,17 +180,17 @@ def list_jobs(
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
     offset: Annotated[int, Query(ge=0, le=1_000_000)] = 0,
 ) -> JobPageOut:
-    filters: dict[str, Any] = {
-        "state": state or None,
-        "since": _utc(created_from),
-        "until": _utc(created_to),
-        "calling_ae": calling_ae or None,
-        "model_name": model or None,
-    }
-    jobs = ctx.store.list(**filters, limit=limit, offset=offset)
+    where = JobFilter(
+        state=state or None,
+        since=_utc(created_from),
+        until=_utc(created_to),
+        calling_ae=calling_ae or None,
+        model_name=model or None,
+    )
+    jobs = ctx.store.list(where, limit=limit, offset=offset)
     return JobPageOut(
         items=[summary(j) for j in jobs],
-        total=ctx.store.count(**filters),
+        total=ctx.store.count(where),
         limit=limit,
         offset=offset,
     )

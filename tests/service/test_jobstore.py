@@ -9,7 +9,7 @@ import time
 import pytest
 
 from service.db import create_schema, make_engine
-from service.jobstore import IllegalTransition, JobNotFound, JobState, JobStore
+from service.jobstore import IllegalTransition, JobFilter, JobNotFound, JobState, JobStore
 from service.settings import Settings
 
 
@@ -70,7 +70,7 @@ def test_concurrent_intakes_of_one_series_make_one_job(store: JobStore) -> None:
     for thread in threads:
         thread.join()
     assert len(set(ids)) == 1
-    assert store.count(series_instance_uid="9.9.9") == 1
+    assert store.count(JobFilter(series_instance_uid="9.9.9")) == 1
 
 
 @pytest.mark.parametrize(
@@ -155,17 +155,17 @@ def test_list_filters_paginates_and_counts(store: JobStore) -> None:
     store.record_model(ids[0], "hn-oar", "1.0.0")
     store.transition(ids[1], JobState.QUEUED)
     assert store.count() == 7
-    assert store.count(calling_ae="TPS_A") == 3
-    assert [j.id for j in store.list(model_name="hn-oar")] == [ids[0]]
-    assert [j.id for j in store.list(state="queued")] == [ids[1]]
-    assert len(store.list(state=[JobState.RECEIVED, JobState.QUEUED])) == 7
+    assert store.count(JobFilter(calling_ae="TPS_A")) == 3
+    assert [j.id for j in store.list(JobFilter(model_name="hn-oar"))] == [ids[0]]
+    assert [j.id for j in store.list(JobFilter(state="queued"))] == [ids[1]]
+    assert len(store.list(JobFilter(state=[JobState.RECEIVED, JobState.QUEUED]))) == 7
     page1 = store.list(limit=4)
     page2 = store.list(limit=4, offset=4)
     assert len(page1) == 4 and len(page2) == 3
     assert {j.id for j in page1} | {j.id for j in page2} == set(ids)
     now = dt.datetime.now(dt.UTC)
-    assert store.count(since=now - dt.timedelta(minutes=5)) == 7
-    assert store.count(until=now - dt.timedelta(minutes=5)) == 0
+    assert store.count(JobFilter(since=now - dt.timedelta(minutes=5))) == 7
+    assert store.count(JobFilter(until=now - dt.timedelta(minutes=5))) == 0
     counts = store.counts_by_state()
     assert counts["received"] == 6 and counts["queued"] == 1 and counts["done"] == 0
 
