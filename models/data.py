@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from models.labels import ORGANS
-from models.reference_qa import reference_problems
+from models.reference_qa import QA_VERSION, reference_problems
 from models.resampling import resample_linear, resampled_shape
 
 __all__ = [
@@ -142,7 +142,8 @@ def preprocess_case(
 
 def _cache_path(cache_dir: Path, split: str, case_id: str,
                 target_spacing_mm: Sequence[float], reference_qa: bool) -> Path:
-    tag = "x".join(f"{s:g}" for s in target_spacing_mm) + ("-qa" if reference_qa else "")
+    tag = "x".join(f"{s:g}" for s in target_spacing_mm)
+    tag += f"-qa{QA_VERSION}" if reference_qa else ""
     return cache_dir / f"openkbp-v{CACHE_VERSION}-{tag}" / split / f"{case_id}.npz"
 
 

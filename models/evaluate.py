@@ -85,12 +85,13 @@ def evaluate_package(
                 continue
             score = dice(predicted[name], masks[channel])
             distance = hd95_mm(predicted[name], masks[channel], spacing)
-            everything.add(name, score, distance)
+            empty = not predicted[name].any()
+            everything.add(name, score, distance, empty)
             if channel in problems:
                 set_aside.append({"case": path.stem, "structure": name, "dice": score,
                                   "reason": problems[channel]})
             else:
-                checked.add(name, score, distance)
+                checked.add(name, score, distance, empty)
         log.info("%d/%d %s done", number, len(paths), path.stem)
     per_structure = checked.summary()
     all_references = everything.summary()
@@ -118,11 +119,10 @@ class _Scores:
         self.distances: dict[str, list[float]] = {name: [] for name in names}
         self.missed: dict[str, int] = dict.fromkeys(names, 0)
 
-    def add(self, name: str, score: float, distance: float | None) -> None:
+    def add(self, name: str, score: float, distance: float | None, empty: bool) -> None:
         self.dices[name].append(score)
-        if distance is None:
-            self.missed[name] += 1
-        else:
+        self.missed[name] += empty
+        if distance is not None:
             self.distances[name].append(distance)
 
     def summary(self) -> dict[str, dict[str, Any]]:

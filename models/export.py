@@ -35,6 +35,7 @@ from models.package import (
     load_package,
     sha256_file,
 )
+from models.reference_qa import FACTOR
 from models.train import TrainConfig, build_model, load_checkpoint
 
 __all__ = ["export_onnx", "build_manifest", "write_package", "main"]
@@ -162,12 +163,13 @@ Citation: {manifest.training_data.citation}
 
 ## Validation metrics (OpenKBP validation split)
 Only patients with the structure in `rois_present` count, and only references that pass the
-plausibility check of `models.reference_qa` (mean cross-section within 0.25x to 4x of the
-organ's typical value). HD95 in mm on the OpenKBP grid.
+plausibility check of `models.reference_qa` (mean cross-section within {1 / FACTOR:g}x to
+{FACTOR:g}x of the organ's typical value). HD95 in mm on the OpenKBP grid.
 
 | structure | Dice | HD95 (mm) | patients |
 | --- | --- | --- | --- |
 {chr(10).join(rows)}
+
 {evaluation_notes}
 ## Limitations
 - Research use only, not a medical device; not validated for clinical use.

@@ -74,7 +74,8 @@ class IntensityNormalisation(_Strict):
 
 
 class ValidationMetric(_Strict):
-    """Per-structure validation result (mean over patients that have the structure)."""
+    """Per-structure validation result (mean over patients that have the structure and a
+    reference contour passing ``models.reference_qa``)."""
 
     dice: float = Field(ge=0, le=1)
     hd95_mm: float | None = Field(default=None, ge=0)

@@ -24,12 +24,14 @@ import numpy as np
 
 from models.labels import ORGANS
 
-__all__ = ["FACTOR", "TYPICAL_AREA_MM2", "mean_cross_section_mm2", "reference_problem",
-           "reference_problems", "main"]
+__all__ = ["FACTOR", "QA_VERSION", "TYPICAL_AREA_MM2", "mean_cross_section_mm2",
+           "reference_problem", "reference_problems", "main"]
 
 log = logging.getLogger(__name__)
 
 FACTOR = 4.0
+# Bump with any change of FACTOR, TYPICAL_AREA_MM2 or the rule: it names the training cache.
+QA_VERSION = 1
 
 # Median mean cross-section (mm^2) per structure over the OpenKBP training split (169 patients).
 TYPICAL_AREA_MM2: dict[str, float] = {

@@ -390,6 +390,11 @@ def train(
     payload = load_checkpoint(last_path) if resume else None
     if payload is not None:
         step, best_dice = int(payload["step"]), float(payload["best_dice"])
+        if TrainConfig.from_dict(payload["config"]).reference_qa != config.reference_qa:
+            log.warning("the reference contour check is %s from step %d: validation references "
+                        "change, so the best validation Dice so far (%.4f) is forgotten",
+                        "on" if config.reference_qa else "off", step, best_dice)
+            best_dice = -1.0
     if restart_schedule:
         if step >= config.steps:
             raise ValueError(f"restart_schedule: total steps {config.steps} must exceed the "
@@ -541,15 +546,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     data_dir = args.data_dir or default_data_dir()
     if args.restart_schedule and not (args.resume and "--steps" in argv):
         raise SystemExit("rtcontour train: --restart-schedule needs --resume and --steps")
+    if args.no_reference_qa and args.resume and not args.restart_schedule:
+        raise SystemExit("rtcontour train: --no-reference-qa changes the training data; on "
+                         "--resume it needs --restart-schedule")
     if args.resume:
         stored = TrainConfig.from_dict(load_checkpoint(run_dir / "last.pt")["config"])
         if args.restart_schedule:
             log.info("warm restart: LR %.1e decaying to step %d", args.lr, args.steps)
             stored.steps, stored.lr = args.steps, args.lr
-            if stored.reference_qa == args.no_reference_qa:
-                log.info("reference contour check %s from this restart on",
-                         "off" if args.no_reference_qa else "on")
-                stored.reference_qa = not args.no_reference_qa
+            stored.reference_qa = not args.no_reference_qa
         elif args.steps != stored.steps and "--steps" in " ".join(argv):
             log.warning("changing total steps from %d to %d on resume: the LR schedule "
                         "differs from an uninterrupted run", stored.steps, args.steps)

@@ -197,10 +197,17 @@ class JobFilter:
     model_name: str | None = None
     series_instance_uid: str | None = None
 
+    def __post_init__(self) -> None:
+        # One state or many become a tuple of JobState (an unknown state fails here, and a
+        # generator is read once, not once per query).
+        if self.state is not None:
+            states = [self.state] if isinstance(self.state, str) else self.state
+            object.__setattr__(self, "state", tuple(JobState(s) for s in states))
+
     def apply(self, query: Any) -> Any:
         """``query`` (a select over Job) narrowed to the jobs matching this filter."""
         if self.state is not None:
-            states = [self.state] if isinstance(self.state, str) else builtins.list(self.state)
+            states = builtins.list(self.state)  # type: ignore[arg-type]
             query = query.where(Job.state.in_([JobState(s).value for s in states]))
         if self.since is not None:
             query = query.where(Job.created_at >= self.since)

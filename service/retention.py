@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +26,10 @@ __all__ = ["PurgeReport", "purge_expired"]
 
 logger = logging.getLogger(__name__)
 
+# A job marked purged this long ago whose folders remain was left by an interrupted sweep.
+RESUME_AFTER = dt.timedelta(minutes=30)
+JOB_ID = re.compile(r"[0-9a-f]{32}")  # JobStore ids: uuid4().hex
+
 
 @dataclass(frozen=True)
 class PurgeReport:
@@ -33,7 +38,13 @@ class PurgeReport:
 
 
 def _size(folder: Path) -> int:
-    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+    total = 0
+    for path in folder.rglob("*"):
+        try:
+            total += path.stat().st_size if path.is_file() else 0
+        except FileNotFoundError:  # deleted meanwhile by another sweep
+            continue
+    return total
 
 
 def _job_folders(settings: Settings, job: Job) -> list[Path]:
@@ -52,15 +63,25 @@ def _job_folders(settings: Settings, job: Job) -> list[Path]:
     return folders
 
 
-def _delete_job_files(settings: Settings, store: JobStore, job: Job, resumed: bool) -> int:
-    """Delete the folders of a job marked purged, audit it; returns the bytes freed."""
-    job_bytes = 0
+def _delete_job_files(
+    settings: Settings, store: JobStore, job: Job, resumed: bool
+) -> int | None:
+    """Delete the folders of a job marked purged and audit it; returns the bytes freed, or
+    ``None`` for a resumed deletion that removed nothing.
+
+    A resumed deletion that removes no folder (one that cannot be deleted is logged as an
+    error every sweep) writes no second audit entry."""
+    job_bytes = removed = 0
     for folder in _job_folders(settings, job):
         if folder.exists():
             job_bytes += _size(folder)
             shutil.rmtree(folder, ignore_errors=True)
             if folder.exists():
                 logger.error("job %s: %s could not be deleted entirely", job.id, folder)
+            else:
+                removed += 1
+    if resumed and not removed:
+        return None
     detail: dict[str, object] = {"bytes": job_bytes, "retention_days": settings.retention_days}
     if resumed:
         detail["resumed"] = True
@@ -68,18 +89,22 @@ def _delete_job_files(settings: Settings, store: JobStore, job: Job, resumed: bo
     return job_bytes
 
 
-def _interrupted_purges(settings: Settings, store: JobStore) -> list[Job]:
-    """Jobs marked purged whose folders are still on disk: an earlier sweep stopped between
-    marking and deleting. Only folders present are looked up, so the cost follows the
-    retention window, not the history."""
+def _interrupted_purges(settings: Settings, store: JobStore, now: dt.datetime) -> list[Job]:
+    """Jobs marked purged over ``RESUME_AFTER`` ago whose folders are still on disk: an
+    earlier sweep stopped between marking and deleting (younger marks may belong to a sweep
+    still running on another worker). Only folders present are looked up, so the cost follows
+    the retention window, not the history."""
     names = {
         folder.name
         for root in (settings.spool_dir / "jobs", settings.archive_dir)
         if root.is_dir()
         for folder in root.iterdir()
-        if folder.is_dir()
+        if folder.is_dir() and JOB_ID.fullmatch(folder.name)
     }
-    return store.purged_among(names) if names else []
+    if not names:
+        return []
+    return [job for job in store.purged_among(names)
+            if job.purged_at is not None and job.purged_at < now - RESUME_AFTER]
 
 
 def purge_expired(
@@ -91,14 +116,19 @@ def purge_expired(
         return PurgeReport(0, 0)
     cutoff = (now or utcnow()) - dt.timedelta(days=settings.retention_days)
     jobs = freed = 0
-    for job in _interrupted_purges(settings, store):
-        logger.warning("job %s: marked purged but its files remain; deleting them now", job.id)
-        freed += _delete_job_files(settings, store, job, resumed=True)
-        jobs += 1
+    try:
+        for job in _interrupted_purges(settings, store, now or utcnow()):
+            logger.warning("job %s: marked purged but its files remain; deleting them now",
+                           job.id)
+            job_bytes = _delete_job_files(settings, store, job, resumed=True)
+            if job_bytes is not None:
+                jobs, freed = jobs + 1, freed + job_bytes
+    except Exception:  # the expired jobs below must still be purged
+        logger.exception("retention: finishing interrupted deletions failed")
     while True:
         marked = store.mark_expired_for_purge(cutoff, limit=batch)
         for job in marked:
-            freed += _delete_job_files(settings, store, job, resumed=False)
+            freed += _delete_job_files(settings, store, job, resumed=False) or 0
             jobs += 1
         if len(marked) < batch:
             break

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from models.data import list_cases, load_openkbp_raw, preprocess_case
+from models.data import list_cases, load_openkbp_raw, load_split, preprocess_case
 from models.evaluate import evaluate_package, format_table
 from models.labels import ORGANS
 from models.reference_qa import reference_problem, reference_problems
@@ -108,3 +108,31 @@ def test_openkbp_mislabelled_spinal_cords_are_caught_and_little_else(openkbp_dir
     # pt_215 and pt_216 label the posterior neck (vertebra and muscles) "SpinalCord"
     assert {("pt_215", "SpinalCord"), ("pt_216", "SpinalCord")} <= set(set_aside)
     assert len(set_aside) <= 0.03 * references, set_aside
+
+
+def test_a_fragment_of_a_larynx_fails_and_the_training_cache_keeps_checked_and_raw_apart(
+    tmp_path,
+):
+    spacing = (3.0, 4.0, 4.0)
+    larynx = np.zeros((30, 40, 40), dtype=bool)
+    larynx[10:14, 20:22, 20:22] = True  # 64 mm^2 per slice, a tenth of a larynx
+    assert "0.10x the typical 655 mm^2" in reference_problem("Larynx", larynx, spacing)
+
+    split = tmp_path / "data" / "train"
+    split.mkdir(parents=True)
+    write_openkbp_case(split / "pt_3.npz", cord_half_width=8)
+    (checked,) = load_split(tmp_path / "data", "train", tmp_path / "cache", workers=1)
+    (raw,) = load_split(tmp_path / "data", "train", tmp_path / "cache", workers=1,
+                        reference_qa=False)
+    assert not checked.known[CORD] and raw.known[CORD]
+    assert ((raw.labels >> CORD) & 1).any()
+    assert len(list((tmp_path / "cache").rglob("pt_3.npz"))) == 2
+
+
+def test_checkpoints_from_before_the_check_resume_without_it():
+    from models.train import TrainConfig
+
+    old = TrainConfig().to_dict()
+    del old["reference_qa"]
+    assert TrainConfig.from_dict(old).reference_qa is False
+    assert TrainConfig.from_dict(TrainConfig().to_dict()).reference_qa is True

@@ -150,15 +150,18 @@ def test_the_workers_sweep_applies_the_policy_when_it_starts(api: ApiHarness) ->
     assert not any(folder.exists() for folder in _folders(api, job))
 
 
-def test_a_sweep_interrupted_after_marking_is_finished_by_the_next(api: ApiHarness) -> None:
+def test_a_sweep_interrupted_after_marking_is_finished_by_a_later_one(api: ApiHarness) -> None:
     job = add_finished_job(api)
     _finished_ago(api, job, 40)
-    # the previous sweep marked the job, then the worker died before deleting anything
-    assert [marked.id for marked in api.store.mark_expired_for_purge(
-        dt.datetime.now(dt.UTC) - 30 * DAY)] == [job.id]
+    # a sweep marked the job, then its worker died before deleting anything
+    now = dt.datetime.now(dt.UTC)
+    assert [marked.id for marked in api.store.mark_expired_for_purge(now - 30 * DAY)] == [job.id]
+
+    # right after the mark, the deletion may still be under way in another worker's sweep
+    assert purge_expired(api.settings, api.store).jobs == 0
     assert all(folder.is_dir() for folder in _folders(api, job))
 
-    report = purge_expired(api.settings, api.store)
+    report = purge_expired(api.settings, api.store, now=now + dt.timedelta(hours=1))
 
     assert report.jobs == 1 and report.bytes_freed > 0
     assert not any(folder.exists() for folder in _folders(api, job))
@@ -167,4 +170,4 @@ def test_a_sweep_interrupted_after_marking_is_finished_by_the_next(api: ApiHarne
             select(AuditEvent.detail).where(AuditEvent.event == JOB_FILES_PURGED)
         ).all()
     assert len(details) == 1 and details[0]["resumed"] is True
-    assert purge_expired(api.settings, api.store).jobs == 0
+    assert purge_expired(api.settings, api.store, now=now + dt.timedelta(hours=2)).jobs == 0
