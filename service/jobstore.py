@@ -578,18 +578,19 @@ class JobStore:
                 marked.append(self.get(job_id))
         return marked
 
-    def purged_among(self, job_ids: Iterable[str], *, chunk: int = 500) -> builtins.list[Job]:
-        """The jobs of ``job_ids`` already marked purged (queried ``chunk`` ids at a time to
-        stay under the databases' bound-parameter limits)."""
+    def purged_among(
+        self, job_ids: Iterable[str], *, marked_before: dt.datetime, chunk: int = 500
+    ) -> builtins.list[Job]:
+        """The jobs of ``job_ids`` marked purged before ``marked_before`` (queried ``chunk``
+        ids at a time to stay under the databases' bound-parameter limits)."""
         ids = sorted(job_ids)
         found: builtins.list[Job] = []
         with self._sessions() as session:
             for start in range(0, len(ids), chunk):
-                rows = session.scalars(
+                found += session.scalars(
                     select(Job).where(Job.id.in_(ids[start:start + chunk]),
-                                      Job.purged_at.is_not(None))
+                                      Job.purged_at < marked_before)
                 )
-                found += rows
         return found
 
     # -- API (issue 5): manual retry of a finished job ----------------------------------

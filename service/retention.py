@@ -101,10 +101,7 @@ def _interrupted_purges(settings: Settings, store: JobStore, now: dt.datetime) -
         for folder in root.iterdir()
         if folder.is_dir() and JOB_ID.fullmatch(folder.name)
     }
-    if not names:
-        return []
-    return [job for job in store.purged_among(names)
-            if job.purged_at is not None and job.purged_at < now - RESUME_AFTER]
+    return store.purged_among(names, marked_before=now - RESUME_AFTER) if names else []
 
 
 def purge_expired(
