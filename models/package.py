@@ -3,6 +3,11 @@
 
 Loading never guesses: :func:`load_package` validates the manifest schema and the sha256 of
 the weights and raises :class:`ModelPackageError` with a sentence saying what is wrong.
+
+A package is of ``kind`` ``segmentation`` (the default, for manifests written before kinds
+existed: CT in, one sigmoid channel per label out) or ``dose`` (CT and structure channels in,
+dose in Gy out; its ``dose`` section says how the input channels are built, and its ``labels``
+are the OARs it takes as input channels, in order).
 """
 
 from __future__ import annotations
@@ -15,7 +20,14 @@ from datetime import datetime
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from service.errors import ModelPackageError
 
@@ -25,6 +37,8 @@ __all__ = [
     "LabelSpec",
     "IntensityNormalisation",
     "ValidationMetric",
+    "DoseValidation",
+    "DoseSpec",
     "TrainingData",
     "ModelManifest",
     "ModelPackage",
@@ -82,6 +96,28 @@ class ValidationMetric(_Strict):
     n_cases: int = Field(default=0, ge=0)
 
 
+class DoseValidation(_Strict):
+    """OpenKBP challenge scores of a dose package on the CT grid (Gy): the dose score (mean
+    absolute error over the possible-dose mask) and the DVH score (mean absolute error of
+    D_0.1cc and mean dose of each OAR, D99, D95 and D1 of each PTV)."""
+
+    dose_score_gy: float = Field(ge=0)
+    dvh_score_gy: float = Field(ge=0)
+    n_cases: int = Field(ge=0)
+    split: str = "validation"
+
+
+class DoseSpec(_Strict):
+    """How a dose package's input channels are built (see ``models.dose.features``)."""
+
+    input_channels: list[str] = Field(min_length=3)
+    ptv_channel_scale_gy: float = Field(gt=0)
+    body_margin_mm: float = Field(ge=0)
+    body_threshold_hu: float = -400.0
+    output_units: Literal["Gy"] = "Gy"
+    validation: DoseValidation | None = None
+
+
 class TrainingData(_Strict):
     description: str
     citation: str = OPENKBP_CITATION
@@ -93,6 +129,7 @@ class ModelManifest(_Strict):
     """Everything inference needs to run a package, and where it came from."""
 
     schema_version: Literal[1] = 1
+    kind: Literal["segmentation", "dose"] = "segmentation"
     name: str = Field(pattern=r"^[a-z0-9][a-z0-9-]*$")
     version: str = Field(pattern=r"^\d+\.\d+\.\d+$")
     created: datetime
@@ -103,7 +140,7 @@ class ModelManifest(_Strict):
     spatial_divisor: int = Field(default=16, ge=1)
     intensity: IntensityNormalisation
     labels: list[LabelSpec] = Field(min_length=1)
-    output_activation: Literal["sigmoid"] = "sigmoid"
+    output_activation: Literal["sigmoid", "linear"] = "sigmoid"
     mirror_axes: tuple[int, ...] = ()
     mirror_channel_swaps: list[tuple[int, int]] = Field(default_factory=list)
     training_data: TrainingData
@@ -111,7 +148,21 @@ class ModelManifest(_Strict):
     training_command: list[str] = Field(default_factory=list)
     export_command: str = ""
     onnx_opset: int = 17
+    dose: DoseSpec | None = None
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+
+    @model_validator(mode="after")
+    def _kind_matches_sections(self) -> ModelManifest:
+        if self.kind == "dose":
+            if self.dose is None:
+                raise ValueError("a package of kind 'dose' needs a 'dose' section")
+            if self.output_activation != "linear":
+                raise ValueError("a package of kind 'dose' has output_activation 'linear'")
+        elif self.dose is not None:
+            raise ValueError(f"a package of kind {self.kind!r} has no 'dose' section")
+        elif self.output_activation != "sigmoid":
+            raise ValueError("a segmentation package has output_activation 'sigmoid'")
+        return self
 
     @field_validator("labels")
     @classmethod
@@ -197,8 +248,23 @@ def default_packages_root() -> Path:
     return Path(__file__).resolve().parent / "packages"
 
 
-def find_latest_package(root: Path | str | None = None, name: str | None = None) -> Path:
-    """Folder of the highest-version package under ``root`` (optionally of one ``name``)."""
+def _manifest_kind(manifest_path: Path) -> str | None:
+    """The ``kind`` a manifest declares (``segmentation`` when absent), None if unreadable."""
+    try:
+        raw = json.loads(manifest_path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None
+    kind = raw.get("kind", "segmentation") if isinstance(raw, dict) else None
+    return kind if isinstance(kind, str) else None
+
+
+def find_latest_package(
+    root: Path | str | None = None,
+    name: str | None = None,
+    kind: str | None = "segmentation",
+) -> Path:
+    """Folder of the highest-version package under ``root`` (optionally of one ``name``) of
+    ``kind`` (``segmentation``, ``dose``, or None for any kind)."""
     folder = Path(root) if root is not None else default_packages_root()
     candidates: list[tuple[tuple[int, ...], Path]] = []
     if folder.is_dir():
@@ -208,8 +274,11 @@ def find_latest_package(root: Path | str | None = None, name: str | None = None)
                 continue
             if name is not None and match["name"] != name:
                 continue
+            if kind is not None and _manifest_kind(child / MANIFEST_NAME) != kind:
+                continue
             version = tuple(int(part) for part in match["version"].split("."))
             candidates.append((version, child))
     if not candidates:
-        raise ModelPackageError(f"No model package found under {folder}.")
+        what = f"{kind} model package" if kind is not None else "model package"
+        raise ModelPackageError(f"No {what} found under {folder}.")
     return max(candidates)[1]
