@@ -73,7 +73,7 @@ def _patient_points(ds: Dataset) -> np.ndarray:
             + c[..., None] * row_cos)
 
 
-def _dciodvfy(path: Path) -> tuple[list[str], list[str]]:
+def dciodvfy_report(path: Path) -> tuple[list[str], list[str]]:
     """(errors, warnings) of dciodvfy for ``path``.
 
     dicom3tools 1.00~20220618 aborts on Bits Allocated 32 (``attrothr.cc: Assertion
@@ -100,7 +100,7 @@ def _dciodvfy(path: Path) -> tuple[list[str], list[str]]:
 
 def test_written_rtdose_has_no_dciodvfy_errors_or_warnings(ct, tmp_path):
     path = save_rtdose(_build(ct[1]), tmp_path / "RD.dcm")
-    errors, warnings_ = _dciodvfy(path)
+    errors, warnings_ = dciodvfy_report(path)
     assert errors == []
     assert warnings_ == []
 
