@@ -19,7 +19,7 @@ from pathlib import Path
 
 from sqlalchemy import insert
 
-from service.jobstore import Job
+from common.jobstore import Job
 from tests.phantoms import head_phantom, write_ct_series
 from tests.service.api_support import ApiHarness, make_harness
 from worker.rtstruct import RoiSpec, build_rtstruct, save_rtstruct
@@ -64,7 +64,7 @@ def main() -> None:
     path = save_rtstruct(dataset, harness.settings.archive_dir / job.id / "RS.dcm")
     harness.store.set_spool_dir(job.id, str(folder), len(paths))
     harness.store.record_output(
-        job.id, sop_instance_uid=str(dataset.SOPInstanceUID), path=str(path), structures=[]
+        job.id, kind="RTSTRUCT", sop_instance_uid=str(dataset.SOPInstanceUID), path=str(path)
     )
 
     rows: list[tuple[str, float, str]] = []

@@ -29,7 +29,7 @@ from pydantic import (
     model_validator,
 )
 
-from service.errors import ModelPackageError
+from common.errors import ModelPackageError
 
 __all__ = [
     "SCHEMA_VERSION",

@@ -6,7 +6,7 @@ neck (17 and 25 times the cord's cross-section), so a perfect cord scores Dice 0
 
 The check compares a contour's mean cross-section (volume / number of slices it occupies, in
 mm^2, so independent of how far craniocaudally it was drawn) with the organ's typical value,
-the median over the OpenKBP training split (``python -m models.reference_qa --split train``
+the median over the OpenKBP training split (``python -m models.reference_qa_report --split train``
 prints it). More than ``FACTOR`` times larger or smaller is implausible: the training split's
 5th to 95th percentiles lie within 0.5x to 2.7x of the median for every organ. A structure
 listed as contoured but with no voxel fails too. A failed reference is treated as not
@@ -15,9 +15,7 @@ contoured (unknown), never as background.
 
 from __future__ import annotations
 
-import argparse
 import logging
-import sys
 from collections.abc import Sequence
 
 import numpy as np
@@ -25,7 +23,7 @@ import numpy as np
 from models.labels import ORGANS
 
 __all__ = ["FACTOR", "QA_VERSION", "TYPICAL_AREA_MM2", "mean_cross_section_mm2",
-           "reference_problem", "reference_problems", "main"]
+           "reference_problem", "reference_problems"]
 
 log = logging.getLogger(__name__)
 
@@ -77,35 +75,3 @@ def reference_problems(
             if reason is not None:
                 problems[channel] = reason
     return problems
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """List the failing references of an OpenKBP split and the split's median cross-sections."""
-    from models.data import default_data_dir, list_cases, load_openkbp_raw
-
-    parser = argparse.ArgumentParser(prog="python -m models.reference_qa",
-                                     description=main.__doc__)
-    parser.add_argument("--split", default="train")
-    parser.add_argument("--data-dir", default=None)
-    args = parser.parse_args(argv)
-    data_dir = default_data_dir() if args.data_dir is None else args.data_dir
-    areas: dict[str, list[float]] = {organ.roi_name: [] for organ in ORGANS}
-    lines = []
-    for path in list_cases(data_dir, args.split):
-        _, masks, known, spacing = load_openkbp_raw(path, reference_qa=False)
-        for channel, organ in enumerate(ORGANS):
-            if known[channel] and masks[channel].any():
-                areas[organ.roi_name].append(mean_cross_section_mm2(masks[channel], spacing))
-        for channel, reason in reference_problems(masks, known, spacing).items():
-            lines.append(f"{path.stem:<8} {ORGANS[channel].roi_name:<14} {reason}")
-    out = sys.stdout
-    out.write(f"{'structure':<14} {'n':>4} {'median mm^2':>12}\n")
-    for name, values in areas.items():
-        out.write(f"{name:<14} {len(values):>4} {float(np.median(values)):>12.0f}\n")
-    out.write(f"\n{len(lines)} implausible reference contour(s) in {args.split}:\n")
-    out.write("".join(line + "\n" for line in lines))
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

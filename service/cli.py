@@ -9,6 +9,8 @@ from __future__ import annotations
 import importlib
 import sys
 
+from common.errors import ConfigurationError
+
 # command -> (module exposing main(argv), one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("service.serve", "run everything on one node: DICOM listener, API and a worker"),
@@ -18,6 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "segment": ("worker.segment", "offline: a CT folder in, an RTSTRUCT file out"),
     "mask2rtstruct": ("worker.mask2rtstruct", "write an RTSTRUCT from a NIfTI/NRRD label map"),
     "users": ("service.users_cli", "manage API users and tokens"),
+    "routes": ("service.routes_cli", "test the routing rules: which route a CT series takes"),
     "train": ("models.train", "train the residual U-Net (extra 'train')"),
     "export": ("models.export", "export a checkpoint as a model package (extra 'train')"),
     "evaluate": ("models.evaluate", "Dice and HD95 of a model package on the validation split"),
@@ -38,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
         print(_usage())
         return 0
     if args[0] in {"--version", "-V"}:
-        from service import __version__
+        from common import __version__
 
         print(f"rtcontour {__version__}")
         return 0
@@ -47,7 +50,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"rtcontour: unknown command {command!r}\n\n{_usage()}", file=sys.stderr)
         return 2
     module = importlib.import_module(COMMANDS[command][0])
-    result: int | None = module.main(rest)
+    try:
+        result: int | None = module.main(rest)
+    except ConfigurationError as error:  # settings that cannot work: one sentence, no trace
+        print(f"rtcontour {command}: {error}", file=sys.stderr)
+        return 2
     return int(result or 0)
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from enum import IntEnum
 
-from service.errors import (
+from common.errors import (
     InsufficientStorage,
     InvalidInstance,
     RtcontourError,

@@ -36,6 +36,7 @@ from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.events import Event
 from pynetdicom.pdu_primitives import A_ASSOCIATE
 
+from common.errors import InstanceTooLarge, InvalidInstance, RtcontourError, SopClassMismatch
 from service import metrics
 from service.dicom_status import (
     REJECT_REASON_TEXT,
@@ -45,13 +46,12 @@ from service.dicom_status import (
     Status,
     store_status,
 )
-from service.errors import InstanceTooLarge, InvalidInstance, RtcontourError, SopClassMismatch
 from service.spool import InstanceHeader, InstanceSpool, SeriesTracker, checked_uid
 
 logger = logging.getLogger(__name__)
 
 AuditCallable = Callable[[str, dict[str, Any]], None]
-ASSOCIATION_REJECTED = "dicom.association_rejected"  # service.audit.ASSOCIATION_REJECTED
+ASSOCIATION_REJECTED = "dicom.association_rejected"  # common.audit.ASSOCIATION_REJECTED
 
 MAX_IMAGE_DIMENSION = 4096  # rows or columns; CT images are at most 1024 in practice
 _PREAMBLE = b"\x00" * 128 + b"DICM"
@@ -320,7 +320,10 @@ def handle_store(event: Event, edge: Edge) -> int:
                 header.sop_instance_uid,
                 [_PREAMBLE, file_meta, dataset_bytes],
             )
-        edge.tracker.instance_stored(serial, header, calling_ae)
+        called_ae = str(
+            getattr(event.assoc.requestor.primitive, "called_ae_title", "") or ""
+        ).strip()
+        edge.tracker.instance_stored(serial, header, calling_ae, called_ae)
     except RtcontourError as exc:
         status = store_status(exc)
         logger.warning(
@@ -354,7 +357,7 @@ def _audit_rejection(event: Event, edge: Edge, reason: str) -> None:
         "reason": reason,
     }
     logger.warning("association rejected: %s", detail)
-    detail["actor"] = "dicom-listener"  # service.audit.make_recorder: who did it
+    detail["actor"] = "dicom-listener"  # common.audit.make_recorder: who did it
     metrics.ASSOCIATIONS_REJECTED.labels(reason=reason).inc()
     if edge.audit is not None:
         try:

@@ -29,8 +29,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from service.jobstore import JobState, JobStore
-from service.settings import Settings
+import pydicom
+
+from common.audit import make_recorder
+from common.jobstore import JobState, JobStore
+from common.queue import enqueue_job
+from common.routes import RouteDecision, RoutingTable, match_keywords, series_attributes
+from common.settings import Settings, job_folder
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +43,7 @@ Enqueue = Callable[[str], None]
 AuditRecorder = Callable[[str, dict[str, Any]], None]
 
 JOB_CREATED_EVENT = "job.created"
+JOB_IGNORED_EVENT = "job.ignored"
 
 
 @dataclass(frozen=True)
@@ -55,6 +61,7 @@ class SeriesArrival:
     series_description: str
     folder: Path
     n_instances: int
+    called_ae: str = ""  # the AE title the sender addressed (routing rules may match it)
 
 
 class SeriesSink(Protocol):
@@ -63,17 +70,12 @@ class SeriesSink(Protocol):
     def series_complete(self, arrival: SeriesArrival) -> None: ...
 
 
-def job_folder(settings: Settings, job_id: str) -> Path:
-    """Where the instances of a job live: ``spool/jobs/<job_id>/``."""
-    return settings.spool_dir / "jobs" / job_id
-
-
 class Intake:
     """Creates or merges the job of each complete series and enqueues it.
 
-    ``enqueue(job_id)`` publishes the job (default: ``worker.celery_app.enqueue_job`` on
+    ``enqueue(job_id)`` publishes the job (default: ``common.queue.enqueue_job`` on
     ``settings``' broker); ``audit(event, detail)`` records "job.created"
-    (default: ``service.audit.make_recorder`` on the store's engine when available).
+    (default: ``common.audit.make_recorder`` on the store's engine).
     """
 
     def __init__(
@@ -82,13 +84,30 @@ class Intake:
         store: JobStore,
         enqueue: Enqueue | None = None,
         audit: AuditRecorder | None = None,
+        routing: RoutingTable | None = None,
     ) -> None:
         self.settings = settings
         self.store = store
         self.enqueue = enqueue or _default_enqueue(settings)
         self.audit = audit if audit is not None else _default_audit(store)
+        self.routing = routing if routing is not None else RoutingTable.implicit()
+
+    def decide(self, arrival: SeriesArrival) -> RouteDecision:
+        """The routing decision for ``arrival`` (from its first instance and AE titles)."""
+        needs_instance = any(route.match for route in self.routing.routes)
+        first = _first_instance(arrival.folder) if needs_instance else None
+        attributes = series_attributes(
+            first,
+            calling_ae=arrival.calling_ae,
+            called_ae=arrival.called_ae,
+            keywords=match_keywords(self.routing),
+        )
+        return self.routing.decide(attributes)
 
     def series_complete(self, arrival: SeriesArrival) -> None:
+        decision = self.decide(arrival)
+        route = decision.route
+        contour = decision.action == "contour"
         result = self.store.create_or_merge_for_series(
             series_instance_uid=arrival.series_instance_uid,
             study_instance_uid=arrival.study_instance_uid,
@@ -96,19 +115,43 @@ class Intake:
             modality=arrival.modality,
             series_description=arrival.series_description,
             n_instances=arrival.n_instances,
+            route_name=decision.route_name,
+            model_request=route.model if route is not None and contour else None,
+            destinations=route.destinations if route is not None and contour else None,
         )
         job = result.job
         folder = job_folder(self.settings, job.id)
         moved = _move_instances(arrival.folder, folder)
         n_instances = sum(1 for _ in folder.glob("*.dcm"))
         self.store.set_spool_dir(job.id, str(folder), n_instances)
+        if result.created and not contour:
+            self.store.transition(job.id, JobState.IGNORED, reason=decision.reason)
+            logger.info(
+                "job %s: series %s from %s ignored (%s); nothing is contoured or sent",
+                job.id,
+                arrival.series_instance_uid,
+                arrival.calling_ae,
+                decision.reason,
+            )
+            self._audit(
+                JOB_IGNORED_EVENT,
+                {
+                    "job_id": job.id,
+                    "series_instance_uid": arrival.series_instance_uid,
+                    "calling_ae": arrival.calling_ae,
+                    "route": decision.route_name,
+                    "reason": decision.reason,
+                },
+            )
+            return
         if result.created:
             logger.info(
-                "job %s created for series %s from %s (%d instances)",
+                "job %s created for series %s from %s (%d instances, route %s)",
                 job.id,
                 arrival.series_instance_uid,
                 arrival.calling_ae,
                 n_instances,
+                decision.route_name,
             )
             self._audit(
                 JOB_CREATED_EVENT,
@@ -153,20 +196,24 @@ class Intake:
 
 def _default_enqueue(settings: Settings) -> Enqueue:
     def enqueue(job_id: str) -> None:
-        from worker.celery_app import enqueue_job
-
         enqueue_job(settings, job_id)
 
     return enqueue
 
 
-def _default_audit(store: JobStore) -> AuditRecorder | None:
-    try:
-        from service.audit import make_recorder
-    except ImportError:
-        logger.warning("service.audit is not available: job creation is not audited")
-        return None
+def _default_audit(store: JobStore) -> AuditRecorder:
     return make_recorder(store.engine, actor="intake")
+
+
+def _first_instance(folder: Path) -> pydicom.Dataset | None:
+    """The header of the series' first readable instance file (by name; three tried), or
+    None: routes then match empty attributes."""
+    for path in sorted(folder.glob("*.dcm"))[:3]:
+        try:
+            return pydicom.dcmread(path, stop_before_pixels=True)
+        except Exception:
+            logger.warning("routing: %s is unreadable; trying the next instance", path.name)
+    return None
 
 
 def _move_instances(source: Path, target: Path) -> int:

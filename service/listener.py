@@ -8,7 +8,7 @@ Public API (stable; ``service/serve.py`` builds the listener with it)
     ``sink.series_complete`` (from the tracker's thread). ``audit(event, detail)`` is called
     for every rejected association / refused TLS handshake with ``event ==
     "dicom.association_rejected"`` and ``detail`` holding ``calling_ae``, ``called_ae``,
-    ``address``, ``reason`` (and ``actor: "dicom-listener"`` for ``service.audit``). With
+    ``address``, ``reason`` (and ``actor: "dicom-listener"`` for ``common.audit``). With
     ``settings.known_peers`` empty every calling AE title is accepted; otherwise only those
     peers (``AE`` or ``AE@ip``), and the called AE title must be ``settings.ae_title``.
 ``ListenerHandle.shutdown(timeout_s=10.0) -> list[SeriesArrival]``
@@ -54,12 +54,18 @@ from pynetdicom import AE, evt
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 
+from common.audit import make_recorder
+from common.db import make_engine
+from common.jobstore import JobStore
+from common.queue import make_enqueue, publisher
+from common.schema import create_schema
+from common.settings import Settings
+from common.tls import accept_tls, server_ssl_context
 from service import handlers
 from service.handlers import AuditCallable, Edge, KnownPeer
-from service.intake import SeriesArrival, SeriesSink
-from service.settings import Settings
+from service.intake import Intake, SeriesArrival, SeriesSink
 from service.spool import InstanceSpool, SeriesTracker
-from service.tls import accept_tls, server_ssl_context
+from worker.pipeline import load_checked_routing
 
 logger = logging.getLogger(__name__)
 
@@ -288,17 +294,11 @@ class LoggingSink:
 
 def _build_intake(settings: Settings) -> tuple[SeriesSink, AuditCallable]:
     """The job-store intake (jobs enqueued on ``settings``' broker) and the audit recorder."""
-    from service.audit import make_recorder
-    from service.db import create_schema, make_engine
-    from service.intake import Intake
-    from service.jobstore import JobStore
-    from worker.celery_app import make_celery
-    from worker.tasks import make_enqueue
-
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     engine = make_engine(settings)
     create_schema(engine)
-    intake = Intake(settings, JobStore(engine), make_enqueue(make_celery(settings)))
+    intake = Intake(settings, JobStore(engine), make_enqueue(publisher(settings)),
+                    routing=load_checked_routing(settings))
     return intake, make_recorder(engine, actor="dicom-listener")
 
 

@@ -10,7 +10,7 @@ from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily, Met
 from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
-    from service.jobstore import JobStore
+    from common.jobstore import JobStore
 
 ASSOCIATIONS = Counter(
     "rtcontour_dicom_associations", "DICOM associations accepted by the listener"
@@ -68,7 +68,7 @@ class JobStoreCollector(Collector):
     def _stage_histogram(self) -> HistogramMetricFamily:
         from sqlalchemy import case, func, select
 
-        from service.jobstore import STAGES, Job
+        from common.jobstore import STAGES, Job
 
         histogram = HistogramMetricFamily(
             "rtcontour_job_stage_seconds",

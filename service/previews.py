@@ -28,7 +28,8 @@ import pydicom
 from PIL import Image
 from scipy import ndimage
 
-from service.errors import InvalidSeries, RtcontourError
+from common.errors import InvalidSeries, RtcontourError
+from worker.volume import load_series
 
 logger = logging.getLogger(__name__)
 
@@ -158,8 +159,6 @@ def load_preview_volume(ct_folder: Path, rtstruct_path: Path) -> PreviewVolume:
 
     Raises ``PreviewUnavailable`` with a sentence naming what is missing.
     """
-    from worker.volume import load_series
-
     if not ct_folder.is_dir():
         raise PreviewUnavailable("the job's CT images are no longer in its spool folder")
     datasets = _read_ct(ct_folder)

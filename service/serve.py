@@ -25,11 +25,17 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from service.db import create_schema, make_engine
-from service.errors import ConfigurationError
+from common.db import make_engine
+from common.errors import ConfigurationError
+from common.jobstore import JobStore
+from common.queue import make_enqueue, publisher
+from common.routes import RoutingTable
+from common.schema import create_schema
+from common.settings import Settings
+from service.api.app import create_app
 from service.intake import Intake
-from service.jobstore import JobStore
-from service.settings import Settings
+from service.listener import start_listener
+from worker.pipeline import load_checked_routing
 
 logger = logging.getLogger(__name__)
 
@@ -156,12 +162,12 @@ def _kill_children(pid: int) -> None:
 class ApiServer:
     """uvicorn serving ``create_app(settings)`` in a thread."""
 
-    def __init__(self, settings: Settings, engine: Any, enqueue: Any) -> None:
+    def __init__(
+        self, settings: Settings, engine: Any, enqueue: Any, routing: RoutingTable | None = None
+    ) -> None:
         import uvicorn
 
-        from service.api.app import create_app
-
-        app = create_app(settings, engine=engine, enqueue=enqueue)
+        app = create_app(settings, engine=engine, enqueue=enqueue, routing=routing)
         config = uvicorn.Config(
             app,
             host=settings.api_host,
@@ -199,11 +205,8 @@ def main(argv: list[str] | None = None) -> int:
     create_schema(engine)
     store = JobStore(engine)
 
-    from service.listener import start_listener
-    from worker.celery_app import make_celery
-    from worker.tasks import make_enqueue
-
-    enqueue = make_enqueue(make_celery(settings))
+    routing = load_checked_routing(settings)
+    enqueue = make_enqueue(publisher(settings))
     _log_locations(settings)
 
     stop = threading.Event()
@@ -217,10 +220,10 @@ def main(argv: list[str] | None = None) -> int:
 
     stoppers: list[tuple[str, Callable[[], object]]] = []  # started parts, stopped in parallel
     try:
-        intake = Intake(settings, store, enqueue)
+        intake = Intake(settings, store, enqueue, routing=routing)
         listener = start_listener(settings, intake, audit=intake.audit)
         stoppers.append(("listener", lambda: listener.shutdown(timeout_s=10.0)))
-        api = ApiServer(settings, engine, enqueue).start()
+        api = ApiServer(settings, engine, enqueue, routing).start()
         stoppers.append(("api", api.stop))
         if not args.no_worker:
             worker = WorkerProcess(

@@ -31,7 +31,7 @@ from pathlib import Path
 
 from pydicom.uid import UID
 
-from service.errors import InsufficientStorage, InvalidInstance
+from common.errors import InsufficientStorage, InvalidInstance
 from service.intake import SeriesArrival, SeriesSink
 
 logger = logging.getLogger(__name__)
@@ -182,6 +182,7 @@ class _Association:
 class _Series:
     header: InstanceHeader
     calling_ae: str
+    called_ae: str = ""
     carriers: set[int] = field(default_factory=set)
     last_instance_at: float = 0.0
     interrupted: bool = False
@@ -220,13 +221,15 @@ class SeriesTracker:
         self._thread: threading.Thread | None = None
 
     # -- reports from association threads -------------------------------------------------
-    def instance_stored(self, association: int, header: InstanceHeader, calling_ae: str) -> None:
+    def instance_stored(
+        self, association: int, header: InstanceHeader, calling_ae: str, called_ae: str = ""
+    ) -> None:
         """An instance of ``header.series_instance_uid`` is in the spool (file in place)."""
         with self._lock:
             self._associations.setdefault(association, _Association())
             series = self._series.get(header.series_instance_uid)
             if series is None:
-                series = _Series(header=header, calling_ae=calling_ae)
+                series = _Series(header=header, calling_ae=calling_ae, called_ae=called_ae)
                 self._series[header.series_instance_uid] = series
             series.carriers.add(association)
             series.last_instance_at = self._clock()
@@ -349,6 +352,7 @@ class SeriesTracker:
             series_instance_uid=series.header.series_instance_uid,
             study_instance_uid=series.header.study_instance_uid,
             calling_ae=series.calling_ae,
+            called_ae=series.called_ae,
             modality=series.header.modality,
             series_description=series.header.series_description,
             folder=folder,

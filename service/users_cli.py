@@ -19,8 +19,8 @@ import sys
 
 from sqlalchemy.orm import Session
 
-from service import audit
-from service.auth import (
+from common import audit
+from common.auth import (
     Role,
     UserError,
     active_token_count,
@@ -31,8 +31,9 @@ from service.auth import (
     set_active,
     set_role,
 )
-from service.db import create_schema, make_engine
-from service.settings import Settings
+from common.db import make_engine
+from common.schema import create_schema
+from common.settings import Settings
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from service.settings import Settings
+from common.settings import Settings
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 POSTGRES_URL = os.environ.get(
@@ -340,6 +340,7 @@ def write_phantom_series(
     series_uid: str | None = None,
     study_uid: str | None = None,
     seed: int = 0,
+    series_description: str | None = None,
 ) -> list[Path]:
     """A head phantom CT series (tests/phantoms.py) as files in ``out_dir``."""
     from tests.phantoms import head_phantom, write_ct_series
@@ -353,6 +354,7 @@ def write_phantom_series(
         series_uid=series_uid,
         study_uid=study_uid,
         seed=seed,
+        **({"series_description": series_description} if series_description else {}),
     )
 
 

@@ -27,7 +27,7 @@ import numpy as np
 import pydicom
 import pydicom.errors
 
-from service.errors import InvalidSeries
+from common.errors import InvalidSeries
 from worker.rtstruct import RoiSpec, build_rtstruct, save_rtstruct
 from worker.volume import Volume, load_series
 

@@ -7,7 +7,7 @@ Default steps (``default_steps``)::
     Segment     -> to canonical, Segmenter.predict, masks back to the CT grid  stage "inference"
     BuildOutputs-> each OutputWriter builds its DICOM object (RTSTRUCT today)  stage "contours"
     Archive     -> each output written atomically to archive_dir/<job_id>/
-    Send        -> each output C-STOREd to every destination (service.sender)  stage "send"
+    Send        -> each output C-STOREd to every destination (worker.sender)  stage "send"
 
 A new capability appends a step or an ``OutputWriter`` (DICOM SEG, dose prediction, QA)
 without touching the others. Steps raise domain errors (``InvalidSeries``,
@@ -31,11 +31,19 @@ from typing import Any, Protocol
 import numpy as np
 from pydicom.dataset import Dataset
 
-from service.errors import InvalidSeries, ModelPackageError
-from service.jobstore import JobStore
-from service.sender import Sender, deliver
-from service.settings import Settings
-from worker.rtstruct import RoiSpec, build_rtstruct, save_rtstruct
+from common.errors import ConfigurationError, InvalidSeries, ModelPackageError
+from common.jobstore import JobStore
+from common.routes import RoutingTable, load_routing
+from common.settings import Destination, Settings
+from models.inference import Segmenter
+from models.package import (
+    MANIFEST_NAME,
+    default_packages_root,
+    find_latest_package,
+    load_package,
+)
+from worker.rtstruct import RoiSpec, build_rtstruct
+from worker.sender import Sender, deliver
 from worker.volume import CtSeries, load_series
 
 logger = logging.getLogger(__name__)
@@ -101,10 +109,21 @@ class JobContext:
     masks: dict[str, np.ndarray] = field(default_factory=dict)  # on series.volume's grid
     outputs: list[WrittenOutput] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
+    # From the job's route: the model asked for (None: newest package) and the destinations
+    # (None: RTCONTOUR_DESTINATIONS).
+    model_request: str | None = None
+    route_destinations: list[str] | None = None
 
     @property
     def archive_dir(self) -> Path:
         return self.settings.archive_dir / self.job_id
+
+    @property
+    def destinations(self) -> list[Destination]:
+        """Where this job's outputs go: its route's destinations or the settings' list."""
+        if self.route_destinations is None:
+            return list(self.settings.destinations)
+        return [Destination.parse(text) for text in self.route_destinations]
 
 
 class Step(Protocol):
@@ -163,13 +182,13 @@ class Segment:
     name = "segment"
     stage: str | None = "inference"
 
-    def __init__(self, model_provider: Callable[[], SegmentationModel]) -> None:
-        self.model_provider = model_provider
+    def __init__(self, model_provider: Callable[[str | None], SegmentationModel]) -> None:
+        self.model_provider = model_provider  # model request ("name", "name-version", None)
 
     def run(self, ctx: JobContext) -> None:
         if ctx.series is None:
             raise RuntimeError("Segment needs LoadSeries first")
-        model = self.model_provider()
+        model = self.model_provider(ctx.model_request)
         ctx.model = model
         ctx.store.record_model(ctx.job_id, model.name, model.version)
         ctx.masks = masks_on_ct_grid(ctx.series, model)
@@ -246,8 +265,13 @@ class BuildOutputs:
         ctx.outputs = [writer.build(ctx) for writer in self.writers]
 
 
+# Archive file name prefixes by output kind (DICOM's customary RS_/RD_ names), else the kind.
+FILE_PREFIXES = {"RTSTRUCT": "RS", "RTDOSE": "RD"}
+
+
 class Archive:
-    """Writes each output to ``archive_dir/<job_id>/<KIND>_<uid>.dcm`` atomically."""
+    """Writes each output to ``archive_dir/<job_id>/<PREFIX>_<uid>.dcm`` atomically and
+    records it as a row of the job's outputs (any kind)."""
 
     name = "archive"
     stage: str | None = None
@@ -255,26 +279,27 @@ class Archive:
     def run(self, ctx: JobContext) -> None:
         ctx.archive_dir.mkdir(parents=True, exist_ok=True)
         for output in ctx.outputs:
-            prefix = "RS" if output.kind == "RTSTRUCT" else output.kind
+            prefix = FILE_PREFIXES.get(output.kind, output.kind)
             final = ctx.archive_dir / f"{prefix}_{output.sop_instance_uid}.dcm"
             temp = final.with_name(f".{final.name}.{uuid.uuid4().hex}.tmp")
-            save_rtstruct(output.dataset, temp)
+            output.dataset.save_as(temp, enforce_file_format=True)
             with open(temp, "rb") as handle:
                 os.fsync(handle.fileno())
             os.replace(temp, final)
             output.path = final
-            if output.kind == "RTSTRUCT":
-                ctx.store.record_output(
-                    ctx.job_id,
-                    sop_instance_uid=output.sop_instance_uid,
-                    path=str(final),
-                    structures=output.summary,
-                )
+            ctx.store.record_output(
+                ctx.job_id,
+                kind=output.kind,
+                sop_instance_uid=output.sop_instance_uid,
+                path=str(final),
+                summary=output.summary,
+            )
             logger.info("job %s: archived %s %s", ctx.job_id, output.kind, final)
 
 
 class Send:
-    """C-STOREs every archived output to every destination, skipping ones already sent."""
+    """C-STOREs every archived output to every destination of the job's route (or
+    RTCONTOUR_DESTINATIONS), skipping ones already sent."""
 
     name = "send"
     stage: str | None = "send"
@@ -284,7 +309,7 @@ class Send:
         self.on_sent = on_sent
 
     def run(self, ctx: JobContext) -> None:
-        destinations = ctx.settings.destinations
+        destinations = ctx.destinations
         if not destinations:
             logger.info("job %s: no destination configured; nothing sent", ctx.job_id)
             return
@@ -309,7 +334,7 @@ class Send:
 
 
 def default_steps(
-    model_provider: Callable[[], SegmentationModel],
+    model_provider: Callable[[str | None], SegmentationModel],
     sender: Sender,
     writers: Sequence[OutputWriter] | None = None,
     on_sent: Callable[[str, str, str], None] | None = None,
@@ -341,31 +366,36 @@ class PackagedModel:
         return result
 
 
-def resolve_package_path(settings: Settings) -> Path:
-    """``settings.model_package`` or the newest package in ``models/packages``."""
-    if settings.model_package is not None:
-        return Path(settings.model_package)
+def resolve_package_path(settings: Settings, request: str | None = None) -> Path:
+    """The package folder for a model ``request``: a package name (its newest version),
+    ``name-version``, or None (``settings.model_package``, else the newest package)."""
+    root = settings.model_packages_dir or default_packages_root()
+    if request is None:
+        if settings.model_package is not None:
+            return Path(settings.model_package)
+        try:
+            return Path(find_latest_package(root))
+        except ModelPackageError:
+            raise
+        except Exception as exc:  # e.g. no package folder yet
+            raise ModelPackageError(
+                f"no model package found (set RTCONTOUR_MODEL_PACKAGE): {exc}"
+            ) from exc
+    exact = root / request
+    if (exact / MANIFEST_NAME).is_file():
+        return exact
     try:
-        from models.package import find_latest_package
-    except ImportError as exc:
-        raise ModelPackageError(f"models.package is not available: {exc}") from exc
-    try:
-        return Path(find_latest_package())
+        return Path(find_latest_package(root, name=request))
     except ModelPackageError:
-        raise
-    except Exception as exc:  # e.g. no package folder yet
+        installed = sorted(p.name for p in root.glob("*") if (p / MANIFEST_NAME).is_file())
         raise ModelPackageError(
-            f"no model package found (set RTCONTOUR_MODEL_PACKAGE): {exc}"
-        ) from exc
+            f"model package {request!r} is not installed in {root} "
+            f"(installed: {', '.join(installed) or 'none'})"
+        ) from None
 
 
 def load_packaged_model(path: Path, overlap: float, mirror_tta: bool) -> PackagedModel:
     """Load a model package and build its Segmenter (slow: do it once per process)."""
-    try:
-        from models.inference import Segmenter
-        from models.package import load_package
-    except ImportError as exc:
-        raise ModelPackageError(f"model inference is not available: {exc}") from exc
     package = load_package(path)
     manifest = package.manifest
     rois = [
@@ -382,20 +412,52 @@ def load_packaged_model(path: Path, overlap: float, mirror_tta: bool) -> Package
 
 
 class SegmenterCache:
-    """One loaded model per (package path, overlap, mirroring) for the life of the process."""
+    """Every model a worker uses, each loaded once per process and kept resident, keyed by
+    package path, overlap and mirroring (several routes may name several packages)."""
 
     def __init__(
         self,
         loader: Callable[[Path, float, bool], SegmentationModel] = load_packaged_model,
-        resolver: Callable[[Settings], Path] = resolve_package_path,
+        resolver: Callable[[Settings, str | None], Path] = resolve_package_path,
     ) -> None:
         self._loader = loader
         self._resolver = resolver
         self._models: dict[tuple[str, float, bool], SegmentationModel] = {}
 
-    def get(self, settings: Settings) -> SegmentationModel:
-        path = self._resolver(settings).resolve()
+    def get(self, settings: Settings, request: str | None = None) -> SegmentationModel:
+        path = self._resolver(settings, request).resolve()
         key = (str(path), settings.inference_overlap, settings.mirror_tta)
         if key not in self._models:
             self._models[key] = self._loader(path, settings.inference_overlap, settings.mirror_tta)
         return self._models[key]
+
+    def __len__(self) -> int:
+        return len(self._models)
+
+
+def check_routes_models(settings: Settings, table: RoutingTable) -> dict[str, Path]:
+    """The package folder of every model the routes name; ``ConfigurationError`` naming the
+    route if one is not installed. (A route without ``model`` takes the newest package, found
+    when its first job runs, as without routes.)"""
+    found: dict[str, Path] = {}
+    for route in table.routes:
+        if route.action != "contour" or route.model is None:
+            continue
+        try:
+            path = resolve_package_path(settings, route.model)
+        except ModelPackageError as error:
+            raise ConfigurationError(f"route {route.name!r}, field model: {error}") from None
+        found[route.model] = path
+    return found
+
+
+def load_checked_routing(settings: Settings) -> RoutingTable:
+    """The routing rules of ``settings``, with every model a route names found installed
+    (``ConfigurationError`` with a sentence otherwise): what each process checks at start."""
+    table = load_routing(settings)
+    for request, path in check_routes_models(settings, table).items():
+        logger.info("routing: model %s is %s", request, path)
+    if table.source is not None:
+        logger.info("routing: %d route(s) from %s, default %s", len(table.routes), table.source,
+                    table.default)
+    return table

@@ -57,7 +57,7 @@ from pydicom.uid import (
     RTStructureSetStorage,
 )
 
-from service import __version__
+from common import __version__
 from worker.contours import Contour, mask_to_contours
 from worker.volume import CtSeries
 

@@ -18,8 +18,8 @@ from pathlib import Path
 
 from pydicom.misc import is_dicom
 
-from service.errors import InvalidSeries, ModelPackageError
-from service.settings import Settings
+from common.errors import InvalidSeries, ModelPackageError
+from common.settings import Settings
 from worker.pipeline import SegmenterCache, masks_on_ct_grid, structure_summary
 from worker.rtstruct import build_rtstruct, save_rtstruct
 from worker.volume import load_series

@@ -33,12 +33,13 @@ from typing import TYPE_CHECKING, Any
 
 from celery.exceptions import SoftTimeLimitExceeded
 
-from service.db import create_schema, make_engine
-from service.errors import DestinationUnavailable, InvalidSeries, ModelPackageError
-from service.jobstore import JobState, JobStore
-from service.retention import purge_expired
-from service.sender import Sender
-from service.settings import Settings
+from common.audit import make_recorder
+from common.db import make_engine
+from common.errors import DestinationUnavailable, InvalidSeries, ModelPackageError
+from common.jobstore import JobState, JobStore
+from common.queue import RUN_JOB_TASK
+from common.schema import create_schema
+from common.settings import Settings
 from worker.pipeline import (
     Archive,
     JobContext,
@@ -48,13 +49,14 @@ from worker.pipeline import (
     default_steps,
     run_steps,
 )
+from worker.retention import purge_expired
+from worker.sender import Sender
 
 if TYPE_CHECKING:
     from celery import Celery
 
 logger = logging.getLogger(__name__)
 
-RUN_JOB_TASK = "rtcontour.run_job"
 JOB_SENT_EVENT = "job.sent"
 MAX_RESTARTS = 3  # pipeline restarts of one attempt because instances were merged in
 RETRY_BACKOFF_S = 5.0
@@ -104,8 +106,9 @@ class WorkerRuntime:
         self.worker_name = f"{socket.gethostname()}:{os.getpid()}"
         self._audit = _make_audit(store)
 
-    def model(self) -> SegmentationModel:
-        return self.model_cache.get(self.settings)
+    def model(self, request: str | None = None) -> SegmentationModel:
+        """The model a job's route asked for (None: the default package), loaded once."""
+        return self.model_cache.get(self.settings, request)
 
     def steps(self) -> list[Step]:
         if self._steps_factory is not None:
@@ -125,12 +128,7 @@ class WorkerRuntime:
             )
 
 
-def _make_audit(store: JobStore) -> Callable[[str, dict[str, Any]], None] | None:
-    try:
-        from service.audit import make_recorder
-    except ImportError:
-        logger.warning("service.audit is not available: sent RTSTRUCTs are not audited")
-        return None
+def _make_audit(store: JobStore) -> Callable[[str, dict[str, Any]], None]:
     return make_recorder(store.engine, actor="worker")
 
 
@@ -213,6 +211,8 @@ def _run_pipeline(
             store=store,
             spool_dir=_spool_dir(runtime.settings, job.spool_dir, job_id),
             generation=job.generation,
+            model_request=job.model_request,
+            route_destinations=job.destinations,
         )
 
         def before_step(step: Step, ctx: JobContext = ctx) -> None:
@@ -297,7 +297,7 @@ def recover_jobs(
 
 class RecoverySweeper:
     """Runs ``recover_jobs`` now and every ``settings.recovery_interval_s`` in a thread, and
-    the retention policy (``service.retention.purge_expired``) now and every hour.
+    the retention policy (``worker.retention.purge_expired``) now and every hour.
 
     ``queue_depth()`` returns the messages waiting in the broker (None if unknown).
     """
@@ -342,30 +342,6 @@ class RecoverySweeper:
 
 
 # -- Celery registration ----------------------------------------------------------------------
-def make_queue_depth(app: Celery, queue: str) -> Callable[[], int | None]:
-    """``depth()``: messages waiting in ``queue`` on the app's broker (None if unknown)."""
-
-    def depth() -> int | None:
-        try:
-            with app.connection_for_read() as connection:
-                declared = connection.default_channel.queue_declare(queue, passive=True)
-                return int(declared.message_count)
-        except Exception:
-            logger.debug("queue depth of %s unknown", queue, exc_info=True)
-            return None
-
-    return depth
-
-
-def make_enqueue(app: Celery) -> Callable[[str], None]:
-    """``enqueue(job_id)``: publish ``rtcontour.run_job`` for the job (no result kept)."""
-
-    def enqueue(job_id: str) -> None:
-        app.send_task(RUN_JOB_TASK, args=[job_id], ignore_result=True)
-
-    return enqueue
-
-
 _runtimes: dict[int, WorkerRuntime] = {}  # one per process, keyed by pid (pool children fork)
 
 

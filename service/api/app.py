@@ -10,18 +10,36 @@ from __future__ import annotations
 import argparse
 import logging
 from collections.abc import Callable
-from typing import Any
 
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
+from pynetdicom import AE
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from sqlalchemy import Engine
 
-from service import __version__
+from common import __version__
+from common.db import make_engine
+from common.jobstore import JobStore
+from common.queue import enqueue_job
+from common.queue import queue_depth as queue_depth_of
+from common.routes import RoutingTable, load_routing
+from common.schema import create_schema
+from common.settings import Destination, Settings
+from service.api import (
+    audit,
+    dashboard,
+    destinations,
+    jobs,
+    metrics,
+    previews,
+    routes,
+    stats,
+    users,
+)
 from service.api.deps import AppContext, ViewerUser
-from service.db import create_schema, make_engine
-from service.jobstore import JobStore
-from service.settings import Destination, Settings
+from service.previews import PreviewCache
+from worker.sender import associate
 
 logger = logging.getLogger(__name__)
 
@@ -31,57 +49,11 @@ class HealthOut(BaseModel):
     version: str
 
 
-def celery_enqueuer(settings: Settings) -> Callable[[str], None]:
-    """Return ``enqueue(job_id)``: the worker's ``enqueue_job`` (task ``rtcontour.run_job``)."""
-
-    def enqueue(job_id: str) -> None:
-        from worker.celery_app import enqueue_job
-
-        enqueue_job(settings, job_id)
-
-    return enqueue
-
-
-def broker_queue_depth(settings: Settings) -> Callable[[], int | None]:
-    """Return ``depth()``: job messages waiting in the broker's queue (None if unknown).
-
-    Works for Redis and the embedded broker alike (kombu's passive queue declare); the
-    Celery client is built at the first call, not at import.
-    """
-    client: list[Any] = []
-
-    def depth() -> int | None:
-        try:
-            from kombu.exceptions import ChannelError
-
-            from worker.celery_app import QUEUE, make_celery
-
-            if not client:
-                client.append(make_celery(settings))
-            with client[0].connection_for_read() as connection:
-                connection.ensure_connection(max_retries=1, timeout=2)
-                try:
-                    declared = connection.default_channel.queue_declare(queue=QUEUE, passive=True)
-                except ChannelError:
-                    return 0  # the queue does not exist yet (Redis drops empty lists)
-                return int(declared.message_count)
-        except Exception as error:  # the dashboard shows "unknown" rather than failing
-            logger.warning("queue depth unavailable from the broker: %s", error)
-            return None
-
-    return depth
-
-
 def c_echo(
     destination: Destination, settings: Settings, timeout_s: float = 3.0
 ) -> tuple[bool, str]:
     """C-ECHO ``destination`` as the sender would reach it (our AE title, TLS for ``+tls``);
     return (reachable, a short status sentence)."""
-    from pynetdicom import AE
-    from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
-
-    from service.sender import associate
-
     ae = AE(ae_title=settings.ae_title)
     ae.add_requested_context(Verification)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout_s
@@ -108,16 +80,16 @@ def create_app(
     enqueue: Callable[[str], None] | None = None,
     queue_depth: Callable[[], int | None] | None = None,
     echo: Callable[[Destination], tuple[bool, str]] | None = None,
+    routing: RoutingTable | None = None,
 ) -> FastAPI:
     """Build the API for ``settings``; collaborators may be injected (tests, ``serve``).
 
     ``engine``: the job store's engine (default ``make_engine(settings)``; tables are created
-    if missing); ``enqueue(job_id)``: queue a job (default ``worker.celery_app.enqueue_job``);
-    ``queue_depth()``: broker queue length; ``echo(destination)``: C-ECHO check.
+    if missing); ``enqueue(job_id)``: queue a job (default ``common.queue.enqueue_job``);
+    ``queue_depth()``: broker queue length; ``echo(destination)``: C-ECHO check;
+    ``routing``: the routing rules (default: ``RTCONTOUR_ROUTES_FILE``, validated here).
     """
-    from service.api import audit, dashboard, destinations, jobs, metrics, previews, stats, users
-    from service.previews import PreviewCache
-
+    routing = routing if routing is not None else load_routing(settings)
     engine = engine or make_engine(settings)
     create_schema(engine)
     app = FastAPI(
@@ -133,10 +105,11 @@ def create_app(
         settings=settings,
         engine=engine,
         store=JobStore(engine),
-        enqueue=enqueue or celery_enqueuer(settings),
-        queue_depth=queue_depth or broker_queue_depth(settings),
+        enqueue=enqueue or (lambda job_id: enqueue_job(settings, job_id)),
+        queue_depth=queue_depth or queue_depth_of(settings),
         echo=echo or (lambda destination: c_echo(destination, settings)),
         previews=PreviewCache(),
+        routing=routing,
     )
 
     @app.get("/health", response_model=HealthOut, tags=["health"], summary="Liveness (no auth)")
@@ -147,7 +120,7 @@ def create_app(
     def openapi_schema(_: ViewerUser) -> JSONResponse:
         return JSONResponse(app.openapi())
 
-    for module in (jobs, previews, stats, destinations, users, audit, metrics, dashboard):
+    for module in (jobs, previews, stats, destinations, routes, users, audit, metrics, dashboard):
         app.include_router(module.router)
     dashboard.mount_static(app)
     return app

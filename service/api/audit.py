@@ -9,8 +9,8 @@ from fastapi import APIRouter, Query
 from pydantic import BaseModel
 from sqlalchemy import func, select
 
+from common.audit import AuditEvent
 from service.api.deps import AdminUser, DbSession
-from service.audit import AuditEvent
 
 router = APIRouter(prefix="/api/audit", tags=["audit"])
 

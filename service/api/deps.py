@@ -8,7 +8,7 @@ answers 401, with a role below the route's it answers 403.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Annotated
 
 from fastapi import Depends, HTTPException, Request, status
@@ -16,10 +16,11 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
-from service.auth import Principal, Role, authenticate
-from service.jobstore import JobStore
+from common.auth import Principal, Role, authenticate
+from common.jobstore import JobStore
+from common.routes import RoutingTable
+from common.settings import Destination, Settings
 from service.previews import PreviewCache
-from service.settings import Destination, Settings
 
 bearer = HTTPBearer(auto_error=False, description="An rtcontour API token")
 
@@ -35,6 +36,7 @@ class AppContext:
     queue_depth: Callable[[], int | None]
     echo: Callable[[Destination], tuple[bool, str]]
     previews: PreviewCache
+    routing: RoutingTable = field(default_factory=RoutingTable.implicit)
 
 
 def get_context(request: Request) -> AppContext:

@@ -1,4 +1,7 @@
-"""``GET /api/destinations``: can each configured DICOM destination be reached (C-ECHO)?"""
+"""``GET /api/destinations``: can each configured DICOM destination be reached (C-ECHO)?
+
+The destinations of RTCONTOUR_DESTINATIONS and of every route.
+"""
 
 from __future__ import annotations
 
@@ -9,8 +12,8 @@ from concurrent.futures import ThreadPoolExecutor
 from fastapi import APIRouter
 from pydantic import BaseModel
 
+from common.settings import Destination
 from service.api.deps import AdminUser, Context
-from service.settings import Destination
 
 logger = logging.getLogger(__name__)
 
@@ -30,6 +33,10 @@ class DestinationOut(BaseModel):
 @router.get("", response_model=list[DestinationOut], summary="C-ECHO every destination")
 def check_destinations(_: AdminUser, ctx: Context) -> list[DestinationOut]:
     destinations = list(ctx.settings.destinations)
+    for route in ctx.routing.routes:  # the routes' own destinations, each checked once
+        for destination in route.parsed_destinations() or []:
+            if destination not in destinations:
+                destinations.append(destination)
 
     def check(destination: Destination) -> DestinationOut:
         start = time.perf_counter()

@@ -1,19 +1,28 @@
-"""Jobs: list with filters and pagination, detail, RTSTRUCT download, retry."""
+"""Jobs: list with filters and pagination, detail, outputs (any kind) and their download, retry."""
 
 from __future__ import annotations
 
 import datetime as dt
 import logging
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, HTTPException, Query, status
 from fastapi.responses import FileResponse
 from pydantic import BaseModel, Field
+from sqlalchemy.orm import Session
 
-from service import audit
-from service.api.deps import ClinicianUser, Context, DbSession, ViewerUser
-from service.jobstore import IllegalTransition, Job, JobFilter, JobNotFound, JobState, JobStore
+from common import audit
+from common.jobstore import (
+    IllegalTransition,
+    Job,
+    JobFilter,
+    JobNotFound,
+    JobOutput,
+    JobState,
+    JobStore,
+)
+from service.api.deps import AppContext, ClinicianUser, Context, DbSession, ViewerUser
 
 logger = logging.getLogger(__name__)
 
@@ -26,6 +35,16 @@ class StructureOut(BaseModel):
     roi_name: str
     volume_cc: float | None = None
     colour: list[int] | None = Field(None, description="RGB 0-255")
+
+
+class OutputOut(BaseModel):
+    """One DICOM object the job produced (RTSTRUCT, RTDOSE, ...)."""
+
+    kind: str
+    sop_instance_uid: str
+    available: bool = Field(description="the archived file exists and can be downloaded")
+    created_at: dt.datetime | None = None
+    summary: list[dict[str, Any]] = Field(default_factory=list)
 
 
 class StageTimingsOut(BaseModel):
@@ -50,6 +69,11 @@ class JobSummaryOut(BaseModel):
     model_name: str | None = None
     model_version: str | None = None
     failure_reason: str | None = None
+    route_name: str | None = Field(None, description="the routing rule that took the series")
+    ignored_reason: str | None = Field(
+        None, description="why the series was not contoured (state ignored)"
+    )
+    output_kinds: list[str] = Field(default_factory=list, description="e.g. [\"RTSTRUCT\"]")
     created_at: dt.datetime | None = None
     finished_at: dt.datetime | None = None
     purged_at: dt.datetime | None = Field(
@@ -61,6 +85,11 @@ class JobDetailOut(JobSummaryOut):
     study_instance_uid: str | None = None
     rtstruct_sop_instance_uid: str | None = None
     has_rtstruct: bool = False
+    model_request: str | None = None
+    destinations: list[str] | None = Field(
+        None, description="the route's destinations (null: RTCONTOUR_DESTINATIONS)"
+    )
+    outputs: list[OutputOut] = Field(default_factory=list)
     attempts: int | None = None
     queued_at: dt.datetime | None = None
     started_at: dt.datetime | None = None
@@ -86,7 +115,7 @@ def _seconds(start: dt.datetime | None, end: dt.datetime | None) -> float | None
     return round((end - start).total_seconds(), 3)
 
 
-def summary(job: Job) -> JobSummaryOut:
+def summary(job: Job, outputs: list[JobOutput] | None = None) -> JobSummaryOut:
     return JobSummaryOut(
         id=job.id,
         state=job.state,
@@ -98,15 +127,18 @@ def summary(job: Job) -> JobSummaryOut:
         model_name=job.model_name,
         model_version=job.model_version,
         failure_reason=job.failure_reason,
+        route_name=job.route_name,
+        ignored_reason=job.ignored_reason,
+        output_kinds=[output.kind for output in outputs or []],
         created_at=job.created_at,
         finished_at=job.finished_at,
         purged_at=job.purged_at,
     )
 
 
-def _structures(job: Job) -> list[StructureOut]:
+def _structures(rtstruct: JobOutput | None) -> list[StructureOut]:
     out = []
-    for item in job.structures or []:
+    for item in (rtstruct.summary if rtstruct is not None else None) or []:
         if not isinstance(item, dict) or "roi_name" not in item:
             continue
         colour = item.get("colour") or item.get("colour_rgb")
@@ -120,16 +152,30 @@ def _structures(job: Job) -> list[StructureOut]:
     return out
 
 
-def rtstruct_file(job: Job) -> Path | None:
-    """The archived RTSTRUCT of ``job`` if it exists on disk."""
-    path = job.rtstruct_path
-    if not path:
+def output_file(output: JobOutput | None) -> Path | None:
+    """The archived file of ``output`` if it exists on disk."""
+    if output is None or not output.path:
         return None
-    file = Path(path)
+    file = Path(output.path)
     return file if file.is_file() else None
 
 
-def detail(job: Job) -> JobDetailOut:
+def rtstruct_file(store: JobStore, job: Job) -> Path | None:
+    """The archived RTSTRUCT of ``job`` if it exists on disk."""
+    return output_file(store.output(job.id, "RTSTRUCT"))
+
+
+def _output_out(output: JobOutput) -> OutputOut:
+    return OutputOut(
+        kind=output.kind,
+        sop_instance_uid=output.sop_instance_uid,
+        available=output_file(output) is not None,
+        created_at=output.created_at,
+        summary=[item for item in output.summary or [] if isinstance(item, dict)],
+    )
+
+
+def detail(job: Job, outputs: list[JobOutput]) -> JobDetailOut:
     timings = StageTimingsOut(
         load_s=job.load_s,
         inference_s=job.inference_s,
@@ -138,16 +184,20 @@ def detail(job: Job) -> JobDetailOut:
         queue_wait_s=_seconds(job.queued_at, job.started_at),
         total_s=_seconds(job.created_at, job.finished_at),
     )
+    rtstruct = next((output for output in outputs if output.kind == "RTSTRUCT"), None)
     return JobDetailOut(
-        **summary(job).model_dump(),
+        **summary(job, outputs).model_dump(),
         study_instance_uid=job.study_instance_uid,
-        rtstruct_sop_instance_uid=job.rtstruct_sop_instance_uid,
-        has_rtstruct=rtstruct_file(job) is not None,
+        rtstruct_sop_instance_uid=rtstruct.sop_instance_uid if rtstruct is not None else None,
+        has_rtstruct=output_file(rtstruct) is not None,
+        model_request=job.model_request,
+        destinations=job.destinations,
+        outputs=[_output_out(output) for output in outputs],
         attempts=job.attempts,
         queued_at=job.queued_at,
         started_at=job.started_at,
         timings=timings,
-        structures=_structures(job),
+        structures=_structures(rtstruct),
     )
 
 
@@ -188,8 +238,9 @@ def list_jobs(
         model_name=model or None,
     )
     jobs = ctx.store.list(where, limit=limit, offset=offset)
+    outputs = ctx.store.outputs_of(job.id for job in jobs)
     return JobPageOut(
-        items=[summary(j) for j in jobs],
+        items=[summary(j, outputs[j.id]) for j in jobs],
         total=ctx.store.count(where),
         limit=limit,
         offset=offset,
@@ -198,21 +249,53 @@ def list_jobs(
 
 @router.get("/{job_id}", response_model=JobDetailOut, summary="One job with timings and structures")
 def get_job(job_id: str, _: ViewerUser, ctx: Context) -> JobDetailOut:
-    return detail(load_job(ctx.store, job_id))
+    job = load_job(ctx.store, job_id)
+    return detail(job, ctx.store.outputs(job.id))
+
+
+@router.get("/{job_id}/outputs", response_model=list[OutputOut], summary="The job's outputs")
+def list_outputs(job_id: str, _: ViewerUser, ctx: Context) -> list[OutputOut]:
+    job = load_job(ctx.store, job_id)
+    return [_output_out(output) for output in ctx.store.outputs(job.id)]
+
+
+_DOWNLOAD_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {"content": {"application/dicom": {}}},
+    404: {"description": "no output of that kind"},
+    410: {"description": "deleted by the retention policy"},
+}
+
+
+@router.get(
+    "/{job_id}/outputs/{kind}",
+    response_class=FileResponse,
+    summary="Download one archived output (RTSTRUCT, RTDOSE, ...)",
+    responses=_DOWNLOAD_RESPONSES,
+)
+def download_output(
+    job_id: str, kind: str, principal: ClinicianUser, session: DbSession, ctx: Context
+) -> FileResponse:
+    return _download(job_id, kind.upper(), principal.name, session, ctx)
 
 
 @router.get(
     "/{job_id}/rtstruct",
     response_class=FileResponse,
-    summary="Download the archived RTSTRUCT",
-    responses={
-        200: {"content": {"application/dicom": {}}},
-        404: {"description": "no RTSTRUCT"},
-        410: {"description": "deleted by the retention policy"},
-    },
+    summary="Download the archived RTSTRUCT (alias of /outputs/RTSTRUCT)",
+    responses=_DOWNLOAD_RESPONSES,
 )
 def download_rtstruct(
     job_id: str, principal: ClinicianUser, session: DbSession, ctx: Context
+) -> FileResponse:
+    return _download(job_id, "RTSTRUCT", principal.name, session, ctx)
+
+
+# File name prefixes by output kind (DICOM's customary RS_/RD_ names), else the kind itself.
+FILE_PREFIXES = {"RTSTRUCT": "RS", "RTDOSE": "RD"}
+
+
+def _download(
+    job_id: str, kind: str, user: str, session: Session, ctx: AppContext
 ) -> FileResponse:
     job = load_job(ctx.store, job_id)
     if job.purged_at is not None:
@@ -221,24 +304,26 @@ def download_rtstruct(
             detail=f"job {job_id}'s files were deleted on {job.purged_at:%Y-%m-%d} by the "
             f"retention policy ({ctx.settings.retention_days:g} days after the job ended)",
         )
-    file = rtstruct_file(job)
-    if file is None:
+    output = ctx.store.output(job.id, kind)
+    file = output_file(output)
+    if output is None or file is None:
         raise HTTPException(
-            status.HTTP_404_NOT_FOUND, detail=f"job {job_id} has no RTSTRUCT (state {job.state})"
+            status.HTTP_404_NOT_FOUND, detail=f"job {job_id} has no {kind} (state {job.state})"
         )
     audit.record(
         session,
-        audit.RTSTRUCT_DOWNLOAD,
-        principal.name,
+        audit.download_event(kind),
+        user,
         {
-            "sop_instance_uid": job.rtstruct_sop_instance_uid,
+            "sop_instance_uid": output.sop_instance_uid,
             "series_instance_uid": job.series_instance_uid,
         },
         job_id=job.id,
     )
     session.commit()
-    logger.info("job %s: RTSTRUCT downloaded by %s", job.id, principal.name)
-    return FileResponse(file, media_type="application/dicom", filename=f"RS_{job.id}.dcm")
+    logger.info("job %s: %s downloaded by %s", job.id, kind, user)
+    prefix = FILE_PREFIXES.get(kind, kind)
+    return FileResponse(file, media_type="application/dicom", filename=f"{prefix}_{job.id}.dcm")
 
 
 @router.post(

@@ -12,8 +12,8 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, HTTPException, Response, status
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, generate_latest
 
+from common.auth import Role
 from service.api.deps import BearerCredentials, Context, DbSession, get_principal
-from service.auth import Role
 from service.metrics import JobStoreCollector
 
 router = APIRouter(tags=["metrics"])

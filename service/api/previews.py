@@ -9,9 +9,9 @@ from fastapi import APIRouter, HTTPException, Query, Response, status
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel
 
+from common.jobstore import Job
 from service.api.deps import ClinicianUser, Context
 from service.api.jobs import load_job, rtstruct_file
-from service.jobstore import Job
 from service.previews import (
     PLANES,
     Plane,
@@ -38,7 +38,7 @@ class PreviewInfoOut(BaseModel):
 
 
 def _volume(ctx: Context, job: Job) -> PreviewVolume:
-    rtstruct = rtstruct_file(job)
+    rtstruct = rtstruct_file(ctx.store, job)
     if rtstruct is None:
         raise HTTPException(
             status.HTTP_404_NOT_FOUND,

@@ -10,8 +10,8 @@ from fastapi import APIRouter, Query
 from pydantic import BaseModel
 from sqlalchemy import select
 
+from common.jobstore import Job, JobState
 from service.api.deps import Context, ViewerUser
-from service.jobstore import Job, JobState
 
 router = APIRouter(prefix="/api/stats", tags=["stats"])
 

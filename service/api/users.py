@@ -9,9 +9,8 @@ from typing import Annotated
 from fastapi import APIRouter, HTTPException, Path, Request, status
 from pydantic import BaseModel, Field
 
-from service import audit
-from service.api.deps import AdminUser, BearerCredentials, Context, DbSession, ViewerUser
-from service.auth import (
+from common import audit
+from common.auth import (
     Role,
     User,
     UserError,
@@ -24,6 +23,7 @@ from service.auth import (
     set_active,
     set_role,
 )
+from service.api.deps import AdminUser, BearerCredentials, Context, DbSession, ViewerUser
 
 logger = logging.getLogger(__name__)
 

@@ -3,7 +3,7 @@
 No cluster and no Docker engine: every file is parsed, the manifests are validated against the
 Kubernetes JSON schemas bundled with ``kubernetes-validate`` (strict: unknown fields fail), and
 every ``RTCONTOUR_*`` variable named in docker/ and deploy/ must be a field of
-``service.settings.Settings``, so a typo fails here rather than being ignored in production.
+``common.settings.Settings``, so a typo fails here rather than being ignored in production.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import pytest
 
 yaml = pytest.importorskip("yaml", reason="pyyaml is not installed: deployment checks skipped")
 
-from service.settings import Settings  # noqa: E402 - after the skip guard
+from common.settings import Settings  # noqa: E402 - after the skip guard
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCKER = ROOT / "docker"
@@ -327,7 +327,7 @@ def test_every_rtcontour_variable_in_deployment_files_is_a_settings_field() -> N
                 used.setdefault(name, set()).add(path.relative_to(ROOT).as_posix())
     assert len(used) >= 10, "suspiciously few RTCONTOUR_* variables found"
     unknown = {name: sorted(files) for name, files in used.items() if name not in fields}
-    assert not unknown, f"not fields of service.settings.Settings: {unknown}"
+    assert not unknown, f"not fields of common.settings.Settings: {unknown}"
 
 
 # ---------------------------------------------------------------- compose

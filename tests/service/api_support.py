@@ -17,11 +17,11 @@ from fastapi.testclient import TestClient
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
+from common.auth import Role, add_user
+from common.db import make_engine
+from common.jobstore import Job, JobState, JobStore
+from common.settings import Settings
 from service.api.app import create_app
-from service.auth import Role, add_user
-from service.db import make_engine
-from service.jobstore import Job, JobState, JobStore
-from service.settings import Settings
 
 ADMIN_TOKEN = "test-admin-token-0123456789abcdef"
 
@@ -51,6 +51,13 @@ class ApiHarness:
             series_description=values.pop("series_description", "Head CT"),
             n_instances=values.pop("n_instances", 24),
         )
+        # The RTSTRUCT is a row of the job's outputs (given here as the old column names).
+        rtstruct_path = values.pop("rtstruct_path", None)
+        rtstruct_uid = values.pop("rtstruct_sop_instance_uid", None)
+        structures = values.pop("structures", None)
+        if rtstruct_path is not None or structures is not None:
+            self.store.record_output(result.job.id, kind="RTSTRUCT", path=rtstruct_path or "",
+                                     sop_instance_uid=rtstruct_uid or "", summary=structures)
         now = dt.datetime.now(dt.UTC)
         with Session(self.engine) as session, session.begin():
             job = session.get(Job, result.job.id)
@@ -151,9 +158,10 @@ def add_finished_job(
     harness.store.record_model(job.id, "phantom-net", "1.0.0")
     harness.store.record_output(
         job.id,
+        kind="RTSTRUCT",
         sop_instance_uid=str(dataset.SOPInstanceUID),
         path=str(path),
-        structures=[
+        summary=[
             {
                 "roi_name": "Marker",
                 "volume_cc": round(phantom.marker.sum() * voxel_cc, 2),

@@ -27,9 +27,9 @@ from typing import Any
 import numpy as np
 import pytest
 
+from common.settings import Settings
 from service.intake import SeriesArrival
 from service.listener import ListenerHandle, start_listener
-from service.settings import Settings
 from tests.conftest import REPO_ROOT, free_port
 from tests.phantoms import write_ct_series
 

@@ -117,8 +117,8 @@ def test_retry_of_a_done_job_is_a_conflict(api: ApiHarness) -> None:
 def test_retry_publishes_to_the_real_broker_and_queue_depth_counts_it(
     tmp_path: Path, redis_db_url: str
 ) -> None:
+    from common.settings import Settings
     from service.api.app import create_app
-    from service.settings import Settings
 
     harness = make_harness(tmp_path)
     settings = Settings(

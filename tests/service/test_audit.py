@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from service import audit
+from common import audit
 from service.users_cli import main as users_main
 from tests.service.api_support import ADMIN_TOKEN, ApiHarness, add_finished_job, harness_fixture
 
@@ -35,7 +35,8 @@ def test_rtstruct_download_is_audited_with_user_job_and_uid_but_no_patient(
     assert response.status_code == 200
     (entry,) = _entries(api, "event=rtstruct.download")
     assert entry["actor"] == "clinician-user" and entry["job_id"] == job.id
-    assert entry["detail"]["sop_instance_uid"] == job.rtstruct_sop_instance_uid
+    rtstruct = api.store.output(job.id, "RTSTRUCT")
+    assert entry["detail"]["sop_instance_uid"] == rtstruct.sop_instance_uid
     everything = json.dumps(_entries(api)) + caplog.text
     assert "Phantom" not in everything and "RTC-PHANTOM" not in everything  # patient name / ID
 

@@ -14,7 +14,7 @@ from fastapi.routing import APIRoute, iter_route_contexts
 from sqlalchemy.orm import Session
 from starlette.routing import Mount, Route
 
-from service.auth import Role, add_user, hash_token, issue_token, set_active
+from common.auth import Role, add_user, hash_token, issue_token, set_active
 from tests.service.api_support import ApiHarness, add_finished_job, harness_fixture
 
 PUBLIC = {("GET", "/health"), ("GET", "/"), ("GET", "/dashboard")}
@@ -28,6 +28,9 @@ MIN_ROLE: dict[tuple[str, str], str] = {
     ("GET", "/api/jobs/{job_id}"): "viewer",
     ("GET", "/api/stats"): "viewer",
     ("GET", "/api/jobs/{job_id}/rtstruct"): "clinician",
+    ("GET", "/api/jobs/{job_id}/outputs"): "viewer",
+    ("GET", "/api/jobs/{job_id}/outputs/{kind}"): "clinician",
+    ("GET", "/api/routes"): "admin",
     ("POST", "/api/jobs/{job_id}/retry"): "clinician",
     ("GET", "/api/jobs/{job_id}/preview"): "clinician",
     ("GET", "/api/jobs/{job_id}/preview.png"): "clinician",
@@ -70,6 +73,7 @@ def _endpoints(api: ApiHarness) -> list[tuple[str, str]]:
 
 def _call(api: ApiHarness, method: str, path: str, job_id: str, headers: dict[str, str]) -> int:
     url = path.replace("{job_id}", job_id).replace("{name}", "viewer-user")
+    url = url.replace("{kind}", "RTSTRUCT")
     response = api.client.request(
         method, url, headers=headers, json=BODIES.get((method, path)), follow_redirects=False
     )

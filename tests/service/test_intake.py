@@ -6,10 +6,11 @@ from pathlib import Path
 
 import pytest
 
-from service.db import create_schema, make_engine
+from common.db import make_engine
+from common.jobstore import JobState, JobStore
+from common.schema import create_schema
+from common.settings import Settings
 from service.intake import Intake, SeriesArrival, job_folder
-from service.jobstore import JobState, JobStore
-from service.settings import Settings
 
 SERIES = "1.2.826.0.1.3680043.8.498.1"
 
@@ -102,3 +103,79 @@ def test_default_intake_enqueues_on_embedded_broker(settings: Settings, store: J
     Intake(settings, store).series_complete(_arrival(settings, ["1.1"]))
     queue = Path(settings.data_dir) / "broker" / "queue"
     assert len([p for p in queue.iterdir() if p.name.endswith(".rtcontour.msg")]) == 1
+
+
+# -- routing -----------------------------------------------------------------------------------
+ROUTES = """
+routes:
+  - name: head-and-neck
+    match: {calling_ae: "TPS", series_description: ".*head.*"}
+    model: hn-model
+    destinations: ["PLAN@127.0.0.1:104"]
+  - name: pelvis
+    match: {series_description: ".*pelvis.*"}
+    action: ignore
+default: ignore
+"""
+
+
+def _routed_intake(
+    settings: Settings, store: JobStore, enqueued: list[str], audited: list[tuple[str, dict]]
+) -> Intake:
+    from common.routes import load_routing
+
+    path = settings.data_dir / "routes.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(ROUTES)
+    routing = load_routing(settings.model_copy(update={"routes_file": path}))
+    return Intake(settings, store, enqueued.append,
+                  audit=lambda e, d: audited.append((e, d)), routing=routing)
+
+
+def _dicom_arrival(
+    settings: Settings, series: str, description: str, calling_ae: str = "TPS"
+) -> SeriesArrival:
+    from tests.conftest import write_phantom_series
+
+    folder = settings.spool_dir / "incoming" / series
+    files = write_phantom_series(folder, (6, 16, 16), series_uid=series,
+                                 series_description=description)
+    return SeriesArrival(series, "1.2.3", calling_ae, "CT", description, folder, len(files))
+
+
+def test_routed_series_records_its_route_model_and_destinations(
+    settings: Settings, store: JobStore
+) -> None:
+    enqueued: list[str] = []
+    intake = _routed_intake(settings, store, enqueued, [])
+    intake.series_complete(_dicom_arrival(settings, SERIES, "Head 2mm"))
+    (job,) = store.list()
+    assert enqueued == [job.id] and job.state == JobState.QUEUED
+    assert (job.route_name, job.model_request) == ("head-and-neck", "hn-model")
+    assert job.destinations == ["PLAN@127.0.0.1:104"]
+
+
+@pytest.mark.parametrize(
+    ("description", "calling_ae", "reason"),
+    [("Pelvis 3mm", "TPS", "route pelvis: ignore"),
+     ("Head 2mm", "SCANNER", "no route matched")],
+    ids=["ignore-route", "no-route-matched"],
+)
+def test_series_no_route_contours_is_an_ignored_job_with_its_reason_never_enqueued(
+    settings: Settings, store: JobStore, description: str, calling_ae: str, reason: str
+) -> None:
+    enqueued: list[str] = []
+    audited: list[tuple[str, dict]] = []
+    intake = _routed_intake(settings, store, enqueued, audited)
+    arrival = _dicom_arrival(settings, SERIES, description, calling_ae)
+    intake.series_complete(arrival)
+    (job,) = store.list()
+    assert enqueued == []
+    assert job.state == JobState.IGNORED and job.ignored_reason == reason
+    assert job.failure_reason is None and job.finished_at is not None
+    assert job.n_instances == 6 and len(list(job_folder(settings, job.id).glob("*.dcm"))) == 6
+    assert [event for event, _ in audited] == ["job.ignored"]
+    assert audited[0][1]["reason"] == reason
+    # Sent again, it is a new ignored job (visible again), not a merge into the old one.
+    intake.series_complete(_dicom_arrival(settings, SERIES, description, calling_ae))
+    assert [j.state for j in store.list()] == [JobState.IGNORED, JobState.IGNORED]

@@ -8,9 +8,10 @@ import time
 
 import pytest
 
-from service.db import create_schema, make_engine
-from service.jobstore import IllegalTransition, JobFilter, JobNotFound, JobState, JobStore
-from service.settings import Settings
+from common.db import make_engine
+from common.jobstore import IllegalTransition, JobFilter, JobNotFound, JobState, JobStore
+from common.schema import create_schema
+from common.settings import Settings
 
 
 @pytest.fixture
@@ -138,14 +139,15 @@ def test_record_stage_model_output_and_sent(store: JobStore) -> None:
         store.record_stage(job_id, "coffee", 1.0)
     store.record_model(job_id, "hn-oar", "1.0.0")
     structures = [{"roi_name": "Brainstem", "volume_cc": 25.5, "colour": [255, 0, 0]}]
-    store.record_output(job_id, sop_instance_uid="2.25.1", path="/a/RS.dcm", structures=structures)
+    store.record_output(job_id, kind="RTSTRUCT", sop_instance_uid="2.25.1", path="/a/RS.dcm",
+                        summary=structures)
     assert not store.was_sent(job_id, "TPS@127.0.0.1:104", "2.25.1")
     store.record_sent(job_id, "TPS@127.0.0.1:104", "2.25.1")
     store.record_sent(job_id, "TPS@127.0.0.1:104", "2.25.1")
     job = store.get(job_id)
     assert job.stage_timings == {"load": 0.5, "inference": 12.0, "contours": 1.5, "send": 0.2}
     assert (job.model_name, job.model_version) == ("hn-oar", "1.0.0")
-    assert job.structures == structures
+    assert store.output(job_id, "RTSTRUCT").summary == structures
     assert job.sent_destinations == ["TPS@127.0.0.1:104|2.25.1"]
     assert store.was_sent(job_id, "TPS@127.0.0.1:104", "2.25.1")
 

@@ -12,12 +12,13 @@ import pytest
 from sqlalchemy import inspect, select, text
 from sqlalchemy.orm import Session
 
-from service.audit import JOB_FILES_PURGED, AuditEvent
-from service.db import create_schema, make_engine
-from service.jobstore import IllegalTransition, Job, JobState
-from service.retention import purge_expired
-from service.settings import Settings
+from common.audit import JOB_FILES_PURGED, AuditEvent
+from common.db import make_engine
+from common.jobstore import IllegalTransition, Job, JobState
+from common.schema import create_schema
+from common.settings import Settings
 from tests.service.api_support import ApiHarness, add_finished_job, harness_fixture
+from worker.retention import purge_expired
 
 DAY = dt.timedelta(days=1)
 

@@ -9,12 +9,13 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from service.db import create_schema, make_engine
-from service.errors import DestinationUnavailable
-from service.jobstore import JobStore
-from service.sender import Sender, deliver
-from service.settings import Destination, Settings
+from common.db import make_engine
+from common.errors import DestinationUnavailable
+from common.jobstore import JobStore
+from common.schema import create_schema
+from common.settings import Destination, Settings
 from tests.conftest import StoreScp, free_port
+from worker.sender import Sender, deliver
 
 
 @pytest.fixture

@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 
+from common.errors import DestinationUnavailable
+from common.settings import Destination, Settings
 from service.api.app import c_echo
-from service.errors import DestinationUnavailable
-from service.sender import Sender
-from service.settings import Destination, Settings
 from tests.service.conftest import DCMTK_ENV, Pki, StorescpPeer, requires_dcmtk, wait_for_port
+from worker.sender import Sender
 
 pytestmark = requires_dcmtk
 

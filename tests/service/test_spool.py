@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from service.errors import InsufficientStorage, InvalidInstance
+from common.errors import InsufficientStorage, InvalidInstance
 from service.spool import InstanceSpool, checked_uid
 
 SERIES = "1.2.826.0.1.3680043.8.498.1"

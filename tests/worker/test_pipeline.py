@@ -9,13 +9,14 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from service.db import create_schema, make_engine
+from common.db import make_engine
+from common.jobstore import JobState, JobStore
+from common.schema import create_schema
+from common.settings import Settings
 from service.intake import Intake, SeriesArrival
-from service.jobstore import JobState, JobStore
-from service.sender import Sender
-from service.settings import Settings
 from tests.conftest import StoreScp, ThresholdModel, write_phantom_series
 from worker.pipeline import SegmenterCache
+from worker.sender import Sender
 from worker.tasks import WorkerRuntime, execute_job, recover_jobs
 from worker.volume import load_series
 
@@ -26,7 +27,7 @@ def _runtime(settings: Settings, model: ThresholdModel, sleeps: list[float]) -> 
     return WorkerRuntime(
         settings,
         store=JobStore(engine),
-        model_cache=SegmenterCache(loader=lambda *_: model, resolver=lambda _: Path("test")),
+        model_cache=SegmenterCache(loader=lambda *_: model, resolver=lambda *_: Path("test")),
         sender=Sender(settings, sleep=sleeps.append),
     )
 
@@ -74,13 +75,14 @@ def test_job_runs_to_done_and_sends_rtstruct_referencing_every_ct(
     assert job.state == JobState.DONE and job.attempts == 1
     assert all(job.stage_timings[s] is not None for s in ("load", "inference", "contours", "send"))
     assert (job.model_name, job.model_version) == ("threshold-test", "0.0.1")
-    assert {s["roi_name"] for s in job.structures} == {"Bone", "Marker"}
-    assert all(s["volume_cc"] > 0 for s in job.structures)
-    archived = Path(job.rtstruct_path)
-    assert archived == settings.archive_dir / job_id / f"RS_{job.rtstruct_sop_instance_uid}.dcm"
+    output = runtime.store.output(job_id, "RTSTRUCT")
+    assert {s["roi_name"] for s in output.summary} == {"Bone", "Marker"}
+    assert all(s["volume_cc"] > 0 for s in output.summary)
+    archived = Path(output.path)
+    assert archived == settings.archive_dir / job_id / f"RS_{output.sop_instance_uid}.dcm"
     received = _wait_files(tps, 1)
     rs = pydicom.dcmread(received[0])
-    assert rs.SOPInstanceUID == job.rtstruct_sop_instance_uid
+    assert rs.SOPInstanceUID == output.sop_instance_uid
     series = load_series(sorted(Path(job.spool_dir).glob("*.dcm")))
     referenced = {
         item.ReferencedSOPInstanceUID
@@ -103,13 +105,13 @@ def test_rerun_of_finished_job_is_a_no_op_and_resend_skips_delivered_destination
     assert model.calls == 1
     # Its worker died after sending but before recording done: the re-run sends nothing twice.
     store = runtime.store
-    job = store.get(job_id)
+    first_uid = store.output(job_id, "RTSTRUCT").sop_instance_uid
     store._update(job_id, state="running", lease_expires_at=None, finished_at=None)
     assert execute_job(job_id, runtime).state == "done"
     assert model.calls == 2
     again = store.get(job_id)
-    assert again.rtstruct_sop_instance_uid == job.rtstruct_sop_instance_uid  # deterministic
-    assert again.sent_destinations == [f"{tps.destination}|{job.rtstruct_sop_instance_uid}"]
+    assert store.output(job_id, "RTSTRUCT").sop_instance_uid == first_uid  # deterministic
+    assert again.sent_destinations == [f"{tps.destination}|{first_uid}"]
     _wait_files(tps, 1)
     time.sleep(0.5)
     assert len(tps.received()) == 1
@@ -143,7 +145,7 @@ def test_destination_down_retries_with_backoff_then_send_failed_file_kept(
     job = runtime.store.get(job_id)
     assert sleeps == [0.5, 1.0]
     assert down in job.failure_reason and "3 attempts" in job.failure_reason
-    assert Path(job.rtstruct_path).is_file()
+    assert Path(runtime.store.output(job_id, "RTSTRUCT").path).is_file()
     assert job.sent_destinations == []
 
 
@@ -214,7 +216,7 @@ def _dest(peer: StoreScp):  # type: ignore[no-untyped-def]
 
 
 def _parse(text: str):  # type: ignore[no-untyped-def]
-    from service.settings import Destination
+    from common.settings import Destination
 
     return Destination.parse(text)
 
@@ -232,7 +234,7 @@ def _wait_files(peer: StoreScp, n: int, timeout_s: float = 10) -> list[Path]:
 def test_instances_merged_while_sending_rebuild_and_resend(
     settings: Settings, tmp_path: Path, tps: StoreScp, model: ThresholdModel
 ) -> None:
-    from service.sender import Sender as RealSender
+    from worker.sender import Sender as RealSender
 
     settings = settings.model_copy(update={"destinations": [_dest(tps)]})
     holder: dict[str, object] = {}
@@ -255,7 +257,7 @@ def test_instances_merged_while_sending_rebuild_and_resend(
     runtime = WorkerRuntime(
         settings,
         store=JobStore(engine),
-        model_cache=SegmenterCache(loader=lambda *_: model, resolver=lambda _: Path("test")),
+        model_cache=SegmenterCache(loader=lambda *_: model, resolver=lambda *_: Path("test")),
         sender=MergingSender(settings),
     )
     job_id = _submit(settings, runtime.store, tmp_path)

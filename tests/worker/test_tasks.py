@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from service.settings import Settings
-from worker.celery_app import celery_config, enqueue_job, make_celery
-from worker.tasks import RUN_JOB_TASK
+from common.queue import RUN_JOB_TASK, celery_config, enqueue_job
+from common.settings import Settings
+from worker.celery_app import make_celery
 
 
 @pytest.mark.parametrize(
@@ -50,8 +50,7 @@ def test_embedded_broker_keeps_messages_in_data_dir(settings: Settings) -> None:
 def test_queue_depth_counts_waiting_messages(
     settings: Settings, broker: str, request: pytest.FixtureRequest
 ) -> None:
-    from worker.celery_app import QUEUE
-    from worker.tasks import make_enqueue, make_queue_depth
+    from common.queue import QUEUE, make_enqueue, make_queue_depth
 
     if broker == "redis":
         settings = settings.model_copy(
@@ -69,8 +68,9 @@ def test_queue_depth_counts_waiting_messages(
 def test_recovery_skips_waiting_jobs_while_the_broker_holds_their_messages(
     settings: Settings,
 ) -> None:
-    from service.db import create_schema, make_engine
-    from service.jobstore import JobStore
+    from common.db import make_engine
+    from common.jobstore import JobStore
+    from common.schema import create_schema
     from worker.tasks import recover_jobs
 
     engine = make_engine(settings)

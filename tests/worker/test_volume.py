@@ -13,7 +13,7 @@ import pytest
 from pydicom.dataset import Dataset
 from pydicom.uid import JPEG2000Lossless, RLELossless
 
-from service.errors import InvalidSeries, UnsupportedGeometry
+from common.errors import InvalidSeries, UnsupportedGeometry
 from tests.phantoms import (
     CANONICAL_DIRECTIONS,
     PATIENT_POSITIONS,

@@ -131,7 +131,9 @@ function renderJobs(page) {
       el("td", {}, link), el("td", {}, stateBadge(job.state)), el("td", {}, job.calling_ae || ""),
       el("td", { className: "description" }, job.series_description || ""),
       el("td", {}, job.model_name ? job.model_name + " " + (job.model_version || "") : ""),
-      el("td", {}, job.n_instances ?? ""), el("td", { className: "reason" }, job.failure_reason || "")));
+      el("td", {}, job.n_instances ?? ""),
+      el("td", { className: "reason" }, job.failure_reason || job.ignored_reason || ""),
+      el("td", { className: "route" }, job.route_name || "")));
   }
   const last = Math.min(page.offset + page.items.length, page.total);
   $("#jobs-total").textContent = page.total ? (page.offset + 1) + "–" + last + " of " + page.total : "no jobs";
@@ -145,6 +147,7 @@ function renderStats(stats) {
   $("#count-running").textContent = String(counts.running || 0);
   $("#count-done").textContent = String(counts.done || 0);
   $("#count-failed").textContent = String((counts.failed || 0) + (counts.send_failed || 0));
+  $("#count-ignored").textContent = String(counts.ignored || 0);
   drawChart($("#chart"), stats.buckets);
 }
 
@@ -240,7 +243,20 @@ async function refreshJob() {
   field(fields, "Created", when(job.created_at));
   field(fields, "Finished", when(job.finished_at));
   field(fields, "Failure reason", job.failure_reason);
+  field(fields, "Route", job.route_name);
+  field(fields, "Not contoured because", job.ignored_reason);
+  field(fields, "Destinations", job.destinations ? job.destinations.join(", ") : null);
   field(fields, "RTSTRUCT UID", job.rtstruct_sop_instance_uid);
+  const outputs = $("#outputs-table tbody");
+  clear(outputs);
+  for (const output of job.outputs) {
+    const button = el("button", { type: "button", className: "download-output" }, "Download");
+    button.disabled = !output.available || !allowed("clinician");
+    button.onclick = () => downloadOutput(output.kind);
+    outputs.append(el("tr", { "data-kind": output.kind }, el("td", {}, output.kind),
+      el("td", { className: "uid" }, output.sop_instance_uid), el("td", {}, button)));
+  }
+  if (!job.outputs.length) outputs.append(el("tr", {}, el("td", { colSpan: 3 }, job.state === "ignored" ? "None: the series was not contoured." : "None yet.")));
   const structures = $("#structures-table tbody");
   clear(structures);
   for (const s of job.structures) {
@@ -302,17 +318,21 @@ async function showPlane(figure) {
   }
 }
 
-async function download() {
+const FILE_PREFIXES = { RTSTRUCT: "RS", RTDOSE: "RD" };
+
+async function downloadOutput(kind) {
   $("#job-message").textContent = "";
   try {
-    const response = await api("/api/jobs/" + encodeURIComponent(state.jobId) + "/rtstruct");
+    const response = await api("/api/jobs/" + encodeURIComponent(state.jobId) + "/outputs/" + encodeURIComponent(kind));
     const url = URL.createObjectURL(await response.blob());
-    const link = el("a", { href: url, download: "RS_" + state.jobId + ".dcm" });
+    const link = el("a", { href: url, download: (FILE_PREFIXES[kind] || kind) + "_" + state.jobId + ".dcm" });
     document.body.append(link); link.click(); link.remove();
     setTimeout(() => URL.revokeObjectURL(url), 10000);
-    $("#job-message").textContent = "RTSTRUCT downloaded.";
+    $("#job-message").textContent = kind + " downloaded.";
   } catch (error) { $("#job-message").textContent = "Download failed: " + error.message; }
 }
+
+function download() { return downloadOutput("RTSTRUCT"); }
 
 async function retry() {
   try {

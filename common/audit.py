@@ -19,8 +19,7 @@ from typing import Any
 from sqlalchemy import JSON, Engine, Integer, String
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
-from service.db import Base
-from service.jobstore import UtcDateTime
+from common.db import Base, UtcDateTime
 
 logger = logging.getLogger(__name__)
 
@@ -122,3 +121,8 @@ def make_recorder(
             logger.exception("audit entry %s could not be written", event)
 
     return recorder
+
+
+def download_event(kind: str) -> str:
+    """The audit event of downloading a job's output of ``kind`` ("rtstruct.download", ...)."""
+    return RTSTRUCT_DOWNLOAD if kind == "RTSTRUCT" else f"{kind.lower()}.download"

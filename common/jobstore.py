@@ -8,6 +8,7 @@ run a job at a time.
 States and the moves between them (anything else raises ``IllegalTransition``)::
 
     received -> queued -> running -> done | failed | send_failed
+    received -> ignored                   (no route contours the series; nothing is sent)
     running  -> queued                    (retry after an error or a lost worker)
     received | queued -> failed           (refused before it ran)
     send_failed -> queued                 (re-send requested)
@@ -30,13 +31,13 @@ from typing import Any
 
 from sqlalchemy import (
     JSON,
-    DateTime,
     Engine,
     Float,
+    ForeignKey,
     Integer,
     String,
     Text,
-    TypeDecorator,
+    UniqueConstraint,
     func,
     or_,
     select,
@@ -45,8 +46,8 @@ from sqlalchemy import (
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Mapped, Session, mapped_column, sessionmaker
 
-from service.db import Base, make_engine
-from service.errors import RtcontourError
+from common.db import Base, UtcDateTime, make_engine, utcnow
+from common.errors import RtcontourError
 
 __all__ = [
     "ACTIVE_STATES",
@@ -56,6 +57,7 @@ __all__ = [
     "Job",
     "JobFilter",
     "JobNotFound",
+    "JobOutput",
     "JobState",
     "JobStore",
     "MergeResult",
@@ -70,13 +72,18 @@ class JobState(enum.StrEnum):
     DONE = "done"
     FAILED = "failed"
     SEND_FAILED = "send_failed"
+    IGNORED = "ignored"  # no route contours it: kept visible with the reason, nothing sent
 
 
 ACTIVE_STATES = frozenset({JobState.RECEIVED, JobState.QUEUED, JobState.RUNNING})
-FINISHED_STATES = frozenset({JobState.DONE, JobState.FAILED, JobState.SEND_FAILED})
+FINISHED_STATES = frozenset(
+    {JobState.DONE, JobState.FAILED, JobState.SEND_FAILED, JobState.IGNORED}
+)
 
 _ALLOWED: dict[JobState, frozenset[JobState]] = {
-    JobState.RECEIVED: frozenset({JobState.QUEUED, JobState.RUNNING, JobState.FAILED}),
+    JobState.RECEIVED: frozenset(
+        {JobState.QUEUED, JobState.RUNNING, JobState.FAILED, JobState.IGNORED}
+    ),
     JobState.QUEUED: frozenset({JobState.RUNNING, JobState.FAILED}),
     JobState.RUNNING: frozenset(
         {JobState.DONE, JobState.FAILED, JobState.SEND_FAILED, JobState.QUEUED}
@@ -84,6 +91,7 @@ _ALLOWED: dict[JobState, frozenset[JobState]] = {
     JobState.DONE: frozenset(),
     JobState.FAILED: frozenset(),
     JobState.SEND_FAILED: frozenset({JobState.QUEUED}),
+    JobState.IGNORED: frozenset(),
 }
 
 STAGES = ("load", "inference", "contours", "send")
@@ -95,31 +103,6 @@ class IllegalTransition(RtcontourError):  # noqa: N818 - domain name, like Inval
 
 class JobNotFound(RtcontourError):  # noqa: N818
     """No job has the given id."""
-
-
-def utcnow() -> dt.datetime:
-    return dt.datetime.now(dt.UTC)
-
-
-class UtcDateTime(TypeDecorator[dt.datetime]):
-    """A timezone-aware UTC datetime on every database (SQLite stores it naive)."""
-
-    impl = DateTime(timezone=True)
-    cache_ok = True
-
-    def process_bind_param(self, value: dt.datetime | None, dialect: Any) -> dt.datetime | None:
-        if value is None:
-            return None
-        if value.tzinfo is None:
-            raise ValueError(f"naive datetime {value!r}: the job store stores UTC only")
-        value = value.astimezone(dt.UTC)
-        # SQLite compares datetimes as text: store them all in one (naive UTC) form.
-        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
-
-    def process_result_value(self, value: dt.datetime | None, dialect: Any) -> dt.datetime | None:
-        if value is None:
-            return None
-        return value.replace(tzinfo=dt.UTC) if value.tzinfo is None else value.astimezone(dt.UTC)
 
 
 class Job(Base):
@@ -141,9 +124,14 @@ class Job(Base):
     failure_reason: Mapped[str | None] = mapped_column(Text)
     model_name: Mapped[str | None] = mapped_column(String(64), index=True)
     model_version: Mapped[str | None] = mapped_column(String(32))
-    rtstruct_sop_instance_uid: Mapped[str | None] = mapped_column(String(64))
-    rtstruct_path: Mapped[str | None] = mapped_column(Text)
-    structures: Mapped[list[dict[str, Any]] | None] = mapped_column(JSON)
+    # What the routing rules (``common.routes``) decided at intake: the route that took the
+    # series (None: no route matched), the model it asked for ("name" or "name-version"; None:
+    # the newest package) and its destinations ("AE@host:port"; None: RTCONTOUR_DESTINATIONS).
+    route_name: Mapped[str | None] = mapped_column(String(64), index=True)
+    model_request: Mapped[str | None] = mapped_column(String(96))
+    destinations: Mapped[list[str] | None] = mapped_column(JSON)
+    # Why a series was not contoured (state ignored), e.g. "route pelvis: ignore".
+    ignored_reason: Mapped[str | None] = mapped_column(Text)
     # "AE@host:port|SOPInstanceUID" entries already delivered (idempotent re-sends).
     sent_destinations: Mapped[list[str]] = mapped_column(JSON, default=list)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
@@ -176,6 +164,28 @@ class Job(Base):
 
     def __repr__(self) -> str:
         return f"Job(id={self.id!r}, series={self.series_instance_uid!r}, state={self.state!r})"
+
+
+class JobOutput(Base):
+    """One DICOM object a job produced (an RTSTRUCT, later RTDOSE, SEG, ...): a row per kind.
+
+    ``summary`` is the kind's own description of its content (for an RTSTRUCT: one
+    ``{roi_name, volume_cc, colour}`` per structure).
+    """
+
+    __tablename__ = "job_outputs"
+    __table_args__ = (UniqueConstraint("job_id", "kind", name="uq_job_outputs_job_kind"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    job_id: Mapped[str] = mapped_column(String(32), ForeignKey("jobs.id"), index=True)
+    kind: Mapped[str] = mapped_column(String(16))
+    sop_instance_uid: Mapped[str] = mapped_column(String(64))
+    path: Mapped[str] = mapped_column(Text)
+    summary: Mapped[list[dict[str, Any]] | None] = mapped_column(JSON)
+    created_at: Mapped[dt.datetime] = mapped_column(UtcDateTime, default=utcnow)
+
+    def __repr__(self) -> str:
+        return f"JobOutput(job_id={self.job_id!r}, kind={self.kind!r})"
 
 
 @dataclass(frozen=True)
@@ -245,6 +255,9 @@ class JobStore:
         modality: str = "",
         series_description: str = "",
         n_instances: int = 0,
+        route_name: str | None = None,
+        model_request: str | None = None,
+        destinations: builtins.list[str] | None = None,
     ) -> MergeResult:
         """Return the active job of the series (merged: generation bumped) or a new one.
 
@@ -274,6 +287,9 @@ class JobStore:
                         modality=modality,
                         series_description=series_description[:64],
                         n_instances=n_instances,
+                        route_name=route_name,
+                        model_request=model_request,
+                        destinations=destinations,
                         state=JobState.RECEIVED.value,
                         attempts=0,
                         generation=0,
@@ -405,7 +421,10 @@ class JobStore:
                 job.finished_at = now
                 job.active_series_uid = None
                 job.lease_expires_at = None
-                job.failure_reason = reason if target is not JobState.DONE else None
+                failed = target in (JobState.FAILED, JobState.SEND_FAILED)
+                job.failure_reason = reason if failed else None
+                if target is JobState.IGNORED:
+                    job.ignored_reason = reason
             return job
 
     def mark_queued(self, job_id: str) -> Job | None:
@@ -505,17 +524,52 @@ class JobStore:
         self,
         job_id: str,
         *,
+        kind: str,
         sop_instance_uid: str,
         path: str,
-        structures: builtins.list[dict[str, Any]],
-    ) -> None:
-        """Store where the RTSTRUCT of a job was archived and what it contains."""
-        self._update(
-            job_id,
-            rtstruct_sop_instance_uid=sop_instance_uid,
-            rtstruct_path=path,
-            structures=structures,
-        )
+        summary: builtins.list[dict[str, Any]] | None = None,
+    ) -> JobOutput:
+        """Store (or replace) the job's output of ``kind``: where it was archived, what it holds."""
+        with self._sessions.begin() as session:
+            if session.get(Job, job_id) is None:
+                raise JobNotFound(f"no job {job_id!r}")
+            output = session.scalar(
+                select(JobOutput).where(JobOutput.job_id == job_id, JobOutput.kind == kind)
+            )
+            if output is None:
+                output = JobOutput(job_id=job_id, kind=kind, created_at=utcnow())
+                session.add(output)
+            output.sop_instance_uid = sop_instance_uid
+            output.path = path
+            output.summary = summary or []
+            return output
+
+    def outputs(self, job_id: str) -> builtins.list[JobOutput]:
+        """The job's outputs, in the order they were first recorded."""
+        with self._sessions() as session:
+            return builtins.list(session.scalars(
+                select(JobOutput).where(JobOutput.job_id == job_id).order_by(JobOutput.id)
+            ))
+
+    def output(self, job_id: str, kind: str) -> JobOutput | None:
+        """The job's output of ``kind`` (e.g. "RTSTRUCT"), or None if it has none."""
+        with self._sessions() as session:
+            return session.scalar(
+                select(JobOutput).where(JobOutput.job_id == job_id, JobOutput.kind == kind)
+            )
+
+    def outputs_of(self, job_ids: Iterable[str]) -> dict[str, builtins.list[JobOutput]]:
+        """job id -> its outputs, for a page of jobs in one query."""
+        ids = builtins.list(job_ids)
+        found: dict[str, builtins.list[JobOutput]] = {job_id: [] for job_id in ids}
+        if not ids:
+            return found
+        with self._sessions() as session:
+            for output in session.scalars(
+                select(JobOutput).where(JobOutput.job_id.in_(ids)).order_by(JobOutput.id)
+            ):
+                found[output.job_id].append(output)
+        return found
 
     def record_sent(self, job_id: str, destination: str, sop_instance_uid: str) -> None:
         """Remember that ``destination`` acknowledged this SOP Instance for this job."""
@@ -549,7 +603,7 @@ class JobStore:
     def mark_expired_for_purge(
         self, finished_before: dt.datetime, *, limit: int = 100
     ) -> builtins.list[Job]:
-        """Mark done/failed jobs finished before ``finished_before`` as purged; return them.
+        """Mark done/failed/ignored jobs finished before ``finished_before`` as purged; return them.
 
         The caller deletes their files afterwards: marking first means a user's retry can no
         longer start a job whose files are being deleted (a deletion cut short is finished by
@@ -557,7 +611,7 @@ class JobStore:
         still awaits delivery).
         """
         expired = (
-            Job.state.in_([JobState.DONE.value, JobState.FAILED.value]),
+            Job.state.in_([JobState.DONE.value, JobState.FAILED.value, JobState.IGNORED.value]),
             Job.finished_at < finished_before,
             Job.purged_at.is_(None),
         )

@@ -20,9 +20,7 @@ from dataclasses import dataclass
 from sqlalchemy import Boolean, ForeignKey, String, select
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
-import service.audit  # noqa: F401 - registers the audit table with create_schema
-from service.db import Base
-from service.jobstore import UtcDateTime
+from common.db import Base, UtcDateTime
 
 TOKEN_PREFIX = "rtc_"  # noqa: S105 - a visible marker of rtcontour tokens, not a secret
 BOOTSTRAP_ADMIN = "bootstrap-admin"

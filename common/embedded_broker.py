@@ -12,7 +12,7 @@ copy that two workers can both make. Here:
 - exchange tables are replaced the same way, under an exclusive lock file.
 
 A message a worker claimed and then died holding is gone from the broker; the job store's
-recovery sweep re-enqueues its job (see ``service.jobstore``), so the broker never has to be
+recovery sweep re-enqueues its job (see ``common.jobstore``), so the broker never has to be
 durable on its own.
 
 Use it with ``register()`` (idempotent) and the URL ``rtcfs://``, transport options from

@@ -22,10 +22,10 @@ from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE
 from pynetdicom.association import Association
 
-from service.errors import DestinationUnavailable
-from service.jobstore import JobStore
-from service.settings import Destination, Settings
-from service.tls import client_ssl_context
+from common.errors import DestinationUnavailable
+from common.jobstore import JobStore
+from common.settings import Destination, Settings
+from common.tls import client_ssl_context
 
 logger = logging.getLogger(__name__)
 

@@ -17,10 +17,9 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from service import audit
-from service.intake import job_folder
-from service.jobstore import Job, JobStore, utcnow
-from service.settings import Settings
+from common import audit
+from common.jobstore import Job, JobStore, utcnow
+from common.settings import Settings, job_folder
 
 __all__ = ["PurgeReport", "purge_expired"]
 

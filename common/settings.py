@@ -35,7 +35,7 @@ def validate_ae_title(value: str) -> str:
 @dataclass(frozen=True)
 class Destination:
     """A DICOM peer that receives every RTSTRUCT: ``AE@host:port``, or ``AE@host:port+tls``
-    for DICOM TLS (see ``service.tls.client_ssl_context``)."""
+    for DICOM TLS (see ``common.tls.client_ssl_context``)."""
 
     ae_title: str
     host: str
@@ -115,6 +115,11 @@ class Settings(BaseSettings):
 
     # Contouring
     model_package: Path | None = None
+    # Where routes find packages by name (default: the packages installed with rtcontour).
+    model_packages_dir: Path | None = None
+    # Routing rules (YAML, see common.routes); unset: contour every CT series with the newest
+    # package and send to RTCONTOUR_DESTINATIONS.
+    routes_file: Path | None = None
     min_slices: int = Field(10, ge=1)
     slice_gap_tolerance: float = Field(0.1, gt=0, lt=1)
     min_contour_area_mm2: float = Field(2.0, ge=0)
@@ -176,3 +181,8 @@ class Settings(BaseSettings):
         if self.admin_token is not None:
             return self.admin_token.get_secret_value()
         return DEVELOPMENT_ADMIN_TOKEN
+
+
+def job_folder(settings: Settings, job_id: str) -> Path:
+    """Where the instances of a job live: ``spool/jobs/<job_id>/``."""
+    return settings.spool_dir / "jobs" / job_id

@@ -1,16 +1,47 @@
-"""The SQLAlchemy engine and declarative base shared by every table of rtcontour."""
+"""The SQLAlchemy engine, declarative base and column types shared by every table of rtcontour.
+
+Tables live in ``common.jobstore``, ``common.audit`` and ``common.auth``; ``common.schema``
+creates them.
+"""
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
+from typing import Any
 
-from sqlalchemy import Engine, create_engine, event, inspect, text
+from sqlalchemy import DateTime, Engine, TypeDecorator, create_engine, event, inspect, text
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import DeclarativeBase
 
-from service.settings import Settings
+from common.settings import Settings
 
 logger = logging.getLogger(__name__)
+
+
+def utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+class UtcDateTime(TypeDecorator[dt.datetime]):
+    """A timezone-aware UTC datetime on every database (SQLite stores it naive)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: dt.datetime | None, dialect: Any) -> dt.datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError(f"naive datetime {value!r}: the job store stores UTC only")
+        value = value.astimezone(dt.UTC)
+        # SQLite compares datetimes as text: store them all in one (naive UTC) form.
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: dt.datetime | None, dialect: Any) -> dt.datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=dt.UTC) if value.tzinfo is None else value.astimezone(dt.UTC)
 
 
 class Base(DeclarativeBase):
@@ -33,19 +64,6 @@ def make_engine(settings: Settings) -> Engine:
 
         return engine
     return create_engine(url, pool_pre_ping=True)
-
-
-def create_schema(engine: Engine) -> None:
-    """Create every table that does not exist yet (all modules defining tables imported first)."""
-    import importlib.util
-
-    import service.jobstore  # noqa: F401 - registers the tables on Base
-
-    if importlib.util.find_spec("service.auth") is not None:  # written by the API work
-        import service.auth  # noqa: F401
-
-    Base.metadata.create_all(engine)
-    add_missing_columns(engine)
 
 
 def add_missing_columns(engine: Engine) -> list[str]:
