@@ -13,6 +13,7 @@ from models.dose.features import (
     input_channels,
     make_model_grid,
     point_sampled_dose,
+    prefiltered_resample,
     ptv_prescription_map,
     to_input_grid,
 )
@@ -39,6 +40,17 @@ def test_model_grid_covers_the_body_box_with_margin_and_is_padded_to_the_divisor
 def test_model_grid_refuses_an_empty_body():
     with pytest.raises(ValueError, match="body_mask is empty"):
         make_model_grid(np.zeros((4, 4, 4), dtype=bool), SPACING)
+
+
+def test_a_mask_filtered_over_its_own_box_equals_the_whole_crop_filtered():
+    shape = (50, 60, 70)
+    body = np.ones(shape, dtype=bool)
+    grid = make_model_grid(body, (1.0, 0.9, 0.9), divisor=1, margin_mm=0.0)
+    for mask in (_ball(shape, (25, 30, 35), 6), _ball(shape, (2, 3, 66), 5),
+                 np.zeros(shape, dtype=bool)):
+        fast = prefiltered_resample(mask, grid)
+        slow = prefiltered_resample(mask.astype(np.float32), grid, sparse=False)
+        np.testing.assert_allclose(fast, slow, atol=1e-6)
 
 
 def test_highest_prescription_wins_where_ptvs_overlap():
