@@ -60,9 +60,10 @@ def evaluate_package(
     split: str = "validation",
     limit: int | None = None,
     threads: int | None = None,
+    mirror_tta: bool = True,
 ) -> dict[str, Any]:
     """Challenge scores of ``package`` over ``split`` (JSON-ready dict)."""
-    predictor = DosePredictor(package, threads=threads)
+    predictor = DosePredictor(package, threads=threads, mirror_tta=mirror_tta)
     paths = list_cases(data_dir, split)[:limit]
     cases = []
     started = time.monotonic()
@@ -78,6 +79,7 @@ def evaluate_package(
     return {
         "package": str(package),
         "split": split,
+        "mirror_tta": mirror_tta,
         "n_cases": len(cases),
         "dose_score_gy": float(np.mean([c["dose_score_gy"] for c in cases])),
         "dvh_score_gy": dvh_score([c["reference"] for c in cases],
@@ -115,12 +117,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--limit", type=int, default=None, help="first N patients only")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--json-out", type=Path, default=None)
+    parser.add_argument("--no-mirror-tta", action="store_true",
+                        help="predict once, without the left/right mirrored average")
     args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
     logging.basicConfig(level=logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     package = args.package or find_latest_package(kind="dose")
     results = evaluate_package(package, args.data_dir or default_data_dir(), args.split,
-                               args.limit, args.threads)
+                               args.limit, args.threads, mirror_tta=not args.no_mirror_tta)
     if args.json_out is not None:
         args.json_out.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
     print(f"{results['split']}: {results['n_cases']} patients, "  # noqa: T201

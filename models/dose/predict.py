@@ -18,6 +18,7 @@ import numpy as np
 
 from models.dose.features import (
     CHANNEL_NAMES,
+    MIRROR_CHANNEL_SWAPS,
     OAR_NAMES,
     body_mask_from_hu,
     input_channels,
@@ -41,9 +42,12 @@ class DosePredictor:
     Args:
         package: a :class:`ModelPackage` of kind ``dose`` or its folder.
         threads: onnxruntime intra-op threads (default: all cores).
+        mirror_tta: also predict the patient mirrored left/right (Parotid_L/Parotid_R
+            channels swapped, as in training's augmentation) and average the two.
     """
 
-    def __init__(self, package: ModelPackage | Path | str, threads: int | None = None) -> None:
+    def __init__(self, package: ModelPackage | Path | str, threads: int | None = None,
+                 mirror_tta: bool = True) -> None:
         if not isinstance(package, ModelPackage):
             package = load_package(package)
         manifest = package.manifest
@@ -66,13 +70,15 @@ class DosePredictor:
 
         self.package = package
         self.manifest = manifest
+        self.mirror_tta = mirror_tta
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads or os.cpu_count() or 1
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         self.session = ort.InferenceSession(str(package.onnx_path), options,
                                             providers=["CPUExecutionProvider"])
         self.input_name = self.session.get_inputs()[0].name
-        log.info("dose predictor %s-%s on onnxruntime[CPU]", manifest.name, manifest.version)
+        log.info("dose predictor %s-%s on onnxruntime[CPU] (mirror TTA %s)", manifest.name,
+                 manifest.version, mirror_tta)
 
     @property
     def oar_names(self) -> tuple[str, ...]:
@@ -132,12 +138,21 @@ class DosePredictor:
         masks = [oar_masks.get(name) for name in OAR_NAMES]
         channels = input_channels(np.asarray(hu), masks, ptvs, body, grid,
                                   self.manifest.intensity.clip_hu)
-        model_dose = np.asarray(
-            self.session.run(None, {self.input_name: channels[None]})[0])[0, 0]
+        model_dose = self._run(channels)
+        if self.mirror_tta:
+            order = list(range(channels.shape[0]))
+            for left, right in MIRROR_CHANNEL_SWAPS:
+                order[left], order[right] = order[right], order[left]
+            mirrored = np.ascontiguousarray(np.flip(channels, axis=-1)[order])
+            model_dose = 0.5 * (model_dose + np.flip(self._run(mirrored), axis=-1))
         dose = to_input_grid(model_dose, grid, hu.shape)
         np.maximum(dose, 0.0, out=dose)
         dose[~body] = 0.0
         return dose
+
+    def _run(self, channels: np.ndarray) -> np.ndarray:
+        """(C, D, H, W) network input -> (D, H, W) model-grid dose in Gy."""
+        return np.asarray(self.session.run(None, {self.input_name: channels[None]})[0])[0, 0]
 
     @staticmethod
     def _check_mask(name: str, mask: np.ndarray, shape: tuple[int, ...]) -> None:

@@ -160,15 +160,16 @@ def test_onnx_and_torch_agree_on_the_same_weights(tmp_path):
     np.testing.assert_allclose(onnx_dose, torch_dose, rtol=1e-4, atol=1e-3)
 
 
+@pytest.mark.parametrize("mirror_tta", [False, True], ids=["plain", "mirror-tta"])
 def test_dose_predictor_returns_dose_on_the_ct_grid_and_zero_outside_the_body(
-        tiny_dose_package):
+        tiny_dose_package, mirror_tta):
     from models.dose.predict import DosePredictor
     from tests.phantoms import head_phantom
 
     phantom = head_phantom((30, 40, 40), (2.5, 2.0, 2.0))
     ptv = np.zeros_like(phantom.body)
     ptv[12:18, 15:25, 15:25] = True
-    predictor = DosePredictor(tiny_dose_package, threads=1)
+    predictor = DosePredictor(tiny_dose_package, threads=1, mirror_tta=mirror_tta)
     dose = predictor.predict(phantom.hu, phantom.spacing_mm, {"Brainstem": phantom.marker},
                              [(ptv, 70.0)], body_mask=phantom.body)
     assert dose.shape == phantom.hu.shape and dose.dtype == np.float32
