@@ -38,13 +38,14 @@ from models.package import (
 from models.reference_qa import FACTOR
 from models.train import TrainConfig, build_model, load_checkpoint
 
-__all__ = ["export_onnx", "build_manifest", "write_package", "main"]
+__all__ = ["export_onnx", "build_manifest", "checkpoint_weights", "write_package", "main"]
 
 log = logging.getLogger(__name__)
 
 
 def export_onnx(model: torch.nn.Module, patch_size: Sequence[int], path: Path) -> None:
-    """Export ``model`` to ONNX opset 17 with dynamic batch and spatial axes."""
+    """Export ``model`` to ONNX opset 17 with dynamic batch and spatial axes (its ``forward``:
+    one logits output; deep-supervision heads are training-only and not exported)."""
     model.eval()
     example = torch.zeros(1, 1, *patch_size)
     axes = {0: "batch", 2: "slices", 3: "rows", 4: "columns"}
@@ -117,7 +118,7 @@ def build_manifest(
 
 
 def render_card(manifest: ModelManifest, evaluate_command: str, step: int,
-                evaluation_notes: str = "") -> str:
+                evaluation_notes: str = "", weights_note: str = "") -> str:
     rows = []
     for label in manifest.labels:
         metric = manifest.validation_metrics.get(label.roi_name)
@@ -151,7 +152,7 @@ head-and-neck planning CTs of adults (head first supine), input in canonical ori
 - sliding window with Gaussian blending; mirror TTA along axis {manifest.mirror_axes}
   (Parotid_L/Parotid_R swapped back); probabilities resampled linearly to the CT grid,
   threshold 0.5, largest connected component, holes filled per slice
-- training step of the exported checkpoint: {step}; ONNX opset {manifest.onnx_opset},
+- training step of the exported checkpoint: {step}{weights_note}; ONNX opset {manifest.onnx_opset},
   sha256 `{manifest.sha256}`
 
 ## Data
@@ -191,6 +192,17 @@ Export and evaluation:
 """
 
 
+def checkpoint_weights(payload: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The weights a checkpoint ships: the moving average when its run kept one (its
+    validation judged those), else the raw weights."""
+    config = TrainConfig.from_dict(payload["config"])
+    if config.ema_decay > 0.0 and "ema" in payload:
+        log.info("exporting the EMA weights (decay %g, %d updates)", config.ema_decay,
+                 int(payload["ema"]["updates"]))
+        return dict(payload["ema"]["average"])
+    return dict(payload["model"])
+
+
 def _count_train_cases(config: TrainConfig) -> int:
     try:
         return len(list_cases(Path(config.data_dir) if config.data_dir else default_data_dir(),
@@ -214,7 +226,7 @@ def write_package(
     payload = load_checkpoint(checkpoint_path)
     config = TrainConfig.from_dict(payload["config"])
     model = build_model(config)
-    model.load_state_dict(payload["model"])
+    model.load_state_dict(checkpoint_weights(payload))
     folder = out_root / f"{name}-{version}"
     folder.mkdir(parents=True, exist_ok=True)
     onnx_path = folder / WEIGHTS_NAME
@@ -228,8 +240,10 @@ def write_package(
                                         encoding="utf-8")
     evaluate_command = f"python -m models.evaluate --package {folder.relative_to(REPO_ROOT)}" \
         if folder.is_relative_to(REPO_ROOT) else f"python -m models.evaluate --package {folder}"
+    weights_note = (f" (moving average of the weights, decay {config.ema_decay:g})"
+                    if config.ema_decay > 0.0 and "ema" in payload else "")
     (folder / CARD_NAME).write_text(render_card(manifest, evaluate_command, int(payload["step"]),
-                                                evaluation_notes),
+                                                evaluation_notes, weights_note),
                                     encoding="utf-8")
     load_package(folder)
     log.info("wrote package %s (%.1f MB weights, step %d)", folder,

@@ -6,6 +6,11 @@ because soft Dice on empty patches drives thin structures to zero everywhere. Pa
 centred on a random voxel of a random present structure (small ones favoured) with
 probability ``foreground_fraction``. Checkpoints (``runs/<run>/last.pt``, ``best.pt``) hold
 tensors and plain types only and are loaded with ``weights_only=True``; resume is exact.
+
+Recipe options, all off by default (so checkpoints made before them resume unchanged): spatial
+and intensity augmentation on the batch (:mod:`models.augment`), an exponential moving average
+of the weights that validation and export use (:mod:`models.ema`), and deep supervision
+(auxiliary heads on the decoder, training only; the exported network has one output).
 """
 
 from __future__ import annotations
@@ -27,6 +32,13 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 from torch import nn
 
+from models.augment import (
+    IntensityAugmentation,
+    SpatialAugmentation,
+    crop_size,
+    intensity_augment,
+    spatial_augment,
+)
 from models.data import (
     HU_CLIP,
     REPO_ROOT,
@@ -35,6 +47,7 @@ from models.data import (
     default_data_dir,
     load_split,
 )
+from models.ema import ModelEMA
 from models.inference import gaussian_importance, symmetric_window_starts
 from models.labels import LR_SWAP_PAIRS, ORGANS
 from models.unet import ResidualUNet3D, deep_residual_unet
@@ -42,6 +55,7 @@ from models.unet import ResidualUNet3D, deep_residual_unet
 __all__ = [
     "TrainConfig",
     "build_model",
+    "deep_supervision_loss",
     "masked_dice_bce_loss",
     "mirror_left_right",
     "PatchSampler",
@@ -94,7 +108,26 @@ class TrainConfig:
     # Reference contours failing models.reference_qa count as not contoured. Checkpoints made
     # before the check existed lack the field and trained without it (see from_dict).
     reference_qa: bool = True
+    # Recipe options (issue 15). Off by default: the recipe of the checkpoints made before.
+    # Probability per sample of a random rotation/scale (0 = no spatial augmentation).
+    spatial_aug_p: float = 0.0
+    rotation_deg: float = 15.0
+    tilt_deg: float = 6.0
+    scale_range: tuple[float, float] = (0.85, 1.2)
+    # Gaussian noise, blur, simulated low resolution and gamma (models.augment).
+    intensity_aug: bool = False
+    # Decay of the exponential moving average of the weights (0 = none); with one, validation,
+    # best.pt selection and export use the average.
+    ema_decay: float = 0.0
+    # Auxiliary 1x1x1 heads on the decoder levels below full resolution (training only).
+    deep_supervision: int = 0
     command: list[str] = field(default_factory=list)
+
+    def spatial_augmentation(self) -> SpatialAugmentation | None:
+        if self.spatial_aug_p <= 0.0:
+            return None
+        return SpatialAugmentation(self.spatial_aug_p, self.rotation_deg, self.tilt_deg,
+                                   self.scale_range)
 
     def to_dict(self) -> dict[str, Any]:
         return {k: list(v) if isinstance(v, tuple) else v
@@ -116,9 +149,11 @@ def build_model(config: TrainConfig) -> ResidualUNet3D:
     """The network described by ``config`` (``arch`` is ``unet`` or ``deep``)."""
     if config.arch == "unet":
         return ResidualUNet3D(1, len(ORGANS), config.base_channels, config.levels,
-                              max_channels=config.max_channels)
+                              max_channels=config.max_channels,
+                              deep_supervision=config.deep_supervision)
     if config.arch == "deep":
-        return deep_residual_unet(1, len(ORGANS), config.base_channels)
+        return deep_residual_unet(1, len(ORGANS), config.base_channels,
+                                  deep_supervision=config.deep_supervision)
     raise ValueError(f"arch must be 'unet' or 'deep', got {config.arch!r}")
 
 
@@ -160,6 +195,30 @@ def masked_dice_bce_loss(
     return total, {"bce": float(bce_loss.detach()), "dice_loss": float(dice_loss.detach())}
 
 
+def deep_supervision_loss(
+    outputs: Sequence[torch.Tensor],
+    target: torch.Tensor,
+    known: torch.Tensor,
+    pos_weight: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """:func:`masked_dice_bce_loss` over the outputs of ``ResidualUNet3D.forward_deep``
+    (full resolution first), weighted 1, 1/2, 1/4, ... and normalised to sum 1 (nnU-Net);
+    the target is downsampled to each output by nearest neighbour. ``parts`` are those of the
+    full-resolution output."""
+    weights = [0.5 ** level for level in range(len(outputs))]
+    total_weight = sum(weights)
+    total = torch.zeros((), device=target.device)
+    parts: dict[str, float] = {}
+    for level, (output, weight) in enumerate(zip(outputs, weights, strict=True)):
+        level_target = target if level == 0 else F.interpolate(
+            target, size=list(output.shape[2:]), mode="nearest")
+        loss, level_parts = masked_dice_bce_loss(output, level_target, known, pos_weight)
+        total = total + loss * (weight / total_weight)
+        if level == 0:
+            parts = level_parts
+    return total, parts
+
+
 def mirror_left_right(array: np.ndarray, channel_axis: int | None = 0) -> np.ndarray:
     """Mirror patient left/right (last axis, canonical columns R->L).
 
@@ -179,6 +238,9 @@ class PatchSampler:
     """Draws (image, target, known) training batches from in-memory cases.
 
     All randomness comes from one ``numpy.random.Generator`` (state saved in checkpoints).
+    With ``crop_size`` (each axis >= the patch, the difference even) every item is the larger
+    crop centred on the drawn patch window (outside the volume: image -1, no labels), for
+    :func:`models.augment.spatial_augment` to cut the patch from.
     """
 
     def __init__(
@@ -188,12 +250,18 @@ class PatchSampler:
         foreground_fraction: float,
         rng: np.random.Generator,
         structure_weights: Sequence[float] = TrainConfig.structure_weights,
+        crop_size: Sequence[int] | None = None,
     ) -> None:
         if not cases:
             raise ValueError("cases must not be empty")
         if not 0.0 <= foreground_fraction <= 1.0:
             raise ValueError(f"foreground_fraction must be in [0, 1], got {foreground_fraction}")
         self.patch = tuple(int(p) for p in patch_size)
+        self.crop = self.patch if crop_size is None else tuple(int(c) for c in crop_size)
+        if len(self.crop) != 3 or any(
+                c < p or (c - p) % 2 for c, p in zip(self.crop, self.patch, strict=True)):
+            raise ValueError(f"crop_size must be >= the patch {self.patch} on each axis with an "
+                             f"even difference, got {crop_size!r}")
         self.foreground_fraction = foreground_fraction
         self.rng = rng
         if len(structure_weights) != len(ORGANS) or min(structure_weights) <= 0:
@@ -232,9 +300,16 @@ class PatchSampler:
         else:
             start = [int(self.rng.integers(0, s - p + 1))
                      for p, s in zip(self.patch, shape, strict=True)]
-        window = tuple(slice(a, a + p) for a, p in zip(start, self.patch, strict=True))
-        patch_image = image[window].astype(np.float32)[None]
-        bits = labels[window]
+        if self.crop == self.patch:
+            window = tuple(slice(a, a + p) for a, p in zip(start, self.patch, strict=True))
+            patch_image = image[window].astype(np.float32)[None]
+            bits = labels[window]
+        else:
+            crop_start = [a - (c - p) // 2 for a, c, p in zip(start, self.crop, self.patch,
+                                                                strict=True)]
+            patch_image = _padded_window(image, crop_start, self.crop, -1.0).astype(
+                np.float32)[None]
+            bits = _padded_window(labels, crop_start, self.crop, 0)
         target = np.stack([(bits >> c) & 1 for c in range(len(ORGANS))]).astype(np.float32)
         known_row = known.copy()
         if self.rng.random() < 0.5:
@@ -265,6 +340,19 @@ class PatchSampler:
         )
 
 
+def _padded_window(array: np.ndarray, start: Sequence[int], size: Sequence[int],
+                   fill: float) -> np.ndarray:
+    """``array[start:start + size]`` on each axis, ``fill`` where the window leaves it."""
+    out = np.full(tuple(size), fill, dtype=array.dtype)
+    source, dest = [], []
+    for a, n, s in zip(start, size, array.shape, strict=True):
+        low, high = max(a, 0), min(a + n, s)
+        source.append(slice(low, max(low, high)))
+        dest.append(slice(low - a, max(low, high) - a))
+    out[tuple(dest)] = array[tuple(source)]
+    return out
+
+
 @torch.no_grad()
 def sliding_window_logits(
     model: nn.Module,
@@ -272,8 +360,10 @@ def sliding_window_logits(
     patch_size: Sequence[int],
     overlap: float,
     bf16: bool = False,
+    device: str | torch.device = "cpu",
 ) -> np.ndarray:
-    """Gaussian-blended sliding-window probabilities (C, D, H, W) for a (D, H, W) image."""
+    """Gaussian-blended sliding-window probabilities (C, D, H, W) for a (D, H, W) image
+    (``model`` on ``device``)."""
     pad = [(0, max(0, p - s)) for p, s in zip(patch_size, image.shape, strict=True)]
     padded = np.pad(image.astype(np.float32), pad, constant_values=-1.0)
     weight = gaussian_importance(patch_size)
@@ -289,9 +379,10 @@ def sliding_window_logits(
                 window = (slice(a, a + patch_size[0]), slice(b, b + patch_size[1]),
                           slice(c, c + patch_size[2]))
                 x = torch.from_numpy(np.ascontiguousarray(padded[window]))[None, None]
-                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-                    logits = model(x)
-                probs = torch.sigmoid(logits.float())[0].numpy()
+                with torch.autocast(torch.device(device).type, dtype=torch.bfloat16,
+                                    enabled=bf16):
+                    logits = model(x.to(device))
+                probs = torch.sigmoid(logits.float())[0].cpu().numpy()
                 accum[(slice(None),) + window] += probs * weight
                 norm[window] += weight
     probs_full = accum / norm
@@ -307,14 +398,15 @@ def dice_score(prediction: np.ndarray, reference: np.ndarray) -> float:
 
 
 def validate(
-    model: nn.Module, cases: Sequence[CaseArrays], config: TrainConfig
+    model: nn.Module, cases: Sequence[CaseArrays], config: TrainConfig,
+    device: str | torch.device = "cpu",
 ) -> dict[str, float]:
     """Mean Dice per structure over ``cases`` (only where the structure is known)."""
     model.eval()
     scores: dict[str, list[float]] = {organ.roi_name: [] for organ in ORGANS}
     for case in cases:
         probs = sliding_window_logits(model, case.image.astype(np.float32), config.patch_size,
-                                      config.val_overlap, bf16=config.bf16)
+                                      config.val_overlap, bf16=config.bf16, device=device)
         masks = case.channel_masks()
         for channel, organ in enumerate(ORGANS):
             if case.known[channel]:
@@ -358,6 +450,37 @@ def _python_state_from_plain(state: Sequence[Any]) -> tuple[Any, ...]:
     return (state[0], tuple(state[1]), state[2])
 
 
+def _load_weights(model: nn.Module, optimizer: torch.optim.Optimizer,
+                  payload: dict[str, Any]) -> list[str]:
+    """Load a checkpoint's model and optimiser state; a network that gained deep-supervision
+    heads since (a warm restart with ``deep_supervision``) starts them fresh, with fresh Adam
+    moments. Returns the names of the weights that were not in the checkpoint."""
+    missing, unexpected = model.load_state_dict(payload["model"], strict=False)
+    if unexpected or any(not name.startswith("aux_heads.") for name in missing):
+        raise ValueError(f"checkpoint does not fit the network: missing {missing}, "
+                         f"unexpected {unexpected} (deep supervision can be added to a "
+                         "checkpoint, not removed)")
+    saved = payload["optimizer"]
+    if missing:
+        n_saved = sum(len(group["params"]) for group in saved["param_groups"])
+        n_new = len(list(model.parameters())) - n_saved
+        groups = [dict(group) for group in saved["param_groups"]]
+        # the heads are registered last, so their parameters are the last indices
+        groups[-1]["params"] = list(groups[-1]["params"]) + list(range(n_saved, n_saved + n_new))
+        saved = {"state": saved["state"], "param_groups": groups}
+        log.info("deep supervision: %d new head tensors start from scratch", len(missing))
+    optimizer.load_state_dict(saved)
+    return list(missing)
+
+
+def _fit_schedule(config: TrainConfig, scheduler: torch.optim.lr_scheduler.LambdaLR,
+                  step: int, seconds_left: float, seconds_per_step: float) -> None:
+    """Set ``config.steps`` to the steps that fit in ``seconds_left`` and let the schedule
+    decay to it."""
+    config.steps = step + max(1, int(seconds_left / seconds_per_step))
+    scheduler.lr_lambdas = [_lr_lambda(config) for _ in scheduler.lr_lambdas]
+
+
 def train(
     config: TrainConfig,
     train_cases: Sequence[CaseArrays],
@@ -367,6 +490,8 @@ def train(
     stop_after: int | None = None,
     on_step: Callable[[int, float], None] | None = None,
     restart_schedule: bool = False,
+    device: str = "cpu",
+    time_budget_s: float | None = None,
 ) -> dict[str, Any]:
     """Run (or resume) training; returns the final checkpoint payload.
 
@@ -374,16 +499,20 @@ def train(
     interruptions; the LR schedule still follows ``config.steps``.
     ``restart_schedule`` (with ``resume``): keep weights and optimiser moments but start a
     new warm-up and decay from ``config.lr`` at the checkpoint's step to ``config.steps``.
+    ``device``: ``cpu`` or ``cuda`` (the batches are drawn on the CPU and augmented there).
+    ``time_budget_s``: wall-clock budget in seconds; after a few timed steps ``config.steps``
+    is set to what fits (the schedule decays to it) and training stops when it is spent.
     """
     if restart_schedule and not resume:
         raise ValueError("restart_schedule needs resume=True")
     run_dir.mkdir(parents=True, exist_ok=True)
     last_path, best_path = run_dir / "last.pt", run_dir / "best.pt"
+    started_at = time.monotonic()
     torch.set_num_threads(config.threads)
     random.seed(config.seed)
     torch.manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
-    model = build_model(config)
+    model = build_model(config).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr,
                                   weight_decay=config.weight_decay)
     step, best_dice, history = 0, -1.0, []
@@ -404,8 +533,7 @@ def train(
     # would overwrite the restored learning rate with the schedule's first value.
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(config))
     if payload is not None:
-        model.load_state_dict(payload["model"])
-        optimizer.load_state_dict(payload["optimizer"])
+        _load_weights(model, optimizer, payload)
         if restart_schedule:  # the loaded state holds the old schedule's rates: use the new
             for group, lr in zip(optimizer.param_groups, scheduler.get_last_lr(), strict=True):
                 group["initial_lr"], group["lr"] = config.lr, lr
@@ -416,16 +544,31 @@ def train(
         rng.bit_generator.state = payload["rng"]["numpy"]
         random.setstate(_python_state_from_plain(payload["rng"]["python"]))
         log.info("resumed %s at step %d (best val Dice %.4f)", last_path, step, best_dice)
+    ema: ModelEMA | None = None
+    eval_model: nn.Module = model
+    if config.ema_decay > 0.0:
+        # starts at the (loaded) weights; a warm start needs no decay warm-up
+        ema = ModelEMA(model, config.ema_decay, warmup=payload is None)
+        if payload is not None and "ema" in payload:
+            ema.load_state_dict(payload["ema"])
+        eval_model = build_model(config).to(device)
+    spatial = config.spatial_augmentation()
+    intensity = IntensityAugmentation() if config.intensity_aug else None
+    crop = (None if spatial is None
+            else crop_size(config.patch_size, config.target_spacing_mm, spatial))
     sampler = PatchSampler(train_cases, config.patch_size, config.foreground_fraction, rng,
-                           config.structure_weights)
-    pos_weight = torch.tensor(config.pos_weight, dtype=torch.float32)
+                           config.structure_weights, crop_size=crop)
+    pos_weight = torch.tensor(config.pos_weight, dtype=torch.float32, device=device)
     n_params = sum(p.numel() for p in model.parameters())
-    log.info("model %s: %d parameters; %d train / %d val cases; %d steps of batch %d, patch %s",
-             config.arch, n_params, len(train_cases), len(val_cases), config.steps,
-             config.batch_size, config.patch_size)
+    log.info("model %s: %d parameters; %d train / %d val cases; %d steps of batch %d, patch %s "
+             "on %s; spatial augmentation %s (crop %s), intensity augmentation %s, EMA %s, "
+             "deep supervision heads %d", config.arch, n_params, len(train_cases),
+             len(val_cases), config.steps, config.batch_size, config.patch_size, device,
+             spatial, crop, config.intensity_aug, config.ema_decay or "off",
+             config.deep_supervision)
 
     def payload_now(current_step: int) -> dict[str, Any]:
-        return {
+        state = {
             "format": CHECKPOINT_FORMAT,
             "config": config.to_dict(),
             "model": model.state_dict(),
@@ -440,41 +583,78 @@ def train(
                 "python": _python_state_to_plain(random.getstate()),
             },
         }
+        if ema is not None:
+            state["ema"] = ema.state_dict()
+        return state
 
     model.train()
     last_save = time.monotonic()
     window_loss: list[float] = []
+    window_data_s = window_augment_s = 0.0
     tick = time.monotonic()
+    first_step = step
+    calibrate_at = first_step + 10 if time_budget_s is not None else -1
+    autocast_device = torch.device(device).type
     final_step = config.steps if stop_after is None else min(config.steps, stop_after)
     while step < final_step:
+        drawn = time.perf_counter()
         image, target, known = sampler.batch(config.batch_size)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.bf16):
-            logits = model(image)
-        loss, parts = masked_dice_bce_loss(logits, target, known, pos_weight)
+        image, target, known = image.to(device), target.to(device), known.to(device)
+        augmented = time.perf_counter()
+        if spatial is not None:
+            image, target = spatial_augment(image, target, config.patch_size,
+                                            config.target_spacing_mm, spatial, rng)
+        if intensity is not None:
+            image = intensity_augment(image, intensity, rng)
+        window_data_s += augmented - drawn
+        window_augment_s += time.perf_counter() - augmented
+        with torch.autocast(autocast_device, dtype=torch.bfloat16, enabled=config.bf16):
+            outputs = (model.forward_deep(image) if config.deep_supervision
+                       else [model(image)])
+        loss, parts = deep_supervision_loss(outputs, target, known, pos_weight)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 12.0)
         optimizer.step()
         scheduler.step()
+        if ema is not None:
+            ema.update(model)
         step += 1
         window_loss.append(float(loss.detach()))
         if on_step is not None:
             on_step(step, window_loss[-1])
+        if step == calibrate_at and time_budget_s is not None:
+            elapsed = time.monotonic() - started_at
+            per_step = (time.monotonic() - tick) / len(window_loss)
+            _fit_schedule(config, scheduler, step, time_budget_s - elapsed, per_step)
+            final_step = config.steps if stop_after is None else min(config.steps, stop_after)
+            log.info("time budget %.0f s: %.3f s/step, schedule decays to step %d",
+                     time_budget_s, per_step, config.steps)
         if step % 25 == 0:
             elapsed = time.monotonic() - tick
-            log.info("step %d/%d loss %.4f (bce %.4f dice %.4f) lr %.2e %.2f s/step",
+            log.info("step %d/%d loss %.4f (bce %.4f dice %.4f) lr %.2e %.2f s/step "
+                     "(batch %.3f s, augmentation %.3f s)",
                      step, config.steps, float(np.mean(window_loss)), parts["bce"],
-                     parts["dice_loss"], scheduler.get_last_lr()[0], elapsed / len(window_loss))
+                     parts["dice_loss"], scheduler.get_last_lr()[0], elapsed / len(window_loss),
+                     window_data_s / len(window_loss), window_augment_s / len(window_loss))
             window_loss, tick = [], time.monotonic()
-        is_val = val_cases and (step % config.val_every == 0 or step == config.steps)
+            window_data_s = window_augment_s = 0.0
+        out_of_time = (time_budget_s is not None
+                       and time.monotonic() - started_at > time_budget_s)
+        is_val = bool(val_cases) and (step % config.val_every == 0 or step == config.steps
+                                      or out_of_time)
         if is_val:
-            started = time.monotonic()
-            per_structure = validate(model, val_cases, config)
+            validated = time.monotonic()
+            if ema is not None:
+                ema.copy_to(eval_model)
+            per_structure = validate(eval_model, val_cases, config, device)
+            model.train()
             mean_dice = float(np.mean(list(per_structure.values())))
             history.append({"step": step, "mean_dice": mean_dice, **per_structure})
-            log.info("validation step %d: mean Dice %.4f | %s (%.0f s)", step, mean_dice,
+            log.info("validation step %d%s: mean Dice %.4f | %s (%.0f s)", step,
+                     " (EMA weights)" if ema is not None else "", mean_dice,
                      " ".join(f"{k}={v:.3f}" for k, v in per_structure.items()),
-                     time.monotonic() - started)
+                     time.monotonic() - validated)
             if mean_dice > best_dice:
                 best_dice = mean_dice
                 _atomic_save(payload_now(step), best_path)
@@ -483,6 +663,10 @@ def train(
         if is_val or time.monotonic() - last_save > 60 * config.checkpoint_minutes:
             _atomic_save(payload_now(step), last_path)
             last_save = time.monotonic()
+        if out_of_time:
+            log.warning("time budget of %.0f s spent at step %d of %d", time_budget_s, step,
+                        config.steps)
+            break
     final = payload_now(step)
     _atomic_save(final, last_path)
     log.info("stopped at step %d; checkpoint %s", step, last_path)
@@ -494,6 +678,27 @@ def _parse_triple(text: str, kind: type = int) -> tuple[Any, ...]:
     if len(parts) != 3:
         raise argparse.ArgumentTypeError(f"expected three values like 64,96,96, got {text!r}")
     return parts
+
+
+def _parse_pair(text: str) -> tuple[float, float]:
+    parts = tuple(float(v) for v in text.split(","))
+    if len(parts) != 2:
+        raise argparse.ArgumentTypeError(f"expected two values like 0.85,1.2, got {text!r}")
+    return parts[0], parts[1]
+
+
+# CLI flag -> TrainConfig field of the recipe options; on --resume they may change only with
+# --restart-schedule (a new recipe from the checkpoint's weights).
+RECIPE_FLAGS: dict[str, str] = {
+    "--spatial-aug": "spatial_aug_p",
+    "--rotation-deg": "rotation_deg",
+    "--tilt-deg": "tilt_deg",
+    "--scale-range": "scale_range",
+    "--intensity-aug": "intensity_aug",
+    "--ema-decay": "ema_decay",
+    "--deep-supervision": "deep_supervision",
+    "--batch": "batch_size",
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -531,7 +736,40 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--restart-schedule", action="store_true",
                         help="on --resume, a warm restart: new warm-up and decay from --lr at "
                              "the checkpoint's step to --steps (weights and Adam moments kept)")
+    recipe = parser.add_argument_group(
+        "recipe options", "off by default; on --resume they may change only with "
+                          "--restart-schedule")
+    recipe.add_argument("--spatial-aug", type=float, default=defaults.spatial_aug_p,
+                        metavar="P", help="probability per sample of a random rotation and "
+                                          "scale (0: none)")
+    recipe.add_argument("--rotation-deg", type=float, default=defaults.rotation_deg,
+                        help="maximum rotation in the axial plane")
+    recipe.add_argument("--tilt-deg", type=float, default=defaults.tilt_deg,
+                        help="maximum tilt out of the axial plane")
+    recipe.add_argument("--scale-range", type=_parse_pair, default=defaults.scale_range,
+                        help="min,max isotropic scale")
+    recipe.add_argument("--intensity-aug", action="store_true",
+                        help="Gaussian noise, blur, simulated low resolution and gamma")
+    recipe.add_argument("--ema-decay", type=float, default=defaults.ema_decay,
+                        help="keep an exponential moving average of the weights with this "
+                             "decay (e.g. 0.999; 0: none); validation and export use it")
+    recipe.add_argument("--deep-supervision", type=int, default=defaults.deep_supervision,
+                        metavar="N", help="auxiliary heads on the N decoder levels below full "
+                                          "resolution (training only)")
     return parser
+
+
+def _recipe_changes(argv: Sequence[str], args: argparse.Namespace,
+                    stored: TrainConfig) -> dict[str, Any]:
+    """Recipe fields given on the command line that differ from ``stored``."""
+    given = {arg.split("=")[0] for arg in argv}
+    changes = {}
+    for flag, name in RECIPE_FLAGS.items():
+        if flag in given:
+            value = getattr(args, flag[2:].replace("-", "_") if flag != "--batch" else "batch")
+            if getattr(stored, name) != value:
+                changes[name] = value
+    return changes
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -561,6 +799,21 @@ def main(argv: Sequence[str] | None = None) -> int:
             stored.steps = args.steps
         if "--val-every" in argv:
             stored.val_every = args.val_every
+        if "--threads" in argv:  # speed only, not the recipe
+            stored.threads = args.threads
+        if "--val-cases" in argv:  # which cases judge best.pt, not the recipe
+            stored.val_cases = args.val_cases
+        if args.no_bf16 and stored.bf16:
+            # bf16 autocast is emulated (~20x slower) on CPUs without AVX-512 BF16
+            log.warning("resuming in float32 (the checkpoint trained under bf16 autocast)")
+            stored.bf16 = False
+        changes = _recipe_changes(argv, args, stored)
+        if changes and not args.restart_schedule:
+            raise SystemExit(f"rtcontour train: {', '.join(sorted(changes))} differ from the "
+                             "checkpoint's recipe; on --resume that needs --restart-schedule")
+        for name, value in changes.items():
+            log.info("warm restart: %s %r -> %r", name, getattr(stored, name), value)
+            setattr(stored, name, value)
         if args.rebalance:
             log.warning("resuming with the current default structure_weights %s and "
                         "pos_weight %s (were %s and %s)", TrainConfig.structure_weights,
@@ -577,6 +830,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             checkpoint_minutes=args.checkpoint_minutes, seed=args.seed, threads=args.threads,
             bf16=not args.no_bf16, data_dir=str(data_dir), train_limit=args.train_limit,
             reference_qa=not args.no_reference_qa, command=[" ".join(["rtcontour train", *argv])],
+            spatial_aug_p=args.spatial_aug, rotation_deg=args.rotation_deg,
+            tilt_deg=args.tilt_deg, scale_range=args.scale_range,
+            intensity_aug=args.intensity_aug, ema_decay=args.ema_decay,
+            deep_supervision=args.deep_supervision,
         )
     torch.set_num_threads(config.threads)
     train_cases = load_split(data_dir, "train", args.cache_dir, config.target_spacing_mm,

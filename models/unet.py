@@ -73,11 +73,18 @@ class ResidualUNet3D(nn.Module):
         encoder_blocks: residual blocks per encoder level.
         decoder_blocks: residual blocks per decoder level.
         max_channels: channel cap.
+        deep_supervision: number of extra 1x1x1 heads on the decoder levels below full
+            resolution (level 1 = half resolution, ...), at most ``levels - 2``. They serve
+            :meth:`forward_deep` in training only; :meth:`forward` (and so an ONNX export)
+            never runs them.
 
     Examples:
         >>> net = ResidualUNet3D(in_channels=1, out_channels=7, base_channels=8, levels=4)
         >>> net(torch.zeros(2, 1, 32, 64, 64)).shape
         torch.Size([2, 7, 32, 64, 64])
+        >>> net = ResidualUNet3D(base_channels=4, levels=4, deep_supervision=2)
+        >>> [tuple(o.shape) for o in net.forward_deep(torch.zeros(1, 1, 16, 32, 32))]
+        [(1, 7, 16, 32, 32), (1, 7, 8, 16, 16), (1, 7, 4, 8, 8)]
     """
 
     def __init__(
@@ -89,6 +96,7 @@ class ResidualUNet3D(nn.Module):
         encoder_blocks: int | Sequence[int] = 1,
         decoder_blocks: int = 1,
         max_channels: int = 256,
+        deep_supervision: int = 0,
     ) -> None:
         super().__init__()
         _check_positive_int("in_channels", in_channels)
@@ -113,6 +121,10 @@ class ResidualUNet3D(nn.Module):
                 )
         for count in blocks_per_level:
             _check_positive_int("encoder_blocks", count)
+        if (isinstance(deep_supervision, bool) or not isinstance(deep_supervision, int)
+                or not 0 <= deep_supervision <= levels - 2):
+            raise ValueError(f"deep_supervision must be an integer in [0, levels - 2 = "
+                             f"{levels - 2}], got {deep_supervision!r}")
 
         self.levels = levels
         widths = [min(base_channels * 2**level, max_channels) for level in range(levels)]
@@ -141,27 +153,47 @@ class ResidualUNet3D(nn.Module):
             dec += [ResidualBlock(widths[level], widths[level]) for _ in range(decoder_blocks - 1)]
             self.decoders.append(nn.Sequential(*dec))
         self.head = nn.Conv3d(widths[0], out_channels, 1)
+        # registered last, so a checkpoint without them loads as a prefix of the parameters
+        self.aux_heads = nn.ModuleList(
+            nn.Conv3d(widths[level], out_channels, 1) for level in range(1, deep_supervision + 1)
+        )
 
     @property
     def divisor(self) -> int:
         """Spatial sizes of the input must be multiples of this."""
         return int(2 ** (self.levels - 1))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _decode(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Decoder outputs from the coarsest decoded level to full resolution."""
         skips: list[torch.Tensor] = []
         out = self.stem(x)
         for encoder in self.encoders:
             out = encoder(out)
             skips.append(out)
         skips.pop()
+        decoded = []
         for upsampler, decoder in zip(self.upsamplers, self.decoders, strict=True):
             out = upsampler(out)
             out = decoder(torch.cat([out, skips.pop()], dim=1))
-        return self.head(out)
+            decoded.append(out)
+        return decoded
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits (B, out_channels, D, H, W) at the input's resolution."""
+        return self.head(self._decode(x)[-1])
+
+    def forward_deep(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Full-resolution logits, then one per auxiliary head at 1/2, 1/4, ... resolution."""
+        decoded = self._decode(x)
+        outputs = [self.head(decoded[-1])]
+        for level, head in enumerate(self.aux_heads, start=1):
+            outputs.append(head(decoded[-1 - level]))
+        return outputs
 
 
 def deep_residual_unet(
-    in_channels: int = 1, out_channels: int = 7, base_channels: int = 16
+    in_channels: int = 1, out_channels: int = 7, base_channels: int = 16,
+    deep_supervision: int = 0,
 ) -> ResidualUNet3D:
     """Deeper variant: 6 levels, 1-2-2-3-3-3 encoder blocks, 2 decoder blocks, channels <= 320.
 
@@ -178,4 +210,5 @@ def deep_residual_unet(
         encoder_blocks=(1, 2, 2, 3, 3, 3),
         decoder_blocks=2,
         max_channels=320,
+        deep_supervision=deep_supervision,
     )

@@ -131,3 +131,85 @@ def test_warm_restart_raises_the_lr_again_and_resumes_exactly(tmp_path):
 def test_checkpoint_loads_with_weights_only(tiny_checkpoint):
     payload = torch.load(tiny_checkpoint, weights_only=True)
     assert payload["step"] == 3 and "optimizer" in payload and "scheduler" in payload
+
+
+def test_old_checkpoint_config_loads_with_every_recipe_option_off():
+    from pathlib import Path
+
+    committed = Path(__file__).resolve().parents[2] / "models" / "checkpoints" / "resume.pt"
+    if not committed.exists():
+        pytest.skip("no committed resume checkpoint")
+    config = TrainConfig.from_dict(load_checkpoint(committed)["config"])
+    assert config.spatial_aug_p == 0.0 and not config.intensity_aug
+    assert config.ema_decay == 0.0 and config.deep_supervision == 0
+    assert config.spatial_augmentation() is None
+
+
+@pytest.mark.parametrize(
+    "recipe",
+    [dict(spatial_aug_p=1.0, intensity_aug=True), dict(ema_decay=0.9),
+     dict(deep_supervision=1)],
+    ids=["augmentation", "ema", "deep-supervision"],
+)
+def test_recipe_options_resume_exactly(tmp_path, recipe):
+    cases = make_cases()
+    full = train(tiny_config(steps=4, **recipe), cases, [], tmp_path / "full")
+    train(tiny_config(steps=4, **recipe), cases, [], tmp_path / "split", stop_after=2)
+    resumed = train(tiny_config(steps=4, **recipe), cases, [], tmp_path / "split", resume=True)
+    for name, tensor in full["model"].items():
+        torch.testing.assert_close(resumed["model"][name], tensor, rtol=0, atol=0, msg=name)
+    if "ema" in full:
+        for name, tensor in full["ema"]["average"].items():
+            torch.testing.assert_close(resumed["ema"]["average"][name], tensor, rtol=0, atol=0)
+        assert resumed["ema"]["updates"] == full["ema"]["updates"] == 4
+    assert resumed["rng"]["numpy"] == full["rng"]["numpy"]
+
+
+def test_ema_differs_from_the_raw_weights_and_lags_them(tmp_path):
+    cases = make_cases()
+    start = train(tiny_config(steps=1), cases, [], tmp_path / "start")["model"]
+    final = train(tiny_config(steps=6, ema_decay=0.9), cases, [], tmp_path / "ema")
+    raw, average = final["model"], final["ema"]["average"]
+    weight = "head.weight"
+    assert not torch.equal(raw[weight], average[weight])
+    # the average sits between the first weights and the last
+    assert (average[weight] - raw[weight]).abs().sum() < (start[weight] - raw[weight]).abs().sum()
+
+
+def test_warm_restart_adds_deep_supervision_heads_and_ema(tmp_path):
+    cases = make_cases()
+    plain = train(tiny_config(steps=3), cases, [], tmp_path / "run")
+    restarted = train(tiny_config(steps=6, deep_supervision=1, ema_decay=0.9), cases, [],
+                      tmp_path / "run", resume=True, restart_schedule=True)
+    assert "aux_heads.0.weight" in restarted["model"] and "ema" in restarted
+    assert not torch.equal(restarted["model"]["head.weight"], plain["model"]["head.weight"])
+    state = restarted["optimizer"]["state"]
+    assert len(state) == len(restarted["model"]) - sum(
+        "num_batches" in name for name in restarted["model"])
+    with pytest.raises(ValueError, match="deep supervision"):
+        train(tiny_config(steps=9), cases, [], tmp_path / "run", resume=True,
+              restart_schedule=True)
+
+
+def test_deep_supervision_loss_weights_levels_and_downsamples_the_target():
+    from models.train import deep_supervision_loss
+
+    target = (torch.rand(1, 7, 8, 8, 8) > 0.5).float()
+    known = torch.ones(1, 7, dtype=torch.bool)
+    full = torch.randn(1, 7, 8, 8, 8)
+    half = torch.randn(1, 7, 4, 4, 4)
+    single, _ = deep_supervision_loss([full], target, known)
+    assert single == masked_dice_bce_loss(full, target, known)[0]
+    both, _ = deep_supervision_loss([full, half], target, known)
+    half_target = target[:, :, ::2, ::2, ::2]
+    expected = (masked_dice_bce_loss(full, target, known)[0]
+                + 0.5 * masked_dice_bce_loss(half, half_target, known)[0]) / 1.5
+    assert float(both) == pytest.approx(float(expected), rel=1e-6)
+
+
+def test_resume_refuses_a_recipe_change_without_restart_schedule(tmp_path):
+    from models.train import main
+
+    train(tiny_config(steps=2), make_cases(), [], tmp_path / "tiny")
+    with pytest.raises(SystemExit, match="spatial_aug_p"):
+        main(["--run", "tiny", "--runs-dir", str(tmp_path), "--resume", "--spatial-aug", "0.5"])

@@ -55,3 +55,17 @@ def test_unet_rejects_invalid_arguments_naming_them(kwargs, name):
 def test_residual_block_rejects_bad_stride():
     with pytest.raises(ValueError, match="stride"):
         ResidualBlock(2, 2, stride=3)
+
+
+def test_deep_supervision_heads_give_coarser_outputs_only_in_forward_deep():
+    net = ResidualUNet3D(base_channels=4, levels=4, deep_supervision=2)
+    x = torch.zeros(2, 1, 16, 24, 32)
+    outputs = net.forward_deep(x)
+    assert [tuple(o.shape) for o in outputs] == [(2, 7, 16, 24, 32), (2, 7, 8, 12, 16),
+                                                 (2, 7, 4, 6, 8)]
+    torch.testing.assert_close(net(x), outputs[0])
+
+
+def test_deep_supervision_is_bounded_by_the_levels():
+    with pytest.raises(ValueError, match="deep_supervision"):
+        ResidualUNet3D(base_channels=4, levels=3, deep_supervision=2)
