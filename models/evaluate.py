@@ -65,10 +65,15 @@ def evaluate_package(
     mirror_tta: bool = False,
     provider: str = "auto",
     limit: int | None = None,
+    offset: int = 0,
+    threads: int | None = None,
 ) -> dict[str, Any]:
-    """Per-structure mean Dice / HD95 of ``package`` on an OpenKBP split."""
-    segmenter = Segmenter(package, overlap=overlap, mirror_tta=mirror_tta, provider=provider)
-    paths = list_cases(data_dir, split)[:limit]
+    """Per-structure mean Dice / HD95 of ``package`` on an OpenKBP split (its patients
+    ``offset`` to ``offset + limit`` in patient-number order)."""
+    segmenter = Segmenter(package, overlap=overlap, mirror_tta=mirror_tta, provider=provider,
+                          threads=threads)
+    paths = list_cases(data_dir, split)[offset:]
+    paths = paths[:limit]
     names = [label.roi_name for label in segmenter.manifest.labels]
     if names != [organ.roi_name for organ in ORGANS]:
         raise ValueError(f"{package} labels {names} are not the OpenKBP structures")
@@ -99,6 +104,7 @@ def evaluate_package(
         "package": str(package),
         "split": split,
         "n_cases": len(paths),
+        "cases": [path.stem for path in paths],
         "backend": segmenter.backend,
         "overlap": overlap,
         "mirror_tta": mirror_tta,
@@ -188,14 +194,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--overlap", type=float, default=0.5)
     parser.add_argument("--mirror-tta", action="store_true")
     parser.add_argument("--provider", default="auto")
-    parser.add_argument("--limit", type=int, default=None)
+    parser.add_argument("--limit", type=int, default=None, help="evaluate N patients only")
+    parser.add_argument("--offset", type=int, default=0,
+                        help="skip the first N patients (patient-number order)")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: all)")
     parser.add_argument("--json-out", type=Path, default=None)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     package = args.package or find_latest_package()
     results = evaluate_package(package, args.data_dir or default_data_dir(), args.split,
-                               args.overlap, args.mirror_tta, args.provider, args.limit)
+                               args.overlap, args.mirror_tta, args.provider, args.limit,
+                               args.offset, args.threads)
     print(format_table(results))  # noqa: T201
     if args.json_out:
         args.json_out.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
