@@ -431,8 +431,9 @@ class SegmenterCache:
             self._models[key] = self._loader(path, settings.inference_overlap, settings.mirror_tta)
         return self._models[key]
 
-    def __len__(self) -> int:
-        return len(self._models)
+    def resident(self) -> list[str]:
+        """The package folders of the models loaded so far."""
+        return sorted({key[0] for key in self._models})
 
 
 def check_routes_models(settings: Settings, table: RoutingTable) -> dict[str, Path]:

@@ -100,7 +100,7 @@ class WorkerRuntime:
             create_schema(engine)
             store = JobStore(engine)
         self.store = store
-        self.model_cache = model_cache or SegmenterCache()
+        self.model_cache = model_cache if model_cache is not None else SegmenterCache()
         self.sender = sender or Sender(settings)
         self._steps_factory = steps_factory
         self.worker_name = f"{socket.gethostname()}:{os.getpid()}"
