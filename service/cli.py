@@ -11,6 +11,9 @@ import sys
 
 from common.errors import ConfigurationError
 
+# top-level module -> the pip extra of rtcontour that installs it (pyproject's optional deps)
+EXTRA_OF_MODULE: dict[str, str] = {"torch": "train", "onnx": "train"}
+
 # command -> (module exposing main(argv), one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("service.serve", "run everything on one node: DICOM listener, API and a worker"),
@@ -49,13 +52,37 @@ def main(argv: list[str] | None = None) -> int:
     if command not in COMMANDS:
         print(f"rtcontour: unknown command {command!r}\n\n{_usage()}", file=sys.stderr)
         return 2
-    module = importlib.import_module(COMMANDS[command][0])
     try:
+        module = importlib.import_module(COMMANDS[command][0])
         result: int | None = module.main(rest)
+    except ModuleNotFoundError as error:
+        extra = _extra_for(error)
+        if extra is None:
+            raise
+        return _missing_extra(command, rest, error, extra)
     except ConfigurationError as error:  # settings that cannot work: one sentence, no trace
         print(f"rtcontour {command}: {error}", file=sys.stderr)
         return 2
     return int(result or 0)
+
+
+def _extra_for(error: ModuleNotFoundError) -> str | None:
+    """The extra that installs the module ``error`` found missing, or None if none does."""
+    return EXTRA_OF_MODULE.get((error.name or "").split(".")[0])
+
+
+def _missing_extra(command: str, rest: list[str], error: ModuleNotFoundError, extra: str) -> int:
+    """Help (exit 0) or the sentence naming the extra to install (exit 2), never a trace."""
+    needs = (
+        f"needs the '{extra}' extra ({error.name} is not installed): "
+        f"pip install 'rtcontour[{extra}]'"
+    )
+    if any(arg in {"-h", "--help"} for arg in rest):
+        print(f"usage: rtcontour {command} [options]\n\n{COMMANDS[command][1]}\n\n"
+              f"This command {needs}.\nIts options are listed here once the extra is installed.")
+        return 0
+    print(f"rtcontour {command}: {needs}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

@@ -1,0 +1,87 @@
+"""``rtcontour`` dispatcher: help always works, a missing extra is one sentence naming it."""
+
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+import tomllib
+
+import pytest
+
+from service.cli import EXTRA_OF_MODULE
+from tests.conftest import REPO_ROOT
+
+# Runs ``rtcontour ARGS`` with the train extra's modules unimportable, whether installed or not.
+WITHOUT_TRAIN_EXTRA = """
+import sys
+
+class HideTrainExtra:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in {"torch", "onnx"}:
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+        return None
+
+sys.meta_path.insert(0, HideTrainExtra())
+from service.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def _rtcontour_without_train_extra(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-c", WITHOUT_TRAIN_EXTRA, *args],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=120,
+    )
+
+
+@pytest.mark.parametrize("command", ["train", "export"], ids=["train", "export"])
+def test_help_of_a_train_extra_command_works_without_torch_and_names_the_extra(
+    command: str,
+) -> None:
+    result = _rtcontour_without_train_extra(command, "--help")
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stdout + result.stderr
+    assert f"usage: rtcontour {command}" in result.stdout
+    assert "pip install 'rtcontour[train]'" in result.stdout
+
+
+@pytest.mark.parametrize(
+    "args", [["train", "--steps", "1"], ["export", "--version", "9.9.9"]], ids=["train", "export"]
+)
+def test_running_a_train_extra_command_without_torch_says_which_extra_to_install(
+    args: list[str],
+) -> None:
+    result = _rtcontour_without_train_extra(*args)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip() == (
+        f"rtcontour {args[0]}: needs the 'train' extra (torch is not installed): "
+        "pip install 'rtcontour[train]'"
+    )
+
+
+def test_evaluate_help_works_without_torch() -> None:
+    result = _rtcontour_without_train_extra("evaluate", "--help")
+    assert result.returncode == 0, result.stderr
+    assert "--package" in result.stdout
+
+
+def test_every_module_mapped_to_an_extra_is_a_requirement_of_that_extra() -> None:
+    extras = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"][
+        "optional-dependencies"
+    ]
+    for module, extra in EXTRA_OF_MODULE.items():
+        names = {req.split(";")[0].split("[")[0].split("=")[0].split(">")[0].split("<")[0]
+                 .strip() for req in extras[extra]}
+        assert module in names, f"{module} is not a requirement of the extra {extra!r}"
+
+
+@pytest.mark.skipif(importlib.util.find_spec("torch") is None, reason="train extra absent")
+def test_train_help_with_the_extra_lists_its_options() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "service.cli", "train", "--help"],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "--steps" in result.stdout
