@@ -33,6 +33,7 @@ import pydicom.errors
 from pydicom.dataset import Dataset
 
 from common.errors import RtcontourError
+from common.structure_names import to_tg263
 from models.dose.features import OAR_NAMES
 from models.dose.predict import DosePredictor
 from worker.rtdose import DoseVolumeHistogram, build_rtdose, cumulative_dvh, save_rtdose
@@ -43,7 +44,6 @@ __all__ = [
     "StructureSet",
     "DosePrediction",
     "DEFAULT_PRESCRIPTION_TABLE",
-    "OAR_SYNONYMS",
     "read_structure_set",
     "rasterise_polygons",
     "prescriptions_from_names",
@@ -64,18 +64,6 @@ DEFAULT_PRESCRIPTION_TABLE: dict[str, float] = {
 }
 _PTV_NAME = re.compile(
     r"^PTV[\s_\-]*(?P<number>\d+(?:[.,]\d+)?)\s*(?P<unit>cGy|Gy)?(?![a-z0-9])", re.IGNORECASE)
-# TG-263 name -> other names clinics use (compared lower-case without spaces, _ or -).
-OAR_SYNONYMS: dict[str, tuple[str, ...]] = {
-    "Brainstem": ("brainstem", "brain stem", "tronc cerebral"),
-    "SpinalCord": ("spinalcord", "spinal cord", "cord", "spinal_cord", "myelon"),
-    "Parotid_L": ("parotid_l", "parotid l", "l parotid", "lt parotid", "parotid lt",
-                  "parotid left", "left parotid", "leftparotid"),
-    "Parotid_R": ("parotid_r", "parotid r", "r parotid", "rt parotid", "parotid rt",
-                  "parotid right", "right parotid", "rightparotid"),
-    "Esophagus": ("esophagus", "oesophagus", "esophagus_upper"),
-    "Larynx": ("larynx", "larynx_glottic", "glottic larynx"),
-    "Bone_Mandible": ("bone_mandible", "mandible", "mandibula"),
-}
 _IN_SLICE_TOLERANCE = 0.25  # of the slice spacing: contour points farther off a slice are off
 
 
@@ -279,19 +267,13 @@ def parse_prescription_overrides(text: str) -> dict[str, float]:
     return result
 
 
-def _normalised(name: str) -> str:
-    return re.sub(r"[\s_\-]+", "", name.lower())
-
-
 def match_oars(names: Iterable[str]) -> dict[str, str]:
     """TG-263 OAR name (of the dose model) -> the structure set ROI name that is that OAR,
-    by exact TG-263 name or a synonym (case, spaces, _ and - ignored); first match wins."""
-    wanted = {_normalised(synonym): oar for oar, synonyms in OAR_SYNONYMS.items()
-              for synonym in (oar, *synonyms)}
+    by :func:`common.structure_names.to_tg263` (TG-263 name or a synonym); first match wins."""
     found: dict[str, str] = {}
     for name in names:
-        oar = wanted.get(_normalised(name))
-        if oar is not None and oar not in found:
+        oar = to_tg263(name)
+        if oar in OAR_NAMES and oar not in found:
             found[oar] = name
     return found
 
