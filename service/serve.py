@@ -188,8 +188,24 @@ class ApiServer:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="rtcontour serve", description=__doc__)
-    parser.add_argument("--log-level", default="INFO")
+    parser = argparse.ArgumentParser(
+        prog="rtcontour serve",
+        description=(
+            "Run rtcontour on this machine: the DICOM listener (RTCONTOUR_DICOM_PORT, default "
+            "11112, AE title RTCONTOUR_AE_TITLE), the HTTP API and dashboard "
+            "(http://RTCONTOUR_API_HOST:RTCONTOUR_API_PORT/dashboard) and a worker that "
+            "contours each CT series received and sends the RTSTRUCT back (to "
+            "RTCONTOUR_DESTINATIONS or the destinations of the series' route). "
+            "With no settings the job database and the queue live in RTCONTOUR_DATA_DIR "
+            "(default ./var), so nothing else needs to run."
+        ),
+        epilog=(
+            "Stop it with Ctrl-C or SIGTERM: series already received completely become jobs, "
+            "and a job cut short is run again at the next start. Every setting is an "
+            "RTCONTOUR_* environment variable (see the README)."
+        ),
+    )
+    parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
     parser.add_argument("--no-worker", action="store_true", help="listener and API only")
     parser.add_argument(
         "--worker-grace", type=float, default=10.0, help="seconds a worker may finish its job"

@@ -36,12 +36,31 @@ def make_celery(settings: Settings) -> Celery:
 
 def main(argv: list[str] | None = None) -> int:
     """``rtcontour worker``: a Celery worker plus the job store's recovery sweep."""
-    parser = argparse.ArgumentParser(prog="rtcontour worker", description=__doc__)
-    parser.add_argument("--concurrency", type=int, help="pool processes (default: settings)")
-    parser.add_argument("--hostname", default=f"rtcontour@{socket.gethostname()}")
-    parser.add_argument("--loglevel", default="INFO")
+    parser = argparse.ArgumentParser(
+        prog="rtcontour worker",
+        description=(
+            "Run a worker: it takes jobs from the queue (RTCONTOUR_BROKER_URL), contours each "
+            "CT series and sends the RTSTRUCT to its destinations. Run as many as you like, on "
+            "any machine that sees the same RTCONTOUR_DATA_DIR and RTCONTOUR_DATABASE_URL as "
+            "the listener."
+        ),
+        epilog=(
+            "Each worker also checks the job database every RTCONTOUR_RECOVERY_INTERVAL_S "
+            "seconds and queues again the jobs whose worker or queue message was lost."
+        ),
+    )
     parser.add_argument(
-        "--no-recovery", action="store_true", help="do not run the recovery sweep here"
+        "--concurrency", type=int,
+        help="jobs this worker runs at once (default RTCONTOUR_WORKER_CONCURRENCY)",
+    )
+    parser.add_argument(
+        "--hostname", default=f"rtcontour@{socket.gethostname()}",
+        help="this worker's name in the logs (default %(default)s; %%h stands for the host)",
+    )
+    parser.add_argument("--loglevel", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
+    parser.add_argument(
+        "--no-recovery", action="store_true",
+        help="do not look for lost jobs from this worker (leave it to the other workers)",
     )
     args = parser.parse_args(argv)
     logging.basicConfig(

@@ -130,7 +130,18 @@ def main(argv: list[str] | None = None) -> int:
     """``rtcontour api``: serve the API and dashboard with uvicorn."""
     import uvicorn
 
-    parser = argparse.ArgumentParser(prog="rtcontour api", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="rtcontour api",
+        description=(
+            "Run only the HTTP API and the dashboard (http://HOST:PORT/dashboard), for an "
+            "installation whose listener and workers run as separate processes: give it the "
+            "same RTCONTOUR_DATABASE_URL, RTCONTOUR_BROKER_URL and RTCONTOUR_DATA_DIR as them."
+        ),
+        epilog=(
+            "Every request except /health and the dashboard page needs a bearer token: "
+            "RTCONTOUR_ADMIN_TOKEN, or a user's token from 'rtcontour users token NAME'."
+        ),
+    )
     parser.add_argument("--host", help="bind address (default RTCONTOUR_API_HOST)")
     parser.add_argument("--port", type=int, help="port (default RTCONTOUR_API_PORT)")
     args = parser.parse_args(argv)

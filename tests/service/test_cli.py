@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+import importlib
 import importlib.util
 import subprocess
 import sys
@@ -85,3 +87,36 @@ def test_train_help_with_the_extra_lists_its_options() -> None:
     )
     assert result.returncode == 0, result.stderr
     assert "--steps" in result.stdout
+
+
+# what a developer reads in a module docstring, not what the person running the command needs
+DEVELOPER_NOTES = ("create_app", "deps.py", "RecoverySweeper", "make_celery", "``", "worker.tasks")
+
+
+@pytest.mark.parametrize(
+    "module",
+    ["service.serve", "service.api.app", "worker.celery_app"],
+    ids=["serve", "api", "worker"],
+)
+def test_help_of_a_service_command_is_written_for_the_person_running_it(
+    module: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    main = importlib.import_module(module).main
+    with pytest.raises(SystemExit) as exit_:
+        main(["--help"])
+    assert exit_.value.code == 0
+    help_text = capsys.readouterr().out
+    assert not [note for note in DEVELOPER_NOTES if note in help_text], help_text
+    assert "RTCONTOUR_" in help_text  # names the settings it runs with
+
+    parsers: list[argparse.ArgumentParser] = []
+
+    def capture(self: argparse.ArgumentParser, *args: object, **kwargs: object) -> None:
+        parsers.append(self)
+        raise SystemExit(0)
+
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", capture)
+    with pytest.raises(SystemExit):
+        main([])
+    bare = [action.option_strings[-1] for action in parsers[0]._actions if not action.help]
+    assert not bare, f"options without help text: {bare}"
