@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import socket
 from typing import Any
 
 from celery import Celery
 from celery.signals import worker_ready, worker_shutdown
+from celery.utils.nodenames import default_nodename, host_format
 
 from common.queue import QUEUE, celery_config, make_enqueue, make_queue_depth
 from common.settings import Settings
@@ -24,6 +26,10 @@ from worker.pipeline import load_checked_routing
 from worker.tasks import RecoverySweeper, register_tasks
 
 logger = logging.getLogger(__name__)
+
+# The Celery node name ("w1@host"), for the pool processes to name themselves in job logs and
+# claims (``WorkerRuntime.worker_name``); set by ``rtcontour worker``, not a setting.
+WORKER_NODE_ENV = "RTCONTOUR_WORKER_NODE"
 
 
 def make_celery(settings: Settings) -> Celery:
@@ -93,11 +99,13 @@ def main(argv: list[str] | None = None) -> int:
             for running in sweeper:
                 running.stop()
 
+    node = host_format(default_nodename(args.hostname))  # %h, %n, %d as Celery expands them
+    os.environ[WORKER_NODE_ENV] = node  # inherited by the pool processes
     where = settings.broker_url or f"embedded broker in {settings.data_dir / 'broker'}"
-    logger.info("worker %s consuming %s from %s", args.hostname, QUEUE, _redact(where))
+    logger.info("worker %s consuming %s from %s", node, QUEUE, _redact(where))
     worker_args = [
         "worker",
-        f"--hostname={args.hostname}",
+        f"--hostname={node}",
         f"--loglevel={args.loglevel}",
         f"--concurrency={args.concurrency or settings.worker_concurrency}",
         f"--queues={QUEUE}",

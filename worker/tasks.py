@@ -103,7 +103,9 @@ class WorkerRuntime:
         self.model_cache = model_cache if model_cache is not None else SegmenterCache()
         self.sender = sender or Sender(settings)
         self._steps_factory = steps_factory
-        self.worker_name = f"{socket.gethostname()}:{os.getpid()}"
+        # the Celery node that runs this pool process (set by ``rtcontour worker``), and its pid
+        node = os.environ.get("RTCONTOUR_WORKER_NODE") or socket.gethostname()
+        self.worker_name = f"{node} pid {os.getpid()}"
         self._audit = _make_audit(store)
 
     def model(self, request: str | None = None) -> SegmentationModel:
