@@ -132,6 +132,16 @@ class Job(Base):
     destinations: Mapped[list[str] | None] = mapped_column(JSON)
     # Why a series was not contoured (state ignored), e.g. "route pelvis: ignore".
     ignored_reason: Mapped[str | None] = mapped_column(Text)
+    # What the job does: "contour" (a CT series in, an RTSTRUCT out; NULL in databases of
+    # earlier releases means the same) or "dose" (a structure set in, a predicted RTDOSE out).
+    kind: Mapped[str | None] = mapped_column(String(16), default="contour", index=True)
+    # A dose job: the job holding the CT its structure set references (found by the worker),
+    # and its route's prescriptions by PTV name (Gy), overriding those read from the names.
+    source_job_id: Mapped[str | None] = mapped_column(String(32))
+    prescriptions_gy: Mapped[dict[str, float] | None] = mapped_column(JSON)
+    # A contour job: what the clinicians changed in its contours, measured when their approved
+    # structure set arrived (see worker.qa; JSON contract in docs/ARCHITECTURE.md).
+    qa: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     # "AE@host:port|SOPInstanceUID" entries already delivered (idempotent re-sends).
     sent_destinations: Mapped[list[str]] = mapped_column(JSON, default=list)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
@@ -258,6 +268,8 @@ class JobStore:
         route_name: str | None = None,
         model_request: str | None = None,
         destinations: builtins.list[str] | None = None,
+        kind: str = "contour",
+        prescriptions_gy: dict[str, float] | None = None,
     ) -> MergeResult:
         """Return the active job of the series (merged: generation bumped) or a new one.
 
@@ -290,6 +302,8 @@ class JobStore:
                         route_name=route_name,
                         model_request=model_request,
                         destinations=destinations,
+                        kind=kind,
+                        prescriptions_gy=prescriptions_gy,
                         state=JobState.RECEIVED.value,
                         attempts=0,
                         generation=0,
@@ -519,6 +533,33 @@ class JobStore:
 
     def record_model(self, job_id: str, name: str, version: str) -> None:
         self._update(job_id, model_name=name, model_version=version)
+
+    def record_source(self, job_id: str, source_job_id: str) -> None:
+        """A dose job's CT comes from ``source_job_id``'s folder."""
+        self._update(job_id, source_job_id=source_job_id)
+
+    def record_qa(self, job_id: str, qa: dict[str, Any]) -> None:
+        """Store what the clinicians changed in the contour job's structures."""
+        self._update(job_id, qa=qa)
+
+    def ct_holder(self, series_instance_uid: str) -> tuple[Job | None, str | None]:
+        """The newest contour job whose CT instances of ``series_instance_uid`` are still held
+        (done first, then any other state), or None with the reason a person can act on."""
+        with self._sessions() as session:
+            jobs = builtins.list(session.scalars(
+                select(Job).where(Job.series_instance_uid == series_instance_uid,
+                                  or_(Job.kind.is_(None), Job.kind == "contour"))
+                .order_by(Job.created_at.desc())
+            ))
+        if not jobs:
+            return None, (f"rtcontour does not hold the CT series {series_instance_uid} this "
+                          "structure set references (never received): send the CT first")
+        held = [job for job in jobs if job.purged_at is None]
+        if not held:
+            return None, (f"the CT series {series_instance_uid} this structure set references "
+                          "was deleted by the retention policy: send the CT again")
+        done = [job for job in held if job.state == JobState.DONE.value]
+        return (done or held)[0], None
 
     def record_output(
         self,

@@ -77,6 +77,11 @@ class Route(BaseModel):
     action: Literal["contour", "ignore"] = "contour"
     model: str | None = None
     destinations: list[str] | None = None
+    # For structure sets (modality RTSTRUCT), where "contour" means: predict the dose and
+    # measure what the clinicians changed. The dose package ("name" or "name-version"; None:
+    # the newest dose package) and prescriptions by PTV name overriding those read from names.
+    dose_model: str | None = None
+    prescriptions: dict[str, float] | None = None
 
     @field_validator("name")
     @classmethod
@@ -113,9 +118,18 @@ class Route(BaseModel):
             return None
         return [str(Destination.parse(text)) for text in value]
 
+    @field_validator("prescriptions")
+    @classmethod
+    def _check_prescriptions(cls, value: dict[str, float] | None) -> dict[str, float] | None:
+        for name, gy in (value or {}).items():
+            if not 0 < gy <= 100:
+                raise ValueError(f"{name}: {gy} Gy is not a prescription (0 to 100 Gy)")
+        return value
+
     @model_validator(mode="after")
     def _check_action(self) -> Route:
-        if self.action == "ignore" and (self.model is not None or self.destinations is not None):
+        given = (self.model, self.destinations, self.dose_model, self.prescriptions)
+        if self.action == "ignore" and any(value is not None for value in given):
             raise ValueError("an ignore route takes no model and no destinations")
         return self
 
@@ -205,13 +219,6 @@ class RoutingTable(BaseModel):
     def route(self, name: str) -> Route | None:
         return next((route for route in self.routes if route.name == name), None)
 
-    def models(self) -> list[str]:
-        """The model requests of the contour routes (None: the newest package) without repeats."""
-        seen: list[str] = []
-        for route in self.routes:
-            if route.action == "contour" and route.model is not None and route.model not in seen:
-                seen.append(route.model)
-        return seen
 
     def decide(self, attributes: Mapping[str, str]) -> RouteDecision:
         """The first matching route's decision for a series with ``attributes``."""

@@ -22,6 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "worker": ("worker.celery_app", "run a Celery worker (scaled-out deployments)"),
     "segment": ("worker.segment", "offline: a CT folder in, an RTSTRUCT file out"),
     "mask2rtstruct": ("worker.mask2rtstruct", "write an RTSTRUCT from a NIfTI/NRRD label map"),
+    "dose": ("worker.dose_offline", "offline: CT + structure set in, predicted RTDOSE out"),
     "users": ("service.users_cli", "manage API users and tokens"),
     "routes": ("service.routes_cli", "test the routing rules: which route a CT series takes"),
     "train": ("models.train", "train the residual U-Net (extra 'train')"),

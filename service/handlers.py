@@ -30,6 +30,7 @@ from pydicom.uid import (
     DeflatedExplicitVRLittleEndian,
     ExplicitVRBigEndian,
     ImplicitVRLittleEndian,
+    RTStructureSetStorage,
 )
 from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION
 from pynetdicom.dimse_primitives import C_STORE
@@ -70,6 +71,22 @@ _REQUIRED = (
     "Columns",
     "PixelData",
 )
+# What a structure set must carry to be accepted (its contours are read by the worker).
+_REQUIRED_STRUCTURE_SET = (
+    "SOPClassUID",
+    "SOPInstanceUID",
+    "StudyInstanceUID",
+    "SeriesInstanceUID",
+    "Modality",
+    "ReferencedFrameOfReferenceSequence",
+    "StructureSetROISequence",
+)
+_READ_STRUCTURE_SET_TAGS: list[BaseTag | int] = [
+    Tag(keyword)
+    for keyword in ("SpecificCharacterSet", *_REQUIRED_STRUCTURE_SET, "SeriesDescription")
+]
+ACCEPTED_SOP_CLASSES = (CTImageStorage, RTStructureSetStorage)
+
 _READ_TAGS: list[BaseTag | int] = [
     Tag(keyword)
     for keyword in (
@@ -233,11 +250,14 @@ def read_instance_header(
     size = dataset.getbuffer().nbytes
     if size > max_instance_bytes:
         raise InstanceTooLarge(f"instance of {size} bytes exceeds {max_instance_bytes}")
-    if context_sop_class != CTImageStorage or request_sop_class != context_sop_class:
+    if context_sop_class not in ACCEPTED_SOP_CLASSES or request_sop_class != context_sop_class:
         raise SopClassMismatch(
             f"SOP Class {request_sop_class} does not match the context {context_sop_class}"
         )
     stream = _decode_stream(dataset, transfer_syntax, max_instance_bytes)
+    if context_sop_class == RTStructureSetStorage:
+        return _read_structure_set_header(stream, transfer_syntax, request_sop_class,
+                                          request_sop_instance)
     try:
         ds = read_dataset(
             stream,
@@ -286,6 +306,43 @@ def read_instance_header(
         raise InvalidInstance(f"dataset cannot be parsed: {type(exc).__name__}") from exc
 
 
+def _read_structure_set_header(
+    stream: BytesIO, transfer_syntax: UID, request_sop_class: str, request_sop_instance: str
+) -> InstanceHeader:
+    """The checks of an RT Structure Set at store time: identity, modality, that it names a
+    frame of reference and structures. Its contours are read (tolerantly) by the worker."""
+    try:
+        ds = read_dataset(
+            stream,
+            is_implicit_VR=transfer_syntax == ImplicitVRLittleEndian,
+            is_little_endian=transfer_syntax != ExplicitVRBigEndian,
+            specific_tags=_READ_STRUCTURE_SET_TAGS,
+        )
+        missing = [kw for kw in _REQUIRED_STRUCTURE_SET if _is_empty(ds, kw)]
+        if missing:
+            raise InvalidInstance(f"required attributes missing or empty: {', '.join(missing)}")
+        if str(ds.SOPClassUID) != request_sop_class:
+            raise SopClassMismatch(f"dataset SOP Class {ds.SOPClassUID} differs from the request")
+        sop_instance_uid = checked_uid(ds.SOPInstanceUID, "SOPInstanceUID")
+        if sop_instance_uid != request_sop_instance.strip("\x00 "):
+            raise InvalidInstance("SOPInstanceUID differs from the request's")
+        if str(ds.Modality).strip() != "RTSTRUCT":
+            raise InvalidInstance(f"Modality {str(ds.Modality)[:16]!r} is not RTSTRUCT")
+        description = ds.get("SeriesDescription", "") or ""
+        return InstanceHeader(
+            sop_instance_uid=sop_instance_uid,
+            series_instance_uid=checked_uid(ds.SeriesInstanceUID, "SeriesInstanceUID"),
+            study_instance_uid=checked_uid(ds.StudyInstanceUID, "StudyInstanceUID"),
+            modality="RTSTRUCT",
+            series_description=str(description)[:64],
+        )
+    except RtcontourError:
+        raise
+    except Exception as exc:  # pydicom raises many types on malformed input
+        logger.debug("parse failure", exc_info=True)
+        raise InvalidInstance(f"dataset cannot be parsed: {type(exc).__name__}") from exc
+
+
 # -- handlers ---------------------------------------------------------------------------------
 def handle_echo(event: Event, edge: Edge) -> int:
     """C-ECHO: always success."""
@@ -312,7 +369,7 @@ def handle_store(event: Event, edge: Edge) -> int:
         )
         calling_ae = str(event.assoc.requestor.ae_title).strip()
         file_meta = encode_file_meta(
-            CTImageStorage, header.sop_instance_uid, transfer_syntax, calling_ae
+            str(context.abstract_syntax), header.sop_instance_uid, transfer_syntax, calling_ae
         )
         with dataset.getbuffer() as dataset_bytes:
             edge.spool.write(

@@ -108,6 +108,9 @@ class Intake:
         decision = self.decide(arrival)
         route = decision.route
         contour = decision.action == "contour"
+        # A structure set (from the TPS, approved) is a dose job; a CT series a contour job.
+        dose = arrival.modality == "RTSTRUCT"
+        model = (route.dose_model if dose else route.model) if route is not None else None
         result = self.store.create_or_merge_for_series(
             series_instance_uid=arrival.series_instance_uid,
             study_instance_uid=arrival.study_instance_uid,
@@ -116,8 +119,10 @@ class Intake:
             series_description=arrival.series_description,
             n_instances=arrival.n_instances,
             route_name=decision.route_name,
-            model_request=route.model if route is not None and contour else None,
+            model_request=model if contour else None,
             destinations=route.destinations if route is not None and contour else None,
+            kind="dose" if dose else "contour",
+            prescriptions_gy=route.prescriptions if route is not None and dose else None,
         )
         job = result.job
         folder = job_folder(self.settings, job.id)

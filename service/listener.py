@@ -49,6 +49,7 @@ from pydicom.uid import (
     JPEGLosslessSV1,
     JPEGLSLossless,
     RLELossless,
+    RTStructureSetStorage,
 )
 from pynetdicom import AE, evt
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
@@ -68,6 +69,13 @@ from service.spool import InstanceSpool, SeriesTracker
 from worker.pipeline import load_checked_routing
 
 logger = logging.getLogger(__name__)
+
+# A structure set has no pixel data: the uncompressed syntaxes (and deflate) are all there is.
+STRUCTURE_SET_TRANSFER_SYNTAXES = [
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    DeflatedExplicitVRLittleEndian,
+]
 
 SUPPORTED_TRANSFER_SYNTAXES = [
     ExplicitVRLittleEndian,
@@ -198,6 +206,8 @@ def build_ae(settings: Settings) -> AE:
     ae = AE(ae_title=settings.ae_title)
     ae.add_supported_context(Verification)
     ae.add_supported_context(CTImageStorage, SUPPORTED_TRANSFER_SYNTAXES)
+    # Approved structure sets come back from the TPS (dose prediction, QA of our contours).
+    ae.add_supported_context(RTStructureSetStorage, STRUCTURE_SET_TRANSFER_SYNTAXES)
     ae.maximum_associations = settings.max_associations
     ae.acse_timeout = settings.acse_timeout_s
     ae.dimse_timeout = settings.dimse_timeout_s

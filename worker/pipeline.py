@@ -113,6 +113,11 @@ class JobContext:
     # (None: RTCONTOUR_DESTINATIONS).
     model_request: str | None = None
     route_destinations: list[str] | None = None
+    # A dose job: its route's prescriptions, the contour job holding its CT, the dose steps'
+    # working state (worker.dose_pipeline.DoseContext).
+    prescriptions_gy: dict[str, float] | None = None
+    source_job_id: str | None = None
+    dose: Any = None
 
     @property
     def archive_dir(self) -> Path:
@@ -436,6 +441,18 @@ class SegmenterCache:
         return sorted({key[0] for key in self._models})
 
 
+def resolve_dose_package(settings: Settings, request: str | None) -> Path:
+    """The dose package for ``request`` ("name", "name-version", None: the newest)."""
+    root = settings.model_packages_dir or default_packages_root()
+    if request is not None and (root / request / MANIFEST_NAME).is_file():
+        return root / request
+    try:
+        return Path(find_latest_package(root, name=request, kind="dose"))
+    except ModelPackageError:
+        what = f"dose model package {request!r}" if request else "no dose model package"
+        raise ModelPackageError(f"{what} is not installed in {root}") from None
+
+
 def check_routes_models(settings: Settings, table: RoutingTable) -> dict[str, Path]:
     """The package folder of every model the routes name; ``ConfigurationError`` naming the
     route if one is not installed. (A route without ``model`` takes the newest package, found
@@ -449,6 +466,14 @@ def check_routes_models(settings: Settings, table: RoutingTable) -> dict[str, Pa
         except ModelPackageError as error:
             raise ConfigurationError(f"route {route.name!r}, field model: {error}") from None
         found[route.model] = path
+    for route in table.routes:
+        if route.action != "contour" or route.dose_model is None:
+            continue
+        try:
+            found[route.dose_model] = resolve_dose_package(settings, route.dose_model)
+        except ModelPackageError as error:
+            raise ConfigurationError(
+                f"route {route.name!r}, field dose_model: {error}") from None
     return found
 
 

@@ -40,11 +40,15 @@ from common.jobstore import JobState, JobStore
 from common.queue import RUN_JOB_TASK
 from common.schema import create_schema
 from common.settings import Settings
+from models.dose.predict import DosePredictor
+from worker.dose_pipeline import DosePredictorCache, LoadStructureSet, PredictDose, RtdoseWriter
 from worker.pipeline import (
     Archive,
+    BuildOutputs,
     JobContext,
     SegmentationModel,
     SegmenterCache,
+    Send,
     Step,
     default_steps,
     run_steps,
@@ -93,6 +97,7 @@ class WorkerRuntime:
         model_cache: SegmenterCache | None = None,
         sender: Sender | None = None,
         steps_factory: Callable[[WorkerRuntime], list[Step]] | None = None,
+        dose_predictors: DosePredictorCache | None = None,
     ) -> None:
         self.settings = settings
         if store is None:
@@ -103,6 +108,8 @@ class WorkerRuntime:
         self.model_cache = model_cache if model_cache is not None else SegmenterCache()
         self.sender = sender or Sender(settings)
         self._steps_factory = steps_factory
+        self.dose_predictors = dose_predictors if dose_predictors is not None else (
+            DosePredictorCache())
         # the Celery node that runs this pool process (set by ``rtcontour worker``), and its pid
         node = os.environ.get("RTCONTOUR_WORKER_NODE") or socket.gethostname()
         self.worker_name = f"{node} pid {os.getpid()}"
@@ -112,9 +119,22 @@ class WorkerRuntime:
         """The model a job's route asked for (None: the default package), loaded once."""
         return self.model_cache.get(self.settings, request)
 
-    def steps(self) -> list[Step]:
+    def dose_predictor(self, request: str | None = None) -> DosePredictor:
+        """The dose model a structure set's route asked for (None: the newest dose package)."""
+        return self.dose_predictors.get(self.settings, request)
+
+    def steps(self, kind: str | None = "contour") -> list[Step]:
+        """The pipeline of a job of ``kind`` ("contour", or "dose" for a structure set)."""
         if self._steps_factory is not None:
             return self._steps_factory(self)
+        if kind == "dose":
+            return [
+                LoadStructureSet(),
+                PredictDose(self.dose_predictor, lambda ctx: ctx.prescriptions_gy),
+                BuildOutputs([RtdoseWriter()]),
+                Archive(),
+                Send(self.sender, self._record_sent),
+            ]
         return default_steps(self.model, self.sender, on_sent=self._record_sent)
 
     def _record_sent(self, job_id: str, destination: str, sop_instance_uid: str) -> None:
@@ -215,6 +235,7 @@ def _run_pipeline(
             generation=job.generation,
             model_request=job.model_request,
             route_destinations=job.destinations,
+            prescriptions_gy=job.prescriptions_gy,
         )
 
         def before_step(step: Step, ctx: JobContext = ctx) -> None:
@@ -224,7 +245,7 @@ def _run_pipeline(
                 raise SeriesChanged(job_id)
 
         try:
-            run_steps(ctx, runtime.steps(), before_step)
+            run_steps(ctx, runtime.steps(job.kind), before_step)
             if heartbeat.lost:
                 raise LostClaim(job_id)
             if store.complete_if_unchanged(job_id, runtime.worker_name, ctx.generation):

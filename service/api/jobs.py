@@ -69,6 +69,8 @@ class JobSummaryOut(BaseModel):
     model_name: str | None = None
     model_version: str | None = None
     failure_reason: str | None = None
+    kind: str = Field("contour", description="contour (CT in, RTSTRUCT out) or dose "
+                      "(approved structure set in, predicted RTDOSE out)")
     route_name: str | None = Field(None, description="the routing rule that took the series")
     ignored_reason: str | None = Field(
         None, description="why the series was not contoured (state ignored)"
@@ -90,6 +92,16 @@ class JobDetailOut(JobSummaryOut):
         None, description="the route's destinations (null: RTCONTOUR_DESTINATIONS)"
     )
     outputs: list[OutputOut] = Field(default_factory=list)
+    source_job_id: str | None = Field(
+        None, description="a dose job: the contour job whose CT its structure set references"
+    )
+    dose_metrics: list[dict[str, Any]] | None = Field(
+        None, description="a dose job: per PTV and OAR, DVH metrics in Gy (OpenKBP definitions:"
+        " D_99, D_95, D_1 for PTVs, D_0.1cc and mean for OARs) and a cumulative DVH"
+    )
+    qa: dict[str, Any] | None = Field(
+        None, description="a contour job: what the clinicians changed in its structures"
+    )
     attempts: int | None = None
     queued_at: dt.datetime | None = None
     started_at: dt.datetime | None = None
@@ -127,6 +139,7 @@ def summary(job: Job, outputs: list[JobOutput] | None = None) -> JobSummaryOut:
         model_name=job.model_name,
         model_version=job.model_version,
         failure_reason=job.failure_reason,
+        kind=job.kind or "contour",
         route_name=job.route_name,
         ignored_reason=job.ignored_reason,
         output_kinds=[output.kind for output in outputs or []],
@@ -185,6 +198,7 @@ def detail(job: Job, outputs: list[JobOutput]) -> JobDetailOut:
         total_s=_seconds(job.created_at, job.finished_at),
     )
     rtstruct = next((output for output in outputs if output.kind == "RTSTRUCT"), None)
+    rtdose = next((output for output in outputs if output.kind == "RTDOSE"), None)
     return JobDetailOut(
         **summary(job, outputs).model_dump(),
         study_instance_uid=job.study_instance_uid,
@@ -193,6 +207,9 @@ def detail(job: Job, outputs: list[JobOutput]) -> JobDetailOut:
         model_request=job.model_request,
         destinations=job.destinations,
         outputs=[_output_out(output) for output in outputs],
+        source_job_id=job.source_job_id,
+        dose_metrics=rtdose.summary if rtdose is not None else None,
+        qa=job.qa,
         attempts=job.attempts,
         queued_at=job.queued_at,
         started_at=job.started_at,

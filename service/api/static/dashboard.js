@@ -243,6 +243,8 @@ async function refreshJob() {
   field(fields, "Created", when(job.created_at));
   field(fields, "Finished", when(job.finished_at));
   field(fields, "Failure reason", job.failure_reason);
+  field(fields, "Kind", job.kind === "dose" ? "dose prediction" : "contouring");
+  field(fields, "CT from job", job.source_job_id);
   field(fields, "Route", job.route_name);
   field(fields, "Not contoured because", job.ignored_reason);
   field(fields, "Destinations", job.destinations ? job.destinations.join(", ") : null);
@@ -257,6 +259,7 @@ async function refreshJob() {
       el("td", { className: "uid" }, output.sop_instance_uid), el("td", {}, button)));
   }
   if (!job.outputs.length) outputs.append(el("tr", {}, el("td", { colSpan: 3 }, job.state === "ignored" ? "None: the series was not contoured." : "None yet.")));
+  renderDose(job);
   const structures = $("#structures-table tbody");
   clear(structures);
   for (const s of job.structures) {
@@ -276,6 +279,49 @@ async function refreshJob() {
   if (canClinic && job.has_rtstruct && !state.previewInfo) loadPreviews(job.id);
   if (!canClinic) $("#preview-note").textContent = "Previews need the clinician role.";
   else if (!job.has_rtstruct) $("#preview-note").textContent = "No RTSTRUCT yet: nothing to preview.";
+}
+
+const DVH_COLOURS = ["#d62728", "#1f77b4", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#bcbd22", "#7f7f7f"];
+
+function renderDose(job) {
+  const panel = $("#dose-panel");
+  const metrics = job.dose_metrics || [];
+  panel.hidden = metrics.length === 0;
+  if (panel.hidden) return;
+  const body = $("#dose-table tbody");
+  clear(body);
+  const gy = (v) => (v === undefined || v === null ? "–" : Number(v).toFixed(1));
+  metrics.forEach((m, i) => {
+    const colour = DVH_COLOURS[i % DVH_COLOURS.length];
+    body.append(el("tr", { "data-roi": m.roi_name },
+      el("td", {}, el("span", { className: "swatch", style: { background: colour } })),
+      el("td", {}, m.roi_name), el("td", {}, m.type), el("td", {}, gy(m.prescription_gy)),
+      el("td", {}, gy(m.mean_gy)), el("td", {}, gy(m.max_gy)), el("td", {}, gy(m.d_99_gy)),
+      el("td", {}, gy(m.d_95_gy)), el("td", {}, gy(m.d_1_gy)), el("td", {}, gy(m["d_0.1cc_gy"])),
+      el("td", {}, m.from_rtcontour ? "rtcontour's contour" : "approved")));
+  });
+  drawDvh($("#dvh-chart"), metrics);
+}
+
+function drawDvh(container, metrics) {
+  const width = 760, height = 260, left = 44, right = 12, top = 10, bottom = 30;
+  const plotW = width - left - right, plotH = height - top - bottom;
+  const maxDose = Math.max(1, ...metrics.map((m) => (m.dvh.length - 1) * m.dvh_step_gy));
+  const chart = svg("svg", { viewBox: "0 0 " + width + " " + height, role: "img", "aria-label": "dose-volume histograms" });
+  chart.append(svg("line", { x1: left, y1: top + plotH, x2: left + plotW, y2: top + plotH, class: "axis" }));
+  chart.append(svg("line", { x1: left, y1: top, x2: left, y2: top + plotH, class: "axis" }));
+  for (const [label, x, y, anchor] of [["100 %", left - 4, top + 4, "end"], ["0", left - 4, top + plotH + 4, "end"],
+    [maxDose.toFixed(0) + " Gy", left + plotW, top + plotH + 18, "end"], ["dose", left + plotW / 2, top + plotH + 18, "middle"]]) {
+    const t = svg("text", { x, y, class: "tick", "text-anchor": anchor }); t.textContent = label; chart.append(t);
+  }
+  metrics.forEach((m, i) => {
+    const points = m.dvh.map((v, k) => (left + (k * m.dvh_step_gy / maxDose) * plotW).toFixed(1) + "," + (top + plotH - (v / 100) * plotH).toFixed(1));
+    const line = svg("polyline", { points: points.join(" "), fill: "none", stroke: DVH_COLOURS[i % DVH_COLOURS.length], "stroke-width": 2, "data-roi": m.roi_name });
+    const title = svg("title", {}); title.textContent = m.roi_name; line.append(title);
+    chart.append(line);
+  });
+  clear(container);
+  container.append(chart);
 }
 
 async function loadPreviews(id) {

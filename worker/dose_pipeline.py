@@ -1,0 +1,288 @@
+"""The dose job: an approved structure set in, a predicted RTDOSE out (job kind ``dose``).
+
+Steps (``dose_steps``), over the same ``JobContext`` as a contour job::
+
+    LoadStructureSet -> the RTSTRUCT of the job folder; the CT it references, from the
+                        contour job that holds it (``JobStore.ct_holder``); refusals raise
+                        InvalidSeries with the reason                          stage "load"
+    PredictDose      -> structures rasterised on the CT, OARs the clinicians did not send
+                        taken from rtcontour's own RTSTRUCT of that CT (the job says so),
+                        prescriptions from PTV names (route overrides first), the dose
+                        package's DosePredictor                            stage "inference"
+    BuildOutputs     -> RtdoseWriter: RTDOSE with DVHs; the summary holds the DVH metrics
+                        (OpenKBP definitions) and a cumulative DVH per structure  "contours"
+    Archive, Send    -> as for contours: a job_outputs row of kind RTDOSE, C-STORE to the
+                        route's destinations                                     stage "send"
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pydicom
+
+from common.errors import InvalidSeries
+from common.settings import Settings
+from models.dose.metrics import dvh_metrics
+from models.dose.predict import DosePredictor
+from worker.dose_offline import (
+    StructureSet,
+    UnusableStructureSet,
+    dose_grid,
+    match_oars,
+    predict_dose_for_series,
+    prescriptions_from_names,
+    read_structure_set,
+)
+from worker.pipeline import JobContext, WrittenOutput, resolve_dose_package
+from worker.rtdose import DoseVolumeHistogram, build_rtdose, cumulative_dvh
+from worker.volume import load_series
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "DoseContext",
+    "DosePredictorCache",
+    "LoadStructureSet",
+    "PredictDose",
+    "RtdoseWriter",
+    "dvh_summary",
+    "referenced_ct_series",
+    "resolve_dose_package",
+]
+
+DVH_STEP_GY = 1.0  # the summary's cumulative DVH: volume fraction at every whole Gy
+
+
+@dataclass
+class DoseContext:
+    """What the dose steps add to a job's context (``JobContext.dose``)."""
+
+    structure_set_path: Path | None = None
+    structure_set: StructureSet | None = None
+    borrowed_oars: tuple[str, ...] = ()  # TG-263 names taken from rtcontour's own contours
+    dose_gy: np.ndarray | None = None  # on the CT's stored grid
+    oars: dict[str, str] = field(default_factory=dict)  # TG-263 name -> ROI name used
+    prescriptions_gy: dict[str, float] = field(default_factory=dict)
+    predictor: DosePredictor | None = None
+
+
+def referenced_ct_series(dataset: pydicom.Dataset) -> tuple[str, str]:
+    """(CT Series Instance UID, Frame of Reference UID) that a structure set references."""
+    for frame in dataset.get("ReferencedFrameOfReferenceSequence", []):
+        for study in frame.get("RTReferencedStudySequence", []):
+            for series in study.get("RTReferencedSeriesSequence", []):
+                uid = str(series.get("SeriesInstanceUID", "")).strip()
+                if uid:
+                    return uid, str(frame.get("FrameOfReferenceUID", "")).strip()
+    raise InvalidSeries("The structure set references no CT series "
+                        "(ReferencedFrameOfReferenceSequence names none).")
+
+
+class DosePredictorCache:
+    """One DosePredictor per package folder for the life of the worker process."""
+
+    def __init__(self, loader: Callable[[Path], DosePredictor] = DosePredictor) -> None:
+        self._loader = loader
+        self._predictors: dict[str, DosePredictor] = {}
+
+    def get(self, settings: Settings, request: str | None = None) -> DosePredictor:
+        path = resolve_dose_package(settings, request).resolve()
+        if str(path) not in self._predictors:
+            self._predictors[str(path)] = self._loader(path)
+        return self._predictors[str(path)]
+
+
+def _dose(ctx: JobContext) -> DoseContext:
+    if ctx.dose is None:
+        ctx.dose = DoseContext()
+    dose: DoseContext = ctx.dose
+    return dose
+
+
+class LoadStructureSet:
+    """The job's RTSTRUCT and the CT series it references (held by a contour job)."""
+
+    name = "load structure set"
+    stage: str | None = "load"
+
+    def run(self, ctx: JobContext) -> None:
+        files = sorted(ctx.spool_dir.glob("*.dcm"))
+        if not files:
+            raise InvalidSeries("The job folder holds no DICOM instance.")
+        if len(files) > 1:
+            logger.warning("job %s: %d structure sets in one series; the last by name is used",
+                           ctx.job_id, len(files))
+        path = files[-1]
+        header = pydicom.dcmread(path, stop_before_pixels=True)
+        series_uid, frame_uid = referenced_ct_series(header)
+        holder, reason = ctx.store.ct_holder(series_uid)
+        if holder is None:
+            raise InvalidSeries(f"Not predicted: {reason}.")
+        ctx.store.record_source(ctx.job_id, holder.id)
+        folder = Path(holder.spool_dir) if holder.spool_dir else (
+            ctx.settings.spool_dir / "jobs" / holder.id)
+        ct_files = sorted(folder.glob("*.dcm"))
+        if not ct_files:
+            raise InvalidSeries(f"Not predicted: the CT of job {holder.id} has no files left.")
+        ctx.series = load_series(ct_files, min_slices=ctx.settings.min_slices,
+                                 gap_tolerance=ctx.settings.slice_gap_tolerance)
+        if frame_uid and frame_uid != ctx.series.volume.frame_of_reference_uid:
+            raise InvalidSeries(
+                f"Not predicted: the structure set's frame of reference {frame_uid} is not the "
+                f"CT's ({ctx.series.volume.frame_of_reference_uid}).")
+        try:
+            structure_set = read_structure_set(path, ctx.series)
+        except UnusableStructureSet as error:
+            raise InvalidSeries(f"Not predicted: {error}") from None
+        dose = _dose(ctx)
+        dose.structure_set_path, dose.structure_set = path, structure_set
+        ctx.source_job_id = holder.id
+        logger.info("job %s: structure set %s on CT series %s of job %s (%d structures)",
+                    ctx.job_id, structure_set.sop_instance_uid, series_uid, holder.id,
+                    len(structure_set.masks))
+
+
+class PredictDose:
+    """Prescriptions, missing OARs from our own contours, the dose model."""
+
+    name = "predict dose"
+    stage: str | None = "inference"
+
+    def __init__(self, predictor_provider: Callable[[str | None], DosePredictor],
+                 prescriptions: Callable[[JobContext], dict[str, float] | None]) -> None:
+        self.predictor_provider = predictor_provider
+        self.prescriptions = prescriptions
+
+    def run(self, ctx: JobContext) -> None:
+        dose = _dose(ctx)
+        if ctx.series is None or dose.structure_set is None:
+            raise RuntimeError("PredictDose needs LoadStructureSet first")
+        approved = dose.structure_set
+        prescriptions = prescriptions_from_names(approved.roi_names,
+                                                 overrides=self.prescriptions(ctx) or {})
+        ptvs = [name for name in prescriptions if name in approved.masks]
+        if not ptvs:
+            raise InvalidSeries(
+                "Not predicted: the structure set has no PTV with a prescription and contours "
+                "(names such as PTV70, PTV_70Gy or PTV7000, or the route's prescriptions).")
+        masks = dict(approved.masks)
+        borrowed = self._borrow_missing_oars(ctx, masks)
+        structure_set = StructureSet(approved.sop_instance_uid, approved.frame_of_reference_uid,
+                                     masks, approved.roi_numbers, approved.empty, approved.notes)
+        predictor = self.predictor_provider(ctx.model_request)
+        ctx.store.record_model(ctx.job_id, predictor.manifest.name, predictor.manifest.version)
+        prediction = predict_dose_for_series(ctx.series, structure_set, predictor, prescriptions)
+        dose.dose_gy = prediction.dose_gy
+        dose.oars = prediction.oars
+        dose.prescriptions_gy = prediction.prescriptions_gy
+        dose.borrowed_oars = tuple(name for name in borrowed if name in prediction.oars)
+        dose.structure_set = structure_set
+        dose.predictor = predictor
+        if dose.borrowed_oars:
+            logger.info("job %s: OARs not in the structure set, taken from rtcontour's own "
+                        "contours: %s", ctx.job_id, ", ".join(dose.borrowed_oars))
+
+    @staticmethod
+    def _borrow_missing_oars(ctx: JobContext, masks: dict[str, np.ndarray]) -> list[str]:
+        """Add to ``masks`` the OARs of rtcontour's RTSTRUCT of the CT that ``masks`` lacks."""
+        if ctx.source_job_id is None or ctx.series is None:
+            return []
+        ours = ctx.store.output(ctx.source_job_id, "RTSTRUCT")
+        if ours is None or not Path(ours.path).is_file():
+            return []
+        have = match_oars(masks)
+        try:
+            our_set = read_structure_set(Path(ours.path), ctx.series)
+        except UnusableStructureSet:
+            logger.warning("job %s: rtcontour's own RTSTRUCT of the CT is unreadable",
+                           ctx.job_id)
+            return []
+        borrowed = []
+        for tg263, roi_name in match_oars(our_set.masks).items():
+            if tg263 not in have and tg263 not in masks:
+                masks[tg263] = our_set.masks[roi_name]
+                borrowed.append(tg263)
+        return borrowed
+
+
+def dvh_summary(
+    dose_gy: np.ndarray,
+    masks: dict[str, np.ndarray],
+    ptvs: dict[str, float],
+    oars: dict[str, str],
+    borrowed: tuple[str, ...],
+    spacing_mm: tuple[float, float, float],
+) -> list[dict[str, Any]]:
+    """One entry per PTV and OAR: DVH metrics (OpenKBP definitions, Gy) and a cumulative
+    DVH (``dvh``: volume percent at 0, 1, 2, ... Gy)."""
+    ptv_masks = {name: masks[name] for name in ptvs}
+    oar_masks = {roi: masks[roi] for roi in oars.values()}
+    metrics = dvh_metrics(dose_gy, oar_masks, ptv_masks, spacing_mm)
+    voxel_cc = float(np.prod(spacing_mm)) / 1000.0
+    top = float(dose_gy.max()) if dose_gy.size else 0.0
+    levels = np.arange(0.0, top + DVH_STEP_GY, DVH_STEP_GY)
+    entries = []
+    names = [(name, "PTV") for name in ptvs] + [(roi, "OAR") for roi in oars.values()]
+    tg263 = {roi: name for name, roi in oars.items()}
+    for name, kind in names:
+        voxels = dose_gy[masks[name]]
+        if voxels.size == 0:
+            continue
+        dvh = [round(float((voxels >= level).mean() * 100.0), 2) for level in levels]
+        entry: dict[str, Any] = {
+            "roi_name": name,
+            "type": kind,
+            "volume_cc": round(float(voxels.size) * voxel_cc, 2),
+            "mean_gy": round(float(voxels.mean()), 2),
+            "max_gy": round(float(voxels.max()), 2),
+            "dvh_step_gy": DVH_STEP_GY,
+            "dvh": dvh,
+        }
+        if kind == "PTV":
+            entry["prescription_gy"] = ptvs[name]
+            for metric in ("D_99", "D_95", "D_1"):
+                entry[metric.lower() + "_gy"] = round(metrics[(metric, name)], 2)
+        else:
+            entry["tg263_name"] = tg263[name]
+            entry["d_0.1cc_gy"] = round(metrics[("D_0.1_cc", name)], 2)
+            entry["from_rtcontour"] = tg263[name] in borrowed
+        entries.append(entry)
+    return entries
+
+
+class RtdoseWriter:
+    """The RTDOSE output: the predicted dose, DVHs of the approved structures."""
+
+    kind = "RTDOSE"
+
+    def build(self, ctx: JobContext) -> WrittenOutput:
+        dose = _dose(ctx)
+        if ctx.series is None or dose.dose_gy is None or dose.structure_set is None or (
+                dose.predictor is None):
+            raise RuntimeError("RtdoseWriter needs PredictDose first")
+        volume = ctx.series.volume
+        structure_set = dose.structure_set
+        voxel_cc = float(np.prod(volume.spacing_mm)) / 1000.0
+        # DVH items reference ROIs of the approved structure set only (not borrowed ones).
+        dvhs: list[DoseVolumeHistogram] = [
+            cumulative_dvh(dose.dose_gy, structure_set.masks[name],
+                           structure_set.roi_numbers[name], voxel_cc)
+            for name in [*dose.prescriptions_gy, *dose.oars.values()]
+            if name in structure_set.roi_numbers
+        ]
+        grid, affine = dose_grid(dose.dose_gy, volume.affine, volume.spacing_mm)
+        manifest = dose.predictor.manifest
+        dataset = build_rtdose(grid, affine, ctx.series,
+                               structure_set_uid=structure_set.sop_instance_uid,
+                               model_name=manifest.name, model_version=manifest.version,
+                               dvhs=dvhs, prescriptions_gy=dose.prescriptions_gy)
+        summary = dvh_summary(dose.dose_gy, structure_set.masks, dose.prescriptions_gy,
+                              dose.oars, dose.borrowed_oars, volume.spacing_mm)
+        return WrittenOutput(kind=self.kind, dataset=dataset,
+                             sop_instance_uid=str(dataset.SOPInstanceUID), summary=summary)
