@@ -1,0 +1,144 @@
+"""Dose jobs in-process: a structure set whose CT rtcontour does not hold, or without a PTV,
+ends with the reason; OARs the clinicians did not send come from rtcontour's own contours."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+
+from common.db import make_engine
+from common.jobstore import JobState, JobStore, utcnow
+from common.schema import create_schema
+from common.settings import Settings
+from tests.conftest import write_phantom_series
+from worker.dose_pipeline import DosePredictorCache
+from worker.rtstruct import RoiSpec, build_rtstruct, save_rtstruct
+from worker.sender import Sender
+from worker.tasks import WorkerRuntime, execute_job
+from worker.volume import CtSeries, load_series
+
+SHAPE = (16, 48, 48)
+
+
+@pytest.fixture(scope="module")
+def tiny_dose_package(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    pytest.importorskip("torch", reason="torch is not installed (extra 'train')")
+    from models.dose.export import write_package
+    from models.dose.train import train
+    from tests.models.test_dose_training import synthetic_cases, tiny_config
+
+    run_dir = tmp_path_factory.mktemp("runs") / "tiny-dose"
+    train(tiny_config(steps=2, val_cases=0), synthetic_cases(), [], run_dir)
+    return write_package(run_dir / "last.pt", tmp_path_factory.mktemp("dose-packages"),
+                         "tiny-dose", "0.0.1", "pytest")
+
+
+def _box(series: CtSeries, z: slice, y: slice, x: slice) -> np.ndarray:
+    mask = np.zeros(series.volume.array.shape, dtype=bool)
+    mask[z, y, x] = True
+    return mask
+
+
+def _structure_set(series: CtSeries, names: list[str], path: Path) -> Path:
+    boxes = {
+        "PTV70": (slice(5, 11), slice(18, 30), slice(18, 30)),
+        "Brain Stem": (slice(10, 14), slice(26, 32), slice(20, 26)),
+        "Mandible": (slice(6, 9), slice(8, 14), slice(12, 36)),
+        "Parotid Lt": (slice(4, 10), slice(14, 22), slice(32, 40)),
+    }
+    masks = {name: _box(series, *boxes[name]) for name in names}
+    rois = [RoiSpec(name, (255, 0, 0), "PTV" if name.startswith("PTV") else "ORGAN")
+            for name in names]
+    dataset = build_rtstruct(series, masks, rois, model_name="clinic", model_version="1")
+    return save_rtstruct(dataset, path)
+
+
+@pytest.fixture
+def runtime(settings: Settings, tiny_dose_package: Path) -> WorkerRuntime:
+    settings = settings.model_copy(update={"model_packages_dir": tiny_dose_package.parent,
+                                           "min_slices": 5})
+    engine = make_engine(settings)
+    create_schema(engine)
+    return WorkerRuntime(settings, store=JobStore(engine), sender=Sender(settings),
+                         dose_predictors=DosePredictorCache())
+
+
+def _contour_job(runtime: WorkerRuntime, tmp_path: Path, with_mandible: bool) -> CtSeries:
+    """A done contour job holding a phantom CT, with rtcontour's RTSTRUCT (a Mandible, if
+    ``with_mandible``) as its output."""
+    store, settings = runtime.store, runtime.settings
+    files = write_phantom_series(tmp_path / "ct", SHAPE)
+    series = load_series(files)
+    job = store.create_or_merge_for_series(series_instance_uid=series.series_instance_uid).job
+    folder = settings.spool_dir / "jobs" / job.id
+    folder.mkdir(parents=True)
+    for path in files:
+        shutil.copy(path, folder / path.name)
+    store.set_spool_dir(job.id, str(folder), len(files))
+    ours = _structure_set(series, ["Mandible"] if with_mandible else ["Brain Stem"],
+                          settings.archive_dir / job.id / "RS.dcm")
+    store.record_output(job.id, kind="RTSTRUCT", path=str(ours),
+                        sop_instance_uid=str(pydicom.dcmread(ours).SOPInstanceUID))
+    store._update(job.id, state=JobState.DONE.value, active_series_uid=None,
+                  finished_at=utcnow())
+    return series
+
+
+def _dose_job(runtime: WorkerRuntime, rs: Path) -> str:
+    store = runtime.store
+    ds = pydicom.dcmread(rs)
+    job = store.create_or_merge_for_series(series_instance_uid=str(ds.SeriesInstanceUID),
+                                           modality="RTSTRUCT", kind="dose").job
+    folder = runtime.settings.spool_dir / "jobs" / job.id
+    folder.mkdir(parents=True)
+    shutil.copy(rs, folder / f"{ds.SOPInstanceUID}.dcm")
+    store.set_spool_dir(job.id, str(folder), 1)
+    store.mark_queued(job.id)
+    return job.id
+
+
+def test_missing_oars_come_from_rtcontours_own_contours_and_the_job_says_so(
+    runtime: WorkerRuntime, tmp_path: Path
+) -> None:
+    series = _contour_job(runtime, tmp_path, with_mandible=True)
+    rs = _structure_set(series, ["PTV70", "Brain Stem"], tmp_path / "approved.dcm")
+    job_id = _dose_job(runtime, rs)
+    assert execute_job(job_id, runtime).state == "done", runtime.store.get(job_id).failure_reason
+    metrics = {m["roi_name"]: m for m in runtime.store.output(job_id, "RTDOSE").summary}
+    assert metrics["Brain Stem"]["from_rtcontour"] is False
+    assert metrics["Bone_Mandible"]["from_rtcontour"] is True  # rtcontour's own contour
+    assert metrics["PTV70"]["type"] == "PTV" and metrics["PTV70"]["dvh"][0] == 100.0
+    rd = pydicom.dcmread(runtime.store.output(job_id, "RTDOSE").path)
+    # The RTDOSE's DVHs reference ROIs of the approved structure set only.
+    approved_numbers = {int(r.ROINumber) for r in pydicom.dcmread(rs).StructureSetROISequence}
+    assert {int(d.DVHReferencedROISequence[0].ReferencedROINumber)
+            for d in rd.DVHSequence} <= approved_numbers
+
+
+@pytest.mark.parametrize(
+    ("case", "reason"),
+    [("never-received", "rtcontour does not hold the CT series"),
+     ("purged", "was deleted by the retention policy: send the CT again"),
+     ("no-ptv", "the structure set has no PTV with a prescription")],
+    ids=["never-received", "purged", "no-ptv"],
+)
+def test_structure_set_that_cannot_be_predicted_fails_with_the_reason(
+    runtime: WorkerRuntime, tmp_path: Path, case: str, reason: str
+) -> None:
+    if case == "never-received":
+        series = load_series(write_phantom_series(tmp_path / "other", SHAPE))
+    else:
+        series = _contour_job(runtime, tmp_path, with_mandible=False)
+    if case == "purged":
+        (holder,) = runtime.store.list()
+        runtime.store._update(holder.id, purged_at=utcnow())
+    names = ["Brain Stem"] if case == "no-ptv" else ["PTV70", "Brain Stem"]
+    job_id = _dose_job(runtime, _structure_set(series, names, tmp_path / "approved.dcm"))
+    assert execute_job(job_id, runtime).state == "failed"
+    job = runtime.store.get(job_id)
+    assert reason in job.failure_reason and job.failure_reason.startswith("Not predicted")
+    assert runtime.store.outputs(job_id) == []
