@@ -24,11 +24,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import pydicom
-import pydicom.errors
 
 from common.errors import InvalidSeries
 from worker.rtstruct import RoiSpec, build_rtstruct, save_rtstruct
+from worker.series_folder import ct_series_files
 from worker.volume import Volume, load_series
 
 logger = logging.getLogger(__name__)
@@ -180,32 +179,6 @@ def read_labels(path: Path) -> list[LabelEntry]:
     return entries
 
 
-def ct_files(folder: Path, series_uid: str | None = None) -> list[Path]:
-    """The files of the one CT series under ``folder`` (other files and modalities skipped).
-
-    Raises ``LabelMapError`` when there is no CT series, or several and no ``series_uid``.
-    """
-    by_series: dict[str, list[Path]] = {}
-    for path in sorted(p for p in Path(folder).rglob("*") if p.is_file()):
-        try:
-            header = pydicom.dcmread(path, stop_before_pixels=True)
-        except (OSError, pydicom.errors.InvalidDicomError):
-            continue
-        if header.get("Modality") == "CT" and "SeriesInstanceUID" in header:
-            by_series.setdefault(str(header.SeriesInstanceUID), []).append(path)
-    if series_uid is not None:
-        if series_uid not in by_series:
-            raise LabelMapError(f"{folder} holds no CT series with UID {series_uid}")
-        return by_series[series_uid]
-    if len(by_series) != 1:
-        found = ", ".join(f"{uid} ({len(paths)} files)" for uid, paths in by_series.items())
-        raise LabelMapError(
-            f"{folder} holds {len(by_series)} CT series"
-            + (f": {found}; choose one with --series-uid" if by_series else "")
-        )
-    return next(iter(by_series.values()))
-
-
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="rtcontour mask2rtstruct",
@@ -240,7 +213,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
-        series = load_series(ct_files(args.ct_dir, args.series_uid), min_slices=1)
+        series = load_series(ct_series_files(args.ct_dir, args.series_uid), min_slices=1)
         labels = read_labels(args.labels)
         on_ct = resample_nearest(read_label_map(args.label_map), series.volume)
         dataset = build_rtstruct(

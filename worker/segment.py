@@ -1,8 +1,9 @@
 """``rtcontour segment CT_DIR --out RS.dcm [--model PKG]``: contour one CT series offline.
 
-No job store, broker or network: the series in ``CT_DIR`` (every DICOM file under it) is
-loaded, segmented with the model package and written as an RTSTRUCT. Exit status: 0 done,
-2 the series was refused (the reason is printed), 3 model package problem.
+No job store, broker or network: the CT series in ``CT_DIR`` (other files skipped; with
+several series, the one ``--series-uid`` names) is loaded, segmented with the model package
+and written as an RTSTRUCT. Exit status: 0 done, 2 the series was refused (the reason is
+printed), 3 model package problem.
 """
 
 from __future__ import annotations
@@ -16,20 +17,24 @@ import uuid
 import warnings
 from pathlib import Path
 
-from pydicom.misc import is_dicom
-
 from common.errors import InvalidSeries, ModelPackageError
 from common.settings import Settings
 from worker.pipeline import SegmenterCache, masks_on_ct_grid, structure_summary
 from worker.rtstruct import build_rtstruct, save_rtstruct
+from worker.series_folder import SeriesChoiceError, ct_series_files
 from worker.volume import load_series
 
 logger = logging.getLogger(__name__)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="rtcontour segment", description=__doc__)
-    parser.add_argument("ct_dir", type=Path, help="folder holding one CT series (DICOM files)")
+    parser = argparse.ArgumentParser(
+        prog="rtcontour segment",
+        description="Contour one CT series offline (no database, queue or network): a folder "
+        "of DICOM files in, an RTSTRUCT file out. Exit status: 0 written, 2 the series was "
+        "refused (the reason is printed), 3 the model package cannot be used.",
+    )
+    parser.add_argument("ct_dir", type=Path, help="folder holding the CT series (DICOM files)")
     parser.add_argument("--out", type=Path, required=True, help="RTSTRUCT file to write")
     parser.add_argument(
         "--model", type=Path, help="model package folder (default: RTCONTOUR_MODEL_PACKAGE, "
@@ -37,7 +42,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--overlap", type=float, help="sliding-window overlap (0-0.9)")
     parser.add_argument("--mirror-tta", action="store_true", help="mirror test-time augmentation")
-    parser.add_argument("--log-level", default="WARNING")
+    parser.add_argument(
+        "--series-uid",
+        help="the CT series to contour when CT_DIR holds several (default: the only one)",
+    )
+    parser.add_argument("--log-level", default="WARNING", help="DEBUG, INFO, WARNING or ERROR")
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -51,9 +60,10 @@ def main(argv: list[str] | None = None) -> int:
         overrides["mirror_tta"] = True
     settings = Settings.model_validate(overrides)
 
-    files = sorted(p for p in args.ct_dir.rglob("*") if p.is_file() and is_dicom(p))
-    if not files:
-        _say(f"rtcontour segment: no DICOM file under {args.ct_dir}", error=True)
+    try:
+        files = ct_series_files(args.ct_dir, args.series_uid)
+    except SeriesChoiceError as exc:
+        _say(f"rtcontour segment: {exc}", error=True)
         return 2
     timings: dict[str, float] = {}
     try:

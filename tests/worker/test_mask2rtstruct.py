@@ -201,7 +201,9 @@ def test_ct_folder_with_other_files_and_two_series_needs_a_series_uid(
     argv = [str(mixed), str(label_path), "--labels", str(tmp_path / "labels.json"),
             "--out", str(tmp_path / "rs.dcm")]  # fmt: skip
     assert main(argv) == 1
-    assert "holds 2 CT series" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "holds 2 CT series; choose one with --series-uid" in err
+    assert f"\n  {series.series_instance_uid}  " in err and "\n  1.2.3.4.5  " in err
     assert main([*argv, "--series-uid", series.series_instance_uid]) == 0
     referenced = pydicom.dcmread(tmp_path / "rs.dcm").ReferencedFrameOfReferenceSequence[0]
     study = referenced.RTReferencedStudySequence[0]

@@ -44,3 +44,37 @@ def test_segment_reports_a_missing_model_package(
                  str(tmp_path / "nope")])
     assert code == 3
     assert "model package problem" in capsys.readouterr().err
+
+
+def test_segment_on_a_folder_of_two_series_lists_each_and_contours_the_one_chosen(
+    tmp_path: Path, test_package: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    head = write_phantom_series(tmp_path / "ct" / "a", (12, 32, 32), series_uid="1.2.826.0.1.11",
+                                series_description="Head 2mm")
+    write_phantom_series(tmp_path / "ct" / "b", (14, 32, 32), series_uid="1.2.826.0.1.22",
+                         series_description="Head 3mm", seed=1)
+    (tmp_path / "ct" / "notes.txt").write_text("not DICOM")
+    argv = [str(tmp_path / "ct"), "--out", str(tmp_path / "RS.dcm"), "--model", str(test_package)]
+
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "holds 2 CT series; choose one with --series-uid" in err
+    assert "1.2.826.0.1.11  'Head 2mm'  12 images" in err
+    assert "1.2.826.0.1.22  'Head 3mm'  14 images" in err
+    assert not (tmp_path / "RS.dcm").exists()
+
+    assert main([*argv, "--series-uid", "1.2.826.0.1.11"]) == 0
+    assert referenced_ct_uids(tmp_path / "RS.dcm") == sop_uids(head)
+
+
+def test_segment_with_an_unknown_series_uid_lists_what_the_folder_holds(
+    tmp_path: Path, test_package: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    write_phantom_series(tmp_path / "ct", (12, 32, 32), series_uid="1.2.826.0.1.11",
+                         series_description="Head")
+    code = main([str(tmp_path / "ct"), "--out", str(tmp_path / "RS.dcm"), "--model",
+                 str(test_package), "--series-uid", "9.9.9"])
+    assert code == 2
+    err = capsys.readouterr().err
+    listing = "holds no CT series with UID 9.9.9; it holds:\n  1.2.826.0.1.11  'Head'  12 images"
+    assert listing in err
