@@ -142,6 +142,9 @@ class Job(Base):
     # A contour job: what the clinicians changed in its contours, measured when their approved
     # structure set arrived (see worker.qa; JSON contract in docs/ARCHITECTURE.md).
     qa: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    # Sentences about how the job went that are not failures (e.g. "no dose predicted: the
+    # structure set has no PTV"), shown with the job.
+    notes: Mapped[list[str] | None] = mapped_column(JSON)
     # "AE@host:port|SOPInstanceUID" entries already delivered (idempotent re-sends).
     sent_destinations: Mapped[list[str]] = mapped_column(JSON, default=list)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
@@ -537,6 +540,15 @@ class JobStore:
     def record_source(self, job_id: str, source_job_id: str) -> None:
         """A dose job's CT comes from ``source_job_id``'s folder."""
         self._update(job_id, source_job_id=source_job_id)
+
+    def add_note(self, job_id: str, note: str) -> None:
+        """Append a sentence to the job's notes (kept once)."""
+        with self._sessions.begin() as session:
+            job = session.get(Job, job_id, with_for_update=True)
+            if job is None:
+                raise JobNotFound(f"no job {job_id!r}")
+            if note not in (job.notes or []):
+                job.notes = [*(job.notes or []), note]
 
     def record_qa(self, job_id: str, qa: dict[str, Any]) -> None:
         """Store what the clinicians changed in the contour job's structures."""

@@ -120,6 +120,9 @@ class Settings(BaseSettings):
     # Routing rules (YAML, see common.routes); unset: contour every CT series with the newest
     # package and send to RTCONTOUR_DESTINATIONS.
     routes_file: Path | None = None
+    # A clinic's structure names -> TG-263 (YAML or JSON mapping), used with the built-in
+    # synonyms when approved structure sets are matched to rtcontour's structures.
+    structure_names_file: Path | None = None
     min_slices: int = Field(10, ge=1)
     slice_gap_tolerance: float = Field(0.1, gt=0, lt=1)
     min_contour_area_mm2: float = Field(2.0, ge=0)

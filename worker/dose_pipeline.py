@@ -5,10 +5,13 @@ Steps (``dose_steps``), over the same ``JobContext`` as a contour job::
     LoadStructureSet -> the RTSTRUCT of the job folder; the CT it references, from the
                         contour job that holds it (``JobStore.ct_holder``); refusals raise
                         InvalidSeries with the reason                          stage "load"
+    MeasureEdits     -> rtcontour's own RTSTRUCT of that CT against the approved one (worker.qa),
+                        stored with the contour job (QA: what the clinicians changed)
     PredictDose      -> structures rasterised on the CT, OARs the clinicians did not send
                         taken from rtcontour's own RTSTRUCT of that CT (the job says so),
                         prescriptions from PTV names (route overrides first), the dose
-                        package's DosePredictor                            stage "inference"
+                        package's DosePredictor; no PTV: no dose (a note), unless QA was
+                        not measured either (then the job fails)           stage "inference"
     BuildOutputs     -> RtdoseWriter: RTDOSE with DVHs; the summary holds the DVH metrics
                         (OpenKBP definitions) and a cumulative DVH per structure  "contours"
     Archive, Send    -> as for contours: a job_outputs row of kind RTDOSE, C-STORE to the
@@ -28,6 +31,7 @@ import pydicom
 
 from common.errors import InvalidSeries
 from common.settings import Settings
+from common.structure_names import to_tg263
 from models.dose.metrics import dvh_metrics
 from models.dose.predict import DosePredictor
 from worker.dose_offline import (
@@ -40,6 +44,7 @@ from worker.dose_offline import (
     read_structure_set,
 )
 from worker.pipeline import JobContext, WrittenOutput, resolve_dose_package
+from worker.qa import compare_structure_sets
 from worker.rtdose import DoseVolumeHistogram, build_rtdose, cumulative_dvh
 from worker.volume import load_series
 
@@ -49,6 +54,7 @@ __all__ = [
     "DoseContext",
     "DosePredictorCache",
     "LoadStructureSet",
+    "MeasureEdits",
     "PredictDose",
     "RtdoseWriter",
     "dvh_summary",
@@ -70,6 +76,8 @@ class DoseContext:
     oars: dict[str, str] = field(default_factory=dict)  # TG-263 name -> ROI name used
     prescriptions_gy: dict[str, float] = field(default_factory=dict)
     predictor: DosePredictor | None = None
+    qa_job_id: str | None = None  # the contour job whose contours were compared (QA)
+    no_dose_reason: str | None = None  # set when there is nothing to predict a dose for
 
 
 def referenced_ct_series(dataset: pydicom.Dataset) -> tuple[str, str]:
@@ -148,6 +156,56 @@ class LoadStructureSet:
                     len(structure_set.masks))
 
 
+class MeasureEdits:
+    """What the clinicians changed: rtcontour's RTSTRUCT of the CT against the approved one
+    (``worker.qa``), stored with the contour job (``Job.qa``). Skipped, with a log line, when
+    rtcontour did not contour that CT."""
+
+    name = "measure edits"
+    stage: str | None = None
+
+    def __init__(self, extra_names: Callable[[], dict[str, str] | None] = lambda: None) -> None:
+        self.extra_names = extra_names
+
+    def run(self, ctx: JobContext) -> None:
+        dose = _dose(ctx)
+        if ctx.series is None or dose.structure_set is None or ctx.source_job_id is None:
+            raise RuntimeError("MeasureEdits needs LoadStructureSet first")
+        holder = ctx.store.get(ctx.source_job_id)
+        ours = ctx.store.output(holder.id, "RTSTRUCT")
+        if ours is None or not Path(ours.path).is_file():
+            logger.info("job %s: rtcontour did not contour CT job %s: no QA", ctx.job_id,
+                        holder.id)
+            return
+        our_set = read_structure_set(Path(ours.path), ctx.series)
+        shape = ctx.series.volume.array.shape
+        auto = dict(our_set.masks)
+        auto.update({name: np.zeros(shape, dtype=bool) for name in our_set.empty})
+        extra = self.extra_names()
+        wanted = {to_tg263(name, extra) or name for name in auto}
+        approved = dose.structure_set
+        reference = {name: mask for name, mask in approved.masks.items()
+                     if (to_tg263(name, extra) or name) in wanted}
+        reference.update({name: np.zeros(shape, dtype=bool) for name in approved.empty
+                          if (to_tg263(name, extra) or name) in wanted})
+        result = compare_structure_sets(auto, reference, ctx.series.volume.spacing_mm,
+                                        extra_names=extra)
+        job = ctx.store.get(ctx.job_id)
+        qa = {
+            "reference_sop_instance_uid": approved.sop_instance_uid,
+            "received_at": job.created_at.isoformat(),
+            "structure_set_job_id": ctx.job_id,
+            "model_name": holder.model_name,
+            "model_version": holder.model_version,
+            **result.as_dict(),
+        }
+        ctx.store.record_qa(holder.id, qa)
+        dose.qa_job_id = holder.id
+        edited = sum(1 for item in result.structures if item.status != "unchanged")
+        logger.info("job %s: QA of contour job %s: %d structures, %d changed", ctx.job_id,
+                    holder.id, len(result.structures), edited)
+
+
 class PredictDose:
     """Prescriptions, missing OARs from our own contours, the dose model."""
 
@@ -168,9 +226,15 @@ class PredictDose:
                                                  overrides=self.prescriptions(ctx) or {})
         ptvs = [name for name in prescriptions if name in approved.masks]
         if not ptvs:
-            raise InvalidSeries(
-                "Not predicted: the structure set has no PTV with a prescription and contours "
-                "(names such as PTV70, PTV_70Gy or PTV7000, or the route's prescriptions).")
+            reason = ("the structure set has no PTV with a prescription and contours (names "
+                      "such as PTV70, PTV_70Gy or PTV7000, or the route's prescriptions)")
+            if dose.qa_job_id is None:
+                raise InvalidSeries(f"Not predicted: {reason}.")
+            # The clinicians' edits were measured: that stands; only the dose is not made.
+            dose.no_dose_reason = reason
+            ctx.store.add_note(ctx.job_id, f"No dose predicted: {reason}.")
+            logger.info("job %s: no dose predicted: no PTV", ctx.job_id)
+            return
         masks = dict(approved.masks)
         borrowed = self._borrow_missing_oars(ctx, masks)
         structure_set = StructureSet(approved.sop_instance_uid, approved.frame_of_reference_uid,
@@ -187,6 +251,8 @@ class PredictDose:
         if dose.borrowed_oars:
             logger.info("job %s: OARs not in the structure set, taken from rtcontour's own "
                         "contours: %s", ctx.job_id, ", ".join(dose.borrowed_oars))
+            ctx.store.add_note(ctx.job_id, "OARs not in the structure set, taken from "
+                               "rtcontour's own contours: " + ", ".join(dose.borrowed_oars) + ".")
 
     @staticmethod
     def _borrow_missing_oars(ctx: JobContext, masks: dict[str, np.ndarray]) -> list[str]:
@@ -261,8 +327,10 @@ class RtdoseWriter:
 
     kind = "RTDOSE"
 
-    def build(self, ctx: JobContext) -> WrittenOutput:
+    def build(self, ctx: JobContext) -> WrittenOutput | None:
         dose = _dose(ctx)
+        if dose.no_dose_reason is not None:
+            return None
         if ctx.series is None or dose.dose_gy is None or dose.structure_set is None or (
                 dose.predictor is None):
             raise RuntimeError("RtdoseWriter needs PredictDose first")

@@ -141,11 +141,12 @@ class Step(Protocol):
 
 
 class OutputWriter(Protocol):
-    """Builds one kind of DICOM output from the context's series and masks."""
+    """Builds one kind of DICOM output from the context (None: nothing to write this time,
+    e.g. no dose for a structure set without a PTV; the writer notes why)."""
 
     kind: str
 
-    def build(self, ctx: JobContext) -> WrittenOutput: ...
+    def build(self, ctx: JobContext) -> WrittenOutput | None: ...
 
 
 def run_steps(
@@ -267,7 +268,8 @@ class BuildOutputs:
         self.writers = list(writers)
 
     def run(self, ctx: JobContext) -> None:
-        ctx.outputs = [writer.build(ctx) for writer in self.writers]
+        built = [writer.build(ctx) for writer in self.writers]
+        ctx.outputs = [output for output in built if output is not None]
 
 
 # Archive file name prefixes by output kind (DICOM's customary RS_/RD_ names), else the kind.

@@ -40,8 +40,15 @@ from common.jobstore import JobState, JobStore
 from common.queue import RUN_JOB_TASK
 from common.schema import create_schema
 from common.settings import Settings
+from common.structure_names import load_name_mapping
 from models.dose.predict import DosePredictor
-from worker.dose_pipeline import DosePredictorCache, LoadStructureSet, PredictDose, RtdoseWriter
+from worker.dose_pipeline import (
+    DosePredictorCache,
+    LoadStructureSet,
+    MeasureEdits,
+    PredictDose,
+    RtdoseWriter,
+)
 from worker.pipeline import (
     Archive,
     BuildOutputs,
@@ -119,6 +126,11 @@ class WorkerRuntime:
         """The model a job's route asked for (None: the default package), loaded once."""
         return self.model_cache.get(self.settings, request)
 
+    def structure_names(self) -> dict[str, str] | None:
+        """The clinic's structure name mapping (RTCONTOUR_STRUCTURE_NAMES_FILE), if any."""
+        path = self.settings.structure_names_file
+        return load_name_mapping(path) if path is not None else None
+
     def dose_predictor(self, request: str | None = None) -> DosePredictor:
         """The dose model a structure set's route asked for (None: the newest dose package)."""
         return self.dose_predictors.get(self.settings, request)
@@ -130,6 +142,7 @@ class WorkerRuntime:
         if kind == "dose":
             return [
                 LoadStructureSet(),
+                MeasureEdits(self.structure_names),
                 PredictDose(self.dose_predictor, lambda ctx: ctx.prescriptions_gy),
                 BuildOutputs([RtdoseWriter()]),
                 Archive(),

@@ -102,6 +102,7 @@ class JobDetailOut(JobSummaryOut):
     qa: dict[str, Any] | None = Field(
         None, description="a contour job: what the clinicians changed in its structures"
     )
+    notes: list[str] = Field(default_factory=list, description="how the job went (not errors)")
     attempts: int | None = None
     queued_at: dt.datetime | None = None
     started_at: dt.datetime | None = None
@@ -210,6 +211,7 @@ def detail(job: Job, outputs: list[JobOutput]) -> JobDetailOut:
         source_job_id=job.source_job_id,
         dose_metrics=rtdose.summary if rtdose is not None else None,
         qa=job.qa,
+        notes=job.notes or [],
         attempts=job.attempts,
         queued_at=job.queued_at,
         started_at=job.started_at,

@@ -67,9 +67,11 @@ def runtime(settings: Settings, tiny_dose_package: Path) -> WorkerRuntime:
                          dose_predictors=DosePredictorCache())
 
 
-def _contour_job(runtime: WorkerRuntime, tmp_path: Path, with_mandible: bool) -> CtSeries:
+def _contour_job(
+    runtime: WorkerRuntime, tmp_path: Path, with_mandible: bool, with_rtstruct: bool = True
+) -> CtSeries:
     """A done contour job holding a phantom CT, with rtcontour's RTSTRUCT (a Mandible, if
-    ``with_mandible``) as its output."""
+    ``with_mandible``) as its output unless not ``with_rtstruct``."""
     store, settings = runtime.store, runtime.settings
     files = write_phantom_series(tmp_path / "ct", SHAPE)
     series = load_series(files)
@@ -79,10 +81,11 @@ def _contour_job(runtime: WorkerRuntime, tmp_path: Path, with_mandible: bool) ->
     for path in files:
         shutil.copy(path, folder / path.name)
     store.set_spool_dir(job.id, str(folder), len(files))
-    ours = _structure_set(series, ["Mandible"] if with_mandible else ["Brain Stem"],
-                          settings.archive_dir / job.id / "RS.dcm")
-    store.record_output(job.id, kind="RTSTRUCT", path=str(ours),
-                        sop_instance_uid=str(pydicom.dcmread(ours).SOPInstanceUID))
+    if with_rtstruct:
+        ours = _structure_set(series, ["Mandible"] if with_mandible else ["Brain Stem"],
+                              settings.archive_dir / job.id / "RS.dcm")
+        store.record_output(job.id, kind="RTSTRUCT", path=str(ours),
+                            sop_instance_uid=str(pydicom.dcmread(ours).SOPInstanceUID))
     store._update(job.id, state=JobState.DONE.value, active_series_uid=None,
                   finished_at=utcnow())
     return series
@@ -132,7 +135,7 @@ def test_structure_set_that_cannot_be_predicted_fails_with_the_reason(
     if case == "never-received":
         series = load_series(write_phantom_series(tmp_path / "other", SHAPE))
     else:
-        series = _contour_job(runtime, tmp_path, with_mandible=False)
+        series = _contour_job(runtime, tmp_path, with_mandible=False, with_rtstruct=False)
     if case == "purged":
         (holder,) = runtime.store.list()
         runtime.store._update(holder.id, purged_at=utcnow())
@@ -142,3 +145,20 @@ def test_structure_set_that_cannot_be_predicted_fails_with_the_reason(
     job = runtime.store.get(job_id)
     assert reason in job.failure_reason and job.failure_reason.startswith("Not predicted")
     assert runtime.store.outputs(job_id) == []
+
+
+def test_structure_set_without_ptv_still_measures_the_edits_and_notes_the_missing_dose(
+    runtime: WorkerRuntime, tmp_path: Path
+) -> None:
+    series = _contour_job(runtime, tmp_path, with_mandible=False)
+    (contour_job,) = runtime.store.list()
+    job_id = _dose_job(runtime, _structure_set(series, ["Brain Stem"], tmp_path / "a.dcm"))
+    assert execute_job(job_id, runtime).state == "done"
+    job = runtime.store.get(job_id)
+    assert runtime.store.outputs(job_id) == []
+    assert job.notes and job.notes[0].startswith("No dose predicted: the structure set has no PTV")
+    qa = runtime.store.get(contour_job.id).qa
+    assert qa["structure_set_job_id"] == job_id
+    (brainstem,) = qa["structures"]  # the same box both sides
+    assert brainstem["roi_name"] == "Brain Stem" and brainstem["dice"] == 1.0
+    assert brainstem["status"] == "unchanged" and brainstem["added_path_length_mm"] == 0.0

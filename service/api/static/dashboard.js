@@ -244,6 +244,7 @@ async function refreshJob() {
   field(fields, "Finished", when(job.finished_at));
   field(fields, "Failure reason", job.failure_reason);
   field(fields, "Kind", job.kind === "dose" ? "dose prediction" : "contouring");
+  field(fields, "Notes", job.notes && job.notes.length ? job.notes.join(" ") : null);
   field(fields, "CT from job", job.source_job_id);
   field(fields, "Route", job.route_name);
   field(fields, "Not contoured because", job.ignored_reason);
@@ -260,6 +261,7 @@ async function refreshJob() {
   }
   if (!job.outputs.length) outputs.append(el("tr", {}, el("td", { colSpan: 3 }, job.state === "ignored" ? "None: the series was not contoured." : "None yet.")));
   renderDose(job);
+  renderQa(job);
   const structures = $("#structures-table tbody");
   clear(structures);
   for (const s of job.structures) {
@@ -282,6 +284,22 @@ async function refreshJob() {
 }
 
 const DVH_COLOURS = ["#d62728", "#1f77b4", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#bcbd22", "#7f7f7f"];
+
+function renderQa(job) {
+  const panel = $("#qa-panel");
+  panel.hidden = !job.qa;
+  if (!job.qa) return;
+  $("#qa-note").textContent = "Approved structure set " + job.qa.reference_sop_instance_uid + " received " + when(job.qa.received_at) + ".";
+  const body = $("#qa-table tbody");
+  clear(body);
+  const num = (v, digits) => (v === undefined || v === null ? "–" : Number(v).toFixed(digits));
+  for (const s of job.qa.structures) {
+    body.append(el("tr", { "data-roi": s.roi_name || s.reference_name, className: "qa-" + s.status },
+      el("td", {}, s.roi_name || "–"), el("td", {}, s.reference_name || "–"), el("td", {}, s.status),
+      el("td", {}, num(s.dice, 3)), el("td", {}, num(s.hd95_mm, 1)), el("td", {}, num(s.mean_surface_distance_mm, 1)),
+      el("td", {}, num(s.surface_dice_2mm, 3)), el("td", {}, num(s.added_path_length_mm, 0))));
+  }
+}
 
 function renderDose(job) {
   const panel = $("#dose-panel");
