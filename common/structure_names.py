@@ -131,12 +131,12 @@ def match_structures(
         candidates = [index for index, ref_key in enumerate(keys)
                       if ref_key == key and not taken[index]]
         exact = [index for index in candidates if references[index] == auto_name]
-        chosen = (exact or candidates or [None])[0]
-        if chosen is None:
+        if not candidates:
             pairs.append((auto_name, None))
-        else:
-            taken[chosen] = True
-            pairs.append((auto_name, references[chosen]))
+            continue
+        chosen = (exact or candidates)[0]
+        taken[chosen] = True
+        pairs.append((auto_name, references[chosen]))
     pairs.extend((None, name) for name, used in zip(references, taken, strict=True) if not used)
     return pairs
 
