@@ -1,7 +1,8 @@
-"""Dose end to end: storescu sends a CT, the RTSTRUCT comes back; storescu then sends the
-approved structure set (PTV and OARs drawn with rt-utils, as a third-party tool would, with a
-clinic's names) -> storescp receives an RTDOSE that dciodvfy accepts, on the CT's frame of
-reference, whose dose matches the offline ``rtcontour dose``."""
+"""Dose and QA end to end: storescu sends a CT, the RTSTRUCT comes back; storescu then sends
+the approved structure set (PTV and OARs drawn with rt-utils, as a third-party tool would,
+with a clinic's names) -> storescp receives an RTDOSE that dciodvfy accepts, on the CT's frame
+of reference, whose dose matches the offline ``rtcontour dose``, and the contour job shows
+what the clinicians changed (``qa``), structure by structure under their names."""
 
 from __future__ import annotations
 
@@ -102,6 +103,19 @@ def test_approved_structure_set_in_predicted_rtdose_out(
     assert rd.ReferencedStructureSetSequence[0].ReferencedSOPInstanceUID == (
         pydicom.dcmread(rs).SOPInstanceUID)
     assert rd.DoseUnits == "GY" and "predict" in rd.SeriesDescription.lower()
+
+    qa = api_job(serve, contour_job["id"])["qa"]
+    assert qa["reference_sop_instance_uid"] == pydicom.dcmread(rs).SOPInstanceUID
+    pairs = {item["roi_name"]: item for item in qa["structures"]}
+    assert pairs["Parotid_L"]["reference_name"] == "Parotid Lt"
+    assert pairs["Brainstem"]["reference_name"] == "Brain Stem"
+    assert pairs["SpinalCord"]["reference_name"] == "Cord"
+    assert pairs["Esophagus"]["reference_name"] == "Oesophagus"
+    assert pairs["Bone_Mandible"]["reference_name"] == "Mandible"
+    assert "PTV70" not in {item["reference_name"] for item in qa["structures"]}
+    for item in qa["structures"]:
+        assert {"dice", "hd95_mm", "mean_surface_distance_mm", "surface_dice_2mm",
+                "added_path_length_mm"} <= set(item)
 
     offline = tmp_path / "offline" / "RD.dcm"
     offline.parent.mkdir()
