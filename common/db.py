@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import re
 from typing import Any
 
-from sqlalchemy import DateTime, Engine, TypeDecorator, create_engine, event, inspect, text
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy import URL, DateTime, Engine, TypeDecorator, create_engine, event, inspect, text
+from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.orm import DeclarativeBase
 
+from common.errors import ConfigurationError
 from common.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -64,6 +66,52 @@ def make_engine(settings: Settings) -> Engine:
 
         return engine
     return create_engine(url, pool_pre_ping=True)
+
+
+def check_connection(engine: Engine) -> None:
+    """Connect once, as every process does at start (``common.schema.create_schema``).
+
+    A database that cannot be used as configured (missing, refusing the user, unreachable) is
+    a ``ConfigurationError`` whose sentence says why and what to do, never with the password.
+    """
+    try:
+        with engine.connect():
+            pass
+    except OperationalError as error:
+        raise ConfigurationError(connection_problem(engine.url, error)) from error
+
+
+def connection_problem(url: URL, error: Exception) -> str:
+    """One sentence for a failed first connection to ``url`` (the password left out)."""
+    message = str(getattr(error, "orig", None) or error)
+    fatal = re.search(r"FATAL:\s+(.+)", message)
+    first_line = message.splitlines()[0] if message else type(error).__name__
+    detail = fatal.group(1).strip() if fatal else first_line.rsplit("failed: ", 1)[-1]
+    if url.get_backend_name() == "sqlite":
+        return (
+            f"cannot open the SQLite database {url.database} ({detail}): is RTCONTOUR_DATA_DIR "
+            "a folder this user may write?"
+        )
+    host, port, name = url.host or "localhost", url.port or 5432, url.database
+    where = f"{host}:{port}"
+    if re.search(r'database "[^"]+" does not exist', message):
+        user = f" -U {url.username}" if url.username else ""
+        return (
+            f"database {name} does not exist on {where}: create it with "
+            f"`createdb -h {host} -p {port}{user} {name}` (rtcontour creates its tables itself "
+            "at start), or correct RTCONTOUR_DATABASE_URL"
+        )
+    if re.search(r'role "[^"]+" does not exist|password authentication failed|pg_hba', message):
+        return (
+            f"PostgreSQL on {where} refused the connection to database {name} ({detail}): "
+            "check the user and password in RTCONTOUR_DATABASE_URL"
+        )
+    if re.search(r"refused|resolve host|translate host|timeout|timed out|No route", message):
+        return (
+            f"cannot reach PostgreSQL on {where} ({detail}): is it running there, and is "
+            "RTCONTOUR_DATABASE_URL right?"
+        )
+    return f"cannot connect to {url.render_as_string(hide_password=True)}: {detail}"
 
 
 def add_missing_columns(engine: Engine) -> list[str]:

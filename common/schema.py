@@ -12,7 +12,7 @@ import logging
 from sqlalchemy import Engine, inspect, text
 
 from common import audit, auth, jobstore  # noqa: F401 - each registers its tables on Base
-from common.db import Base, add_missing_columns
+from common.db import Base, add_missing_columns, check_connection
 
 logger = logging.getLogger(__name__)
 
@@ -20,7 +20,12 @@ __all__ = ["create_schema", "migrate_rtstruct_columns"]
 
 
 def create_schema(engine: Engine) -> None:
-    """Create every table that does not exist yet and bring existing ones up to date."""
+    """Create every table that does not exist yet and bring existing ones up to date.
+
+    The database itself must exist: one that is missing or cannot be reached is a
+    ``ConfigurationError`` with a sentence (``common.db.check_connection``).
+    """
+    check_connection(engine)
     Base.metadata.create_all(engine)
     add_missing_columns(engine)
     migrate_rtstruct_columns(engine)

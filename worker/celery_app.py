@@ -20,7 +20,10 @@ from celery import Celery
 from celery.signals import worker_ready, worker_shutdown
 from celery.utils.nodenames import default_nodename, host_format
 
+from common.db import make_engine
+from common.jobstore import JobStore
 from common.queue import QUEUE, celery_config, make_enqueue, make_queue_depth
+from common.schema import create_schema
 from common.settings import Settings
 from worker.pipeline import load_checked_routing
 from worker.tasks import RecoverySweeper, register_tasks
@@ -75,6 +78,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     settings = Settings.model_validate({})  # from the environment (RTCONTOUR_*)
     load_checked_routing(settings)  # a bad routes file or a missing model stops the start
+    engine = make_engine(settings)
+    create_schema(engine)  # likewise a database that is missing or cannot be reached
+    engine.dispose()
     app = make_celery(settings)
     sweeper: list[RecoverySweeper] = []
 
@@ -82,10 +88,6 @@ def main(argv: list[str] | None = None) -> int:
 
         @worker_ready.connect(weak=False)
         def _start_sweep(**_: Any) -> None:
-            from common.db import make_engine
-            from common.jobstore import JobStore
-            from common.schema import create_schema
-
             engine = make_engine(settings)
             create_schema(engine)
             sweeper.append(

@@ -8,11 +8,14 @@ import importlib.util
 import subprocess
 import sys
 import tomllib
+import uuid
+from pathlib import Path
 
 import pytest
+from sqlalchemy import make_url
 
 from service.cli import EXTRA_OF_MODULE
-from tests.conftest import REPO_ROOT
+from tests.conftest import REPO_ROOT, serve_env
 
 # Runs ``rtcontour ARGS`` with the train extra's modules unimportable, whether installed or not.
 WITHOUT_TRAIN_EXTRA = """
@@ -120,3 +123,23 @@ def test_help_of_a_service_command_is_written_for_the_person_running_it(
         main([])
     bare = [action.option_strings[-1] for action in parsers[0]._actions if not action.help]
     assert not bare, f"options without help text: {bare}"
+
+
+@pytest.mark.parametrize(
+    "command", ["api", "listener", "worker"], ids=["api", "listener", "worker"]
+)
+def test_a_process_on_a_missing_database_stops_with_one_sentence(
+    command: str, postgres_base_url: str, tmp_path: Path
+) -> None:
+    name = f"rtc_missing_{uuid.uuid4().hex[:8]}"
+    url = make_url(postgres_base_url).set(database=name, password="s3cret-pw")
+    env = serve_env(tmp_path / "var", database_url=url.render_as_string(hide_password=False))
+    result = subprocess.run(
+        [sys.executable, "-m", "service.cli", command], env=env, cwd=REPO_ROOT,
+        capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"rtcontour {command}: database {name} does not exist on "), last
+    assert "createdb" in last and "s3cret-pw" not in result.stderr + result.stdout
