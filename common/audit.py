@@ -36,6 +36,8 @@ ASSOCIATION_REJECTED = "dicom.association_rejected"
 JOB_CREATED = "job.created"
 JOB_SENT = "job.sent"
 JOB_RETRIED = "job.retried"
+JOB_APPROVED = "job.approved"
+JOB_REJECTED = "job.rejected"
 JOB_FILES_PURGED = "job.files_purged"
 
 _PATIENT_KEYS = {

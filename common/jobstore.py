@@ -9,6 +9,8 @@ States and the moves between them (anything else raises ``IllegalTransition``)::
 
     received -> queued -> running -> done | failed | send_failed
     received -> ignored                   (no route contours the series; nothing is sent)
+    running -> awaiting_review            (the route wants a clinician's approval first)
+    awaiting_review -> queued | rejected  (approved: sent by the next run; rejected: never)
     running  -> queued                    (retry after an error or a lost worker)
     received | queued -> failed           (refused before it ran)
     send_failed -> queued                 (re-send requested)
@@ -31,6 +33,7 @@ from typing import Any
 
 from sqlalchemy import (
     JSON,
+    Boolean,
     Engine,
     Float,
     ForeignKey,
@@ -72,12 +75,14 @@ class JobState(enum.StrEnum):
     DONE = "done"
     FAILED = "failed"
     SEND_FAILED = "send_failed"
+    AWAITING_REVIEW = "awaiting_review"  # its route holds results until a clinician approves
+    REJECTED = "rejected"  # a clinician rejected the results: never sent
     IGNORED = "ignored"  # no route contours it: kept visible with the reason, nothing sent
 
 
 ACTIVE_STATES = frozenset({JobState.RECEIVED, JobState.QUEUED, JobState.RUNNING})
 FINISHED_STATES = frozenset(
-    {JobState.DONE, JobState.FAILED, JobState.SEND_FAILED, JobState.IGNORED}
+    {JobState.DONE, JobState.FAILED, JobState.SEND_FAILED, JobState.IGNORED, JobState.REJECTED}
 )
 
 _ALLOWED: dict[JobState, frozenset[JobState]] = {
@@ -86,8 +91,11 @@ _ALLOWED: dict[JobState, frozenset[JobState]] = {
     ),
     JobState.QUEUED: frozenset({JobState.RUNNING, JobState.FAILED}),
     JobState.RUNNING: frozenset(
-        {JobState.DONE, JobState.FAILED, JobState.SEND_FAILED, JobState.QUEUED}
+        {JobState.DONE, JobState.FAILED, JobState.SEND_FAILED, JobState.QUEUED,
+         JobState.AWAITING_REVIEW}
     ),
+    JobState.AWAITING_REVIEW: frozenset({JobState.QUEUED, JobState.REJECTED}),
+    JobState.REJECTED: frozenset(),
     JobState.DONE: frozenset(),
     JobState.FAILED: frozenset(),
     JobState.SEND_FAILED: frozenset({JobState.QUEUED}),
@@ -145,6 +153,20 @@ class Job(Base):
     # Sentences about how the job went that are not failures (e.g. "no dose predicted: the
     # structure set has no PTV"), shown with the job.
     notes: Mapped[list[str] | None] = mapped_column(JSON)
+    # Who the patient is (from the first instance), for the roles allowed to see it; never
+    # logged. Searchable by the API.
+    patient_name: Mapped[str | None] = mapped_column(String(64))
+    patient_id: Mapped[str | None] = mapped_column(String(64), index=True)
+    accession_number: Mapped[str | None] = mapped_column(String(16))
+    study_date: Mapped[str | None] = mapped_column(String(8))  # DICOM DA, YYYYMMDD
+    study_description: Mapped[str | None] = mapped_column(String(64))
+    # The approval gate (route ``review: required``): held in awaiting_review until a
+    # clinician approves (then sent) or rejects (never sent); who and when are recorded.
+    review_required: Mapped[bool | None] = mapped_column(Boolean)
+    review_decision: Mapped[str | None] = mapped_column(String(16))  # approved | rejected
+    reviewed_by: Mapped[str | None] = mapped_column(String(64))
+    reviewed_at: Mapped[dt.datetime | None] = mapped_column(UtcDateTime)
+    review_reason: Mapped[str | None] = mapped_column(Text)
     # "AE@host:port|SOPInstanceUID" entries already delivered (idempotent re-sends).
     sent_destinations: Mapped[list[str]] = mapped_column(JSON, default=list)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
@@ -540,6 +562,67 @@ class JobStore:
     def record_source(self, job_id: str, source_job_id: str) -> None:
         """A dose job's CT comes from ``source_job_id``'s folder."""
         self._update(job_id, source_job_id=source_job_id)
+
+    def record_identity(
+        self,
+        job_id: str,
+        *,
+        patient_name: str | None,
+        patient_id: str | None,
+        accession_number: str | None,
+        study_date: str | None,
+        study_description: str | None,
+        review_required: bool = False,
+    ) -> None:
+        """Who the patient is (shown to the roles allowed to see it) and whether the job's
+        route holds it for review."""
+        self._update(job_id, patient_name=patient_name, patient_id=patient_id,
+                     accession_number=accession_number, study_date=study_date,
+                     study_description=study_description, review_required=review_required)
+
+    def hold_for_review(self, job_id: str, worker: str, generation: int) -> bool:
+        """running -> awaiting_review, like ``complete_if_unchanged`` (only if ``worker`` holds
+        the job and nothing was merged in); the series' active slot is released."""
+        now = utcnow()
+        with self._sessions.begin() as session:
+            result = session.execute(
+                update(Job)
+                .where(Job.id == job_id, Job.state == JobState.RUNNING.value,
+                       Job.worker == worker, Job.generation == generation)
+                .values(state=JobState.AWAITING_REVIEW.value, updated_at=now,
+                        active_series_uid=None, lease_expires_at=None, failure_reason=None)
+                .execution_options(synchronize_session=False)
+            )
+            return bool(result.rowcount == 1)  # type: ignore[attr-defined]
+
+    def review(self, job_id: str, *, approved: bool, user: str, reason: str | None) -> Job:
+        """A clinician's decision on a job awaiting review: approved -> queued (the next run
+        sends its archived outputs), rejected -> rejected (never sent). ``IllegalTransition``
+        if it is not awaiting review, or (approved) if another job of its series is active."""
+        try:
+            with self._sessions.begin() as session:
+                job = session.get(Job, job_id, with_for_update=True)
+                if job is None:
+                    raise JobNotFound(f"no job {job_id!r}")
+                if job.state != JobState.AWAITING_REVIEW.value:
+                    raise IllegalTransition(f"job {job_id} is {job.state}, not awaiting review")
+                now = utcnow()
+                job.review_decision = "approved" if approved else "rejected"
+                job.reviewed_by, job.reviewed_at, job.review_reason = user, now, reason
+                job.updated_at = now
+                if approved:
+                    job.state = JobState.QUEUED.value
+                    job.queued_at = now
+                    job.active_series_uid = job.series_instance_uid
+                    job.worker = None
+                else:
+                    job.state = JobState.REJECTED.value
+                    job.finished_at = now
+                return job
+        except IntegrityError:
+            raise IllegalTransition(
+                f"job {job_id} cannot be approved now: another job of its series is active"
+            ) from None
 
     def add_note(self, job_id: str, note: str) -> None:
         """Append a sentence to the job's notes (kept once)."""

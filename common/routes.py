@@ -82,6 +82,9 @@ class Route(BaseModel):
     # the newest dose package) and prescriptions by PTV name overriding those read from names.
     dose_model: str | None = None
     prescriptions: dict[str, float] | None = None
+    # "required": results wait in awaiting_review until a clinician approves (then sent) or
+    # rejects them (never sent); "none" (the default): sent at once.
+    review: Literal["required", "none"] = "none"
 
     @field_validator("name")
     @classmethod

@@ -123,6 +123,10 @@ class Settings(BaseSettings):
     # A clinic's structure names -> TG-263 (YAML or JSON mapping), used with the built-in
     # synonyms when approved structure sets are matched to rtcontour's structures.
     structure_names_file: Path | None = None
+    # QA alert: a structure whose median Dice (approved vs rtcontour) over its most recent
+    # qa_alert_window structure sets falls below qa_alert_dice is flagged on the dashboard.
+    qa_alert_dice: float = Field(0.8, ge=0, le=1)
+    qa_alert_window: int = Field(10, ge=1, le=1000)
     min_slices: int = Field(10, ge=1)
     slice_gap_tolerance: float = Field(0.1, gt=0, lt=1)
     min_contour_area_mm2: float = Field(2.0, ge=0)

@@ -92,10 +92,10 @@ class Intake:
         self.audit = audit if audit is not None else _default_audit(store)
         self.routing = routing if routing is not None else RoutingTable.implicit()
 
-    def decide(self, arrival: SeriesArrival) -> RouteDecision:
+    def decide(
+        self, arrival: SeriesArrival, first: pydicom.Dataset | None = None
+    ) -> RouteDecision:
         """The routing decision for ``arrival`` (from its first instance and AE titles)."""
-        needs_instance = any(route.match for route in self.routing.routes)
-        first = _first_instance(arrival.folder) if needs_instance else None
         attributes = series_attributes(
             first,
             calling_ae=arrival.calling_ae,
@@ -105,7 +105,8 @@ class Intake:
         return self.routing.decide(attributes)
 
     def series_complete(self, arrival: SeriesArrival) -> None:
-        decision = self.decide(arrival)
+        first = _first_instance(arrival.folder)
+        decision = self.decide(arrival, first)
         route = decision.route
         contour = decision.action == "contour"
         # A structure set (from the TPS, approved) is a dose job; a CT series a contour job.
@@ -125,6 +126,10 @@ class Intake:
             prescriptions_gy=route.prescriptions if route is not None and dose else None,
         )
         job = result.job
+        if result.created:
+            self.store.record_identity(job.id, **_identity(first),
+                                       review_required=bool(route and route.review == "required"
+                                                            and contour and not dose))
         folder = job_folder(self.settings, job.id)
         moved = _move_instances(arrival.folder, folder)
         n_instances = sum(1 for _ in folder.glob("*.dcm"))
@@ -208,6 +213,22 @@ def _default_enqueue(settings: Settings) -> Enqueue:
 
 def _default_audit(store: JobStore) -> AuditRecorder:
     return make_recorder(store.engine, actor="intake")
+
+
+def _identity(first: pydicom.Dataset | None) -> dict[str, str | None]:
+    """Who the patient is, from the series' first instance (stored, never logged)."""
+
+    def text(keyword: str, limit: int) -> str | None:
+        value = first.get(keyword) if first is not None else None
+        return str(value).strip()[:limit] or None if value is not None else None
+
+    return {
+        "patient_name": text("PatientName", 64),
+        "patient_id": text("PatientID", 64),
+        "accession_number": text("AccessionNumber", 16),
+        "study_date": text("StudyDate", 8),
+        "study_description": text("StudyDescription", 64),
+    }
 
 
 def _first_instance(folder: Path) -> pydicom.Dataset | None:

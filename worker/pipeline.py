@@ -59,6 +59,7 @@ __all__ = [
     "SegmentationModel",
     "SegmenterCache",
     "Send",
+    "SendArchived",
     "Step",
     "WrittenOutput",
     "default_steps",
@@ -88,8 +89,8 @@ class SegmentationModel(Protocol):
 class WrittenOutput:
     """One DICOM object a job produced: built, then archived (``path``), then sent."""
 
-    kind: str  # "RTSTRUCT", later "SEG", ...
-    dataset: Dataset
+    kind: str  # "RTSTRUCT", "RTDOSE", ...
+    dataset: Dataset | None  # None: already archived (sent again from its file)
     sop_instance_uid: str
     path: Path | None = None
     summary: list[dict[str, Any]] = field(default_factory=list)
@@ -289,6 +290,8 @@ class Archive:
             prefix = FILE_PREFIXES.get(output.kind, output.kind)
             final = ctx.archive_dir / f"{prefix}_{output.sop_instance_uid}.dcm"
             temp = final.with_name(f".{final.name}.{uuid.uuid4().hex}.tmp")
+            if output.dataset is None:
+                raise RuntimeError(f"output {output.kind} has no dataset to archive")
             output.dataset.save_as(temp, enforce_file_format=True)
             with open(temp, "rb") as handle:
                 os.fsync(handle.fileno())
@@ -302,6 +305,24 @@ class Archive:
                 summary=output.summary,
             )
             logger.info("job %s: archived %s %s", ctx.job_id, output.kind, final)
+
+
+class SendArchived:
+    """The job's archived outputs as the context's outputs (an approved job: sent as they
+    were reviewed, never rebuilt)."""
+
+    name = "load archived outputs"
+    stage: str | None = None
+
+    def run(self, ctx: JobContext) -> None:
+        ctx.outputs = []
+        for output in ctx.store.outputs(ctx.job_id):
+            path = Path(output.path)
+            if not path.is_file():
+                raise InvalidSeries(f"The reviewed {output.kind} is no longer archived "
+                                    f"({path.name}); send the series again.")
+            ctx.outputs.append(WrittenOutput(output.kind, None, output.sop_instance_uid, path,
+                                             list(output.summary or [])))
 
 
 class Send:

@@ -36,7 +36,7 @@ from celery.exceptions import SoftTimeLimitExceeded
 from common.audit import make_recorder
 from common.db import make_engine
 from common.errors import DestinationUnavailable, InvalidSeries, ModelPackageError
-from common.jobstore import JobState, JobStore
+from common.jobstore import Job, JobState, JobStore
 from common.queue import RUN_JOB_TASK
 from common.schema import create_schema
 from common.settings import Settings
@@ -56,6 +56,7 @@ from worker.pipeline import (
     SegmentationModel,
     SegmenterCache,
     Send,
+    SendArchived,
     Step,
     default_steps,
     run_steps,
@@ -213,7 +214,7 @@ def execute_job(job_id: str, runtime: WorkerRuntime) -> Outcome:
     logger.info("job %s: attempt %d on %s", job_id, job.attempts, runtime.worker_name)
     with _Heartbeat(store, job_id, runtime.worker_name, settings.job_lease_s) as heartbeat:
         try:
-            _run_pipeline(job_id, job.generation, runtime, heartbeat)
+            held = _run_pipeline(job_id, job.generation, runtime, heartbeat)
         except LostClaim:
             logger.warning("job %s: another worker took it over; this run stops", job_id)
             return Outcome("lost")
@@ -230,13 +231,28 @@ def execute_job(job_id: str, runtime: WorkerRuntime) -> Outcome:
             logger.exception("job %s: attempt %d failed", job_id, job.attempts)
             reason = f"Unexpected error: {type(exc).__name__}: {exc}"
             return _retry_or_fail(store, job_id, job.attempts, settings, reason)
+        if held:
+            logger.info("job %s awaits a clinician's review; nothing sent yet", job_id)
+            return Outcome(JobState.AWAITING_REVIEW.value)
         logger.info("job %s done", job_id)
         return Outcome(JobState.DONE.value)
 
 
+def _review_steps(job: Job, runtime: WorkerRuntime) -> tuple[list[Step], bool]:
+    """(steps, hold): the job's pipeline as its review state wants it. Held for review: every
+    step but Send, then awaiting_review; approved: only Send, of the archived outputs."""
+    steps = runtime.steps(job.kind)
+    if not job.review_required:
+        return steps, False
+    if job.review_decision == "approved":
+        return [SendArchived(), *[step for step in steps if isinstance(step, Send)]], False
+    return [step for step in steps if not isinstance(step, Send)], True
+
+
 def _run_pipeline(
     job_id: str, generation: int, runtime: WorkerRuntime, heartbeat: _Heartbeat
-) -> None:
+) -> bool:
+    """Run the job's pipeline; True if it now awaits review (nothing sent)."""
     store = runtime.store
     for _ in range(MAX_RESTARTS + 1):
         job = store.get(job_id)
@@ -257,12 +273,16 @@ def _run_pipeline(
             if isinstance(step, Archive) and store.get(job_id).generation != ctx.generation:
                 raise SeriesChanged(job_id)
 
+        steps, hold = _review_steps(job, runtime)
         try:
-            run_steps(ctx, runtime.steps(job.kind), before_step)
+            run_steps(ctx, steps, before_step)
             if heartbeat.lost:
                 raise LostClaim(job_id)
-            if store.complete_if_unchanged(job_id, runtime.worker_name, ctx.generation):
-                return
+            if hold and store.hold_for_review(job_id, runtime.worker_name, ctx.generation):
+                return True
+            if not hold and store.complete_if_unchanged(job_id, runtime.worker_name,
+                                                        ctx.generation):
+                return False
             if store.get(job_id).worker != runtime.worker_name:
                 raise LostClaim(job_id)
             # Merged while sending: the RTSTRUCT (same UID) is rebuilt and sent again.

@@ -33,6 +33,7 @@ from service.api import (
     jobs,
     metrics,
     previews,
+    review,
     routes,
     stats,
     users,
@@ -120,7 +121,8 @@ def create_app(
     def openapi_schema(_: ViewerUser) -> JSONResponse:
         return JSONResponse(app.openapi())
 
-    for module in (jobs, previews, stats, destinations, routes, users, audit, metrics, dashboard):
+    for module in (jobs, review, previews, stats, destinations, routes, users, audit, metrics,
+                   dashboard):
         app.include_router(module.router)
     dashboard.mount_static(app)
     return app

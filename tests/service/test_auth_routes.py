@@ -32,6 +32,8 @@ MIN_ROLE: dict[tuple[str, str], str] = {
     ("GET", "/api/jobs/{job_id}/outputs/{kind}"): "clinician",
     ("GET", "/api/routes"): "admin",
     ("POST", "/api/jobs/{job_id}/retry"): "clinician",
+    ("POST", "/api/jobs/{job_id}/approve"): "clinician",
+    ("POST", "/api/jobs/{job_id}/reject"): "clinician",
     ("GET", "/api/jobs/{job_id}/preview"): "clinician",
     ("GET", "/api/jobs/{job_id}/preview.png"): "clinician",
     ("GET", "/api/destinations"): "admin",
@@ -46,6 +48,7 @@ MIN_ROLE: dict[tuple[str, str], str] = {
 BODIES = {
     ("POST", "/api/users"): {"name": "new-user", "role": "viewer"},
     ("PATCH", "/api/users/{name}"): {"role": "viewer"},
+    ("POST", "/api/jobs/{job_id}/reject"): {"reason": "wrong patient"},
 }
 
 

@@ -179,3 +179,15 @@ def test_series_no_route_contours_is_an_ignored_job_with_its_reason_never_enqueu
     # Sent again, it is a new ignored job (visible again), not a merge into the old one.
     intake.series_complete(_dicom_arrival(settings, SERIES, description, calling_ae))
     assert [j.state for j in store.list()] == [JobState.IGNORED, JobState.IGNORED]
+
+
+def test_intake_records_who_the_patient_is_for_the_roles_allowed_to_see_it(
+    settings: Settings, store: JobStore, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level("DEBUG")
+    intake = Intake(settings, store, lambda _: None)
+    intake.series_complete(_dicom_arrival(settings, SERIES, "Head 2mm"))
+    (job,) = store.list()
+    assert job.patient_id == "RTC-PHANTOM-001" and job.patient_name
+    assert job.study_date is not None and job.review_required is False
+    assert "RTC-PHANTOM-001" not in caplog.text and str(job.patient_name) not in caplog.text

@@ -1,0 +1,103 @@
+"""The approval gate: a route with ``review: required`` holds its job in awaiting_review with
+nothing sent; a clinician's approval (over the API) sends the reviewed RTSTRUCT, a rejection
+never does. Both are audited with user and time."""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+
+import pydicom
+import pytest
+
+from common.jobstore import JobState
+from common.routes import parse_routing
+from common.settings import Destination, Settings
+from service.intake import Intake, SeriesArrival
+from tests.conftest import StoreScp, ThresholdModel, write_phantom_series
+from tests.service.api_support import ApiHarness, make_harness
+from worker.pipeline import SegmenterCache
+from worker.sender import Sender
+from worker.tasks import WorkerRuntime, execute_job
+
+
+@pytest.fixture
+def api(tmp_path: Path, tps: StoreScp) -> ApiHarness:
+    routing = parse_routing({"routes": [{"name": "held", "review": "required"}],
+                             "default": "held"})
+    harness = make_harness(tmp_path, settings_extra={
+        "destinations": [Destination.parse(tps.destination)], "min_slices": 5},
+        routing=routing)
+    harness.routing = routing  # type: ignore[attr-defined]
+    yield harness
+    harness.client.close()
+    harness.engine.dispose()
+
+
+def _submit(api: ApiHarness, tmp_path: Path, seed: int) -> str:
+    settings: Settings = api.settings
+    files = write_phantom_series(tmp_path / f"ct{seed}", seed=seed)
+    ds = pydicom.dcmread(files[0], stop_before_pixels=True)
+    arrival = settings.spool_dir / "incoming" / str(ds.SeriesInstanceUID)
+    arrival.mkdir(parents=True)
+    for path in files:
+        shutil.move(path, arrival / f"{pydicom.dcmread(path).SOPInstanceUID}.dcm")
+    enqueued: list[str] = []
+    Intake(settings, api.store, enqueued.append, routing=api.routing).series_complete(
+        SeriesArrival(str(ds.SeriesInstanceUID), str(ds.StudyInstanceUID), "TPS", "CT", "Head",
+                      arrival, len(files)))
+    return enqueued[0]
+
+
+def _runtime(api: ApiHarness) -> WorkerRuntime:
+    model = ThresholdModel()
+    return WorkerRuntime(api.settings, store=api.store,
+                         model_cache=SegmenterCache(loader=lambda *_: model,
+                                                    resolver=lambda *_: Path("t")),
+                         sender=Sender(api.settings, sleep=lambda _: None))
+
+
+def test_held_job_is_sent_only_once_approved_and_a_rejected_one_never(
+    api: ApiHarness, tmp_path: Path, tps: StoreScp
+) -> None:
+    runtime = _runtime(api)
+    approved, rejected = _submit(api, tmp_path, 1), _submit(api, tmp_path, 2)
+    for job_id in (approved, rejected):
+        assert execute_job(job_id, runtime).state == "awaiting_review"
+        job = api.store.get(job_id)
+        assert job.state == JobState.AWAITING_REVIEW and job.review_required
+        assert api.store.output(job_id, "RTSTRUCT") is not None  # archived, reviewable
+    time.sleep(0.5)
+    assert tps.received() == []  # nothing left before a clinician looked
+
+    reply = api.client.post(f"/api/jobs/{approved}/approve", headers=api.headers("clinician"))
+    assert reply.status_code == 202 and reply.json()["state"] == "queued"
+    reply = api.client.post(f"/api/jobs/{rejected}/reject", headers=api.headers("clinician"),
+                            json={"reason": "parotids include the submandibular gland"})
+    assert reply.status_code == 200 and reply.json()["state"] == "rejected"
+    again = api.client.post(f"/api/jobs/{rejected}/approve", headers=api.headers("clinician"))
+    assert again.status_code == 409 and "not awaiting review" in again.json()["detail"]
+    assert api.client.post(f"/api/jobs/{approved}/approve",
+                           headers=api.headers("viewer")).status_code == 403
+
+    assert execute_job(approved, runtime).state == "done"
+    deadline = time.monotonic() + 10
+    while not tps.received() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    (received,) = tps.received()
+    output = api.store.output(approved, "RTSTRUCT")
+    assert pydicom.dcmread(received).SOPInstanceUID == output.sop_instance_uid
+    assert execute_job(rejected, runtime).state == "skipped"  # a rejected job never runs
+
+    held, refused = api.store.get(approved), api.store.get(rejected)
+    assert (held.review_decision, held.reviewed_by) == ("approved", "clinician-user")
+    assert (refused.review_decision, refused.review_reason) == (
+        "rejected", "parotids include the submandibular gland")
+    assert held.reviewed_at is not None and refused.reviewed_at is not None
+    events = api.client.get("/api/audit", params={"event": "job.approved"},
+                            headers=api.headers("admin")).json()["items"]
+    assert [e["job_id"] for e in events] == [approved]
+    events = api.client.get("/api/audit", params={"event": "job.rejected"},
+                            headers=api.headers("admin")).json()["items"]
+    assert [e["job_id"] for e in events] == [rejected] and events[0]["actor"] == "clinician-user"
