@@ -1,18 +1,28 @@
-"""Jobs: list with filters and pagination, detail, outputs (any kind) and their download, retry."""
+"""Jobs: list with filters and pagination, detail, outputs (any kind) and their download, retry.
+
+Who the patient is (name, ID, accession, study date and description) is part of a job only for
+clinicians and admins; a viewer gets the same job with those fields null, and may not search by
+patient (403). Every answer that shows them is audited (``patient.viewed``, naming the user and
+the job ids, never the patient); logs name job ids and UIDs only.
+"""
 
 from __future__ import annotations
 
 import datetime as dt
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
 
 from fastapi import APIRouter, HTTPException, Query, status
 from fastapi.responses import FileResponse
 from pydantic import BaseModel, Field
+from sqlalchemy import func, or_, select
 from sqlalchemy.orm import Session
 
 from common import audit
+from common.audit import AuditEvent
+from common.auth import Principal, Role
 from common.jobstore import (
     IllegalTransition,
     Job,
@@ -29,6 +39,69 @@ logger = logging.getLogger(__name__)
 router = APIRouter(prefix="/api/jobs", tags=["jobs"])
 
 RETRYABLE_STATES = (JobState.FAILED.value, JobState.SEND_FAILED.value)
+
+PATIENT_VIEWED = "patient.viewed"  # audit event: a user was shown who the patients of jobs are
+# The same user shown the same jobs again (the dashboard polls every 3 s) within this many
+# seconds is one audit entry, not one per poll.
+PATIENT_AUDIT_QUIET_S = 600.0
+
+
+@dataclass(frozen=True)
+class PatientJobFilter(JobFilter):
+    """``JobFilter`` plus ``patient``: the patient ID exactly, or a case-insensitive part of
+    the patient name (DICOM PN, e.g. ``DOE^JANE``)."""
+
+    patient: str | None = None
+
+    def apply(self, query: Any) -> Any:
+        query = super().apply(query)
+        if self.patient:
+            # LIKE wildcards in the search text are matched literally.
+            text = self.patient.lower().replace("\\", "\\\\").replace("%", "\\%")
+            text = text.replace("_", "\\_")
+            query = query.where(
+                or_(
+                    Job.patient_id == self.patient,
+                    func.lower(Job.patient_name).like(f"%{text}%", escape="\\"),
+                )
+            )
+        return query
+
+
+def sees_patient(principal: Principal) -> bool:
+    """Clinicians and admins see who the patient is; viewers do not."""
+    return principal.role.allows(Role.clinician)
+
+
+def audit_patient_view(session: Session, user: str, jobs: list[Job], *, searched: bool) -> None:
+    """Record that ``user`` was shown the patients of ``jobs`` (ids only, never the patient);
+    a repeat of the user's previous entry within ``PATIENT_AUDIT_QUIET_S`` is not recorded."""
+    shown = sorted(job.id for job in jobs if job.patient_id or job.patient_name)
+    if not shown:
+        return
+    job_ids = ",".join(shown)
+    previous = session.scalars(
+        select(AuditEvent)
+        .where(AuditEvent.event == PATIENT_VIEWED, AuditEvent.actor == user[:64])
+        .order_by(AuditEvent.id.desc())
+        .limit(1)
+    ).first()
+    now = dt.datetime.now(dt.UTC)
+    if (
+        previous is not None
+        and previous.detail.get("job_ids") == job_ids
+        and bool(previous.detail.get("searched")) == searched
+        and (now - previous.at).total_seconds() < PATIENT_AUDIT_QUIET_S
+    ):
+        return
+    audit.record(
+        session,
+        PATIENT_VIEWED,
+        user,
+        {"job_ids": job_ids, "n_jobs": len(shown), "searched": searched},
+        job_id=shown[0] if len(shown) == 1 else None,
+    )
+    session.commit()
 
 
 class StructureOut(BaseModel):
@@ -81,6 +154,18 @@ class JobSummaryOut(BaseModel):
     purged_at: dt.datetime | None = Field(
         None, description="when the retention policy deleted the job's CT and RTSTRUCT files"
     )
+    patient_name: str | None = Field(None, description="DICOM PN (clinician and admin only)")
+    patient_id: str | None = Field(None, description="clinician and admin only")
+    accession_number: str | None = Field(None, description="clinician and admin only")
+    study_date: str | None = Field(None, description="DICOM DA, YYYYMMDD (clinician, admin)")
+    study_description: str | None = Field(None, description="clinician and admin only")
+    review_required: bool | None = Field(
+        None, description="its route holds the results for a clinician's approval"
+    )
+    review_decision: str | None = Field(None, description="approved or rejected")
+    reviewed_by: str | None = None
+    reviewed_at: dt.datetime | None = None
+    review_reason: str | None = Field(None, description="why it was rejected")
 
 
 class JobDetailOut(JobSummaryOut):
@@ -128,7 +213,22 @@ def _seconds(start: dt.datetime | None, end: dt.datetime | None) -> float | None
     return round((end - start).total_seconds(), 3)
 
 
-def summary(job: Job, outputs: list[JobOutput] | None = None) -> JobSummaryOut:
+def _identity(job: Job, with_patient: bool) -> dict[str, Any]:
+    if not with_patient:
+        return {}
+    return {
+        "patient_name": job.patient_name,
+        "patient_id": job.patient_id,
+        "accession_number": job.accession_number,
+        "study_date": job.study_date,
+        "study_description": job.study_description,
+    }
+
+
+def summary(
+    job: Job, outputs: list[JobOutput] | None = None, *, with_patient: bool = False
+) -> JobSummaryOut:
+    """The job as listed; who the patient is only ``with_patient`` (clinician, admin)."""
     return JobSummaryOut(
         id=job.id,
         state=job.state,
@@ -147,6 +247,12 @@ def summary(job: Job, outputs: list[JobOutput] | None = None) -> JobSummaryOut:
         created_at=job.created_at,
         finished_at=job.finished_at,
         purged_at=job.purged_at,
+        review_required=job.review_required,
+        review_decision=job.review_decision,
+        reviewed_by=job.reviewed_by,
+        reviewed_at=job.reviewed_at,
+        review_reason=job.review_reason,
+        **_identity(job, with_patient),
     )
 
 
@@ -189,7 +295,7 @@ def _output_out(output: JobOutput) -> OutputOut:
     )
 
 
-def detail(job: Job, outputs: list[JobOutput]) -> JobDetailOut:
+def detail(job: Job, outputs: list[JobOutput], *, with_patient: bool = False) -> JobDetailOut:
     timings = StageTimingsOut(
         load_s=job.load_s,
         inference_s=job.inference_s,
@@ -201,7 +307,7 @@ def detail(job: Job, outputs: list[JobOutput]) -> JobDetailOut:
     rtstruct = next((output for output in outputs if output.kind == "RTSTRUCT"), None)
     rtdose = next((output for output in outputs if output.kind == "RTDOSE"), None)
     return JobDetailOut(
-        **summary(job, outputs).model_dump(),
+        **summary(job, outputs, with_patient=with_patient).model_dump(),
         study_instance_uid=job.study_instance_uid,
         rtstruct_sop_instance_uid=rtstruct.sop_instance_uid if rtstruct is not None else None,
         has_rtstruct=output_file(rtstruct) is not None,
@@ -239,27 +345,45 @@ def _utc(value: dt.datetime | None) -> dt.datetime | None:
 
 @router.get("", response_model=JobPageOut, summary="List jobs, newest first")
 def list_jobs(
-    _: ViewerUser,
+    principal: ViewerUser,
+    session: DbSession,
     ctx: Context,
     state: Annotated[list[JobState] | None, Query(description="one or more job states")] = None,
     created_from: Annotated[dt.datetime | None, Query(description="created at or after")] = None,
     created_to: Annotated[dt.datetime | None, Query(description="created before")] = None,
     calling_ae: Annotated[str | None, Query(max_length=16)] = None,
     model: Annotated[str | None, Query(max_length=64, description="model name")] = None,
+    patient: Annotated[
+        str | None,
+        Query(
+            min_length=1,
+            max_length=64,
+            description="patient ID (exact) or part of the patient name (any case); clinician "
+            "and admin only",
+        ),
+    ] = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
     offset: Annotated[int, Query(ge=0, le=1_000_000)] = 0,
 ) -> JobPageOut:
-    where = JobFilter(
+    with_patient = sees_patient(principal)
+    if patient is not None and not with_patient:
+        raise HTTPException(
+            status.HTTP_403_FORBIDDEN, detail="searching by patient needs the clinician role"
+        )
+    where = PatientJobFilter(
         state=state or None,
         since=_utc(created_from),
         until=_utc(created_to),
         calling_ae=calling_ae or None,
         model_name=model or None,
+        patient=(patient or "").strip() or None,
     )
     jobs = ctx.store.list(where, limit=limit, offset=offset)
     outputs = ctx.store.outputs_of(job.id for job in jobs)
+    if with_patient:
+        audit_patient_view(session, principal.name, jobs, searched=patient is not None)
     return JobPageOut(
-        items=[summary(j, outputs[j.id]) for j in jobs],
+        items=[summary(j, outputs[j.id], with_patient=with_patient) for j in jobs],
         total=ctx.store.count(where),
         limit=limit,
         offset=offset,
@@ -267,9 +391,12 @@ def list_jobs(
 
 
 @router.get("/{job_id}", response_model=JobDetailOut, summary="One job with timings and structures")
-def get_job(job_id: str, _: ViewerUser, ctx: Context) -> JobDetailOut:
+def get_job(job_id: str, principal: ViewerUser, session: DbSession, ctx: Context) -> JobDetailOut:
     job = load_job(ctx.store, job_id)
-    return detail(job, ctx.store.outputs(job.id))
+    with_patient = sees_patient(principal)
+    if with_patient:
+        audit_patient_view(session, principal.name, [job], searched=False)
+    return detail(job, ctx.store.outputs(job.id), with_patient=with_patient)
 
 
 @router.get("/{job_id}/outputs", response_model=list[OutputOut], summary="The job's outputs")

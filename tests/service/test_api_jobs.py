@@ -134,3 +134,89 @@ def test_retry_publishes_to_the_real_broker_and_queue_depth_counts_it(
     finally:
         client.close()
         harness.engine.dispose()
+
+
+def _patients(api: ApiHarness) -> tuple[str, str, str]:
+    """Three jobs of two patients (identity columns as the intake fills them)."""
+    jane = api.add_job(patient_name="DOE^JANE", patient_id="PAT-001", accession_number="ACC1",
+                       study_date="20260302", study_description="H&N planning",
+                       series_description="CT 2.5mm")
+    jane_again = api.add_job(patient_name="DOE^JANE", patient_id="PAT-001",
+                             accession_number="ACC2", study_date="20260309",
+                             series_description="CT 2.5mm")
+    john = api.add_job(patient_name="ROE^JOHN", patient_id="PAT-1", series_description="CT 2.5mm")
+    return jane.id, jane_again.id, john.id
+
+
+def test_clinicians_see_who_the_patient_is_and_viewers_do_not(api: ApiHarness) -> None:
+    jane, _, _ = _patients(api)
+    for role in ("clinician", "admin"):
+        listed = api.client.get("/api/jobs", headers=api.headers(role)).json()["items"]
+        row = next(item for item in listed if item["id"] == jane)
+        assert (row["patient_name"], row["patient_id"], row["accession_number"]) == (
+            "DOE^JANE", "PAT-001", "ACC1")
+        assert row["study_date"] == "20260302" and row["study_description"] == "H&N planning"
+        body = api.client.get(f"/api/jobs/{jane}", headers=api.headers(role)).json()
+        assert body["patient_id"] == "PAT-001"
+    listed = api.client.get("/api/jobs", headers=api.headers("viewer")).json()["items"]
+    body = api.client.get(f"/api/jobs/{jane}", headers=api.headers("viewer")).json()
+    for item in [*listed, body]:
+        for key in ("patient_name", "patient_id", "accession_number", "study_date",
+                    "study_description"):
+            assert item.get(key) is None, key
+    assert "PAT-001" not in str(listed) + str(body) and "DOE" not in str(listed) + str(body)
+
+
+@pytest.mark.parametrize(
+    ("query", "expected"),
+    [("PAT-001", {0, 1}), ("PAT-1", {2}), ("PAT", set()), ("doe", {0, 1}), ("john", {2}),
+     ("e^j", {0, 1, 2}), ("%", set())],
+    ids=["id-exact", "id-not-prefix", "id-part-is-not-a-match", "name-any-case", "first-name",
+         "name-part", "like-wildcard-literal"],
+)
+def test_jobs_are_searchable_by_patient_id_or_name(
+    api: ApiHarness, query: str, expected: set[int]
+) -> None:
+    ids = _patients(api)
+    api.add_job(series_description="no patient recorded")  # an old job: identity NULL
+    response = api.client.get("/api/jobs", params={"patient": query},
+                              headers=api.headers("clinician"))
+    assert response.status_code == 200, response.text
+    assert {item["id"] for item in response.json()["items"]} == {ids[i] for i in expected}
+    assert response.json()["total"] == len(expected)
+
+
+def test_a_viewer_may_not_search_by_patient(api: ApiHarness) -> None:
+    _patients(api)
+    response = api.client.get("/api/jobs?patient=PAT-001", headers=api.headers("viewer"))
+    assert response.status_code == 403 and "clinician" in response.json()["detail"]
+
+
+def test_reading_who_the_patient_is_is_audited_without_naming_the_patient(
+    api: ApiHarness, caplog: pytest.LogCaptureFixture
+) -> None:
+    from sqlalchemy import select
+    from sqlalchemy.orm import Session
+
+    from common.audit import AuditEvent
+
+    jane, jane_again, _ = _patients(api)
+    caplog.set_level("DEBUG")
+    h = api.headers("clinician")
+    for _ in range(3):  # the dashboard polls: one entry, not three
+        api.client.get("/api/jobs?patient=PAT-001", headers=h)
+    api.client.get(f"/api/jobs/{jane}", headers=h)
+    api.client.get("/api/jobs", headers=api.headers("viewer"))  # viewers see none: nothing
+    with Session(api.engine) as session:
+        events = list(session.scalars(
+            select(AuditEvent).where(AuditEvent.event == "patient.viewed")
+            .order_by(AuditEvent.id)))
+    assert [(e.actor, e.detail["job_ids"], e.detail["searched"]) for e in events] == [
+        ("clinician-user", ",".join(sorted([jane, jane_again])), True),
+        ("clinician-user", jane, False),
+    ]
+    assert events[1].job_id == jane
+    ours = [r.getMessage() for r in caplog.records if r.name.split(".")[0] in
+            ("common", "service", "worker")]  # httpx logs the test's own URLs
+    recorded = str([(e.detail, e.job_id) for e in events]) + str(ours)
+    assert "PAT-001" not in recorded and "DOE" not in recorded and "JANE" not in recorded

@@ -62,6 +62,18 @@ function when(iso) {
   return d.toLocaleString(undefined, { dateStyle: "short", timeStyle: "medium" });
 }
 
+// DICOM PN "DOE^JANE^^DR" -> "DOE, JANE"; DA "20260302" -> "2026-03-02".
+function personName(pn) {
+  if (!pn) return "";
+  const [family, given] = String(pn).split("=")[0].split("^");
+  return given ? family + ", " + given : family;
+}
+
+function dicomDate(da) {
+  const text = String(da || "");
+  return /^\d{8}$/.test(text) ? text.slice(0, 4) + "-" + text.slice(4, 6) + "-" + text.slice(6) : text;
+}
+
 function stateBadge(value) { return el("span", { className: "badge state-" + value }, value); }
 
 function clear(node) { while (node.firstChild) node.removeChild(node.firstChild); }
@@ -108,6 +120,8 @@ async function refreshOverview() {
     if (wanted) filters.append("state", wanted);
     const ae = $("#filter-ae").value.trim();
     if (ae) filters.append("calling_ae", ae);
+    const patient = $("#filter-patient").value.trim();
+    if (patient && allowed("clinician")) filters.append("patient", patient);
     const [page, stats, failures] = await Promise.all([
       apiJson("/api/jobs?" + filters),
       apiJson("/api/stats?hours=24&bucket_minutes=60"),
@@ -125,10 +139,18 @@ async function refreshOverview() {
 function renderJobs(page) {
   const body = $("#jobs-table tbody");
   clear(body);
+  const withPatient = allowed("clinician");
+  for (const th of document.querySelectorAll("#jobs-table .patient-col")) th.hidden = !withPatient;
   for (const job of page.items) {
     const link = el("a", { href: "#/jobs/" + encodeURIComponent(job.id) }, when(job.created_at));
+    const patient = withPatient ? el("td", { className: "patient" },
+      el("span", { className: "patient-name" }, personName(job.patient_name)), el("br"),
+      el("span", { className: "patient-id" }, job.patient_id || "")) : null;
+    const study = withPatient ? el("td", { className: "study" },
+      dicomDate(job.study_date), job.accession_number ? " · " + job.accession_number : "", el("br"),
+      el("span", { className: "note" }, job.study_description || "")) : null;
     body.append(el("tr", { "data-job-id": job.id },
-      el("td", {}, link), el("td", {}, stateBadge(job.state)), el("td", {}, job.calling_ae || ""),
+      el("td", {}, link), el("td", {}, stateBadge(job.state)), patient, study, el("td", {}, job.calling_ae || ""),
       el("td", { className: "description" }, job.series_description || ""),
       el("td", {}, job.model_name ? job.model_name + " " + (job.model_version || "") : ""),
       el("td", {}, job.n_instances ?? ""),
@@ -235,6 +257,13 @@ async function refreshJob() {
   const fields = $("#job-fields");
   clear(fields);
   field(fields, "State", stateBadge(job.state));
+  if (allowed("clinician")) {
+    field(fields, "Patient", personName(job.patient_name));
+    field(fields, "Patient ID", job.patient_id);
+    field(fields, "Accession", job.accession_number);
+    field(fields, "Study date", dicomDate(job.study_date));
+    field(fields, "Study description", job.study_description);
+  }
   field(fields, "Series description", job.series_description);
   field(fields, "Calling AE", job.calling_ae);
   field(fields, "Series UID", job.series_instance_uid);
@@ -421,6 +450,7 @@ function route() {
   } else {
     state.jobId = null;
     show("overview");
+    $("#patient-filter").hidden = !allowed("clinician");
     state.tick = 0;
     poll(refreshOverview);
   }
@@ -443,6 +473,7 @@ document.addEventListener("DOMContentLoaded", async () => {
   $("#next-page").addEventListener("click", () => { state.offset += PAGE_SIZE; refreshOverview(); });
   $("#filter-state").addEventListener("change", () => { state.offset = 0; refreshOverview(); });
   $("#filter-ae").addEventListener("change", () => { state.offset = 0; refreshOverview(); });
+  $("#filter-patient").addEventListener("change", () => { state.offset = 0; refreshOverview(); });
   $("#download").addEventListener("click", download);
   $("#retry").addEventListener("click", retry);
   window.addEventListener("hashchange", route);
