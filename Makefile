@@ -1,4 +1,5 @@
-# rtcontour: `make serve` and `make test` work on a fresh Debian machine (run as root or with sudo).
+# rtcontour: `make serve` and `make test` work on a fresh Debian machine (`make serve` as an
+# ordinary user; `make test` installs Debian packages, with sudo unless run as root).
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin

@@ -1,8 +1,20 @@
 """The README is the operator's manual: every setting and the two first commands are in it."""
 
+import contextlib
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import time
 from pathlib import Path
 
+import pydicom
+import pytest
+
 from common.settings import Settings
+from tests.conftest import REPO_ROOT, free_port, real_package, serve_env, write_phantom_series
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -21,3 +33,87 @@ def test_readme_opens_with_the_serve_and_test_commands() -> None:
     opening = "\n".join(README.read_text(encoding="utf-8").splitlines()[:10])
     assert "make serve" in opening
     assert "make test" in opening
+
+
+def _quick_start_block() -> list[str]:
+    """The command lines of the quick start's "Send a CT and receive the RTSTRUCT" block."""
+    text = README.read_text(encoding="utf-8")
+    after = text[text.index("Send a CT and receive the RTSTRUCT"):]
+    block = after[after.index("```sh\n") + len("```sh\n"):]
+    return [line for line in block[: block.index("```")].splitlines() if line.strip()]
+
+
+def _listening(port: int) -> bool:
+    with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
+        return True
+    return False
+
+
+def test_readme_quick_start_sends_a_ct_and_receives_the_rtstruct_as_written(
+    tmp_path: Path,
+) -> None:
+    """The quick start's commands, line by line as a person types them, in an empty folder
+    holding ``./my_ct/``; only the ports (free ones, not 11112/11113), the data folder (not the
+    checkout's ``./var``) and ``make``'s folder (``-C`` the checkout) differ."""
+    needed = ("storescp", "storescu", "make")
+    if any(shutil.which(tool) is None for tool in needed):
+        pytest.skip(f"needs {', '.join(needed)} (DCMTK, make)")
+    if subprocess.run(["make", "-q", ".stamps/venv"], cwd=REPO_ROOT).returncode != 0:
+        pytest.skip("checkout not set up: run 'make install' first (make serve would install)")
+    if real_package() is None:
+        pytest.skip("no model package under models/packages (the quick start's default)")
+    env = serve_env(tmp_path / "var")
+    dicom_port, tps_port = int(env["RTCONTOUR_DICOM_PORT"]), free_port()
+    write_phantom_series(tmp_path / "my_ct", (24, 64, 64))
+    started: list[subprocess.Popen[bytes]] = []
+    log_path = tmp_path / "quick-start.log"
+    try:
+        for line in _quick_start_block():
+            command = re.sub(r"\s+#.*$", "", line).strip()
+            command = command.replace("11113", str(tps_port)).replace("11112", str(dicom_port))
+            command = re.sub(r"\bmake serve\b", f"make -C {REPO_ROOT} serve", command)
+            if not command.endswith("&"):
+                result = subprocess.run(["bash", "-c", command], cwd=tmp_path, env=env,
+                                        capture_output=True, timeout=120)
+                assert result.returncode == 0, f"{line!r} failed: {result.stderr!r}"
+                continue
+            with log_path.open("ab") as log:
+                process = subprocess.Popen(
+                    ["bash", "-c", command.rstrip("& ")], cwd=tmp_path, env=env, stdout=log,
+                    stderr=subprocess.STDOUT, start_new_session=True,
+                )
+            started.append(process)
+            ready = (lambda: _listening(tps_port)) if "storescp" in command else (
+                lambda: "rtcontour serving:" in log_path.read_text(errors="replace"))
+            deadline = time.monotonic() + 60
+            while not ready() and time.monotonic() < deadline:
+                assert process.poll() is None, (
+                    f"{line!r} stopped:\n{log_path.read_text(errors='replace')[-3000:]}")
+                time.sleep(0.25)
+            assert ready(), f"{line!r} not ready:\n{log_path.read_text(errors='replace')[-3000:]}"
+
+        deadline = time.monotonic() + 180
+        received: list[Path] = []
+        while not received and time.monotonic() < deadline:
+            received = [p for p in (tmp_path / "received").glob("*") if p.is_file()]
+            time.sleep(0.5)
+        assert received, f"no RTSTRUCT received:\n{log_path.read_text(errors='replace')[-5000:]}"
+        time.sleep(0.5)  # storescp renames the file once written
+        assert pydicom.dcmread(received[0]).Modality == "RTSTRUCT"
+    finally:
+        for process in reversed(started):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGTERM)
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+
+
+def test_readme_says_make_serve_needs_no_root_and_the_makefile_agrees() -> None:
+    text = README.read_text(encoding="utf-8")
+    quick_start = text[text.index("## Quick start"): text.index("## Commands")]
+    assert "needs no root" in quick_start and "for the Debian packages" not in quick_start
+    makefile = (REPO_ROOT / "Makefile").read_text(encoding="utf-8")
+    serve_rule = re.search(r"^serve:(.*)$", makefile, re.MULTILINE)
+    assert serve_rule is not None and "apt" not in serve_rule.group(1)
