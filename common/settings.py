@@ -75,6 +75,8 @@ class Settings(BaseSettings):
     dicom_host: str = "0.0.0.0"
     dicom_port: int = Field(11112, ge=1, le=65535)
     known_peers: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    # Associations calling another AE title than ours are refused (reason 7) unless this is set.
+    accept_any_called_ae: bool = False
     quiet_period_s: float = Field(5.0, gt=0, le=3600)
     max_associations: int = Field(10, ge=1, le=200)
     acse_timeout_s: float = Field(30.0, gt=0)

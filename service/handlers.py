@@ -153,6 +153,7 @@ class Edge:
     max_instance_bytes: int
     known_peers: Sequence[KnownPeer] = ()
     audit: AuditCallable | None = None
+    accept_any_called_ae: bool = False  # RTCONTOUR_ACCEPT_ANY_CALLED_AE
     serials: AssociationSerials = field(default_factory=AssociationSerials)
     rejected: weakref.WeakSet[object] = field(default_factory=weakref.WeakSet)
 
@@ -283,13 +284,22 @@ def read_instance_header(
         rows = _positive_int(ds, "Rows", MAX_IMAGE_DIMENSION)
         columns = _positive_int(ds, "Columns", MAX_IMAGE_DIMENSION)
         pixel_data = ds["PixelData"]
+        # The CT Image Module (PS3.3 C.8.2.1): one sample, 16 bits allocated.
+        samples = ds.get("SamplesPerPixel", 1)
+        if samples != 1:
+            raise InvalidInstance(f"SamplesPerPixel {samples!r} is not 1, as a CT image has")
+        bits = ds.get("BitsAllocated", 16)
+        if bits != 16:
+            raise InvalidInstance(f"BitsAllocated {bits!r} is not 16, as a CT image has")
         if not UID(transfer_syntax).is_encapsulated:
-            samples = int(ds.get("SamplesPerPixel", 1) or 1)
-            bits = int(ds.get("BitsAllocated", 16) or 16)
-            expected = rows * columns * samples * ((bits + 7) // 8)
-            if len(pixel_data.value) < expected:
+            expected = rows * columns * 2
+            length = len(pixel_data.value)
+            # One frame; a native value is padded to even length (odd byte counts cannot occur
+            # for 16-bit pixels, so the length must be exact).
+            if length != expected:
                 raise InvalidInstance(
-                    f"PixelData holds {len(pixel_data.value)} bytes, {expected} expected"
+                    f"PixelData holds {length} bytes; Rows x Columns x BitsAllocated / 8 is "
+                    f"{expected}"
                 )
         description = ds.get("SeriesDescription", "") or ""
         return InstanceHeader(
@@ -424,16 +434,15 @@ def _audit_rejection(event: Event, edge: Edge, reason: str) -> None:
 
 
 def handle_requested(event: Event, edge: Edge) -> None:
-    """A-ASSOCIATE-RQ: with known peers configured, refuse unknown calling/called AE titles."""
-    if not edge.known_peers:
-        return
+    """A-ASSOCIATE-RQ: refuse a called AE title other than ours (unless explicitly allowed)
+    and, with known peers configured, unknown calling AE titles; each refusal audited."""
     primitive = cast(A_ASSOCIATE, event.assoc.requestor.primitive)
     calling = str(primitive.calling_ae_title).strip()
     called = str(primitive.called_ae_title).strip()
     address = str(event.assoc.requestor.address)
-    if not any(peer.matches(calling, address) for peer in edge.known_peers):
+    if edge.known_peers and not any(peer.matches(calling, address) for peer in edge.known_peers):
         _reject(event, edge, RejectReason.CALLING_AE_NOT_RECOGNISED)
-    elif called != edge.ae_title:
+    elif called != edge.ae_title and not edge.accept_any_called_ae:
         _reject(event, edge, RejectReason.CALLED_AE_NOT_RECOGNISED)
 
 

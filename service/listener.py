@@ -249,7 +249,16 @@ def start_listener(
         max_instance_bytes=settings.max_instance_bytes,
         known_peers=[KnownPeer.parse(peer) for peer in settings.known_peers],
         audit=audit,
+        accept_any_called_ae=settings.accept_any_called_ae,
     )
+    if not settings.known_peers:
+        logger.warning(
+            "DICOM listener accepts any calling AE title from any address on %s (no "
+            "RTCONTOUR_KNOWN_PEERS): set it to the planning systems and scanners that may send",
+            settings.dicom_host)
+    if settings.accept_any_called_ae:
+        logger.warning("DICOM listener accepts any called AE title "
+                       "(RTCONTOUR_ACCEPT_ANY_CALLED_AE), not only %s", settings.ae_title)
     ae = build_ae(settings)
     server = cast(
         _AssociationServer,

@@ -203,9 +203,14 @@ def test_oversized_instance_is_refused_and_the_rest_is_stored(listener_factory, 
         lambda ds: setattr(ds, "Modality", "MR"),
         lambda ds: setattr(ds, "Rows", 60000),
         lambda ds: setattr(ds, "ImagePositionPatient", [1, 2]),
+        lambda ds: setattr(ds, "BitsAllocated", 8),
+        lambda ds: setattr(ds, "SamplesPerPixel", 3),
+        lambda ds: setattr(ds, "PixelData", ds.PixelData + b"\0\0" * 8),
+        lambda ds: setattr(ds, "PixelData", ds.PixelData[:-2]),
     ],
     ids=["no-pixel-spacing", "no-frame-of-reference", "no-pixel-data", "modality-mr",
-         "rows-beyond-pixel-data", "position-two-values"],
+         "rows-beyond-pixel-data", "position-two-values", "bits-allocated-8",
+         "samples-per-pixel-3", "pixel-data-too-long", "pixel-data-too-short"],
 )
 def test_invalid_instance_is_refused_while_the_valid_ones_are_stored(
     listener_factory, tmp_path, mutate

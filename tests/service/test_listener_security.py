@@ -60,7 +60,23 @@ def test_wrong_called_ae_title_is_rejected(listener_factory):
     assert detail["reason"] == "called AE title not recognised"
 
 
-def test_only_verification_and_ct_storage_are_accepted(listener_factory):
+def test_wrong_called_ae_title_is_rejected_without_known_peers_too(listener_factory):
+    listener = listener_factory()
+    run = run_echoscu(listener.port, calling_ae="ANY", called_ae="SOMEONE_ELSE")
+    assert "Called AE Title Not Recognized" in run.output, run.output
+    [(event, detail)] = listener.audit_events
+    assert event == "dicom.association_rejected" and detail["called_ae"] == "SOMEONE_ELSE"
+    assert run_echoscu(listener.port, calling_ae="ANY").returncode == 0  # our own title
+
+
+def test_any_called_ae_title_only_when_explicitly_allowed(listener_factory):
+    listener = listener_factory(accept_any_called_ae=True)
+    run = run_echoscu(listener.port, calling_ae="ANY", called_ae="SOMEONE_ELSE")
+    assert run.returncode == 0, run.output
+    assert listener.audit_events == []
+
+
+def test_only_verification_ct_and_structure_set_storage_are_accepted(listener_factory):
     listener = listener_factory()
     ae = AE(ae_title="PROBE")
     ae.add_requested_context(Verification)
@@ -69,7 +85,8 @@ def test_only_verification_and_ct_storage_are_accepted(listener_factory):
     assoc = ae.associate("127.0.0.1", listener.port, ae_title="RTCONTOUR")
     try:
         accepted = {str(cx.abstract_syntax) for cx in assoc.accepted_contexts}
-        assert accepted == {str(Verification)}
+        # Structure sets come back approved from the TPS (dose prediction, QA); MR never.
+        assert accepted == {str(Verification), "1.2.840.10008.5.1.4.1.1.481.3"}
     finally:
         assoc.release()
 
