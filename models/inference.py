@@ -139,8 +139,8 @@ class Segmenter:
         mirror_tta: also predict the volume mirrored along the package's ``mirror_axes``
             (left/right) and average, swapping the paired channels (Parotid_L/Parotid_R) back.
         provider: ``auto`` (CUDA via onnxruntime if available, else the faster CPU backend
-            :data:`DEFAULT_CPU_BACKEND`, with a warning), ``cuda``, ``cpu``/``onnxruntime``
-            (onnxruntime CPU) or ``openvino``.
+            :data:`DEFAULT_CPU_BACKEND`), ``cuda`` (a warning when it is missing),
+            ``cpu``/``onnxruntime`` (onnxruntime CPU) or ``openvino``.
         batch_size: windows per network call.
         threads: CPU threads (default: all cores).
         openvino_precision: ``bf16`` (default; OpenVINO uses f32 on CPUs without bf16) or
@@ -194,9 +194,9 @@ class Segmenter:
             if "CUDAExecutionProvider" in available:
                 return _OrtRunner(onnx_path, ["CUDAExecutionProvider", "CPUExecutionProvider"],
                                   self.threads)
-            log.warning("CUDAExecutionProvider is not available (providers: %s); falling back "
-                        "to CPU inference with %s", ", ".join(available),
-                        DEFAULT_CPU_BACKEND if provider == "auto" else "onnxruntime")
+            if provider == "cuda":  # asked for the GPU; "auto" on a CPU machine is no fallback
+                log.warning("CUDAExecutionProvider is not available (providers: %s); falling "
+                            "back to CPU inference with onnxruntime", ", ".join(available))
             provider = "cpu" if provider == "cuda" else DEFAULT_CPU_BACKEND
         if provider == "openvino":
             return _OpenVinoRunner(onnx_path, (self.batch_size, 1, *self.patch), self.threads,

@@ -1,4 +1,6 @@
-"""Preview images of a job: CT planes (soft-tissue window) with the RTSTRUCT's contours.
+"""What the dashboard shows of a job's images: the viewer's data (the CT volume and the
+contours as polygons, rendered in the browser) and preview PNGs (CT planes, soft-tissue
+window, with the RTSTRUCT's contours).
 
 Everything is computed on the CT's **canonical** grid (docs/ARCHITECTURE.md: axis 0
 superior->inferior, axis 1 anterior->posterior, axis 2 patient right->left), which gives the
@@ -11,17 +13,26 @@ conventional display orientation by plain slicing:
 Images are scaled so one image pixel covers the same millimetres in both directions.
 Contours are filled with the even-odd rule at pixel centres (the rule the RTSTRUCT writer's
 round trip uses), then drawn as an outline in the ROI's display colour.
+
+The viewer gets the canonical CT as int16 little-endian bytes (gzip-compressed once, cached)
+with its shape, spacing and affine, and each structure's closed planar contours as polygons
+in canonical voxel coordinates (row, column) per axial slice; its colours are made visible on
+a greyscale CT (``display_colour``).
 """
 
 from __future__ import annotations
 
+import gzip
 import io
+import json
 import logging
 import threading
+import zlib
 from collections import OrderedDict
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal, TypeVar
 
 import numpy as np
 import pydicom
@@ -29,7 +40,7 @@ from PIL import Image
 from scipy import ndimage
 
 from common.errors import InvalidSeries, RtcontourError
-from worker.volume import load_series
+from worker.volume import Volume, load_series
 
 logger = logging.getLogger(__name__)
 
@@ -154,8 +165,8 @@ def _read_ct(folder: Path) -> list[pydicom.Dataset]:
     return datasets
 
 
-def load_preview_volume(ct_folder: Path, rtstruct_path: Path) -> PreviewVolume:
-    """Read the CT series in ``ct_folder`` and the contours of ``rtstruct_path``.
+def load_canonical_ct(ct_folder: Path) -> Volume:
+    """The CT series in ``ct_folder`` in canonical orientation, HU as int16.
 
     Raises ``PreviewUnavailable`` with a sentence naming what is missing.
     """
@@ -170,6 +181,22 @@ def load_preview_volume(ct_folder: Path, rtstruct_path: Path) -> PreviewVolume:
         raise PreviewUnavailable(f"the job's CT cannot be shown: {error}") from None
     canonical = series.volume.to_canonical()
     hu = np.clip(np.rint(canonical.array), -32768, 32767).astype(np.int16)
+    return canonical.with_array(hu)
+
+
+@dataclass(frozen=True, eq=False)
+class RoiPolygons:
+    """One ROI of a structure set: its closed planar contours, each (n, 3) fractional
+    canonical voxel indices (slice, row, column), and its DICOM display colour."""
+
+    roi_name: str
+    colour: tuple[int, int, int]
+    polygons: tuple[np.ndarray, ...]
+
+
+def read_structure_set(rtstruct_path: Path, canonical: Volume) -> list[RoiPolygons]:
+    """Every ROI of the RTSTRUCT at ``rtstruct_path`` on ``canonical``'s grid (ROIs without
+    contours included, with none). Raises ``PreviewUnavailable`` if it cannot be read."""
     try:
         structure_set = pydicom.dcmread(rtstruct_path)
     except Exception:
@@ -188,11 +215,133 @@ def load_preview_volume(ct_folder: Path, rtstruct_path: Path) -> PreviewVolume:
             if getattr(contour, "ContourGeometricType", "CLOSED_PLANAR") != "CLOSED_PLANAR":
                 continue
             points_mm = np.asarray(contour.ContourData, dtype=np.float64).reshape(-1, 3)
-            polygons.append(canonical.lps_to_index(points_mm))
+            if len(points_mm) >= 3:
+                polygons.append(canonical.lps_to_index(points_mm))
         rois.append(
-            _crossings(names.get(number, f"ROI {number}"), colour, polygons, hu.shape)  # type: ignore[arg-type]
+            RoiPolygons(names.get(number, f"ROI {number}"), colour, tuple(polygons))  # type: ignore[arg-type]
         )
+    return rois
+
+
+def load_preview_volume(
+    ct_folder: Path, rtstruct_path: Path, canonical: Volume | None = None
+) -> PreviewVolume:
+    """Read the CT series in ``ct_folder`` (or take ``canonical``, already read) and the
+    contours of ``rtstruct_path``.
+
+    Raises ``PreviewUnavailable`` with a sentence naming what is missing.
+    """
+    canonical = canonical if canonical is not None else load_canonical_ct(ct_folder)
+    hu = canonical.array
+    rois = [
+        _crossings(roi.roi_name, roi.colour, list(roi.polygons), hu.shape)
+        for roi in read_structure_set(rtstruct_path, canonical)
+    ]
     return PreviewVolume(hu=hu, spacing_mm=canonical.spacing_mm, rois=tuple(rois))
+
+
+# Saturated colours for ROIs whose own colour would vanish on a greyscale CT (white, grey,
+# black), picked by name so a structure keeps its colour from job to job.
+VISIBLE_PALETTE: tuple[tuple[int, int, int], ...] = (
+    (255, 140, 0), (0, 200, 255), (255, 0, 200), (140, 255, 0), (255, 210, 0),
+    (170, 90, 255), (0, 255, 170), (255, 80, 80),
+)
+
+
+def display_colour(roi_name: str, colour: Sequence[int]) -> tuple[int, int, int]:
+    """``colour`` as drawn over a greyscale CT: a grey, white or black one (e.g.
+    Bone_Mandible's (230, 230, 230), invisible on bone) becomes a saturated palette colour
+    chosen by ``roi_name``; a dark one is brightened. Others are returned unchanged."""
+    red, green, blue = (int(v) for v in colour[:3])
+    if max(red, green, blue) - min(red, green, blue) < 60:
+        return VISIBLE_PALETTE[zlib.crc32(roi_name.encode()) % len(VISIBLE_PALETTE)]
+    brightest = max(red, green, blue)
+    if brightest < 150:
+        scale = 200 / brightest
+        return (round(red * scale), round(green * scale), round(blue * scale))
+    return (red, green, blue)
+
+
+@dataclass(frozen=True, eq=False)
+class ViewerCt:
+    """A job's CT as the viewer receives it: ``volume`` (canonical, int16 HU), and its bytes
+    (int16 little-endian, C order (slices, rows, columns)) gzip-compressed once."""
+
+    volume: Volume
+    gzip_bytes: bytes
+
+    @property
+    def raw_bytes(self) -> bytes:
+        return self.volume.array.astype("<i2", copy=False).tobytes()
+
+    def meta(self) -> dict[str, Any]:
+        """Shape, spacing, affine (canonical voxel index -> LPS mm) and HU range."""
+        hu = self.volume.array
+        return {
+            "shape": list(self.volume.shape),
+            "spacing_mm": [round(v, 6) for v in self.volume.spacing_mm],
+            "affine": [[round(float(v), 6) for v in row] for row in self.volume.affine],
+            "frame_of_reference_uid": self.volume.frame_of_reference_uid,
+            "dtype": "int16",
+            "byte_order": "little",
+            "hu_min": int(hu.min()) if hu.size else 0,
+            "hu_max": int(hu.max()) if hu.size else 0,
+        }
+
+
+def make_viewer_ct(volume: Volume) -> ViewerCt:
+    raw = volume.array.astype("<i2", copy=False).tobytes()
+    return ViewerCt(volume, gzip.compress(raw, compresslevel=1, mtime=0))
+
+
+@dataclass(frozen=True)
+class ContourSource:
+    """A structure set to draw: ``source`` "rtcontour" (its own RTSTRUCT, solid) or
+    "approved" (the clinicians' set, dashed); ``details`` per ROI name: extra fields (flag,
+    confidence, the rtcontour structure an approved ROI was matched to)."""
+
+    source: str
+    path: Path
+    details: dict[str, dict[str, Any]]
+
+
+def contour_polygons(roi: RoiPolygons, n_slices: int) -> dict[str, list[list[float]]]:
+    """``{slice index: [[row0, col0, row1, col1, ...], ...]}`` (voxel coordinates, 0.01)."""
+    slices: dict[str, list[list[float]]] = {}
+    for points in roi.polygons:
+        slice_index = int(round(float(points[:, 0].mean())))
+        if not 0 <= slice_index < n_slices:
+            continue
+        flat = np.round(points[:, 1:3], 2).reshape(-1).tolist()
+        slices.setdefault(str(slice_index), []).append(flat)
+    return slices
+
+
+def viewer_contours(ct: ViewerCt, sources: Sequence[ContourSource]) -> bytes:
+    """JSON of every structure of ``sources`` as polygons per axial slice of ``ct``."""
+    structures = []
+    n_slices = ct.volume.shape[0]
+    colours: dict[str, tuple[int, int, int]] = {}
+    for source in sources:
+        for roi in read_structure_set(source.path, ct.volume):
+            details = dict(source.details.get(roi.roi_name, {}))
+            # An approved ROI is drawn in the colour of the rtcontour structure it matches.
+            matched = details.get("matches")
+            colour = colours.get(str(matched)) if matched else None
+            shown = colour or display_colour(roi.roi_name, roi.colour)
+            if source.source == "rtcontour":
+                colours[roi.roi_name] = shown
+            structures.append({
+                "roi_name": roi.roi_name,
+                "source": source.source,
+                "colour": list(roi.colour),
+                "display_colour": list(shown),
+                "flag": details.get("flag"),
+                "confidence": details.get("confidence"),
+                "matches": matched,
+                "slices": contour_polygons(roi, n_slices),
+            })
+    return json.dumps({"structures": structures}, separators=(",", ":")).encode()
 
 
 def render_png(volume: PreviewVolume, plane: Plane, index: int) -> bytes:
@@ -226,32 +375,91 @@ def render_png(volume: PreviewVolume, plane: Plane, index: int) -> bytes:
     return buffer.getvalue()
 
 
-class PreviewCache:
-    """The last few loaded preview volumes, keyed by job id and RTSTRUCT file state.
+_Value = TypeVar("_Value")
 
-    Loading a CT takes about a second; the dashboard's slider asks for many images of one job.
+
+class _Lru:
+    """A small thread-safe LRU whose loads run once per key (concurrent askers wait)."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self._items: OrderedDict[tuple[Any, ...], Any] = OrderedDict()
+        self._lock = threading.Lock()
+        self._loading: dict[tuple[Any, ...], threading.Lock] = {}
+
+    def get(self, key: tuple[Any, ...], load: Callable[[], _Value]) -> _Value:
+        with self._lock:
+            if key in self._items:
+                self._items.move_to_end(key)
+                return self._items[key]  # type: ignore[no-any-return]
+            key_lock = self._loading.setdefault(key, threading.Lock())
+        with key_lock:
+            with self._lock:
+                if key in self._items:
+                    return self._items[key]  # type: ignore[no-any-return]
+            try:
+                value = load()
+            finally:
+                with self._lock:
+                    self._loading.pop(key, None)
+            with self._lock:
+                self._items[key] = value
+                while len(self._items) > self.capacity:
+                    self._items.popitem(last=False)
+            return value
+
+
+def _stamp(path: Path, missing: str) -> float:
+    try:
+        return path.stat().st_mtime
+    except OSError:
+        raise PreviewUnavailable(missing) from None
+
+
+class PreviewCache:
+    """The last few loaded CTs (for the viewer and the previews), preview volumes and contour
+    sets, keyed by job id and file state.
+
+    Loading a CT takes about a second; the viewer and the previews ask many times for one job.
     """
 
     def __init__(self, capacity: int = 2) -> None:
         self.capacity = capacity
-        self._items: OrderedDict[tuple[str, str, float], PreviewVolume] = OrderedDict()
-        self._lock = threading.Lock()
+        self._cts = _Lru(capacity)
+        self._items = _Lru(capacity)
+        self._contours = _Lru(4 * capacity)
+
+    def ct(self, job_id: str, ct_folder: Path) -> ViewerCt:
+        """The job's canonical CT and its compressed bytes."""
+        stamp = _stamp(ct_folder, "the job's CT images are no longer in its spool folder")
+        return self._cts.get(
+            (job_id, str(ct_folder), stamp),
+            lambda: make_viewer_ct(load_canonical_ct(ct_folder)),
+        )
 
     def get(self, job_id: str, ct_folder: Path, rtstruct_path: Path) -> PreviewVolume:
-        try:
-            stamp = rtstruct_path.stat().st_mtime
-        except OSError:
-            raise PreviewUnavailable(
-                "the job's RTSTRUCT file is missing from the archive"
-            ) from None
-        key = (job_id, str(rtstruct_path), stamp)
-        with self._lock:
-            if key in self._items:
-                self._items.move_to_end(key)
-                return self._items[key]
-        volume = load_preview_volume(ct_folder, rtstruct_path)
-        with self._lock:
-            self._items[key] = volume
-            while len(self._items) > self.capacity:
-                self._items.popitem(last=False)
-        return volume
+        """The preview volume of the job's CT and RTSTRUCT."""
+        stamp = _stamp(rtstruct_path, "the job's RTSTRUCT file is missing from the archive")
+        return self._items.get(
+            (job_id, str(rtstruct_path), stamp),
+            lambda: load_preview_volume(
+                ct_folder, rtstruct_path, self.ct(job_id, ct_folder).volume
+            ),
+        )
+
+    def contours(
+        self, job_id: str, ct_folder: Path, sources: Sequence[ContourSource]
+    ) -> bytes:
+        """The viewer's contour JSON of ``sources`` on the job's CT."""
+        key: tuple[Any, ...] = (job_id, str(ct_folder)) + tuple(
+            (
+                source.source,
+                str(source.path),
+                _stamp(source.path, f"the {source.source} structure set file is missing"),
+                json.dumps(source.details, sort_keys=True, default=str),
+            )
+            for source in sources
+        )
+        return self._contours.get(
+            key, lambda: viewer_contours(self.ct(job_id, ct_folder), sources)
+        )

@@ -37,6 +37,7 @@ from service.api import (
     routes,
     stats,
     users,
+    viewer,
 )
 from service.api.deps import AppContext, ViewerUser
 from service.previews import PreviewCache
@@ -121,8 +122,8 @@ def create_app(
     def openapi_schema(_: ViewerUser) -> JSONResponse:
         return JSONResponse(app.openapi())
 
-    for module in (jobs, review, previews, stats, destinations, routes, users, audit, metrics,
-                   dashboard):
+    for module in (jobs, review, previews, viewer, stats, destinations, routes, users, audit,
+                   metrics, dashboard):
         app.include_router(module.router)
     dashboard.mount_static(app)
     return app
