@@ -189,16 +189,24 @@ def main(argv: Sequence[str] | None = None) -> int:
                                      description=__doc__.splitlines()[0])
     parser.add_argument("--package", type=Path, default=None,
                         help="package folder (default: latest under models/packages)")
-    parser.add_argument("--data-dir", type=Path, default=None)
-    parser.add_argument("--split", default="validation")
-    parser.add_argument("--overlap", type=float, default=0.5)
-    parser.add_argument("--mirror-tta", action="store_true")
-    parser.add_argument("--provider", default="auto")
+    parser.add_argument("--data-dir", type=Path, default=None,
+                        help="OpenKBP folder (default: RTCONTOUR_OPENKBP_DIR, else "
+                             "../shared/data/openkbp)")
+    parser.add_argument("--split", default="validation",
+                        help="OpenKBP split folder to evaluate on (default: validation)")
+    parser.add_argument("--overlap", type=float, default=0.5,
+                        help="sliding-window overlap, 0-0.9 (default: 0.5)")
+    parser.add_argument("--mirror-tta", action="store_true",
+                        help="also predict the left/right mirrored CT and average")
+    parser.add_argument("--provider", default="auto",
+                        help="auto (CUDA if available, else the CPU default), cuda, cpu, "
+                             "onnxruntime or openvino")
     parser.add_argument("--limit", type=int, default=None, help="evaluate N patients only")
     parser.add_argument("--offset", type=int, default=0,
                         help="skip the first N patients (patient-number order)")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: all)")
-    parser.add_argument("--json-out", type=Path, default=None)
+    parser.add_argument("--json-out", type=Path, default=None,
+                        help="also write the results as JSON to this file")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
