@@ -2,6 +2,7 @@
 
     python -m bench.bench_inference [--package models/packages/<name>-<version>]
                                     [--overlap 0.5] [--threads 2] [--rounds 2]
+                                    [--postprocess-only]
 
 The volume is an OpenKBP validation CT resampled to a 512x512x130 grid (0.98 x 0.98 mm,
 2.5 mm slices) in canonical orientation. Every method runs the same network (the package's
@@ -12,6 +13,12 @@ process so the peak RSS (VmHWM) is its own. GFLOP/s counts the convolution multi
 all windows (2 FLOP per MAC) against the FP32 peak of the machine: cores x FP32 FMA lanes per
 cycle x 2 x clock (lscpu / /proc/cpuinfo). Last, the whole ``Segmenter.predict`` path (HU on
 the CT grid in, masks on the CT grid out) is timed for each backend. Needs monai (extra bench).
+
+``--postprocess-only`` times just the return to the CT grid (model-grid probabilities of the
+same CT -> seven masks, in one process): the former path (each structure's box of
+``p >= 0.5`` resampled, then component filtering and hole filling over the full CT grid)
+against ``Segmenter.segmentation_from_probabilities`` (per-structure boxes around the largest
+component, post-processing in the box, confidence included), and checks that the masks agree.
 """
 
 from __future__ import annotations
@@ -169,6 +176,51 @@ def _worker(task: dict[str, Any], queue: Any) -> None:
     queue.put(json.dumps(result))
 
 
+def _former_postprocess(segmenter: Any, probs: np.ndarray) -> dict[str, np.ndarray]:
+    """The return to the CT grid of rtcontour <= 1.2.0 (boxed resampling, full-grid
+    post-processing), for comparison."""
+    from models.inference import postprocess_mask
+
+    return {label.roi_name: postprocess_mask(
+        segmenter._probabilities_to_mask(probs[label.index], CT_SPACING, CT_SHAPE),
+        label.single_component) for label in segmenter.manifest.labels}
+
+
+def bench_postprocess(package_dir: Path, overlap: float, threads: int, rounds: int) -> None:
+    """Time the former and the current return to the CT grid on one CT's probabilities."""
+    from models.inference import Segmenter
+
+    segmenter = Segmenter(package_dir, overlap=overlap, provider="openvino", threads=threads,
+                          min_volume_cc={})
+    ct = make_ct()
+    started = time.perf_counter()
+    probs = segmenter.predict_probabilities(segmenter.preprocess(ct, CT_SPACING))
+    print(f"network on the model grid {probs.shape[1:]}: {time.perf_counter() - started:.1f} s "
+          f"(once, {threads} threads)")
+    del ct
+    rows = []
+    results: dict[str, dict[str, np.ndarray]] = {}
+    for label, method in (
+        ("former: boxed resampling, full-grid post-processing",
+         lambda: _former_postprocess(segmenter, probs)),
+        ("now: per-structure box, post-processing in the box",
+         lambda: segmenter.segmentation_from_probabilities(probs, CT_SPACING, CT_SHAPE).masks),
+    ):
+        times = []
+        for _ in range(rounds):
+            started = time.perf_counter()
+            results[label] = method()
+            times.append(time.perf_counter() - started)
+        rows.append((label, statistics.median(times)))
+    former, now = results.values()
+    differing = {name: int(np.count_nonzero(former[name] != now[name])) for name in former}
+    print(f"\nCT grid {CT_SHAPE}: probabilities -> 7 masks (median of {rounds})")
+    print(f"{'method':<56} {'s':>7}")
+    for label, seconds in rows:
+        print(f"{label:<56} {seconds:>7.2f}")
+    print(f"voxels that differ per structure: {differing}")
+
+
 def run_isolated(task: dict[str, Any]) -> dict[str, Any]:
     context = multiprocessing.get_context("spawn")
     queue = context.Queue()
@@ -189,8 +241,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--overlap", type=float, default=0.5)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--postprocess-only", action="store_true",
+                        help="time only the return of the probabilities to the CT grid")
     args = parser.parse_args(argv)
     package_dir = args.package or find_latest_package()
+    if args.postprocess_only:
+        bench_postprocess(package_dir, args.overlap, args.threads, args.rounds)
+        return 0
     package = load_package(package_dir)
     patch = tuple(package.manifest.patch_size)
     base = {"package": str(package_dir), "overlap": args.overlap, "threads": args.threads,

@@ -5,6 +5,11 @@ Each patient goes through :class:`models.inference.Segmenter` exactly as in the 
 patients whose ``rois_present`` lists the structure and whose reference contour passes
 :mod:`models.reference_qa`; the same figures over every listed reference are reported beside
 them (``per_structure_all_references``), and the set-aside references are named.
+
+Each predicted structure's confidence (``Segmenter.segment``) is recorded beside its Dice
+(``structures``), and ``confidence`` says how well it finds the poor contours (Dice below
+``POOR_DICE``, checked references): the AUROC, the threshold that maximises Youden's J, and
+what the segmenter's own threshold flags.
 """
 
 from __future__ import annotations
@@ -25,9 +30,13 @@ from models.data import default_data_dir, list_cases, load_openkbp_raw
 from models.inference import Segmenter
 from models.labels import ORGANS
 from models.package import find_latest_package
+from models.quality import auroc, youden_threshold
 from models.reference_qa import reference_problems
 
-__all__ = ["dice", "hd95_mm", "evaluate_package", "format_table", "main"]
+__all__ = ["dice", "hd95_mm", "evaluate_package", "confidence_report", "format_table", "main"]
+
+# A contour below this Dice is one a clinician would redraw: what the review flag should find.
+POOR_DICE = 0.6
 
 log = logging.getLogger(__name__)
 
@@ -80,15 +89,32 @@ def evaluate_package(
     checked = _Scores(names)
     everything = _Scores(names)
     set_aside: list[dict[str, Any]] = []
+    structures: list[dict[str, Any]] = []
     started = time.monotonic()
     for number, path in enumerate(paths, start=1):
         hu, masks, known, spacing = load_openkbp_raw(path, reference_qa=False)
         problems = reference_problems(masks, known, spacing)
-        predicted = segmenter.predict(hu.astype(np.float32), spacing)
+        segmentation = segmenter.segment(hu.astype(np.float32), spacing)
+        predicted = segmentation.masks
         for channel, name in enumerate(names):
+            quality = segmentation.quality.get(name)
+            record: dict[str, Any] = {
+                "case": path.stem, "structure": name, "known": bool(known[channel]),
+                "reference_checked": bool(known[channel]) and channel not in problems,
+                "dice": None, "confidence": None, "flag": None,
+                "volume_cc": None if quality is None else quality.volume_cc,
+                "dropped": segmentation.dropped.get(name),
+            }
+            if quality is not None:
+                record.update(confidence=quality.confidence, flag=quality.flag,
+                              probability=quality.probability,
+                              edge_sharpness=quality.edge_sharpness,
+                              volume_score=quality.volume_score)
+            structures.append(record)
             if not known[channel]:
                 continue
             score = dice(predicted[name], masks[channel])
+            record["dice"] = score
             distance = hd95_mm(predicted[name], masks[channel], spacing)
             empty = not predicted[name].any()
             everything.add(name, score, distance, empty)
@@ -114,7 +140,39 @@ def evaluate_package(
         "references_set_aside": set_aside,
         "per_structure_all_references": all_references,
         "all_references": _means(all_references),
+        "structures": structures,
+        "confidence": confidence_report(structures, segmenter.review_threshold),
     }
+
+
+def confidence_report(structures: Sequence[dict[str, Any]],
+                      review_threshold: float) -> dict[str, Any]:
+    """How well confidence finds the poor contours among predicted structures with a checked
+    reference: AUROC (low confidence ranking Dice < POOR_DICE first), the Youden threshold, and
+    sensitivity/specificity of ``review_threshold``. Missed structures (empty prediction of a
+    contoured organ) have no confidence and are counted apart."""
+    scored = [r for r in structures
+              if r["reference_checked"] and r["confidence"] is not None]
+    missed = sum(1 for r in structures if r["reference_checked"] and r["confidence"] is None)
+    confidences = [float(r["confidence"]) for r in scored]
+    poor = [float(r["dice"]) < POOR_DICE for r in scored]
+    report: dict[str, Any] = {
+        "poor_dice": POOR_DICE, "n_scored": len(scored), "n_poor": int(sum(poor)),
+        "n_missed": missed, "review_threshold": review_threshold,
+        "auroc": auroc([-c for c in confidences], poor),
+    }
+    for part in ("probability", "edge_sharpness", "volume_score"):
+        report[f"auroc_{part}"] = auroc([-float(r[part]) for r in scored], poor)
+    if confidences and 0 < sum(poor) < len(poor):
+        threshold, j = youden_threshold(confidences, poor)
+        report["youden_threshold"], report["youden_j"] = threshold, j
+    flagged = [c < review_threshold for c in confidences]
+    n_poor, n_good = max(1, sum(poor)), max(1, len(poor) - sum(poor))
+    report["sensitivity"] = sum(f and p for f, p in zip(flagged, poor, strict=True)) / n_poor
+    report["specificity"] = sum(not f and not p
+                                for f, p in zip(flagged, poor, strict=True)) / n_good
+    report["n_flagged"] = int(sum(flagged))
+    return report
 
 
 class _Scores:
@@ -174,6 +232,19 @@ def format_table(results: dict[str, Any]) -> str:
               f"{overall['mean_dice']:>20.3f} {hd(overall['mean_hd95_mm']):>8}",
               f"({results['n_cases']} patients, {results['backend']}, "
               f"{results['seconds_per_case']:.1f} s/patient)"]
+    report = results.get("confidence")
+    if report and report["auroc"] is not None:
+        lines.append(
+            f"confidence vs Dice < {report['poor_dice']:g}: AUROC {report['auroc']:.3f} "
+            f"({report['n_poor']} poor of {report['n_scored']} predicted, {report['n_missed']} "
+            f"missed); review below {report['review_threshold']:g} flags {report['n_flagged']}: "
+            f"sensitivity {report['sensitivity']:.2f}, specificity {report['specificity']:.2f}"
+            + (f"; Youden threshold {report['youden_threshold']:.3f} (J {report['youden_j']:.2f})"
+               if "youden_threshold" in report else ""))
+        lines.append("  AUROC of the parts: " + ", ".join(
+            f"{part} {report[f'auroc_{part}']:.3f}" for part in
+            ("probability", "edge_sharpness", "volume_score")
+            if report[f"auroc_{part}"] is not None))
     if results["references_set_aside"]:
         lines.append("reference contours set aside by the plausibility check "
                      "(models.reference_qa):")

@@ -4,7 +4,16 @@
 R->L) with its spacing in mm, resamples it to the package's spacing, predicts per-structure
 probabilities with Gaussian-blended overlapping windows (optionally mirror TTA), resamples the
 probabilities back linearly to the input grid, thresholds at 0.5 and post-processes each
-structure (largest connected component, holes filled per axial slice).
+structure (largest connected component, holes filled per axial slice). A structure smaller
+than its minimum plausible volume (:data:`models.labels.MIN_PLAUSIBLE_VOLUME_CC`) is a
+fragment, not an organ cut by the edge of the scan, and comes back empty.
+
+The return to the input grid works per structure inside a box: the largest component of
+``p >= 0.5`` on the model grid (single-component structures; all of them otherwise) plus one
+model voxel, the only region whose input-grid samples can reach 0.5 after linear
+interpolation. Component filtering and hole filling run in that box too; only the final mask
+is written into a full-size array. ``Segmenter.segment`` adds a confidence per structure
+(:mod:`models.quality`).
 """
 
 from __future__ import annotations
@@ -12,18 +21,22 @@ from __future__ import annotations
 import logging
 import math
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
 import numpy as np
 from scipy import ndimage, special
 
+from models.labels import MIN_PLAUSIBLE_VOLUME_CC, TRAINING_VOLUME_RANGE_CC
 from models.package import ModelPackage, load_package
+from models.quality import StructureQuality, structure_quality
 from models.resampling import resample_to_shape, resampled_shape
 
-__all__ = ["Segmenter", "gaussian_importance", "symmetric_window_starts", "postprocess_mask",
-           "DEFAULT_CPU_BACKEND"]
+__all__ = ["Segmenter", "Segmentation", "StructureQuality", "gaussian_importance",
+           "symmetric_window_starts", "postprocess_mask", "DEFAULT_CPU_BACKEND",
+           "REVIEW_THRESHOLD"]
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +44,25 @@ log = logging.getLogger(__name__)
 # same ONNX graph faster than onnxruntime's CPU provider, so it is the default CPU path.
 DEFAULT_CPU_BACKEND = "openvino"
 PROVIDERS = ("auto", "cuda", "cpu", "onnxruntime", "openvino")
+# Confidence below which a structure is flagged for review: chosen on the OpenKBP validation
+# split from the AUROC of confidence against Dice < 0.6 (docs/ABLATIONS.md).
+REVIEW_THRESHOLD = 0.5
+_CONNECTIVITY = np.ones((3, 3, 3), dtype=bool)
+
+
+@dataclass(frozen=True)
+class Segmentation:
+    """Result of :meth:`Segmenter.segment`.
+
+    ``masks``: roi_name -> bool mask of the input's shape, every label of the package (empty
+    where the structure is not in the scan). ``quality``: roi_name -> confidence and flag, for
+    the non-empty masks only. ``dropped``: roi_name -> why a predicted structure was removed
+    (a fragment below the organ's minimum plausible volume).
+    """
+
+    masks: dict[str, np.ndarray]
+    quality: dict[str, StructureQuality] = field(default_factory=dict)
+    dropped: dict[str, str] = field(default_factory=dict)
 
 
 class _Runner(Protocol):
@@ -109,19 +141,24 @@ def symmetric_window_starts(size: int, patch: int, overlap: float) -> list[int]:
     return sorted(starts)
 
 
-def postprocess_mask(mask: np.ndarray, single_component: bool) -> np.ndarray:
-    """Keep the largest 26-connected component (if ``single_component``) and fill holes in
-    each axial slice (axis 0). Works on the mask's bounding box to bound memory."""
+def postprocess_mask(mask: np.ndarray, single_component: bool,
+                     min_component_voxels: int = 0) -> np.ndarray:
+    """Keep the largest 26-connected component (if ``single_component``; else every
+    component of at least ``min_component_voxels``) and fill holes in each axial slice
+    (axis 0). Works on the mask's bounding box to bound memory."""
     if not mask.any():
         return mask
-    box = ndimage.find_objects(mask.astype(np.uint8))[0]
+    box = ndimage.find_objects(mask.view(np.uint8))[0]
     crop = mask[box]
-    if single_component:
-        labelled, count = ndimage.label(crop, structure=np.ones((3, 3, 3), dtype=bool))
-        if count > 1:
+    if single_component or min_component_voxels > 1:
+        labelled, count = ndimage.label(crop, structure=_CONNECTIVITY)
+        if count > 1 or min_component_voxels > 1:
             sizes = np.bincount(labelled.ravel())
             sizes[0] = 0
-            crop = labelled == int(np.argmax(sizes))
+            if single_component:
+                crop = labelled == int(np.argmax(sizes))
+            else:
+                crop = (sizes >= min_component_voxels)[labelled] & (labelled > 0)
     filled = np.empty_like(crop)
     for index in range(crop.shape[0]):
         filled[index] = ndimage.binary_fill_holes(crop[index])
@@ -145,6 +182,10 @@ class Segmenter:
         threads: CPU threads (default: all cores).
         openvino_precision: ``bf16`` (default; OpenVINO uses f32 on CPUs without bf16) or
             ``f32``.
+        review_threshold: confidence below which :meth:`segment` flags a structure.
+        min_volume_cc: roi_name -> minimum plausible volume in cc; smaller predictions are
+            dropped as fragments (default :data:`models.labels.MIN_PLAUSIBLE_VOLUME_CC`; ``{}``
+            keeps everything).
     """
 
     def __init__(
@@ -156,6 +197,8 @@ class Segmenter:
         batch_size: int = 2,
         threads: int | None = None,
         openvino_precision: str = "bf16",
+        review_threshold: float = REVIEW_THRESHOLD,
+        min_volume_cc: Mapping[str, float] | None = None,
     ) -> None:
         if not isinstance(package, ModelPackage):
             package = load_package(package)
@@ -174,6 +217,11 @@ class Segmenter:
             raise ValueError(
                 f"openvino_precision must be 'bf16' or 'f32', got {openvino_precision!r}")
         self.openvino_precision = openvino_precision
+        if not 0.0 <= review_threshold <= 1.0:
+            raise ValueError(f"review_threshold must be in [0, 1], got {review_threshold!r}")
+        self.review_threshold = review_threshold
+        self.min_volume_cc = dict(MIN_PLAUSIBLE_VOLUME_CC if min_volume_cc is None
+                                  else min_volume_cc)
         self.patch = tuple(self.manifest.patch_size)
         self.threads = threads or os.cpu_count() or 1
         self.runner = self._make_runner(provider)
@@ -274,7 +322,16 @@ class Segmenter:
         return image
 
     def predict(self, hu: np.ndarray, spacing_mm: Sequence[float]) -> dict[str, np.ndarray]:
-        """roi_name -> bool mask of ``hu``'s shape.
+        """roi_name -> bool mask of ``hu``'s shape (see :meth:`segment`).
+
+        Args:
+            hu: (slices, rows, columns) CT in HU, canonical orientation (S->I, A->P, R->L).
+            spacing_mm: voxel size (slice, row, column) in mm.
+        """
+        return self.segment(hu, spacing_mm).masks
+
+    def segment(self, hu: np.ndarray, spacing_mm: Sequence[float]) -> Segmentation:
+        """Masks of ``hu``'s shape with a confidence and flag per predicted structure.
 
         Args:
             hu: (slices, rows, columns) CT in HU, canonical orientation (S->I, A->P, R->L).
@@ -288,41 +345,118 @@ class Segmenter:
         image = self.preprocess(hu, spacing)
         probs = self.predict_probabilities(image)
         del image
-        masks = {
-            label.roi_name: postprocess_mask(
-                self._probabilities_to_mask(probs[label.index], spacing, hu.shape),
-                label.single_component,
-            )
-            for label in self.manifest.labels
-        }
-        return masks
+        return self.segmentation_from_probabilities(probs, spacing, hu.shape)
+
+    def segmentation_from_probabilities(
+        self, probs: np.ndarray, spacing_mm: Sequence[float], shape: Sequence[int]
+    ) -> Segmentation:
+        """Masks on the input grid from model-grid probabilities (C, D, H, W).
+
+        Args:
+            probs: per-label probabilities on the model grid (as from
+                :meth:`predict_probabilities`).
+            spacing_mm: input grid voxel size (slice, row, column) in mm.
+            shape: input grid shape (slices, rows, columns).
+        """
+        voxel_cc = float(np.prod(spacing_mm)) / 1000.0
+        masks: dict[str, np.ndarray] = {}
+        quality: dict[str, StructureQuality] = {}
+        dropped: dict[str, str] = {}
+        for label in self.manifest.labels:
+            mask = np.zeros(tuple(shape), dtype=bool)
+            masks[label.roi_name] = mask
+            found = self._structure_in_box(probs[label.index], spacing_mm, shape,
+                                           label.single_component)
+            if found is None:
+                continue
+            box, sub_mask, model_box, component = found
+            volume_cc = float(np.count_nonzero(sub_mask)) * voxel_cc
+            minimum = self.min_volume_cc.get(label.roi_name, 0.0)
+            if volume_cc < minimum:
+                dropped[label.roi_name] = (f"{volume_cc:.2f} cc is below the minimum plausible "
+                                           f"{minimum:g} cc: a fragment")
+                log.info("%s dropped: %s", label.roi_name, dropped[label.roi_name])
+                continue
+            mask[box] = sub_mask
+            quality[label.roi_name] = structure_quality(
+                probs[label.index][model_box], component, volume_cc,
+                TRAINING_VOLUME_RANGE_CC.get(label.roi_name), self.review_threshold)
+        return Segmentation(masks, quality, dropped)
+
+    def _structure_in_box(
+        self, probs: np.ndarray, spacing_mm: Sequence[float], shape: Sequence[int],
+        single_component: bool,
+    ) -> tuple[tuple[slice, ...], np.ndarray, tuple[slice, ...], np.ndarray] | None:
+        """One structure on the input grid, inside its box.
+
+        Returns (input-grid box, post-processed bool mask of that box, model-grid box with a
+        voxel of margin, the kept model-grid component in that box), or None when nothing
+        reaches 0.5 (or the post-processed mask is empty).
+        """
+        above = probs >= 0.5
+        if not above.any():
+            return None
+        labelled, count = ndimage.label(above, structure=_CONNECTIVITY)
+        if single_component and count > 1:
+            sizes = np.bincount(labelled.ravel())
+            sizes[0] = 0
+            keep = int(np.argmax(sizes))
+        else:
+            keep = 0  # every component
+        objects = ndimage.find_objects(labelled)
+        if keep:
+            box = objects[keep - 1]
+        else:
+            box = tuple(slice(min(o[a].start for o in objects if o is not None),
+                              max(o[a].stop for o in objects if o is not None))
+                        for a in range(3))
+        model_box = tuple(slice(max(0, b.start - 1), min(n, b.stop + 1))
+                          for b, n in zip(box, probs.shape, strict=True))
+        region = labelled[model_box]
+        component = region == keep if keep else region > 0
+        sub_box = self._input_box(box, spacing_mm, shape)
+        if sub_box is None:
+            return None
+        starts = [b.start for b in sub_box]
+        sub_shape = [b.stop - b.start for b in sub_box]
+        scale = [s / t for s, t in zip(spacing_mm, self.manifest.target_spacing_mm, strict=True)]
+        offset = [start * f for start, f in zip(starts, scale, strict=True)]
+        resampled = resample_to_shape(probs, scale, sub_shape, order=1, offset=offset)
+        sub_mask = postprocess_mask(resampled >= 0.5, single_component)
+        if not sub_mask.any():
+            return None
+        return sub_box, sub_mask, model_box, component
+
+    def _input_box(self, box: Sequence[slice], spacing_mm: Sequence[float],
+                   shape: Sequence[int]) -> tuple[slice, ...] | None:
+        """Input-grid box whose samples can reach 0.5: a point more than one model voxel
+        outside the model-grid ``box`` of ``probs >= 0.5`` interpolates only values below."""
+        target = self.manifest.target_spacing_mm
+        slices = []
+        for axis, (s, t, size) in enumerate(zip(spacing_mm, target, shape, strict=True)):
+            low = (box[axis].start - 1) * t / s
+            high = box[axis].stop * t / s  # last voxel index (stop - 1) plus one
+            start, stop = max(0, math.ceil(low)), min(size, math.floor(high) + 1)
+            if stop <= start:
+                return None
+            slices.append(slice(start, stop))
+        return tuple(slices)
 
     def _probabilities_to_mask(
         self, probs: np.ndarray, spacing_mm: Sequence[float], shape: Sequence[int]
     ) -> np.ndarray:
-        """Linear resampling of one probability map to the input grid, thresholded at 0.5.
-
-        Only the input-grid box whose samples can reach 0.5 is interpolated: a point more than
-        one model voxel outside the bounding box of ``probs >= 0.5`` interpolates only values
-        below 0.5, so the result equals full resampling at a fraction of the cost.
-        """
+        """Linear resampling of one probability map to the input grid, thresholded at 0.5
+        (no component filtering), computed only inside the box of :meth:`_input_box`."""
         mask = np.zeros(tuple(shape), dtype=bool)
         above = probs >= 0.5
         if not above.any():
             return mask
-        box = ndimage.find_objects(above.astype(np.uint8))[0]
-        target = self.manifest.target_spacing_mm
-        starts, stops = [], []
-        for axis, (s, t, size) in enumerate(zip(spacing_mm, target, shape, strict=True)):
-            low = (box[axis].start - 1) * t / s
-            high = box[axis].stop * t / s  # last voxel index (stop - 1) plus one
-            starts.append(max(0, math.ceil(low)))
-            stops.append(min(size, math.floor(high) + 1))
-        scale = [s / t for s, t in zip(spacing_mm, target, strict=True)]
-        offset = [start * f for start, f in zip(starts, scale, strict=True)]
-        sub_shape = [b - a for a, b in zip(starts, stops, strict=True)]
-        if min(sub_shape) <= 0:
+        box = ndimage.find_objects(above.view(np.uint8))[0]
+        sub_box = self._input_box(box, spacing_mm, shape)
+        if sub_box is None:
             return mask
-        resampled = resample_to_shape(probs, scale, sub_shape, order=1, offset=offset)
-        mask[tuple(slice(a, b) for a, b in zip(starts, stops, strict=True))] = resampled >= 0.5
+        scale = [s / t for s, t in zip(spacing_mm, self.manifest.target_spacing_mm, strict=True)]
+        offset = [b.start * f for b, f in zip(sub_box, scale, strict=True)]
+        sub_shape = [b.stop - b.start for b in sub_box]
+        mask[sub_box] = resample_to_shape(probs, scale, sub_shape, order=1, offset=offset) >= 0.5
         return mask
