@@ -1,6 +1,6 @@
 """Ablation queue: short warm restarts of the committed checkpoint, evaluated alike.
 
-    python -m models.ablations run [--steps 100] [--lr 3e-4] [--only NAME ...]
+    python -m models.ablations run [--steps 60] [--lr 3e-4] [--only NAME ...]
     python -m models.ablations table            # markdown rows from runs/abl-*/
 
 Each row copies ``models/checkpoints/resume.pt`` to ``runs/<name>/last.pt`` and continues it
@@ -52,13 +52,15 @@ class Row:
     note: str = ""
 
 
+# In the order they run: the two that answer most first, the shipped package's evaluation
+# (no training) next, then the single-option row.
 ROWS: tuple[Row, ...] = (
-    Row("abl-shipped", None, "package 1.2.0 as shipped (step 12500)"),
     Row("abl-baseline", (), "warm restart, recipe unchanged"),
+    Row("abl-aug-ema", ("--spatial-aug", "0.5", "--intensity-aug", "--ema-decay", "0.98"),
+        "+ spatial (p 0.5) and intensity augmentation + EMA of the weights"),
+    Row("abl-shipped", None, "package 1.2.0 as shipped (step 12500)"),
     Row("abl-aug", ("--spatial-aug", "0.5", "--intensity-aug"),
         "+ spatial (p 0.5) and intensity augmentation"),
-    Row("abl-aug-ema", ("--spatial-aug", "0.5", "--intensity-aug", "--ema-decay", "0.98"),
-        "+ augmentation + EMA of the weights"),
 )
 
 
@@ -182,7 +184,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--runs-dir", type=Path, default=REPO_ROOT / "runs")
     parser.add_argument("--data-dir", type=Path, default=None)
     parser.add_argument("--cache-dir", type=Path, default=REPO_ROOT / "var" / "cache")
-    parser.add_argument("--steps", type=int, default=100, help="steps per warm restart")
+    parser.add_argument("--steps", type=int, default=60, help="steps per warm restart")
     parser.add_argument("--lr", type=float, default=3e-4, help="peak LR of the restart")
     parser.add_argument("--only", nargs="*", default=None, help="row names to run")
     args = parser.parse_args(argv)
