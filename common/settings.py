@@ -77,6 +77,10 @@ class Settings(BaseSettings):
     known_peers: Annotated[list[str], NoDecode] = Field(default_factory=list)
     # Associations calling another AE title than ours are refused (reason 7) unless this is set.
     accept_any_called_ae: bool = False
+    # `rtcontour listener` run on its own serves its DICOM counters here (Prometheus), since
+    # they are counted in its process; unset: not served (`rtcontour serve` has the API's).
+    listener_metrics_port: int | None = Field(None, ge=1, le=65535)
+    listener_metrics_host: str = "127.0.0.1"
     quiet_period_s: float = Field(5.0, gt=0, le=3600)
     max_associations: int = Field(10, ge=1, le=200)
     acse_timeout_s: float = Field(30.0, gt=0)

@@ -53,6 +53,35 @@ logger = logging.getLogger(__name__)
 
 AuditCallable = Callable[[str, dict[str, Any]], None]
 ASSOCIATION_REJECTED = "dicom.association_rejected"  # common.audit.ASSOCIATION_REJECTED
+CONTEXT_REFUSED = "dicom.context_refused"  # common.audit.CONTEXT_REFUSED
+INSTANCE_REFUSED = "dicom.instance_refused"  # common.audit.INSTANCE_REFUSED
+
+
+def _note_refusal(
+    edge: Edge, event_name: str, detail: dict[str, Any],
+    audit_detail: dict[str, Any] | None = None,
+) -> None:
+    """Audit a refusal (``audit_detail``, default ``detail``) and keep it in the refusals list
+    (never raises into the association)."""
+    metrics.REFUSALS.labels(kind=detail["kind"]).inc()
+    audited = {**(audit_detail if audit_detail is not None else detail),
+               "actor": "dicom-listener"}  # common.audit.make_recorder: who did it
+    for sink, args in ((edge.audit, (event_name, audited)), (edge.refused, (detail,))):
+        if sink is None:
+            continue
+        try:
+            sink(*args)  # type: ignore[operator]
+        except Exception:
+            logger.exception("refusal %s could not be recorded", event_name)
+
+
+def _peer(event: Event) -> dict[str, Any]:
+    primitive = event.assoc.requestor.primitive
+    return {
+        "calling_ae": str(getattr(primitive, "calling_ae_title", "") or "").strip(),
+        "called_ae": str(getattr(primitive, "called_ae_title", "") or "").strip(),
+        "address": str(event.assoc.requestor.address),
+    }
 
 MAX_IMAGE_DIMENSION = 4096  # rows or columns; CT images are at most 1024 in practice
 _PREAMBLE = b"\x00" * 128 + b"DICM"
@@ -154,6 +183,10 @@ class Edge:
     known_peers: Sequence[KnownPeer] = ()
     audit: AuditCallable | None = None
     accept_any_called_ae: bool = False  # RTCONTOUR_ACCEPT_ANY_CALLED_AE
+    refused: Callable[[dict[str, Any]], None] | None = None  # common.refusals recorder
+    # Per association serial: the storage contexts refused, and whether anything was stored;
+    # an association that stored nothing after refusing contexts becomes one refusal.
+    refused_contexts: dict[int, list[str]] = field(default_factory=dict)
     serials: AssociationSerials = field(default_factory=AssociationSerials)
     rejected: weakref.WeakSet[object] = field(default_factory=weakref.WeakSet)
 
@@ -397,12 +430,20 @@ def handle_store(event: Event, edge: Edge) -> int:
             "association #%d: instance refused with status 0x%04X: %s", serial, status, exc
         )
         metrics.INSTANCES_RECEIVED.labels(outcome="refused").inc()
+        sop_class = str(request.AffectedSOPClassUID or "")
+        _note_refusal(edge, INSTANCE_REFUSED, {
+            **_peer(event), "kind": "instance", "status": int(status),
+            "what": f"instance {str(request.AffectedSOPInstanceUID or '')[:64]} "
+                    f"({UID(sop_class).name if sop_class else 'no SOP Class'})",
+            "why": str(exc),
+        })
         return status
     except Exception:
         logger.exception("association #%d: instance could not be stored", serial)
         metrics.INSTANCES_RECEIVED.labels(outcome="failed").inc()
         return Status.PROCESSING_FAILURE
     metrics.INSTANCES_RECEIVED.labels(outcome="stored").inc()
+    edge.refused_contexts.pop(serial, None)  # something was stored: not an unused association
     return Status.SUCCESS
 
 
@@ -424,13 +465,12 @@ def _audit_rejection(event: Event, edge: Edge, reason: str) -> None:
         "reason": reason,
     }
     logger.warning("association rejected: %s", detail)
-    detail["actor"] = "dicom-listener"  # common.audit.make_recorder: who did it
     metrics.ASSOCIATIONS_REJECTED.labels(reason=reason).inc()
-    if edge.audit is not None:
-        try:
-            edge.audit(ASSOCIATION_REJECTED, detail)
-        except Exception:
-            logger.exception("audit of a rejected association failed")
+    _note_refusal(edge, ASSOCIATION_REJECTED, {
+        "kind": "association", "calling_ae": detail["calling_ae"],
+        "called_ae": detail["called_ae"], "address": detail["address"],
+        "what": "association", "why": reason,
+    }, audit_detail=detail)
 
 
 def handle_requested(event: Event, edge: Edge) -> None:
@@ -463,13 +503,33 @@ def handle_rejected(event: Event, edge: Edge) -> None:
 def handle_established(event: Event, edge: Edge) -> None:
     edge.serials.of(event.assoc)
     metrics.ASSOCIATIONS.inc()
+    # Contexts we do not accept (an MR series, say) leave no C-STORE to refuse: remember them,
+    # and if the association ends having stored nothing, that is a refusal to show.
+    names = sorted({UID(str(context.abstract_syntax)).name
+                    for context in getattr(event.assoc, "rejected_contexts", []) or []})
+    if names:
+        edge.refused_contexts[edge.serials.of(event.assoc)] = names
+
+
+def _note_unused_association(event: Event, edge: Edge) -> None:
+    names = edge.refused_contexts.pop(edge.serials.of(event.assoc), None)
+    if names is None:
+        return
+    shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+    _note_refusal(edge, CONTEXT_REFUSED, {
+        **_peer(event), "kind": "context", "what": shown,
+        "why": "nothing stored: rtcontour accepts CT Image Storage and RT Structure Set "
+               "Storage only",
+    })
 
 
 def handle_released(event: Event, edge: Edge) -> None:
+    _note_unused_association(event, edge)
     edge.tracker.association_released(edge.serials.of(event.assoc))
 
 
 def handle_aborted(event: Event, edge: Edge) -> None:
+    _note_unused_association(event, edge)
     serial = edge.serials.of(event.assoc)
     logger.info("association #%d aborted", serial)
     edge.tracker.association_aborted(serial)

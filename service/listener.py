@@ -35,9 +35,11 @@ import socketserver
 import ssl
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, cast
 
+from prometheus_client import start_http_server
 from pydicom.uid import (
     JPEG2000,
     CTImageStorage,
@@ -59,6 +61,7 @@ from common.audit import make_recorder
 from common.db import make_engine
 from common.jobstore import JobStore
 from common.queue import make_enqueue, publisher
+from common.refusals import make_refusal_recorder
 from common.schema import create_schema
 from common.settings import Settings
 from common.tls import accept_tls, server_ssl_context
@@ -231,7 +234,11 @@ def _event_handlers(edge: Edge) -> list[Any]:
 
 
 def start_listener(
-    settings: Settings, sink: SeriesSink, *, audit: AuditCallable | None = None
+    settings: Settings,
+    sink: SeriesSink,
+    *,
+    audit: AuditCallable | None = None,
+    refused: Callable[[dict[str, Any]], None] | None = None,
 ) -> ListenerHandle:
     """Start the listener in background threads; see the module docstring."""
     spool = InstanceSpool(settings.spool_dir, min_free_disk_bytes=settings.min_free_disk_bytes)
@@ -250,6 +257,7 @@ def start_listener(
         known_peers=[KnownPeer.parse(peer) for peer in settings.known_peers],
         audit=audit,
         accept_any_called_ae=settings.accept_any_called_ae,
+        refused=refused,
     )
     if not settings.known_peers:
         logger.warning(
@@ -283,8 +291,12 @@ def start_listener(
                 "reason": f"TLS handshake failed: {type(exc).__name__}",
             }
             handlers.metrics.ASSOCIATIONS_REJECTED.labels(reason="TLS handshake failed").inc()
+            handlers.metrics.REFUSALS.labels(kind="association").inc()
             if audit is not None:
                 audit(handlers.ASSOCIATION_REJECTED, detail)
+            if refused is not None:
+                refused({"kind": "association", "address": detail["address"],
+                         "what": "association (DICOM TLS)", "why": detail["reason"]})
 
         server.on_tls_failure = on_tls_failure
     server.receive_budget_bytes = settings.max_instance_bytes + RECEIVE_MARGIN_BYTES
@@ -311,14 +323,17 @@ class LoggingSink:
         logger.info("series arrived: %s", arrival)
 
 
-def _build_intake(settings: Settings) -> tuple[SeriesSink, AuditCallable]:
-    """The job-store intake (jobs enqueued on ``settings``' broker) and the audit recorder."""
+def _build_intake(
+    settings: Settings,
+) -> tuple[SeriesSink, AuditCallable, Callable[[dict[str, Any]], None]]:
+    """The job-store intake (jobs enqueued on ``settings``' broker), the audit recorder and
+    the refusals recorder."""
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     engine = make_engine(settings)
     create_schema(engine)
     intake = Intake(settings, JobStore(engine), make_enqueue(publisher(settings)),
                     routing=load_checked_routing(settings))
-    return intake, make_recorder(engine, actor="dicom-listener")
+    return intake, make_recorder(engine, actor="dicom-listener"), make_refusal_recorder(engine)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -353,8 +368,16 @@ def main(argv: list[str] | None = None) -> int:
     settings = Settings(**overrides)
     sink: SeriesSink
     audit: AuditCallable | None
-    sink, audit = (LoggingSink(), None) if args.log_only else _build_intake(settings)
-    handle = start_listener(settings, sink, audit=audit)
+    refused: Callable[[dict[str, Any]], None] | None
+    sink, audit, refused = (
+        (LoggingSink(), None, None) if args.log_only else _build_intake(settings)
+    )
+    if settings.listener_metrics_port is not None:
+        # Scaled out, the listener's DICOM counters live in this process: serve them here.
+        start_http_server(settings.listener_metrics_port, addr=settings.listener_metrics_host)
+        logger.info("listener metrics on http://%s:%d/metrics", settings.listener_metrics_host,
+                    settings.listener_metrics_port)
+    handle = start_listener(settings, sink, audit=audit, refused=refused)
     stop = threading.Event()
 
     def request_stop(signum: int, _frame: Any) -> None:

@@ -20,6 +20,11 @@ ASSOCIATIONS_REJECTED = Counter(
     "DICOM associations the listener rejected, by reason",
     ["reason"],
 )
+REFUSALS = Counter(
+    "rtcontour_dicom_refusals",
+    "Associations, presentation contexts and instances the DICOM listener refused, by kind",
+    ["kind"],
+)
 INSTANCES_RECEIVED = Counter(
     "rtcontour_dicom_instances_received",
     "C-STORE requests received, by outcome (stored, refused, failed)",

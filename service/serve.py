@@ -29,6 +29,7 @@ from common.db import make_engine
 from common.errors import ConfigurationError
 from common.jobstore import JobStore
 from common.queue import make_enqueue, publisher
+from common.refusals import make_refusal_recorder
 from common.routes import RoutingTable
 from common.schema import create_schema
 from common.settings import Settings
@@ -237,7 +238,8 @@ def main(argv: list[str] | None = None) -> int:
     stoppers: list[tuple[str, Callable[[], object]]] = []  # started parts, stopped in parallel
     try:
         intake = Intake(settings, store, enqueue, routing=routing)
-        listener = start_listener(settings, intake, audit=intake.audit)
+        listener = start_listener(settings, intake, audit=intake.audit,
+                                  refused=make_refusal_recorder(engine))
         stoppers.append(("listener", lambda: listener.shutdown(timeout_s=10.0)))
         api = ApiServer(settings, engine, enqueue, routing).start()
         stoppers.append(("api", api.stop))

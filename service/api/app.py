@@ -33,6 +33,7 @@ from service.api import (
     jobs,
     metrics,
     previews,
+    refusals,
     review,
     routes,
     stats,
@@ -122,8 +123,8 @@ def create_app(
     def openapi_schema(_: ViewerUser) -> JSONResponse:
         return JSONResponse(app.openapi())
 
-    for module in (jobs, review, previews, viewer, stats, destinations, routes, users, audit,
-                   metrics, dashboard):
+    for module in (jobs, review, refusals, previews, viewer, stats, destinations, routes, users,
+                   audit, metrics, dashboard):
         app.include_router(module.router)
     dashboard.mount_static(app)
     return app

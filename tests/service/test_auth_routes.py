@@ -31,6 +31,7 @@ MIN_ROLE: dict[tuple[str, str], str] = {
     ("GET", "/api/jobs/{job_id}/outputs"): "viewer",
     ("GET", "/api/jobs/{job_id}/outputs/{kind}"): "clinician",
     ("GET", "/api/routes"): "admin",
+    ("GET", "/api/refusals"): "admin",
     ("POST", "/api/jobs/{job_id}/retry"): "clinician",
     ("POST", "/api/jobs/{job_id}/approve"): "clinician",
     ("POST", "/api/jobs/{job_id}/reject"): "clinician",

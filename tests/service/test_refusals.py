@@ -1,0 +1,122 @@
+"""Refusals you can see: what the listener refused (an association, an MR series' context, an
+instance answered with a failure status) is listed over the API, audited and counted; run
+apart from the API, the listener serves its own DICOM counters."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from pydicom.uid import generate_uid
+from pynetdicom import AE
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+
+from common.refusals import make_refusal_recorder
+from service.dicom_status import Status
+from service.listener import start_listener
+from tests.conftest import REPO_ROOT, free_port
+from tests.phantoms import ct_datasets, write_datasets
+from tests.service.api_support import ApiHarness, harness_fixture
+from tests.service.conftest import RecordingSink, run_echoscu, run_storescu
+
+MR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.4"
+
+
+@pytest.fixture
+def api(tmp_path: Path):  # type: ignore[no-untyped-def]
+    yield from harness_fixture(tmp_path)
+
+
+def _send_mr_series_contexts(port: int) -> None:
+    """An MR scanner proposes MR Image Storage (and Verification), stores nothing, releases."""
+    ae = AE(ae_title="MRSCANNER")
+    ae.add_requested_context(Verification)
+    ae.add_requested_context(MR_IMAGE_STORAGE)
+    assoc = ae.associate("127.0.0.1", port, ae_title="RTCONTOUR")
+    assert assoc.is_established
+    assoc.release()
+
+
+def test_refused_association_context_and_instance_are_listed_audited_and_counted(
+    api: ApiHarness, tmp_path: Path
+) -> None:
+    from common.audit import make_recorder
+    from service import metrics
+
+    settings = api.settings.model_copy(update={
+        "dicom_host": "127.0.0.1", "dicom_port": free_port(), "quiet_period_s": 0.3,
+        "min_free_disk_bytes": 0})
+    before = {kind: metrics.REFUSALS.labels(kind=kind)._value.get()
+              for kind in ("association", "context", "instance")}
+    handle = start_listener(settings, RecordingSink(),
+                            audit=make_recorder(api.engine, actor="dicom-listener"),
+                            refused=make_refusal_recorder(api.engine))
+    port = handle.address[1]
+    try:
+        assert run_echoscu(port, calling_ae="PACS", called_ae="WRONG_AE").returncode != 0
+        _send_mr_series_contexts(port)
+        datasets = ct_datasets(np.zeros((2, 8, 8), np.float32), series_uid=generate_uid())
+        datasets[1].BitsAllocated = 8
+        run = run_storescu(port, write_datasets(tmp_path / "ct", datasets), calling_ae="TPS")
+        assert run.status_list == [Status.SUCCESS, Status.CANNOT_UNDERSTAND]
+    finally:
+        handle.shutdown(timeout_s=2.0)
+
+    page = api.client.get("/api/refusals", headers=api.headers("admin")).json()
+    by_kind = {item["kind"]: item for item in page["items"]}
+    assert by_kind["association"]["calling_ae"] == "PACS"
+    assert by_kind["association"]["why"] == "called AE title not recognised"
+    assert by_kind["association"]["address"] == "127.0.0.1"
+    assert by_kind["context"]["calling_ae"] == "MRSCANNER"
+    assert by_kind["context"]["what"].startswith("MR Image Storage")
+    assert by_kind["instance"]["calling_ae"] == "TPS"
+    assert "BitsAllocated 8 is not 16" in by_kind["instance"]["why"]
+    assert by_kind["instance"]["status"] == Status.CANNOT_UNDERSTAND
+    assert page["counts"] == {"association": 1, "context": 1, "instance": 1}
+    events = {e["event"] for e in api.client.get(
+        "/api/audit", headers=api.headers("admin")).json()["items"]}
+    assert {"dicom.association_rejected", "dicom.context_refused",
+            "dicom.instance_refused"} <= events
+    for kind, count in before.items():
+        assert metrics.REFUSALS.labels(kind=kind)._value.get() == count + 1
+    assert api.client.get("/api/refusals", headers=api.headers("clinician")).status_code == 403
+
+
+def _metric(text: str, name: str) -> float:
+    values = [float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+              if line.startswith(name) and not line.startswith("#")]
+    return sum(values)
+
+
+def test_standalone_listener_serves_its_dicom_counters_to_the_scraper(tmp_path: Path) -> None:
+    port, metrics_port = free_port(), free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RTCONTOUR_")}
+    env.update(RTCONTOUR_DATA_DIR=str(tmp_path / "var"), RTCONTOUR_MIN_FREE_DISK_BYTES="0",
+               RTCONTOUR_LISTENER_METRICS_PORT=str(metrics_port), PYTHONUNBUFFERED="1")
+    log = tmp_path / "listener.log"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "service.cli", "listener", "--host", "127.0.0.1", "--port",
+         str(port)], env=env, cwd=REPO_ROOT, stdout=log.open("ab"), stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 30
+        while "listening on" not in log.read_text(errors="replace"):
+            assert process.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.1)
+        assert run_echoscu(port, calling_ae="TPS").returncode == 0
+        assert run_echoscu(port, calling_ae="TPS", called_ae="WRONG").returncode != 0
+        datasets = ct_datasets(np.zeros((2, 8, 8), np.float32), series_uid=generate_uid())
+        run_storescu(port, write_datasets(tmp_path / "ct", datasets), calling_ae="TPS")
+        text = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).text
+        assert _metric(text, "rtcontour_dicom_associations_total") >= 2
+        assert _metric(text, "rtcontour_dicom_associations_rejected_total") == 1
+        assert _metric(text, 'rtcontour_dicom_instances_received_total{outcome="stored"}') == 2
+        assert _metric(text, 'rtcontour_dicom_refusals_total{kind="association"}') == 1
+    finally:
+        process.terminate()
+        process.wait(20)
