@@ -1,8 +1,11 @@
 """The dashboard in a real browser (Playwright driving Debian's headless Chromium).
 
-The app runs under uvicorn on a free port; the test logs in with a token, sees finished and
-failed jobs (and a job added later appear without a reload), opens a job's previews, checks
-that a hostile series description is shown as text, and saves ``docs/dashboard.png``.
+The app runs under uvicorn on a free port; the first test logs in with a token, sees finished
+and failed jobs (and a job added later appear without a reload), opens a job's slice viewer,
+checks that a hostile series description is shown as text, and saves ``docs/dashboard.png``.
+The second is a clinician's review: find a job by patient ID, scroll the viewer's slices of a
+full-size CT (the slice-change time is measured and printed), toggle a structure, approve one
+held job (sent) and reject another (not sent).
 """
 
 from __future__ import annotations
@@ -14,11 +17,19 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import uvicorn
 
-from tests.service.api_support import ADMIN_TOKEN, ApiHarness, add_finished_job, make_harness
+from tests.service.api_support import (
+    ADMIN_TOKEN,
+    BODY_COLOUR,
+    MARKER_COLOUR,
+    ApiHarness,
+    add_finished_job,
+    make_harness,
+)
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [
@@ -38,6 +49,23 @@ README_SCREENSHOT = Path(__file__).resolve().parents[2] / "docs" / "dashboard.pn
 
 sync_api = pytest.importorskip("playwright.sync_api")
 pytestmark = pytest.mark.skipif(not CHROMIUM.exists(), reason="Debian chromium not installed")
+
+
+def _colour_pixels(page: Any, colour: tuple[int, int, int]) -> int:
+    """How many of the viewer canvas's pixels are ``colour`` (each channel within 30)."""
+    return int(page.evaluate(
+        """([r, g, b]) => {
+          const c = document.querySelector('#viewer-canvas');
+          const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
+          let n = 0;
+          for (let i = 0; i < d.length; i += 4) {
+            const far = Math.abs(d[i] - r) + Math.abs(d[i + 1] - g) + Math.abs(d[i + 2] - b);
+            if (far <= 30) n++;
+          }
+          return n;
+        }""",
+        list(colour),
+    ))
 
 
 def _free_port() -> int:
@@ -151,18 +179,14 @@ def test_dashboard_login_jobs_previews_and_hostile_text(served: tuple[ApiHarness
             sync_api.expect(page.locator("#job-fields")).to_contain_text(HOSTILE)
             assert page.locator("#job-fields script, #job-fields img").count() == 0
             sync_api.expect(page.locator("#structures-table")).to_contain_text("Marker")
-            for plane in ("axial", "coronal", "sagittal"):
-                image = page.locator(f'figure[data-plane="{plane}"] img')
-                sync_api.expect(image).to_have_attribute(
-                    "data-loaded",
-                    f"{plane}:" + {"axial": "12", "coronal": "32", "sagittal": "32"}[plane],
-                )
-                assert image.evaluate("img => img.naturalWidth") > 0
-            slider = page.locator('figure[data-plane="axial"] input')
-            slider.fill("7")
-            sync_api.expect(page.locator('figure[data-plane="axial"] img')).to_have_attribute(
-                "data-loaded", "axial:7"
-            )
+            canvas = page.locator("#viewer-canvas")
+            sync_api.expect(canvas).to_have_attribute("data-rendered", "axial:12")
+            for plane, middle in (("coronal", 32), ("sagittal", 32), ("axial", 12)):
+                page.click(f'#viewer-planes button[data-plane="{plane}"]')
+                sync_api.expect(canvas).to_have_attribute("data-rendered", f"{plane}:{middle}")
+                assert _colour_pixels(page, BODY_COLOUR) > 0, plane  # the body's outline
+            page.locator("#viewer-slider").fill("7")
+            sync_api.expect(canvas).to_have_attribute("data-rendered", "axial:7")
             sync_api.expect(page.locator("#download")).to_be_enabled()
             with page.expect_download() as download:
                 page.click("#download")
@@ -171,3 +195,183 @@ def test_dashboard_login_jobs_previews_and_hostile_text(served: tuple[ApiHarness
             browser.close()
     assert dialogs == []  # nothing from DICOM ever ran as script
     assert len(screenshot) < 300_000
+
+
+MANDIBLE_GREY = (230, 230, 230)  # Bone_Mandible's TG-263 colour: drawn in a visible colour
+
+
+def _full_size_job(harness: ApiHarness, **values: Any) -> Any:
+    """A done job with a 512 x 512 x 48 CT (0.98 x 0.98 x 2.5 mm) and three structures, one
+    near-white and flagged for review, as a clinician would open it."""
+    from tests.phantoms import head_phantom, write_ct_series
+    from worker.rtstruct import RoiSpec, build_rtstruct, save_rtstruct
+    from worker.volume import load_series
+
+    phantom = head_phantom((48, 512, 512), (2.5, 0.98, 0.98))
+    job = harness.add_job(state="done", series_description="CT 2.5mm", **values)
+    folder = harness.settings.spool_dir / "jobs" / job.id
+    paths = write_ct_series(folder, phantom.hu, phantom.spacing_mm, series_description="CT 2.5mm")
+    series = load_series(paths, min_slices=1)
+    bone = phantom.body & (phantom.hu > 500) & ~phantom.marker
+    masks = {name: series.volume.array_from_canonical(mask) for name, mask in
+             (("Marker", phantom.marker), ("Body", phantom.body), ("Bone_Mandible", bone))}
+    rois = [RoiSpec("Marker", MARKER_COLOUR, "ORGAN"), RoiSpec("Body", (0, 255, 0), "EXTERNAL"),
+            RoiSpec("Bone_Mandible", MANDIBLE_GREY, "ORGAN")]
+    dataset = build_rtstruct(series, masks, rois, model_name="hn-oar", model_version="1.0.0")
+    path = save_rtstruct(dataset, harness.settings.archive_dir / job.id / "RS.dcm")
+    harness.store.set_spool_dir(job.id, str(folder), len(paths))
+    harness.store.record_output(
+        job.id, kind="RTSTRUCT", sop_instance_uid=str(dataset.SOPInstanceUID), path=str(path),
+        summary=[{"roi_name": "Marker", "colour": list(MARKER_COLOUR), "confidence": 0.97,
+                  "flag": "ok"},
+                 {"roi_name": "Body", "colour": [0, 255, 0]},
+                 {"roi_name": "Bone_Mandible", "colour": list(MANDIBLE_GREY),
+                  "confidence": 0.42, "flag": "review"}])
+    return harness.store.get(job.id)
+
+
+def _held(harness: ApiHarness, patient_id: str) -> Any:
+    """A job its route holds for review (the worker archived its RTSTRUCT, sent nothing)."""
+    return harness.add_job(state="awaiting_review", review_required=True,
+                           patient_name="DOE^JANE", patient_id=patient_id,
+                           series_description="CT 2.5mm", study_date="20260302",
+                           finished_at=None)
+
+
+def _slice_change_ms(page: Any, steps: int) -> dict[str, list[float]]:
+    """Wheel over the viewer ``steps`` times; per step, ms from the wheel event to the new
+    slice on the canvas, and the render's own ms."""
+    return dict(page.evaluate(
+        """async (steps) => {
+          const canvas = document.querySelector('#viewer-canvas');
+          const total = [], render = [];
+          for (let i = 0; i < steps; i++) {
+            const before = canvas.dataset.rendered;
+            const t0 = performance.now();
+            canvas.dispatchEvent(
+              new WheelEvent('wheel', {deltaY: 100, bubbles: true, cancelable: true}));
+            while (canvas.dataset.rendered === before) {
+              await new Promise(r => requestAnimationFrame(r));
+            }
+            total.push(performance.now() - t0);
+            render.push(Number(canvas.dataset.renderMs));
+          }
+          return {total, render};
+        }""",
+        steps,
+    ))
+
+
+def test_clinician_finds_a_patient_scrolls_the_viewer_and_approves_or_rejects(
+    served: tuple[ApiHarness, str],
+) -> None:
+    harness, base_url = served
+    for n in range(3):  # four jobs all reading "CT 2.5mm": the patient tells them apart
+        harness.add_job(state="done", series_description="CT 2.5mm", patient_id=f"OTHER-{n}",
+                        patient_name=f"ROE^RICHARD{n}")
+    _full_size_job(harness, patient_name="DOE^JANE", patient_id="PAT-4711",
+                         accession_number="A123", study_date="20260302",
+                         study_description="H&N planning")
+    approve_me, reject_me = _held(harness, "PAT-4712"), _held(harness, "PAT-4713")
+    clinician = harness.tokens["clinician"]
+    timings: dict[str, list[float]] = {}
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(
+            executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True
+        )
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 1100})
+            page.goto(f"{base_url}/dashboard")
+            page.fill("#token", clinician)
+            page.click("#login-form button")
+            sync_api.expect(page.locator("#whoami")).to_have_text("clinician-user (clinician)")
+            page.fill("#filter-patient", "PAT-4711")
+            page.dispatch_event("#filter-patient", "change")
+            rows = page.locator("#jobs-table tbody tr")
+            sync_api.expect(rows).to_have_count(1)
+            sync_api.expect(rows).to_contain_text("DOE, JANE")
+            sync_api.expect(rows).to_contain_text("2026-03-02")
+            rows.locator("a").click()
+            sync_api.expect(page.locator("#job-fields")).to_contain_text("PAT-4711")
+            sync_api.expect(page.locator("#job-fields")).to_contain_text("H&N planning")
+
+            canvas = page.locator("#viewer-canvas")
+            sync_api.expect(canvas).to_have_attribute("data-rendered", "axial:24", timeout=30_000)
+            flagged = page.locator('#viewer-structures li:has(input[data-roi="Bone_Mandible"])')
+            sync_api.expect(flagged.locator(".flag")).to_contain_text("review")
+            # Near-white on bone would vanish: it is drawn in a saturated colour, and is seen.
+            shown = flagged.locator(".line").evaluate("e => getComputedStyle(e).borderTopColor")
+            drawn = tuple(int(v) for v in shown.strip("rgb()").split(","))
+            assert max(drawn) - min(drawn) > 100, drawn
+            assert _colour_pixels(page, drawn) > 0  # type: ignore[arg-type]
+            page.locator("#viewer-stage").focus()
+            page.keyboard.press("PageDown")
+            sync_api.expect(canvas).to_have_attribute("data-rendered", "axial:34")
+            page.keyboard.press("ArrowUp")
+            sync_api.expect(canvas).to_have_attribute("data-rendered", "axial:33")
+            page.mouse.move(*_canvas_centre(page))
+            page.mouse.wheel(0, -100)
+            sync_api.expect(canvas).to_have_attribute("data-rendered", "axial:32")
+            sync_api.expect(page.locator("#viewer-position")).to_contain_text("mm")
+            page.keyboard.press("PageUp")
+            page.keyboard.press("PageUp")
+            sync_api.expect(canvas).to_have_attribute("data-rendered", "axial:12")
+            timings["axial"] = _slice_change_ms(page, 20)["total"]
+            timings["axial render"] = _slice_change_ms(page, 10)["render"]
+            page.locator("#viewer-slider").fill("14")  # through the marker (slices 12-19)
+            sync_api.expect(canvas).to_have_attribute("data-rendered", "axial:14")
+            assert _colour_pixels(page, MARKER_COLOUR) > 0
+            page.uncheck('#viewer-structures input[data-roi="Marker"]')
+            page.wait_for_function(
+                "() => document.querySelector('#viewer-canvas').dataset.rendered !== undefined")
+            page.wait_for_timeout(100)
+            assert _colour_pixels(page, MARKER_COLOUR) == 0  # toggled off
+            page.check('#viewer-structures input[data-roi="Marker"]')
+            page.select_option("#viewer-window", "bone")
+            sync_api.expect(page.locator("#viewer-wl")).to_have_text("W1800 L400")
+            page.click('#viewer-planes button[data-plane="sagittal"]')
+            sync_api.expect(canvas).to_have_attribute("data-rendered", "sagittal:256")
+            timings["sagittal"] = _slice_change_ms(page, 10)["total"]
+            page.click('#viewer-planes button[data-plane="coronal"]')
+            timings["coronal"] = _slice_change_ms(page, 10)["total"]
+            page.click("#viewer-zoom-in")
+
+            # Approve one held job: queued, then sent by the (simulated) worker.
+            page.goto(f"{base_url}/dashboard#/jobs/{approve_me.id}")
+            sync_api.expect(page.locator("#review-status")).to_contain_text("Held for review")
+            page.click("#approve")
+            sync_api.expect(page.locator("#review-message")).to_contain_text("will be sent")
+            sync_api.expect(page.locator("#job-fields")).to_contain_text("queued")
+            assert harness.enqueued == [approve_me.id]
+            claimed = harness.store.claim(approve_me.id, "w1", 60)
+            assert claimed is not None
+            assert harness.store.complete_if_unchanged(approve_me.id, "w1", claimed.generation)
+            sync_api.expect(page.locator("#job-fields")).to_contain_text("done", timeout=10_000)
+            sync_api.expect(page.locator("#review-status")).to_contain_text(
+                "Approved by clinician-user")
+            # Reject the other: never sent.
+            page.goto(f"{base_url}/dashboard#/jobs/{reject_me.id}")
+            sync_api.expect(page.locator("#review-actions")).to_be_visible()
+            page.fill("#review-reason", "parotids too generous")
+            page.click("#reject")
+            sync_api.expect(page.locator("#review-message")).to_contain_text("nothing will be sent")
+            sync_api.expect(page.locator("#job-fields")).to_contain_text("rejected")
+            sync_api.expect(page.locator("#review-status")).to_contain_text(
+                "parotids too generous")
+            sync_api.expect(page.locator("#review-actions")).to_be_hidden()
+        finally:
+            browser.close()
+    assert harness.enqueued == [approve_me.id]  # the rejected job was never queued
+    assert harness.store.get(reject_me.id).state == "rejected"
+    for name, values in timings.items():
+        ordered = sorted(values)
+        median, worst = ordered[len(ordered) // 2], ordered[-1]
+        print(f"slice change, {name} (512 x 512 x 48 CT): median {median:.1f} ms, "
+              f"max {worst:.1f} ms over {len(values)}")
+        assert median < 50, (name, values)
+
+
+def _canvas_centre(page: Any) -> tuple[float, float]:
+    box = page.locator("#viewer-canvas").bounding_box()
+    assert box is not None
+    return box["x"] + box["width"] / 2, box["y"] + box["height"] / 2

@@ -10,7 +10,7 @@ const ROLE_RANK = { viewer: 0, clinician: 1, admin: 2 };
 
 const DESTINATION_EVERY = 10;  // C-ECHO the destinations every 10th poll (30 s)
 
-const state = { token: null, me: null, offset: 0, timer: null, jobId: null, previewInfo: null, tick: 0 };
+const state = { token: null, me: null, offset: 0, timer: null, jobId: null, tick: 0 };
 
 function $(selector) { return document.querySelector(selector); }
 
@@ -307,9 +307,38 @@ async function refreshJob() {
   $("#download").hidden = !canClinic;
   $("#download").disabled = !job.has_rtstruct;
   $("#retry").hidden = !(canClinic && (job.state === "failed" || job.state === "send_failed"));
-  if (canClinic && job.has_rtstruct && !state.previewInfo) loadPreviews(job.id);
-  if (!canClinic) $("#preview-note").textContent = "Previews need the clinician role.";
-  else if (!job.has_rtstruct) $("#preview-note").textContent = "No RTSTRUCT yet: nothing to preview.";
+  renderReview(job, canClinic);
+  if (canClinic && job.has_rtstruct && viewer.jobId !== job.id && !job.purged_at) loadViewer(job.id);
+  if (!canClinic) $("#viewer-note").textContent = "The images need the clinician role.";
+  else if (job.purged_at) $("#viewer-note").textContent = "The images were deleted by the retention policy.";
+  else if (!job.has_rtstruct) $("#viewer-note").textContent = "No RTSTRUCT yet: nothing to show.";
+}
+
+// The approval gate: a job its route holds for review is sent only when a clinician approves.
+function renderReview(job, canClinic) {
+  const panel = $("#review-panel");
+  const waiting = job.state === "awaiting_review";
+  panel.hidden = !(waiting || job.review_decision || job.review_required);
+  $("#review-actions").hidden = !(waiting && canClinic);
+  const status = $("#review-status");
+  if (waiting) status.textContent = "Held for review: nothing has been sent. Check the contours, then approve (sent to the destinations) or reject (never sent).";
+  else if (job.review_decision) status.textContent = (job.review_decision === "approved" ? "Approved" : "Rejected") + " by " + (job.reviewed_by || "?") + " on " + when(job.reviewed_at) + (job.review_reason ? ": " + job.review_reason : ".");
+  else status.textContent = "Its route requires a clinician's approval before sending.";
+}
+
+async function review(decision) {
+  const message = $("#review-message");
+  message.textContent = "";
+  const body = decision === "reject" ? { reason: $("#review-reason").value.trim() } : undefined;
+  if (body && body.reason.length < 3) { message.textContent = "Give a reason for rejecting (at least 3 characters)."; return; }
+  try {
+    const options = { method: "POST" };
+    if (body) { options.body = JSON.stringify(body); options.headers = { "Content-Type": "application/json" }; }
+    const result = await apiJson("/api/jobs/" + encodeURIComponent(state.jobId) + "/" + decision, options);
+    message.textContent = decision === "approve" ? "Approved: the job is " + result.state + " and will be sent." : "Rejected: nothing will be sent.";
+    $("#review-reason").value = "";
+    refreshJob();
+  } catch (error) { message.textContent = (decision === "approve" ? "Approve" : "Reject") + " failed: " + error.message; }
 }
 
 const DVH_COLOURS = ["#d62728", "#1f77b4", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#bcbd22", "#7f7f7f"];
@@ -371,44 +400,379 @@ function drawDvh(container, metrics) {
   container.append(chart);
 }
 
-async function loadPreviews(id) {
-  state.previewInfo = { loading: true };
+// ---- slice viewer ----------------------------------------------------------------------
+// The CT (int16 HU, canonical order (slices, rows, columns): axis 0 superior->inferior, 1
+// anterior->posterior, 2 patient right->left) and the contours (polygons per axial slice in
+// voxel coordinates (row, column)) are fetched once; every slice is drawn here, in the browser.
+// Axial: anterior up, patient left on the right; coronal: superior up, patient left on the
+// right; sagittal: superior up, anterior on the left.
+const PLANE_AXES = {  // which canonical axis the plane cuts, and its image's (across, down) axes
+  axial: { cut: 0, across: 2, down: 1 },
+  coronal: { cut: 1, across: 2, down: 0 },
+  sagittal: { cut: 2, across: 1, down: 0 },
+};
+const WHEEL_STEP = 50;  // pixels of wheel delta per slice (a mouse notch is 100)
+
+const viewer = {
+  jobId: null, meta: null, hu: null, structures: [], plane: "axial", index: {}, width: 400, level: 40,
+  zoom: 1, panX: 0, panY: 0, showApproved: true, lut: null, lutKey: "", pending: false, wheel: 0,
+  drag: null, renderMs: [], image: null, pixels: null, offscreen: null, mouse: null,
+};
+
+function resetViewer() {
+  Object.assign(viewer, { jobId: null, meta: null, hu: null, structures: [], index: {}, zoom: 1, panX: 0, panY: 0, image: null, mouse: null, renderMs: [] });
+  $("#viewer").hidden = true;
+  $("#viewer-note").textContent = "";
+  clear($("#viewer-structures"));
+}
+
+async function loadViewer(id) {
+  viewer.jobId = id;
+  const note = $("#viewer-note");
+  note.textContent = "Loading the CT…";
   try {
-    const info = await apiJson("/api/jobs/" + encodeURIComponent(id) + "/preview");
-    if (id !== state.jobId) return;
-    state.previewInfo = info;
-    $("#preview-note").textContent = "ROIs: " + info.rois.map((r) => r.roi_name).join(", ");
-    for (const figure of document.querySelectorAll(".previews figure")) {
-      const plane = figure.dataset.plane;
-      const slider = figure.querySelector("input");
-      slider.max = String(info.planes[plane] - 1);
-      slider.value = String(Math.floor(info.planes[plane] / 2));
-      slider.oninput = () => showPlane(figure);
-      showPlane(figure);
-    }
+    const base = "/api/jobs/" + encodeURIComponent(id) + "/viewer/";
+    const meta = await apiJson(base + "meta");
+    const sizeMb = (meta.shape[0] * meta.shape[1] * meta.shape[2] * 2 / 1e6).toFixed(1);
+    note.textContent = "Loading the CT (" + sizeMb + " MB) and contours…";
+    const [ctResponse, contours] = await Promise.all([api(base + "ct"), apiJson(base + "contours")]);
+    const buffer = await ctResponse.arrayBuffer();
+    if (id !== viewer.jobId) return;
+    // Int16Array reads the platform's byte order: little-endian on every browser platform.
+    viewer.hu = new Int16Array(buffer);
+    if (viewer.hu.length !== meta.shape[0] * meta.shape[1] * meta.shape[2]) throw new Error("CT size does not match its shape");
+    viewer.meta = meta;
+    viewer.structures = contours.structures.map((s, i) => ({
+      key: s.source + ":" + s.roi_name + ":" + i, roi_name: s.roi_name, source: s.source, flag: s.flag, confidence: s.confidence,
+      matches: s.matches, css: "rgb(" + s.display_colour.map(Number).join(",") + ")", visible: true,
+      slices: Object.fromEntries(Object.entries(s.slices).map(([k, polys]) => [k, polys.map((p) => Float32Array.from(p))])),
+      crossings: null,
+    }));
+    const [S, R, C] = meta.shape;
+    viewer.index = { axial: Math.floor(S / 2), coronal: Math.floor(R / 2), sagittal: Math.floor(C / 2) };
+    const soft = meta.windows[0];
+    setWindow(soft.width, soft.level, soft.name);
+    buildWindowControls(meta.windows);
+    buildStructureList();
+    $("#viewer-approved-toggle").hidden = !meta.has_approved;
+    $("#viewer").hidden = false;
+    note.textContent = "Wheel or ↑/↓, PgUp/PgDn: slices · right-drag: window/level · drag: pan · +/−: zoom.";
+    setPlane("axial");
   } catch (error) {
-    state.previewInfo = null;
-    $("#preview-note").textContent = "No preview: " + error.message;
+    if (id === viewer.jobId) note.textContent = "No images: " + error.message;
+    viewer.jobId = null;
   }
 }
 
-async function showPlane(figure) {
-  const plane = figure.dataset.plane;
-  const index = figure.querySelector("input").value;
-  figure.querySelector("output").textContent = index;
-  const wanted = plane + ":" + index;
-  figure.dataset.wanted = wanted;
-  try {
-    const response = await api("/api/jobs/" + encodeURIComponent(state.jobId) + "/preview.png?plane=" + plane + "&index=" + index);
-    const blob = await response.blob();
-    if (figure.dataset.wanted !== wanted) return;  // the slider moved on
-    const img = figure.querySelector("img");
-    if (img.src.startsWith("blob:")) URL.revokeObjectURL(img.src);
-    img.src = URL.createObjectURL(blob);
-    img.dataset.loaded = wanted;
-  } catch (error) {
-    $("#preview-note").textContent = "Preview failed: " + error.message;
+function buildWindowControls(windows) {
+  const select = $("#viewer-window");
+  clear(select);
+  for (const w of windows) select.append(el("option", { value: w.name }, w.name + " (W" + w.width + "/L" + w.level + ")"));
+  select.append(el("option", { value: "custom" }, "custom"));
+  select.onchange = () => {
+    const w = windows.find((item) => item.name === select.value);
+    if (w) setWindow(w.width, w.level, w.name);
+  };
+}
+
+function buildStructureList() {
+  const list = $("#viewer-structures");
+  clear(list);
+  for (const s of viewer.structures) {
+    const box = el("input", { type: "checkbox", "data-roi": s.roi_name, "data-source": s.source });
+    box.checked = s.visible;
+    box.onchange = () => { s.visible = box.checked; scheduleRender(); };
+    const flag = s.flag === "review" ? el("span", { className: "flag", title: "the model is unsure" + (s.confidence != null ? " (confidence " + Number(s.confidence).toFixed(2) + ")" : "") + ": review it" }, "⚑ review") : null;
+    const line = el("span", { className: "line " + s.source, style: { borderColor: s.css } });
+    const label = el("label", {}, box, line, s.roi_name, s.source === "approved" ? el("span", { className: "note" }, " approved") : null, flag ? " " : null, flag);
+    list.append(el("li", { className: s.source === "approved" ? "approved" : "", "data-key": s.key }, label));
   }
+}
+
+function setWindow(width, level, preset) {
+  viewer.width = Math.max(1, Math.round(width)); viewer.level = Math.round(level);
+  $("#viewer-width").value = String(viewer.width); $("#viewer-level").value = String(viewer.level);
+  $("#viewer-wl").textContent = "W" + viewer.width + " L" + viewer.level;
+  $("#viewer-window").value = preset || "custom";
+  scheduleRender();
+}
+
+function setPlane(plane) {
+  viewer.plane = plane;
+  for (const button of document.querySelectorAll("#viewer-planes button")) button.classList.toggle("active", button.dataset.plane === plane);
+  const slider = $("#viewer-slider");
+  slider.max = String(viewer.meta.shape[PLANE_AXES[plane].cut] - 1);
+  slider.value = String(viewer.index[plane]);
+  viewer.zoom = 1; viewer.panX = 0; viewer.panY = 0;
+  scheduleRender();
+}
+
+function step(delta) {
+  const n = viewer.meta.shape[PLANE_AXES[viewer.plane].cut];
+  const next = Math.min(n - 1, Math.max(0, viewer.index[viewer.plane] + delta));
+  if (next === viewer.index[viewer.plane]) return;
+  viewer.index[viewer.plane] = next;
+  $("#viewer-slider").value = String(next);
+  scheduleRender();
+}
+
+function scheduleRender() {
+  if (!viewer.meta || viewer.pending) return;
+  viewer.pending = true;
+  requestAnimationFrame(() => { viewer.pending = false; renderViewer(); });
+}
+
+// A lookup table from HU (+32768) to an opaque grey RGBA pixel for the current window.
+function windowLut() {
+  const key = viewer.width + "/" + viewer.level;
+  if (viewer.lutKey === key) return viewer.lut;
+  const lut = viewer.lut || new Uint32Array(65536);
+  const low = viewer.level - viewer.width / 2;
+  for (let i = 0; i < 65536; i++) {
+    const g = Math.max(0, Math.min(255, Math.round(((i - 32768 - low) / viewer.width) * 255)));
+    lut[i] = 0xff000000 | (g << 16) | (g << 8) | g;
+  }
+  viewer.lut = lut; viewer.lutKey = key;
+  return lut;
+}
+
+// The plane's geometry: image size in pixels and the millimetres of one pixel.
+function planeGeometry(plane) {
+  const axes = PLANE_AXES[plane];
+  const shape = viewer.meta.shape, spacing = viewer.meta.spacing_mm;
+  return { width: shape[axes.across], height: shape[axes.down], acrossMm: spacing[axes.across], downMm: spacing[axes.down] };
+}
+
+function fillPlaneImage(plane, index, pixels) {
+  const [, R, C] = viewer.meta.shape;
+  const hu = viewer.hu, lut = windowLut();
+  const g = planeGeometry(plane);
+  let out = 0;
+  if (plane === "axial") {
+    const base = index * R * C;
+    for (let i = 0; i < R * C; i++) pixels[i] = lut[hu[base + i] + 32768];
+  } else if (plane === "coronal") {
+    for (let s = 0; s < g.height; s++) {
+      const base = s * R * C + index * C;
+      for (let c = 0; c < C; c++) pixels[out++] = lut[hu[base + c] + 32768];
+    }
+  } else {
+    for (let s = 0; s < g.height; s++) {
+      const base = s * R * C + index;
+      for (let r = 0; r < R; r++) pixels[out++] = lut[hu[base + r * C] + 32768];
+    }
+  }
+}
+
+// Where image coordinates (u across, v down; pixel i spans [i, i+1)) land on the canvas.
+function viewTransform(canvas, g) {
+  const fit = Math.min(canvas.width / (g.width * g.acrossMm), canvas.height / (g.height * g.downMm));
+  const scale = fit * viewer.zoom;
+  const sx = scale * g.acrossMm, sy = scale * g.downMm;
+  const ox = (canvas.width - g.width * sx) / 2 + viewer.panX, oy = (canvas.height - g.height * sy) / 2 + viewer.panY;
+  return { sx, sy, ox, oy };
+}
+
+// Each structure's crossings with pixel-centre rows, per slice (row -> sorted columns), for
+// the coronal and sagittal outlines (even-odd rule, as the RTSTRUCT is filled).
+function crossings(structure) {
+  if (structure.crossings) return structure.crossings;
+  const R = viewer.meta.shape[1];
+  const bySlice = {};
+  for (const [k, polys] of Object.entries(structure.slices)) {
+    const rows = new Map();
+    for (const p of polys) {
+      const n = p.length / 2;
+      for (let i = 0; i < n; i++) {
+        const y0 = p[2 * i], x0 = p[2 * i + 1], j = (i + 1) % n, y1 = p[2 * j], x1 = p[2 * j + 1];
+        const low = Math.min(y0, y1), high = Math.max(y0, y1);
+        for (let y = Math.max(0, Math.ceil(low)); y < Math.min(R, Math.ceil(high)); y++) {
+          const x = x0 + ((y - y0) / (y1 - y0)) * (x1 - x0);
+          if (!rows.has(y)) rows.set(y, []);
+          rows.get(y).push(x);
+        }
+      }
+    }
+    for (const xs of rows.values()) xs.sort((a, b) => a - b);
+    bySlice[k] = { rows: [...rows.keys()].sort((a, b) => a - b), xs: rows };
+  }
+  structure.crossings = bySlice;
+  return bySlice;
+}
+
+// Toggle positions (image "across" coordinates) of a structure on each slice of a coronal
+// (row index) or sagittal (column index) image.
+function planeToggles(structure, plane, index, n) {
+  const bySlice = crossings(structure), toggles = new Array(n);
+  for (let s = 0; s < n; s++) {
+    const slice = bySlice[s];
+    const list = [];
+    if (slice) {
+      if (plane === "coronal") {
+        for (const x of slice.xs.get(index) || []) list.push(x + 0.5);
+      } else {
+        let inside = false, start = 0, last = -2;
+        for (const y of slice.rows) {
+          const xs = slice.xs.get(y);
+          let count = 0;
+          for (const x of xs) { if (x < index) count++; else break; }
+          const now = count % 2 === 1;
+          if (inside && (y !== last + 1 || !now)) { list.push(start, last + 1); inside = false; }
+          if (now && !inside) { inside = true; start = y; }
+          last = y;
+        }
+        if (inside) list.push(start, last + 1);
+      }
+    }
+    toggles[s] = list;
+  }
+  return toggles;
+}
+
+// Outline of even-odd toggles per image row band: vertical edges at each toggle, horizontal
+// edges where two adjacent bands differ (the toggles of both, merged, in pairs).
+function outlinePath(ctx, toggles, t) {
+  const n = toggles.length;
+  for (let v = 0; v < n; v++) {
+    for (const u of toggles[v]) { ctx.moveTo(t.ox + u * t.sx, t.oy + v * t.sy); ctx.lineTo(t.ox + u * t.sx, t.oy + (v + 1) * t.sy); }
+  }
+  for (let v = 0; v <= n; v++) {
+    const merged = [...(v > 0 ? toggles[v - 1] : []), ...(v < n ? toggles[v] : [])].sort((a, b) => a - b);
+    for (let i = 0; i + 1 < merged.length; i += 2) {
+      if (merged[i + 1] > merged[i]) { ctx.moveTo(t.ox + merged[i] * t.sx, t.oy + v * t.sy); ctx.lineTo(t.ox + merged[i + 1] * t.sx, t.oy + v * t.sy); }
+    }
+  }
+}
+
+function structurePath(ctx, structure, plane, index, t, g) {
+  ctx.beginPath();
+  if (plane === "axial") {
+    for (const p of structure.slices[index] || []) {
+      ctx.moveTo(t.ox + (p[1] + 0.5) * t.sx, t.oy + (p[0] + 0.5) * t.sy);
+      for (let i = 2; i < p.length; i += 2) ctx.lineTo(t.ox + (p[i + 1] + 0.5) * t.sx, t.oy + (p[i] + 0.5) * t.sy);
+      ctx.closePath();
+    }
+  } else {
+    outlinePath(ctx, planeToggles(structure, plane, index, g.height), t);
+  }
+}
+
+function renderViewer() {
+  if (!viewer.meta) return;
+  const started = performance.now();
+  const canvas = $("#viewer-canvas");
+  const plane = viewer.plane, index = viewer.index[plane];
+  const g = planeGeometry(plane);
+  if (!viewer.offscreen) viewer.offscreen = document.createElement("canvas");
+  const off = viewer.offscreen;
+  if (off.width !== g.width || off.height !== g.height || !viewer.image) {
+    off.width = g.width; off.height = g.height;
+    viewer.image = off.getContext("2d").createImageData(g.width, g.height);
+    viewer.pixels = new Uint32Array(viewer.image.data.buffer);
+  }
+  fillPlaneImage(plane, index, viewer.pixels);
+  off.getContext("2d").putImageData(viewer.image, 0, 0);
+  const ctx = canvas.getContext("2d");
+  ctx.setTransform(1, 0, 0, 1, 0, 0);
+  ctx.fillStyle = "#000"; ctx.fillRect(0, 0, canvas.width, canvas.height);
+  const t = viewTransform(canvas, g);
+  ctx.imageSmoothingEnabled = true;
+  ctx.drawImage(off, t.ox, t.oy, g.width * t.sx, g.height * t.sy);
+  ctx.lineJoin = "round";
+  for (const s of viewer.structures) {
+    if (!s.visible || (s.source === "approved" && !viewer.showApproved)) continue;
+    structurePath(ctx, s, plane, index, t, g);
+    const dashed = s.source === "approved";
+    // A dark halo under the colour keeps every contour visible on bone and on soft tissue.
+    ctx.setLineDash(dashed ? [5, 4] : []);
+    ctx.strokeStyle = "rgba(0,0,0,0.85)"; ctx.lineWidth = s.flag === "review" ? 4.5 : 3.5; ctx.stroke();
+    ctx.strokeStyle = s.css; ctx.lineWidth = s.flag === "review" ? 2.5 : 1.5; ctx.stroke();
+  }
+  ctx.setLineDash([]);
+  const elapsed = performance.now() - started;
+  viewer.renderMs.push(elapsed);
+  if (viewer.renderMs.length > 200) viewer.renderMs.shift();
+  canvas.dataset.rendered = plane + ":" + index;
+  canvas.dataset.renderMs = elapsed.toFixed(2);
+  $("#viewer-slice").textContent = plane + " " + (index + 1) + "/" + viewer.meta.shape[PLANE_AXES[plane].cut] + " · " + slicePosition(plane, index);
+  showPosition();
+}
+
+// Patient LPS mm of a voxel (slice, row, column; fractional allowed).
+function lps(voxel) {
+  const a = viewer.meta.affine;
+  return [0, 1, 2].map((i) => a[i][0] * voxel[0] + a[i][1] * voxel[1] + a[i][2] * voxel[2] + a[i][3]);
+}
+
+function slicePosition(plane, index) {
+  const centre = viewer.meta.shape.map((n) => (n - 1) / 2);
+  centre[PLANE_AXES[plane].cut] = index;
+  const p = lps(centre);
+  const axis = { axial: ["z", 2], coronal: ["y", 1], sagittal: ["x", 0] }[plane];
+  return axis[0] + " = " + p[axis[1]].toFixed(1) + " mm";
+}
+
+function showPosition() {
+  const out = $("#viewer-position");
+  if (!viewer.mouse || !viewer.meta) { out.textContent = ""; return; }
+  const canvas = $("#viewer-canvas"), g = planeGeometry(viewer.plane), t = viewTransform(canvas, g);
+  const u = (viewer.mouse.x - t.ox) / t.sx - 0.5, v = (viewer.mouse.y - t.oy) / t.sy - 0.5;
+  if (u < -0.5 || v < -0.5 || u > g.width - 0.5 || v > g.height - 0.5) { out.textContent = ""; return; }
+  const axes = PLANE_AXES[viewer.plane], voxel = [0, 0, 0];
+  voxel[axes.cut] = viewer.index[viewer.plane]; voxel[axes.across] = u; voxel[axes.down] = v;
+  const [x, y, z] = lps(voxel);
+  const [, R, C] = viewer.meta.shape, at = voxel.map(Math.round);
+  const value = viewer.hu[at[0] * R * C + at[1] * C + at[2]];
+  out.textContent = "LPS " + x.toFixed(1) + ", " + y.toFixed(1) + ", " + z.toFixed(1) + " mm · " + value + " HU";
+}
+
+function canvasPoint(event) {
+  const canvas = $("#viewer-canvas"), box = canvas.getBoundingClientRect();
+  return { x: (event.clientX - box.left) * (canvas.width / box.width), y: (event.clientY - box.top) * (canvas.height / box.height) };
+}
+
+function zoomBy(factor) { viewer.zoom = Math.min(16, Math.max(0.5, viewer.zoom * factor)); scheduleRender(); }
+
+function setupViewer() {
+  const canvas = $("#viewer-canvas"), stage = $("#viewer-stage");
+  canvas.addEventListener("wheel", (event) => {
+    event.preventDefault();
+    if (!viewer.meta) return;
+    if (event.ctrlKey) { zoomBy(event.deltaY < 0 ? 1.25 : 0.8); return; }
+    if (event.deltaMode !== 0 || Math.abs(event.deltaY) >= WHEEL_STEP) { step(Math.sign(event.deltaY)); viewer.wheel = 0; return; }
+    viewer.wheel += event.deltaY;
+    if (Math.abs(viewer.wheel) >= WHEEL_STEP) { step(Math.sign(viewer.wheel)); viewer.wheel = 0; }
+  }, { passive: false });
+  stage.addEventListener("keydown", (event) => {
+    if (!viewer.meta) return;
+    const moves = { ArrowUp: -1, ArrowLeft: -1, ArrowDown: 1, ArrowRight: 1, PageUp: -10, PageDown: 10 };
+    if (event.key in moves) { step(moves[event.key]); event.preventDefault(); }
+    else if (event.key === "+" || event.key === "=") zoomBy(1.25);
+    else if (event.key === "-") zoomBy(0.8);
+  });
+  canvas.addEventListener("contextmenu", (event) => event.preventDefault());
+  canvas.addEventListener("mousedown", (event) => {
+    stage.focus();
+    viewer.drag = { button: event.button, x: event.clientX, y: event.clientY, width: viewer.width, level: viewer.level, panX: viewer.panX, panY: viewer.panY };
+  });
+  window.addEventListener("mouseup", () => { viewer.drag = null; });
+  canvas.addEventListener("mousemove", (event) => {
+    viewer.mouse = canvasPoint(event);
+    const d = viewer.drag;
+    if (d && d.button === 2) setWindow(d.width + (event.clientX - d.x) * 4, d.level - (event.clientY - d.y) * 2, null);
+    else if (d && d.button === 0) { viewer.panX = d.panX + event.clientX - d.x; viewer.panY = d.panY + event.clientY - d.y; scheduleRender(); }
+    else showPosition();
+  });
+  canvas.addEventListener("mouseleave", () => { viewer.mouse = null; showPosition(); });
+  $("#viewer-slider").addEventListener("input", () => { viewer.index[viewer.plane] = Number($("#viewer-slider").value); scheduleRender(); });
+  $("#viewer-width").addEventListener("input", () => setWindow(Number($("#viewer-width").value), viewer.level, null));
+  $("#viewer-level").addEventListener("input", () => setWindow(viewer.width, Number($("#viewer-level").value), null));
+  for (const button of document.querySelectorAll("#viewer-planes button")) button.addEventListener("click", () => setPlane(button.dataset.plane));
+  $("#viewer-zoom-in").addEventListener("click", () => zoomBy(1.25));
+  $("#viewer-zoom-out").addEventListener("click", () => zoomBy(0.8));
+  $("#viewer-reset").addEventListener("click", () => { viewer.zoom = 1; viewer.panX = 0; viewer.panY = 0; scheduleRender(); });
+  $("#viewer-approved").addEventListener("change", () => { viewer.showApproved = $("#viewer-approved").checked; scheduleRender(); });
+  $("#viewer-all").addEventListener("click", () => { const on = !viewer.structures.every((s) => s.visible); for (const s of viewer.structures) s.visible = on; buildStructureList(); scheduleRender(); });
 }
 
 const FILE_PREFIXES = { RTSTRUCT: "RS", RTDOSE: "RD" };
@@ -440,11 +804,10 @@ function route() {
   if (!state.token) { show("login"); return; }
   const match = location.hash.match(/^#\/jobs\/([0-9a-zA-Z]+)$/);
   if (match) {
+    if (state.jobId !== match[1]) resetViewer();
     state.jobId = match[1];
-    state.previewInfo = null;
-    for (const img of document.querySelectorAll(".previews img")) img.removeAttribute("src");
-    $("#preview-note").textContent = "";
     $("#job-message").textContent = "";
+    $("#review-message").textContent = "";
     show("job");
     poll(refreshJob);
   } else {
@@ -476,6 +839,9 @@ document.addEventListener("DOMContentLoaded", async () => {
   $("#filter-patient").addEventListener("change", () => { state.offset = 0; refreshOverview(); });
   $("#download").addEventListener("click", download);
   $("#retry").addEventListener("click", retry);
+  $("#approve").addEventListener("click", () => review("approve"));
+  $("#reject").addEventListener("click", () => review("reject"));
+  setupViewer();
   window.addEventListener("hashchange", route);
   const saved = sessionStorage.getItem(TOKEN_KEY);
   if (saved) {
