@@ -50,11 +50,25 @@ class JobStoreCollector(Collector):
     ``rtcontour_jobs{state}``: jobs in each state; ``rtcontour_queue_depth``: messages waiting
     in the broker (absent if unknown); ``rtcontour_job_stage_seconds{stage}``: histogram of the
     recorded stage durations of every job (cumulative, as Prometheus expects).
+    What the clinicians changed (``service.qa_trends``), per structure and model version over
+    all approved sets: ``rtcontour_qa_approved_sets``, ``rtcontour_qa_median_dice``,
+    ``rtcontour_qa_edited_share``, ``rtcontour_qa_median_added_path_length_mm``; and
+    ``rtcontour_qa_alert{structure}`` 1 when its recent median Dice is below the threshold
+    (``rtcontour_qa_recent_median_dice{structure}`` gives the value).
     """
 
-    def __init__(self, store: JobStore, queue_depth: Callable[[], int | None]) -> None:
+    def __init__(
+        self,
+        store: JobStore,
+        queue_depth: Callable[[], int | None],
+        *,
+        qa_alert_dice: float = 0.8,
+        qa_alert_window: int = 10,
+    ) -> None:
         self.store = store
         self.queue_depth = queue_depth
+        self.qa_alert_dice = qa_alert_dice
+        self.qa_alert_window = qa_alert_window
 
     def collect(self) -> Iterator[Metric]:
         jobs = GaugeMetricFamily(
@@ -69,6 +83,49 @@ class JobStoreCollector(Collector):
                 "rtcontour_queue_depth", "Job messages waiting in the broker queue", value=depth
             )
         yield self._stage_histogram()
+        yield from self._qa_gauges()
+
+    def _qa_gauges(self) -> Iterator[Metric]:
+        from service.qa_trends import qa_trends
+
+        trends = qa_trends(
+            self.store, alert_dice=self.qa_alert_dice, alert_window=self.qa_alert_window
+        )
+        labels = ["structure", "model_version"]
+        sets = GaugeMetricFamily(
+            "rtcontour_qa_approved_sets", "Approved structure sets compared, per structure and "
+            "model version", labels=labels)
+        dice = GaugeMetricFamily(
+            "rtcontour_qa_median_dice", "Median Dice of approved vs rtcontour contours",
+            labels=labels)
+        edited = GaugeMetricFamily(
+            "rtcontour_qa_edited_share", "Share of approved sets in which clinicians edited, "
+            "deleted or added the structure", labels=labels)
+        path = GaugeMetricFamily(
+            "rtcontour_qa_median_added_path_length_mm", "Median contour length clinicians "
+            "drew (added path length, mm)", labels=labels)
+        for trend in trends.trends:
+            key = [trend.structure, trend.model_version]
+            sets.add_metric(key, trend.overall.n_sets)
+            edited.add_metric(key, trend.overall.edited_share)
+            if trend.overall.median_dice is not None:
+                dice.add_metric(key, trend.overall.median_dice)
+            if trend.overall.median_added_path_length_mm is not None:
+                path.add_metric(key, trend.overall.median_added_path_length_mm)
+        yield from (sets, dice, edited, path)
+        alert = GaugeMetricFamily(
+            "rtcontour_qa_alert", "1 if the structure's median Dice over its most recent "
+            "approved sets (RTCONTOUR_QA_ALERT_WINDOW) is below RTCONTOUR_QA_ALERT_DICE",
+            labels=["structure"])
+        recent = GaugeMetricFamily(
+            "rtcontour_qa_recent_median_dice", "Median Dice over the structure's most recent "
+            "approved sets (RTCONTOUR_QA_ALERT_WINDOW)", labels=["structure"])
+        alerted = {a.structure: a for a in trends.alerts}
+        for structure in sorted({t.structure for t in trends.trends}):
+            alert.add_metric([structure], 1.0 if structure in alerted else 0.0)
+        for item in trends.alerts:
+            recent.add_metric([item.structure], item.median_dice)
+        yield from (alert, recent)
 
     def _stage_histogram(self) -> HistogramMetricFamily:
         from sqlalchemy import case, func, select

@@ -33,6 +33,7 @@ from service.api import (
     jobs,
     metrics,
     previews,
+    qa,
     refusals,
     review,
     routes,
@@ -123,7 +124,7 @@ def create_app(
     def openapi_schema(_: ViewerUser) -> JSONResponse:
         return JSONResponse(app.openapi())
 
-    for module in (jobs, review, refusals, previews, viewer, stats, destinations, routes, users,
+    for module in (jobs, review, refusals, previews, viewer, qa, stats, destinations, routes, users,
                    audit, metrics, dashboard):
         app.include_router(module.router)
     dashboard.mount_static(app)

@@ -43,6 +43,8 @@ MetricsReader = Annotated[str, Depends(metrics_reader)]
 )
 def metrics(_: MetricsReader, ctx: Context) -> Response:
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(JobStoreCollector(ctx.store, ctx.queue_depth))
+    registry.register(JobStoreCollector(
+        ctx.store, ctx.queue_depth, qa_alert_dice=ctx.settings.qa_alert_dice,
+        qa_alert_window=ctx.settings.qa_alert_window))
     body = generate_latest(REGISTRY) + generate_latest(registry)
     return Response(body, media_type=CONTENT_TYPE_LATEST)

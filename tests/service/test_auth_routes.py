@@ -40,6 +40,7 @@ MIN_ROLE: dict[tuple[str, str], str] = {
     ("GET", "/api/jobs/{job_id}/viewer/meta"): "clinician",
     ("GET", "/api/jobs/{job_id}/viewer/ct"): "clinician",
     ("GET", "/api/jobs/{job_id}/viewer/contours"): "clinician",
+    ("GET", "/api/qa/trends"): "viewer",
     ("GET", "/api/destinations"): "admin",
     ("GET", "/api/users"): "admin",
     ("POST", "/api/users"): "admin",
