@@ -273,6 +273,13 @@ def test_clinician_finds_a_patient_scrolls_the_viewer_and_approves_or_rejects(
                          accession_number="A123", study_date="20260302",
                          study_description="H&N planning")
     approve_me, reject_me = _held(harness, "PAT-4712"), _held(harness, "PAT-4713")
+    for week, dice in enumerate((0.9, 0.85, 0.62, 0.55)):  # a new model: parotid edits grow
+        contoured = harness.add_job(state="done", model_name="hn-oar", model_version="1.1.0")
+        harness.store.record_qa(contoured.id, {
+            "received_at": (dt.datetime(2026, 3, 2, tzinfo=dt.UTC)
+                            + dt.timedelta(weeks=week)).isoformat(),
+            "structures": [{"roi_name": "Parotid_L", "reference_name": "Parotid Lt",
+                            "dice": dice, "status": "edited", "added_path_length_mm": 80.0}]})
     clinician = harness.tokens["clinician"]
     timings: dict[str, list[float]] = {}
     with sync_api.sync_playwright() as playwright:
@@ -285,6 +292,12 @@ def test_clinician_finds_a_patient_scrolls_the_viewer_and_approves_or_rejects(
             page.fill("#token", clinician)
             page.click("#login-form button")
             sync_api.expect(page.locator("#whoami")).to_have_text("clinician-user (clinician)")
+            # Default window 10, threshold 0.8: median of 0.9, 0.85, 0.62, 0.55 is 0.735.
+            sync_api.expect(page.locator("#qa-alerts")).to_contain_text("Parotid_L")
+            sync_api.expect(page.locator("#qa-alerts")).to_contain_text("0.73")
+            trend = page.locator('#qa-trends-table tr[data-structure="Parotid_L"]')
+            sync_api.expect(trend).to_contain_text("hn-oar 1.1.0")
+            assert trend.locator("svg circle").count() == 4
             page.fill("#filter-patient", "PAT-4711")
             page.dispatch_event("#filter-patient", "change")
             rows = page.locator("#jobs-table tbody tr")
@@ -368,7 +381,9 @@ def test_clinician_finds_a_patient_scrolls_the_viewer_and_approves_or_rejects(
         median, worst = ordered[len(ordered) // 2], ordered[-1]
         print(f"slice change, {name} (512 x 512 x 48 CT): median {median:.1f} ms, "
               f"max {worst:.1f} ms over {len(values)}")
-        assert median < 50, (name, values)
+        # Wheel to pixels is one animation frame plus the render (~1-2 ms here); the bound
+        # leaves room for a loaded 2-core test machine.
+        assert median < (25 if name.endswith("render") else 100), (name, values)
 
 
 def _canvas_centre(page: Any) -> tuple[float, float]:

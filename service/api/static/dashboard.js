@@ -113,7 +113,7 @@ function poll(fn) {
 
 // ---- overview ------------------------------------------------------------------------
 async function refreshOverview() {
-  if (state.tick++ % DESTINATION_EVERY === 0) refreshDestinations();
+  if (state.tick++ % DESTINATION_EVERY === 0) { refreshDestinations(); refreshQaTrends(); }
   try {
     const filters = new URLSearchParams({ limit: PAGE_SIZE, offset: state.offset });
     const wanted = $("#filter-state").value;
@@ -218,6 +218,55 @@ function renderFailures(items) {
       el("span", { className: "description" }, job.series_description || ""), " — ",
       el("span", { className: "reason" }, job.failure_reason || "no reason recorded")));
   }
+}
+
+async function refreshQaTrends() {
+  try {
+    renderQaTrends(await apiJson("/api/qa/trends"));
+  } catch (error) {
+    $("#qa-trends-note").textContent = "QA trends unavailable: " + error.message;
+  }
+}
+
+function renderQaTrends(qa) {
+  const banner = $("#qa-alerts");
+  clear(banner);
+  banner.hidden = qa.alerts.length === 0;
+  for (const a of qa.alerts) {
+    banner.append(el("div", { className: "qa-alert", "data-structure": a.structure },
+      "⚠ " + a.structure + ": median Dice " + Number(a.median_dice).toFixed(2) + " over its last " + a.n_sets +
+      " approved sets (below " + a.threshold + "; model " + a.model_versions.join(", ") + "). Clinicians are editing it more: check the model and the scanner protocol."));
+  }
+  const body = $("#qa-trends-table tbody");
+  clear(body);
+  $("#qa-trends-note").textContent = qa.trends.length
+    ? "Approved structure sets compared with rtcontour's contours; alert below Dice " + qa.alert_dice + " over the last " + qa.alert_window + " sets."
+    : "No approved structure sets received yet.";
+  const alerted = new Set(qa.alerts.map((a) => a.structure));
+  const num = (v, digits) => (v === null || v === undefined ? "–" : Number(v).toFixed(digits));
+  for (const t of qa.trends) {
+    body.append(el("tr", { "data-structure": t.structure, "data-model-version": t.model_version, className: alerted.has(t.structure) ? "qa-alerted" : "" },
+      el("td", {}, t.structure), el("td", {}, t.model_name + " " + t.model_version), el("td", {}, t.n_sets),
+      el("td", {}, num(t.median_dice, 3)), el("td", {}, Math.round(t.edited_share * 100) + " %"),
+      el("td", {}, num(t.median_added_path_length_mm, 0)), el("td", {}, sparkline(t.weeks, qa.alert_dice))));
+  }
+}
+
+// Weekly median Dice (0..1) as a small line with the alert threshold dashed.
+function sparkline(weeks, threshold) {
+  const width = 160, height = 32, pad = 3;
+  const chart = svg("svg", { viewBox: "0 0 " + width + " " + height, width, height, class: "sparkline", role: "img", "aria-label": "median Dice by week" });
+  const y = (v) => pad + (1 - v) * (height - 2 * pad);
+  chart.append(svg("line", { x1: 0, x2: width, y1: y(threshold), y2: y(threshold), class: "threshold" }));
+  const points = weeks.filter((w) => w.median_dice !== null);
+  const x = (i) => (points.length === 1 ? width / 2 : pad + (i / (points.length - 1)) * (width - 2 * pad));
+  if (points.length > 1) chart.append(svg("path", { d: points.map((w, i) => (i ? "L" : "M") + x(i).toFixed(1) + " " + y(w.median_dice).toFixed(1)).join(" "), class: "trend" }));
+  points.forEach((w, i) => {
+    const dot = svg("circle", { cx: x(i), cy: y(w.median_dice), r: 2.5, class: w.median_dice < threshold ? "low" : "dot" });
+    const title = svg("title", {}); title.textContent = w.week + ": " + Number(w.median_dice).toFixed(3) + " (" + w.n_sets + " sets)"; dot.append(title);
+    chart.append(dot);
+  });
+  return chart;
 }
 
 async function refreshDestinations() {
