@@ -85,6 +85,15 @@ class SegmentationModel(Protocol):
     ) -> dict[str, np.ndarray]: ...
 
 
+@dataclass(frozen=True)
+class StructureFlag:
+    """A structure's confidence in [0, 1] and flag ("review" below the model's threshold, else
+    "ok"), from ``models.inference.Segmenter.segment``."""
+
+    confidence: float
+    flag: str
+
+
 @dataclass
 class WrittenOutput:
     """One DICOM object a job produced: built, then archived (``path``), then sent."""
@@ -108,6 +117,7 @@ class JobContext:
     series: CtSeries | None = None
     model: SegmentationModel | None = None
     masks: dict[str, np.ndarray] = field(default_factory=dict)  # on series.volume's grid
+    quality: dict[str, StructureFlag] = field(default_factory=dict)  # per predicted structure
     outputs: list[WrittenOutput] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
     # From the job's route: the model asked for (None: newest package) and the destinations
@@ -198,36 +208,73 @@ class Segment:
         model = self.model_provider(ctx.model_request)
         ctx.model = model
         ctx.store.record_model(ctx.job_id, model.name, model.version)
-        ctx.masks = masks_on_ct_grid(ctx.series, model)
+        ctx.masks, ctx.quality = segment_on_ct_grid(ctx.series, model)
 
 
 def masks_on_ct_grid(series: CtSeries, model: SegmentationModel) -> dict[str, np.ndarray]:
     """roi_name -> bool mask on ``series.volume``'s grid (slices, rows, columns as stored):
     the CT goes to canonical orientation, through the model, and the masks come back."""
+    return segment_on_ct_grid(series, model)[0]
+
+
+def segment_on_ct_grid(
+    series: CtSeries, model: SegmentationModel
+) -> tuple[dict[str, np.ndarray], dict[str, StructureFlag]]:
+    """``masks_on_ct_grid`` plus each predicted structure's confidence and flag, when the
+    model gives them (a model package's ``Segmenter.segment``; else none)."""
     volume = series.volume
     canonical = volume.to_canonical()
-    masks = model.predict(canonical.array.astype(np.float32), canonical.spacing_mm)
+    hu = canonical.array.astype(np.float32)
+    quality: dict[str, StructureFlag] = {}
+    segment = getattr(model, "segment", None)
+    if callable(segment):
+        result = segment(hu, canonical.spacing_mm)
+        masks = result.masks
+        quality = {name: StructureFlag(round(float(q.confidence), 3), str(q.flag))
+                   for name, q in result.quality.items()}
+        for name, why in result.dropped.items():
+            logger.info("structure %s not kept: %s", name, why)
+    else:
+        masks = model.predict(hu, canonical.spacing_mm)
     return {
         roi.name: volume.array_from_canonical(
             np.asarray(masks.get(roi.name, np.zeros(canonical.shape, bool)), dtype=bool)
         )
         for roi in model.rois
-    }
+    }, quality
 
 
 def structure_summary(
-    series: CtSeries, masks: dict[str, np.ndarray], rois: Sequence[RoiSpec]
+    series: CtSeries,
+    masks: dict[str, np.ndarray],
+    rois: Sequence[RoiSpec],
+    quality: dict[str, StructureFlag] | None = None,
 ) -> list[dict[str, Any]]:
-    """[{roi_name, volume_cc, colour}] for each ROI (volume from voxel count x voxel size)."""
+    """[{roi_name, volume_cc, colour, found, confidence, flag}] for each ROI: volume from the
+    voxel count x voxel size (the mask's voxels, i.e. inside the pixel-edge contours); found
+    False for a structure not in the scan (empty); confidence and flag when the model gave
+    them (flag "review": check it first)."""
     voxel_cc = float(np.prod(series.volume.spacing_mm)) / 1000.0
-    return [
-        {
+    summary = []
+    for roi in rois:
+        voxels = int(np.count_nonzero(masks[roi.name]))
+        item: dict[str, Any] = {
             "roi_name": roi.name,
-            "volume_cc": round(float(np.count_nonzero(masks[roi.name])) * voxel_cc, 3),
+            "volume_cc": round(float(voxels) * voxel_cc, 3),
             "colour": list(roi.colour_rgb),
+            "found": voxels > 0,
         }
-        for roi in rois
-    ]
+        if quality and roi.name in quality:
+            item["confidence"] = quality[roi.name].confidence
+            item["flag"] = quality[roi.name].flag
+        summary.append(item)
+    return summary
+
+
+def review_notes(quality: dict[str, StructureFlag]) -> dict[str, str]:
+    """ROI Observation Descriptions for the structures flagged for review (seen in the TPS)."""
+    return {name: f"check: low confidence ({q.confidence:.2f})"
+            for name, q in quality.items() if q.flag == "review"}
 
 
 class RtstructWriter:
@@ -248,11 +295,18 @@ class RtstructWriter:
                 model_version=ctx.model.version,
                 min_area_mm2=ctx.settings.min_contour_area_mm2,
                 smoothing=ctx.settings.smoothing,
+                observation_notes=review_notes(ctx.quality),
             )
-        summary = structure_summary(ctx.series, ctx.masks, ctx.model.rois)
-        empty = [str(s["roi_name"]) for s in summary if s["volume_cc"] == 0]
+        summary = structure_summary(ctx.series, ctx.masks, ctx.model.rois, ctx.quality)
+        empty = [str(s["roi_name"]) for s in summary if not s["found"]]
         if empty:
-            logger.warning("job %s: ROIs without any voxel: %s", ctx.job_id, ", ".join(empty))
+            logger.info("job %s: not found in the scan (written without contours): %s",
+                        ctx.job_id, ", ".join(empty))
+            ctx.store.add_note(ctx.job_id, "Not found in the scan: " + ", ".join(empty) + ".")
+        flagged = [name for name, q in ctx.quality.items() if q.flag == "review"]
+        if flagged:
+            ctx.store.add_note(ctx.job_id, "Check first (low confidence): "
+                               + ", ".join(flagged) + ".")
         return WrittenOutput(
             kind=self.kind,
             dataset=dataset,
@@ -392,6 +446,10 @@ class PackagedModel:
     ) -> dict[str, np.ndarray]:
         result: dict[str, np.ndarray] = self.segmenter.predict(hu, spacing_mm)
         return result
+
+    def segment(self, hu: np.ndarray, spacing_mm: tuple[float, float, float]) -> Any:
+        """Masks with a confidence and flag per structure (``Segmenter.segment``)."""
+        return self.segmenter.segment(hu, spacing_mm)
 
 
 def resolve_package_path(settings: Settings, request: str | None = None) -> Path:

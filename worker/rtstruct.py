@@ -209,6 +209,7 @@ def build_rtstruct(
     smoothing: bool = False,
     software_version: str = __version__,
     created_at: dt.datetime | None = None,
+    observation_notes: Mapping[str, str] | None = None,
 ) -> Dataset:
     """Return an RT Structure Set dataset (with file meta) for masks on ``series.volume``.
 
@@ -217,6 +218,7 @@ def build_rtstruct(
     colours and types. ``min_area_mm2``: contours enclosing less are dropped (see
     ``worker.contours.mask_to_contours``). ``software_version`` (rtcontour's by default) and
     ``model_version`` go to Software Versions. ``created_at`` (local time) defaults to now.
+    ``observation_notes``: roi name -> ROI Observation Description (e.g. a review flag).
     """
     _check_arguments(series, masks_by_roi, rois, model_name, model_version, min_area_mm2)
     contours_by_roi: dict[str, list[Contour]] = {}
@@ -251,8 +253,10 @@ def build_rtstruct(
             for number, roi in enumerate(rois, start=1)
         ]
     )
+    notes = observation_notes or {}
     dataset.RTROIObservationsSequence = DicomSequence(
-        [_observation(number, roi) for number, roi in enumerate(rois, start=1)]
+        [_observation(number, roi, notes.get(roi.name))
+         for number, roi in enumerate(rois, start=1)]
     )
     dataset.ApprovalStatus = "UNAPPROVED"
     logger.info(
@@ -488,11 +492,13 @@ def _item() -> Dataset:
     return item
 
 
-def _observation(number: int, roi: RoiSpec) -> Dataset:
+def _observation(number: int, roi: RoiSpec, note: str | None = None) -> Dataset:
     item = _item()
     item.ObservationNumber = number
     item.ReferencedROINumber = number
     item.ROIObservationLabel = roi.name[:16]
+    if note:  # e.g. "check: low confidence (0.42)", seen in the TPS beside the structure
+        item.ROIObservationDescription = note[:1024]
     item.RTROIInterpretedType = roi.interpreted_type
     item.ROIInterpreter = ""
     return item

@@ -19,7 +19,12 @@ from pathlib import Path
 
 from common.errors import InvalidSeries, ModelPackageError
 from common.settings import Settings
-from worker.pipeline import SegmenterCache, masks_on_ct_grid, structure_summary
+from worker.pipeline import (
+    SegmenterCache,
+    review_notes,
+    segment_on_ct_grid,
+    structure_summary,
+)
 from worker.rtstruct import build_rtstruct, save_rtstruct
 from worker.series_folder import SeriesChoiceError, ct_series_files
 from worker.volume import load_series
@@ -74,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
         timings["load"] = time.perf_counter() - started
         started = time.perf_counter()
         model = SegmenterCache().get(settings)
-        masks = masks_on_ct_grid(series, model)
+        masks, quality = segment_on_ct_grid(series, model)
         timings["inference"] = time.perf_counter() - started
         started = time.perf_counter()
         with warnings.catch_warnings():
@@ -87,6 +92,7 @@ def main(argv: list[str] | None = None) -> int:
                 model_version=model.version,
                 min_area_mm2=settings.min_contour_area_mm2,
                 smoothing=settings.smoothing,
+                observation_notes=review_notes(quality),
             )
         out = args.out.resolve()
         temp = out.with_name(f".{out.name}.{uuid.uuid4().hex}.tmp")
@@ -101,8 +107,15 @@ def main(argv: list[str] | None = None) -> int:
         return 3
     _say(f"wrote {out} (SOP Instance UID {dataset.SOPInstanceUID})")
     _say(f"model {model.name} {model.version}; {series.n_instances} CT images referenced")
-    for structure in structure_summary(series, masks, model.rois):
-        _say(f"  {structure['roi_name']:<16} {structure['volume_cc']:>10.1f} cc")
+    for structure in structure_summary(series, masks, model.rois, quality):
+        if not structure["found"]:
+            _say(f"  {structure['roi_name']:<16} {'not found in the scan':>24}")
+            continue
+        flag = ""
+        if "confidence" in structure:
+            flag = f"  confidence {structure['confidence']:.2f}"
+            flag += "  CHECK FIRST" if structure["flag"] == "review" else ""
+        _say(f"  {structure['roi_name']:<16} {structure['volume_cc']:>10.1f} cc{flag}")
     _say("  ".join(f"{stage} {seconds:.2f} s" for stage, seconds in timings.items()))
     return 0
 

@@ -16,7 +16,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, HTTPException, Query, status
 from fastapi.responses import FileResponse
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_serializer
 from sqlalchemy import func, or_, select
 from sqlalchemy.orm import Session
 
@@ -106,8 +106,22 @@ def audit_patient_view(session: Session, user: str, jobs: list[Job], *, searched
 
 class StructureOut(BaseModel):
     roi_name: str
-    volume_cc: float | None = None
+    volume_cc: float | None = Field(
+        None, description="voxels of the mask x voxel volume (inside the pixel-edge contours)"
+    )
     colour: list[int] | None = Field(None, description="RGB 0-255")
+    found: bool | None = Field(None, description="false: not in the scan (no contour)")
+    confidence: float | None = Field(None, description="0-1, from the model's probabilities")
+    flag: str | None = Field(None, description='"review": check this structure first')
+
+    @model_serializer(mode="wrap")
+    def _omit_unknown(self, handler: Any) -> dict[str, Any]:
+        # found/confidence/flag are absent (not null) for jobs of models that gave none.
+        data: dict[str, Any] = handler(self)
+        for key in ("found", "confidence", "flag"):
+            if data.get(key) is None:
+                data.pop(key, None)
+        return data
 
 
 class OutputOut(BaseModel):
@@ -267,6 +281,9 @@ def _structures(rtstruct: JobOutput | None) -> list[StructureOut]:
                 roi_name=str(item["roi_name"]),
                 volume_cc=item.get("volume_cc"),
                 colour=[int(c) for c in colour] if colour else None,
+                found=item.get("found"),
+                confidence=item.get("confidence"),
+                flag=item.get("flag"),
             )
         )
     return out
