@@ -27,6 +27,7 @@ logger = logging.getLogger(__name__)
 RTSTRUCT_DOWNLOAD = "rtstruct.download"
 LOGIN = "auth.login"
 LOGIN_FAILED = "auth.login_failed"
+LOGIN_THROTTLED = "auth.login_throttled"
 USER_ADDED = "user.added"
 USER_DISABLED = "user.disabled"
 USER_ENABLED = "user.enabled"

@@ -81,6 +81,11 @@ class Settings(BaseSettings):
     # they are counted in its process; unset: not served (`rtcontour serve` has the API's).
     listener_metrics_port: int | None = Field(None, ge=1, le=65535)
     listener_metrics_host: str = "127.0.0.1"
+    # POST /api/login: failed attempts per client address, and logins per user, allowed in
+    # login_window_s; beyond them the answer is 429 with Retry-After (audited).
+    login_failures_per_address: int = Field(10, ge=1, le=10_000)
+    logins_per_user: int = Field(30, ge=1, le=10_000)
+    login_window_s: float = Field(300.0, gt=0, le=86_400)
     quiet_period_s: float = Field(5.0, gt=0, le=3600)
     max_associations: int = Field(10, ge=1, le=200)
     acse_timeout_s: float = Field(30.0, gt=0)

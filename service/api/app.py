@@ -42,6 +42,7 @@ from service.api import (
     viewer,
 )
 from service.api.deps import AppContext, ViewerUser
+from service.api.ratelimit import SlidingWindowLimit
 from service.previews import PreviewCache
 from worker.sender import associate
 
@@ -114,6 +115,9 @@ def create_app(
         echo=echo or (lambda destination: c_echo(destination, settings)),
         previews=PreviewCache(),
         routing=routing,
+        login_failures=SlidingWindowLimit(settings.login_failures_per_address,
+                                          settings.login_window_s),
+        user_logins=SlidingWindowLimit(settings.logins_per_user, settings.login_window_s),
     )
 
     @app.get("/health", response_model=HealthOut, tags=["health"], summary="Liveness (no auth)")

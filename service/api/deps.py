@@ -20,6 +20,7 @@ from common.auth import Principal, Role, authenticate
 from common.jobstore import JobStore
 from common.routes import RoutingTable
 from common.settings import Destination, Settings
+from service.api.ratelimit import SlidingWindowLimit
 from service.previews import PreviewCache
 
 bearer = HTTPBearer(auto_error=False, description="An rtcontour API token")
@@ -37,6 +38,9 @@ class AppContext:
     echo: Callable[[Destination], tuple[bool, str]]
     previews: PreviewCache
     routing: RoutingTable = field(default_factory=RoutingTable.implicit)
+    # POST /api/login throttles (built from the settings by create_app).
+    login_failures: SlidingWindowLimit | None = None
+    user_logins: SlidingWindowLimit | None = None
 
 
 def get_context(request: Request) -> AppContext:

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import math
 from typing import Annotated
 
 from fastapi import APIRouter, HTTPException, Path, Request, status
 from pydantic import BaseModel, Field
+from sqlalchemy.orm import Session
 
 from common import audit
 from common.auth import (
@@ -88,15 +90,22 @@ def me(principal: ViewerUser) -> MeOut:
     "/api/login",
     response_model=MeOut,
     summary="Check a token and audit the login (the dashboard's login form)",
-    responses={401: {"description": "missing or invalid token"}},
+    responses={401: {"description": "missing or invalid token"},
+               429: {"description": "too many failed logins from the address, or logins of "
+                                    "the user (Retry-After says when to try again)"}},
 )
 def login(
     request: Request, ctx: Context, session: DbSession, credentials: BearerCredentials
 ) -> MeOut:
     address = request.client.host if request.client else "unknown"
+    failures, logins = ctx.login_failures, ctx.user_logins
+    if failures is not None and (wait := failures.retry_after_s(address)) > 0:
+        _throttled(session, "anonymous", address, "failed logins from this address", wait)
     token = credentials.credentials if credentials else ""
     principal = authenticate(session, token, ctx.settings.effective_admin_token)
     if principal is None:
+        if failures is not None:
+            failures.add(address)
         audit.record(session, audit.LOGIN_FAILED, "anonymous", {"address": address})
         session.commit()
         raise HTTPException(
@@ -104,9 +113,26 @@ def login(
             detail="missing, invalid, revoked or disabled token",
             headers={"WWW-Authenticate": "Bearer"},
         )
+    if logins is not None:
+        if (wait := logins.retry_after_s(principal.name)) > 0:
+            _throttled(session, principal.name, address, "logins of this user", wait)
+        logins.add(principal.name)
     audit.record(session, audit.LOGIN, principal.name, {"address": address})
     session.commit()
     return MeOut(name=principal.name, role=principal.role)
+
+
+def _throttled(session: Session, actor: str, address: str, what: str, wait_s: float) -> None:
+    """Audit the refusal and answer 429 with Retry-After (whole seconds)."""
+    retry = max(1, math.ceil(wait_s))
+    audit.record(session, audit.LOGIN_THROTTLED, actor, {"address": address, "limit": what})
+    session.commit()
+    logger.warning("login throttled (%s) from %s; retry in %d s", what, address, retry)
+    raise HTTPException(
+        status.HTTP_429_TOO_MANY_REQUESTS,
+        detail=f"too many {what}; try again in {retry} s",
+        headers={"Retry-After": str(retry)},
+    )
 
 
 @router.get("/api/users", response_model=list[UserOut], summary="All users")

@@ -164,3 +164,34 @@ def test_tokens_are_stored_hashed_and_disabled_or_rotated_tokens_stop_working(
 def test_bootstrap_admin_token_is_the_settings_token(api: ApiHarness) -> None:
     me = api.client.get("/api/me", headers=api.headers("admin")).json()
     assert me == {"name": "bootstrap-admin", "role": "admin"}
+
+
+def test_login_is_throttled_per_address_and_per_user_and_audited(tmp_path: Path) -> None:
+    from tests.service.api_support import make_harness
+
+    api = make_harness(tmp_path, settings_extra={
+        "login_failures_per_address": 3, "logins_per_user": 4, "login_window_s": 60})
+    try:
+        bad = {"Authorization": "Bearer rtc_not-a-token"}
+        codes = [api.client.post("/api/login", headers=bad).status_code for _ in range(4)]
+        assert codes == [401, 401, 401, 429]
+        throttled = api.client.post("/api/login", headers=api.headers("viewer"))
+        assert throttled.status_code == 429 and int(throttled.headers["Retry-After"]) >= 1
+        assert "failed logins from this address" in throttled.json()["detail"]
+        events = api.client.get("/api/audit", params={"event": "auth.login_throttled"},
+                                headers=api.headers("admin")).json()["items"]
+        assert len(events) == 2 and events[0]["detail"]["address"] == "testclient"
+    finally:
+        api.client.close()
+        api.engine.dispose()
+    api = make_harness(tmp_path / "b", settings_extra={"logins_per_user": 2,
+                                                      "login_window_s": 60})
+    try:
+        codes = [api.client.post("/api/login", headers=api.headers("clinician")).status_code
+                 for _ in range(3)]
+        assert codes == [200, 200, 429]
+        # Another user from the same address is not held back by the first one's logins.
+        assert api.client.post("/api/login", headers=api.headers("viewer")).status_code == 200
+    finally:
+        api.client.close()
+        api.engine.dispose()
