@@ -117,8 +117,9 @@ class Settings(BaseSettings):
     job_time_limit_s: int = Field(1800, ge=10)
     # A running job's claim lasts this long without a heartbeat (every third of it); a job
     # whose worker died is re-enqueued by the recovery sweep once its claim expired.
-    job_lease_s: float = Field(60.0, ge=2, le=3600)
-    recovery_interval_s: float = Field(30.0, gt=0, le=3600)
+    # Renewed every third of it by the running worker: a lost worker is noticed within it.
+    job_lease_s: float = Field(30.0, ge=2, le=3600)
+    recovery_interval_s: float = Field(10.0, gt=0, le=3600)
     # Days after a done or failed job finished before its CT instances and archived outputs
     # are deleted (the job record and audit trail stay); 0 keeps them forever.
     retention_days: float = Field(30.0, ge=0)

@@ -74,13 +74,21 @@ class JobStoreCollector(Collector):
         jobs = GaugeMetricFamily(
             "rtcontour_jobs", "Jobs in the job store by state", labels=["state"]
         )
-        for state, count in self.store.counts_by_state().items():
+        counts = self.store.counts_by_state()
+        for state, count in counts.items():
             jobs.add_metric([state], count)
         yield jobs
         depth = self.queue_depth()
         if depth is not None:
             yield GaugeMetricFamily(
                 "rtcontour_queue_depth", "Job messages waiting in the broker queue", value=depth
+            )
+            # A broker restarted (or a message lost) leaves queued jobs with no message: the
+            # recovery sweep re-sends them; until then they are counted here, not as 0.
+            yield GaugeMetricFamily(
+                "rtcontour_jobs_queued_not_on_broker",
+                "Jobs queued in the job store beyond the messages waiting in the broker",
+                value=queued_not_on_broker(counts, depth),
             )
         yield self._stage_histogram()
         yield from self._qa_gauges()
@@ -154,3 +162,12 @@ class JobStoreCollector(Collector):
             buckets.append(("+Inf", float(count)))
             histogram.add_metric([stage], buckets, total)
         return histogram
+
+
+def queued_not_on_broker(counts_by_state: dict[str, int], queue_depth: int | None) -> int | None:
+    """Jobs received or queued in the job store for which the broker holds no message (None
+    when the broker's depth is unknown)."""
+    if queue_depth is None:
+        return None
+    waiting = counts_by_state.get("received", 0) + counts_by_state.get("queued", 0)
+    return max(0, waiting - queue_depth)

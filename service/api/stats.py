@@ -7,11 +7,12 @@ import statistics
 from typing import Annotated
 
 from fastapi import APIRouter, Query
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 from sqlalchemy import select
 
 from common.jobstore import Job, JobState
 from service.api.deps import Context, ViewerUser
+from service.metrics import queued_not_on_broker
 
 router = APIRouter(prefix="/api/stats", tags=["stats"])
 
@@ -30,6 +31,10 @@ class StatsOut(BaseModel):
     now: dt.datetime
     jobs_by_state: dict[str, int]
     queue_depth: int | None = None
+    queued_not_on_broker: int | None = Field(
+        None, description="jobs queued in the job store with no message on the broker (a "
+        "broker restart): the recovery sweep sends them again"
+    )
     bucket_minutes: int
     buckets: list[BucketOut]
 
@@ -69,10 +74,13 @@ def stats(
         )
         for i, latencies in enumerate(finished)
     ]
+    counts = ctx.store.counts_by_state()
+    depth = ctx.queue_depth()
     return StatsOut(
         now=now,
-        jobs_by_state=ctx.store.counts_by_state(),
-        queue_depth=ctx.queue_depth(),
+        jobs_by_state=counts,
+        queue_depth=depth,
+        queued_not_on_broker=queued_not_on_broker(counts, depth),
         bucket_minutes=bucket_minutes,
         buckets=buckets,
     )

@@ -132,3 +132,17 @@ def test_destinations_are_checked_with_a_real_c_echo(tmp_path: Path) -> None:
         server.shutdown()
     assert c_echo(Destination("TPS", "127.0.0.1", _free_port()), settings, timeout_s=1.0) == (
         False, "unreachable")
+
+
+def test_jobs_queued_beyond_the_brokers_messages_are_shown_not_hidden(tmp_path: Path) -> None:
+    api = make_harness(tmp_path, queue_depth=lambda: 1)  # a broker restarted: 1 message left
+    try:
+        for _ in range(3):
+            api.add_job(state="queued")
+        stats = api.client.get("/api/stats", headers=api.headers("viewer")).json()
+        assert stats["queue_depth"] == 1 and stats["queued_not_on_broker"] == 2
+        text = api.client.get("/metrics", headers=api.headers("admin")).text
+        assert _families(text)["rtcontour_jobs_queued_not_on_broker"][()] == 2
+    finally:
+        api.client.close()
+        api.engine.dispose()

@@ -165,7 +165,8 @@ function renderJobs(page) {
 
 function renderStats(stats) {
   const counts = stats.jobs_by_state;
-  $("#queue-depth").textContent = stats.queue_depth === null ? "unknown" : String(stats.queue_depth);
+  $("#queue-depth").textContent = stats.queue_depth === null ? "unknown" : String(stats.queue_depth)
+    + (stats.queued_not_on_broker ? " (+" + stats.queued_not_on_broker + " queued but not on the broker)" : "");
   $("#count-running").textContent = String(counts.running || 0);
   $("#count-done").textContent = String(counts.done || 0);
   $("#count-failed").textContent = String((counts.failed || 0) + (counts.send_failed || 0));
