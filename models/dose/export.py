@@ -139,7 +139,9 @@ Adult head-and-neck IMRT, prescriptions up to 70 Gy in PTVs named with their dos
   PTV = prescription / {dose.ptv_channel_scale_gy:g} Gy (the highest where PTVs overlap)
 - model grid: {manifest.target_spacing_mm} mm (slice, row, column) over the body's bounding
   box + {dose.body_margin_mm:g} mm, padded to multiples of {manifest.spatial_divisor}; the
-  predicted dose is resampled linearly to the CT grid and set to 0 outside the body
+  predicted dose is resampled linearly to the CT grid and set to 0 outside the body;
+  `DosePredictor` averages it with the prediction for the left/right mirrored patient
+  (Parotid_L/Parotid_R swapped), as the scores below were computed
 - loss: MAE inside the possible-dose mask + 0.01 x moment loss (p = 1, 2, 10 per OAR and
   PTV) after {MOMENT_LOSS_CITATION}
 - training step of the exported checkpoint: {step}; ONNX opset {manifest.onnx_opset},
@@ -154,7 +156,8 @@ Citation: {manifest.training_data.citation}
 Dose score = mean absolute error over the possible-dose mask; DVH score = mean absolute error
 of D_0.1cc and mean dose of each OAR and D99, D95, D1 of each PTV. Result: {scores}.
 Challenge test-set anchors (a different split): winner 2.43 / 1.48 Gy, a plain 3D U-Net
-about 2.8 / 2.2 Gy.
+about 2.8 / 2.2 Gy. The exported checkpoint was chosen by its model-grid MAE on the first
+validation patients (`--val-cases`), so the figures are slightly optimistic.
 
 {table}
 
