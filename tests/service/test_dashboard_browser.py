@@ -134,6 +134,11 @@ def test_dashboard_login_jobs_previews_and_hostile_text(served: tuple[ApiHarness
         created_at=dt.datetime.now(dt.UTC) - dt.timedelta(seconds=75),
     )
     harness.add_job(state="running", series_description="Thorax CT", calling_ae="TPS_ECLIPSE")
+    from common.refusals import RefusalStore
+
+    RefusalStore(harness.engine).record(
+        kind="context", calling_ae="MR_SCANNER", address="10.1.2.9", what="MR Image Storage",
+        why="nothing stored: rtcontour accepts CT Image Storage and RT Structure Set Storage only")
     dialogs: list[str] = []
 
     with sync_api.sync_playwright() as playwright:
@@ -158,6 +163,9 @@ def test_dashboard_login_jobs_previews_and_hostile_text(served: tuple[ApiHarness
             assert page.locator("#jobs-table script, #jobs-table img").count() == 0
             sync_api.expect(row).to_contain_text("done")
             sync_api.expect(page.locator("#failures")).to_contain_text("gantry tilt 12 degrees")
+            refusal = page.locator('#refusals-table tbody tr[data-kind="context"]')
+            sync_api.expect(refusal).to_contain_text("MR_SCANNER")
+            sync_api.expect(refusal).to_contain_text("MR Image Storage")
             sync_api.expect(page.locator("#queue-depth")).to_have_text("3")
             assert page.locator("#chart svg rect.bar-done").count() > 10
             destination = page.locator("#destinations-table tbody tr")

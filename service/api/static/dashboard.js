@@ -114,6 +114,7 @@ function poll(fn) {
 // ---- overview ------------------------------------------------------------------------
 async function refreshOverview() {
   if (state.tick++ % DESTINATION_EVERY === 0) { refreshDestinations(); refreshQaTrends(); }
+  refreshRefusals();
   try {
     const filters = new URLSearchParams({ limit: PAGE_SIZE, offset: state.offset });
     const wanted = $("#filter-state").value;
@@ -268,6 +269,27 @@ function sparkline(weeks, threshold) {
     chart.append(dot);
   });
   return chart;
+}
+
+async function refreshRefusals() {
+  const body = $("#refusals-table tbody");
+  if (!allowed("admin")) {
+    clear(body);
+    $("#refusals-note").textContent = "The list of refusals needs the admin role.";
+    return;
+  }
+  try {
+    const page = await apiJson("/api/refusals?limit=20");
+    clear(body);
+    for (const row of page.items) {
+      body.append(el("tr", { "data-kind": row.kind }, el("td", {}, when(row.at)), el("td", {}, row.calling_ae || "–"),
+        el("td", {}, row.address || "–"), el("td", { className: "description" }, row.what), el("td", { className: "reason" }, row.why)));
+    }
+    const counts = Object.entries(page.counts).map(([kind, n]) => n + " " + kind + (n === 1 ? "" : "s")).join(", ");
+    $("#refusals-note").textContent = page.items.length ? "In all: " + counts + "." : "Nothing refused.";
+  } catch (error) {
+    $("#refusals-note").textContent = "Refusals unavailable: " + error.message;
+  }
 }
 
 async function refreshDestinations() {
