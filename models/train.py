@@ -19,8 +19,10 @@ import argparse
 import dataclasses
 import logging
 import os
+import queue
 import random
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -283,22 +285,24 @@ class PatchSampler:
                 [np.flatnonzero((labels >> c) & 1).astype(np.int64) for c in range(len(ORGANS))]
             )
 
-    def _one(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        index = int(self.rng.integers(len(self.images)))
+    def _one(self, rng: np.random.Generator | None = None
+             ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        rng = self.rng if rng is None else rng
+        index = int(rng.integers(len(self.images)))
         image, labels, known = self.images[index], self.labels[index], self.known[index]
         shape = image.shape
         present = [c for c in range(len(ORGANS)) if known[c] and self.foreground[index][c].size]
-        if present and self.rng.random() < self.foreground_fraction:
+        if present and rng.random() < self.foreground_fraction:
             weights = self.structure_weights[present] / self.structure_weights[present].sum()
-            channel = present[int(self.rng.choice(len(present), p=weights))]
+            channel = present[int(rng.choice(len(present), p=weights))]
             voxels = self.foreground[index][channel]
-            centre = np.unravel_index(int(voxels[self.rng.integers(voxels.size)]), shape)
+            centre = np.unravel_index(int(voxels[rng.integers(voxels.size)]), shape)
             start = [
-                int(np.clip(c - p // 2 + self.rng.integers(-p // 4, p // 4 + 1), 0, s - p))
+                int(np.clip(c - p // 2 + rng.integers(-p // 4, p // 4 + 1), 0, s - p))
                 for c, p, s in zip(centre, self.patch, shape, strict=True)
             ]
         else:
-            start = [int(self.rng.integers(0, s - p + 1))
+            start = [int(rng.integers(0, s - p + 1))
                      for p, s in zip(self.patch, shape, strict=True)]
         if self.crop == self.patch:
             window = tuple(slice(a, a + p) for a, p in zip(start, self.patch, strict=True))
@@ -312,12 +316,12 @@ class PatchSampler:
             bits = _padded_window(labels, crop_start, self.crop, 0)
         target = np.stack([(bits >> c) & 1 for c in range(len(ORGANS))]).astype(np.float32)
         known_row = known.copy()
-        if self.rng.random() < 0.5:
+        if rng.random() < 0.5:
             patch_image = mirror_left_right(patch_image, channel_axis=None)
             target = mirror_left_right(target, channel_axis=0)
             known_row = known_row[[self._swap_index(c) for c in range(len(ORGANS))]]
-        scale = self.rng.uniform(0.9, 1.1)
-        shift = self.rng.uniform(-0.1, 0.1)
+        scale = rng.uniform(0.9, 1.1)
+        shift = rng.uniform(-0.1, 0.1)
         patch_image = patch_image * np.float32(scale) + np.float32(shift)
         return patch_image, target, known_row
 
@@ -330,14 +334,56 @@ class PatchSampler:
                 return left
         return channel
 
-    def batch(self, batch_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(B,1,D,H,W) float32 image, (B,C,D,H,W) float32 target, (B,C) bool known."""
-        items = [self._one() for _ in range(batch_size)]
+    def batch(self, batch_size: int, rng: np.random.Generator | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(B,1,D,H,W) float32 image, (B,C,D,H,W) float32 target, (B,C) bool known (drawn
+        with ``rng``, default the sampler's own)."""
+        items = [self._one(rng) for _ in range(batch_size)]
         return (
             torch.from_numpy(np.stack([i[0] for i in items])),
             torch.from_numpy(np.stack([i[1] for i in items])),
             torch.from_numpy(np.stack([i[2] for i in items])),
         )
+
+
+class ThreadedBatches:
+    """Batches of one :class:`PatchSampler` drawn ahead by worker threads (numpy releases the
+    GIL while it copies), each with its own generator seeded from ``rng``: for a GPU that
+    would otherwise wait on one CPU core. A resumed run does not draw the same batches.
+    """
+
+    def __init__(self, sampler: PatchSampler, batch_size: int, threads: int,
+                 rng: np.random.Generator) -> None:
+        if threads < 1:
+            raise ValueError(f"threads must be >= 1, got {threads!r}")
+        self.sampler = sampler
+        self.batches: queue.Queue[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = (
+            queue.Queue(maxsize=2 * threads))
+        self.stopped = threading.Event()
+        seeds = rng.integers(0, 2**63 - 1, size=threads)
+        self.workers = [
+            threading.Thread(target=self._work, args=(batch_size, np.random.default_rng(seed)),
+                             daemon=True, name=f"batches-{i}")
+            for i, seed in enumerate(seeds)
+        ]
+        for worker in self.workers:
+            worker.start()
+
+    def _work(self, batch_size: int, rng: np.random.Generator) -> None:
+        while not self.stopped.is_set():
+            item = self.sampler.batch(batch_size, rng)
+            while not self.stopped.is_set():
+                try:
+                    self.batches.put(item, timeout=0.5)
+                    break
+                except queue.Full:
+                    continue
+
+    def batch(self, batch_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.batches.get()
+
+    def close(self) -> None:
+        self.stopped.set()
 
 
 def _padded_window(array: np.ndarray, start: Sequence[int], size: Sequence[int],
@@ -492,6 +538,7 @@ def train(
     restart_schedule: bool = False,
     device: str = "cpu",
     time_budget_s: float | None = None,
+    sampler_threads: int = 0,
 ) -> dict[str, Any]:
     """Run (or resume) training; returns the final checkpoint payload.
 
@@ -502,6 +549,8 @@ def train(
     ``device``: ``cpu`` or ``cuda`` (the batches are drawn on the CPU and augmented there).
     ``time_budget_s``: wall-clock budget in seconds; after a few timed steps ``config.steps``
     is set to what fits (the schedule decays to it) and training stops when it is spent.
+    ``sampler_threads``: draw batches ahead in that many threads (:class:`ThreadedBatches`;
+    0: in the training loop, exactly resumable).
     """
     if restart_schedule and not resume:
         raise ValueError("restart_schedule needs resume=True")
@@ -558,6 +607,9 @@ def train(
             else crop_size(config.patch_size, config.target_spacing_mm, spatial))
     sampler = PatchSampler(train_cases, config.patch_size, config.foreground_fraction, rng,
                            config.structure_weights, crop_size=crop)
+    batches: PatchSampler | ThreadedBatches = sampler
+    if sampler_threads > 0:
+        batches = ThreadedBatches(sampler, config.batch_size, sampler_threads, rng)
     pos_weight = torch.tensor(config.pos_weight, dtype=torch.float32, device=device)
     n_params = sum(p.numel() for p in model.parameters())
     log.info("model %s: %d parameters; %d train / %d val cases; %d steps of batch %d, patch %s "
@@ -593,12 +645,15 @@ def train(
     window_data_s = window_augment_s = 0.0
     tick = time.monotonic()
     first_step = step
-    calibrate_at = first_step + 10 if time_budget_s is not None else -1
+    # fit the schedule to the budget from the pace after 5 warm-up steps, refined twice
+    calibrate_at = ({first_step + 15, first_step + 60, first_step + 250}
+                    if time_budget_s is not None else set())
+    paced_from = time.monotonic()
     autocast_device = torch.device(device).type
     final_step = config.steps if stop_after is None else min(config.steps, stop_after)
     while step < final_step:
         drawn = time.perf_counter()
-        image, target, known = sampler.batch(config.batch_size)
+        image, target, known = batches.batch(config.batch_size)
         image, target, known = image.to(device), target.to(device), known.to(device)
         augmented = time.perf_counter()
         if spatial is not None:
@@ -623,9 +678,11 @@ def train(
         window_loss.append(float(loss.detach()))
         if on_step is not None:
             on_step(step, window_loss[-1])
-        if step == calibrate_at and time_budget_s is not None:
+        if step == first_step + 5:
+            paced_from = time.monotonic()
+        if step in calibrate_at and time_budget_s is not None:
             elapsed = time.monotonic() - started_at
-            per_step = (time.monotonic() - tick) / len(window_loss)
+            per_step = (time.monotonic() - paced_from) / (step - first_step - 5)
             _fit_schedule(config, scheduler, step, time_budget_s - elapsed, per_step)
             final_step = config.steps if stop_after is None else min(config.steps, stop_after)
             log.info("time budget %.0f s: %.3f s/step, schedule decays to step %d",
@@ -667,6 +724,8 @@ def train(
             log.warning("time budget of %.0f s spent at step %d of %d", time_budget_s, step,
                         config.steps)
             break
+    if isinstance(batches, ThreadedBatches):
+        batches.close()
     final = payload_now(step)
     _atomic_save(final, last_path)
     log.info("stopped at step %d; checkpoint %s", step, last_path)
