@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMPS := .stamps
-APT_PACKAGES := dcmtk dicom3tools plastimatch chromium
+APT_PACKAGES := dcmtk dicom3tools plastimatch chromium orthanc
 
 .PHONY: install install-test serve test lint typecheck bench clean
 

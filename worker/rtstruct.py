@@ -20,7 +20,8 @@ Public API (used by the worker pipeline)::
     rtstruct_uids(series.series_instance_uid, "hn-unet", "1.2.0")  # the UIDs it will carry
 
 ``build_rtstruct`` validates its arguments (``ValueError`` naming the argument and value) and
-warns (``UserWarning``, stacklevel 2) on legal but suspicious input such as an empty ROI.
+warns (``UserWarning``, stacklevel 2) on legal but suspicious input such as an empty ROI,
+which is left out of the RTSTRUCT (every reader opens it; the job reports it "not found").
 Its Series and SOP Instance UIDs are derived from (CT series UID, model name, model version),
 so a repeated job yields the same object, never a second one. Patient and study attributes
 are copied from the CT; every CT image is referenced, and each contour references its slice.
@@ -229,14 +230,21 @@ def build_rtstruct(
             min_area_mm2=min_area_mm2,
             smoothing=smoothing,
         )
-        if not contours:
-            warnings.warn(
-                f"ROI {roi.name!r} has no contour (empty mask, or only specks below "
-                f"{min_area_mm2} mm2); it is written without contours",
-                UserWarning,
-                stacklevel=2,
-            )
         contours_by_roi[roi.name] = contours
+    # An ROI without contours is left out (rt-utils needs a ContourSequence on every ROI and
+    # dciodvfy refuses an empty one); ROI Numbers keep their places in ``rois``.
+    written = [(n, roi) for n, roi in enumerate(rois, start=1) if contours_by_roi[roi.name]]
+    empty = [roi.name for roi in rois if not contours_by_roi[roi.name]]
+    if empty:
+        kept = "written without contours, since no ROI has one" if not written else "left out"
+        warnings.warn(
+            f"ROI {', '.join(map(repr, empty))} has no contour (empty mask, or only specks "
+            f"below {min_area_mm2} mm2): {kept}",
+            UserWarning,
+            stacklevel=2,
+        )
+    if not written:  # the Structure Set ROI and ROI Contour Sequences need one item at least
+        written = list(enumerate(rois, start=1))
     uids = rtstruct_uids(series.series_instance_uid, model_name, model_version)
     when = created_at or dt.datetime.now()
     dataset = _header(series, uids, model_name, model_version, software_version, when)
@@ -244,26 +252,25 @@ def build_rtstruct(
     dataset.StructureSetROISequence = DicomSequence(
         [
             _structure_set_roi(number, roi, series, model_name, model_version)
-            for number, roi in enumerate(rois, start=1)
+            for number, roi in written
         ]
     )
     dataset.ROIContourSequence = DicomSequence(
         [
             _roi_contour(number, roi, contours_by_roi[roi.name], series)
-            for number, roi in enumerate(rois, start=1)
+            for number, roi in written
         ]
     )
     notes = observation_notes or {}
     dataset.RTROIObservationsSequence = DicomSequence(
-        [_observation(number, roi, notes.get(roi.name))
-         for number, roi in enumerate(rois, start=1)]
+        [_observation(number, roi, notes.get(roi.name)) for number, roi in written]
     )
     dataset.ApprovalStatus = "UNAPPROVED"
     logger.info(
         "built RTSTRUCT %s for series %s: %d ROIs, %d contours",
         uids.sop_instance_uid,
         series.series_instance_uid,
-        len(rois),
+        len(written),
         sum(len(c) for c in contours_by_roi.values()),
     )
     return dataset

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pydicom
-from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, RTStructureSetStorage
 from pynetdicom import AE
 from pynetdicom.association import Association
 
@@ -102,9 +102,14 @@ class Sender:
         ae.acse_timeout = self.settings.acse_timeout_s
         ae.dimse_timeout = self.settings.dimse_timeout_s
         ae.network_timeout = self.settings.network_timeout_s
-        ae.add_requested_context(
-            dataset.SOPClassUID, [ExplicitVRLittleEndian, ImplicitVRLittleEndian]
+        # Implicit VR only for RTSTRUCTs: in Explicit VR a Contour Data over 64 KB becomes UN
+        # bytes a reader cannot parse (tested); every SCP must accept Implicit VR LE.
+        syntaxes = (
+            [ImplicitVRLittleEndian]
+            if dataset.SOPClassUID == RTStructureSetStorage
+            else [ExplicitVRLittleEndian, ImplicitVRLittleEndian]
         )
+        ae.add_requested_context(dataset.SOPClassUID, syntaxes)
         assoc = associate(ae, destination, self.settings)
         if not assoc.is_established:
             if assoc.is_rejected:

@@ -154,7 +154,7 @@ def test_contour_coordinates_are_valid_ds_values(ct: tuple[Path, CtSeries], tmp_
             assert all(len(str(v)) <= 16 for v in values)
 
 
-def test_empty_roi_warns_at_the_callers_line_and_is_kept(ct: tuple[Path, CtSeries]) -> None:
+def test_empty_roi_warns_at_the_callers_line_and_is_left_out(ct: tuple[Path, CtSeries]) -> None:
     series = ct[1]
     masks = _masks(series.volume)
     masks["Marker"] = np.zeros_like(masks["Marker"])
@@ -163,8 +163,8 @@ def test_empty_roi_warns_at_the_callers_line_and_is_kept(ct: tuple[Path, CtSerie
         dataset = build_rtstruct(series, masks, ROIS, model_name="m", model_version="1")
     assert [Path(w.filename).name for w in caught] == [Path(__file__).name]
     assert "Marker" in str(caught[0].message)
-    assert "ContourSequence" not in dataset.ROIContourSequence[1]
-    assert dataset.StructureSetROISequence[1].ROIName == "Marker"
+    assert [r.ROIName for r in dataset.StructureSetROISequence] == ["External", "Shell"]
+    assert [int(r.ReferencedROINumber) for r in dataset.ROIContourSequence] == [1, 3]
 
 
 def _bad(series: CtSeries, change: str) -> dict[str, object]:
