@@ -300,7 +300,7 @@ class RtstructWriter:
         summary = structure_summary(ctx.series, ctx.masks, ctx.model.rois, ctx.quality)
         empty = [str(s["roi_name"]) for s in summary if not s["found"]]
         if empty:
-            logger.info("job %s: not found in the scan (written without contours): %s",
+            logger.info("job %s: not found in the scan (left out of the RTSTRUCT): %s",
                         ctx.job_id, ", ".join(empty))
             ctx.store.add_note(ctx.job_id, "Not found in the scan: " + ", ".join(empty) + ".")
         flagged = [name for name, q in ctx.quality.items() if q.flag == "review"]
