@@ -34,8 +34,8 @@ serve: $(STAMPS)/venv
 	$(BIN)/rtcontour serve
 
 test: $(STAMPS)/test-deps $(STAMPS)/apt
-	$(BIN)/ruff check service worker models tests bench
-	$(BIN)/mypy service worker models
+	$(BIN)/ruff check common service worker models tests bench
+	$(BIN)/mypy common service worker models
 	$(BIN)/pytest -q
 
 bench: $(STAMPS)/test-deps
