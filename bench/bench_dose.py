@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from common.volume import load_series
 from models.dose.data import load_openkbp_patient
 from models.dose.features import OAR_NAMES
 from models.dose.predict import DosePredictor
@@ -34,7 +35,6 @@ from worker.dose_offline import (
 )
 from worker.rtdose import save_rtdose
 from worker.rtstruct import RoiSpec, build_rtstruct, save_rtstruct
-from worker.volume import load_series
 
 OPENKBP_VALIDATION = (Path(__file__).resolve().parents[1] / ".." / "shared" / "data" /
                       "openkbp" / "validation")

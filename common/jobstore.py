@@ -54,6 +54,7 @@ from common.errors import RtcontourError
 
 __all__ = [
     "ACTIVE_STATES",
+    "OUTPUT_FILE_PREFIXES",
     "FINISHED_STATES",
     "STAGES",
     "IllegalTransition",
@@ -103,6 +104,10 @@ _ALLOWED: dict[JobState, frozenset[JobState]] = {
 }
 
 STAGES = ("load", "inference", "contours", "send")
+
+# File name prefixes of archived and downloaded outputs by kind (DICOM's customary RS_/RD_),
+# else the kind itself.
+OUTPUT_FILE_PREFIXES = {"RTSTRUCT": "RS", "RTDOSE": "RD"}
 
 
 class IllegalTransition(RtcontourError):  # noqa: N818 - domain name, like InvalidSeries
@@ -364,6 +369,12 @@ class JobStore:
         """running -> done, only if ``worker`` holds the job and no instances were merged in
         since ``generation`` was read; False otherwise (run it again, or it was taken over)."""
         now = utcnow()
+        return self._end_run(job_id, worker, generation, state=JobState.DONE.value,
+                             finished_at=now)
+
+    def _end_run(self, job_id: str, worker: str, generation: int, **values: Any) -> bool:
+        """The conditional update that ends ``worker``'s run of an unchanged job (see
+        ``complete_if_unchanged``): the series' active slot and the lease are released."""
         with self._sessions.begin() as session:
             result = session.execute(
                 update(Job)
@@ -373,14 +384,8 @@ class JobStore:
                     Job.worker == worker,
                     Job.generation == generation,
                 )
-                .values(
-                    state=JobState.DONE.value,
-                    finished_at=now,
-                    updated_at=now,
-                    active_series_uid=None,
-                    lease_expires_at=None,
-                    failure_reason=None,
-                )
+                .values(updated_at=utcnow(), active_series_uid=None, lease_expires_at=None,
+                        failure_reason=None, **values)
                 .execution_options(synchronize_session=False)
             )
             return bool(result.rowcount == 1)  # type: ignore[attr-defined]
@@ -583,17 +588,7 @@ class JobStore:
     def hold_for_review(self, job_id: str, worker: str, generation: int) -> bool:
         """running -> awaiting_review, like ``complete_if_unchanged`` (only if ``worker`` holds
         the job and nothing was merged in); the series' active slot is released."""
-        now = utcnow()
-        with self._sessions.begin() as session:
-            result = session.execute(
-                update(Job)
-                .where(Job.id == job_id, Job.state == JobState.RUNNING.value,
-                       Job.worker == worker, Job.generation == generation)
-                .values(state=JobState.AWAITING_REVIEW.value, updated_at=now,
-                        active_series_uid=None, lease_expires_at=None, failure_reason=None)
-                .execution_options(synchronize_session=False)
-            )
-            return bool(result.rowcount == 1)  # type: ignore[attr-defined]
+        return self._end_run(job_id, worker, generation, state=JobState.AWAITING_REVIEW.value)
 
     def review(self, job_id: str, *, approved: bool, user: str, reason: str | None) -> Job:
         """A clinician's decision on a job awaiting review: approved -> queued (the next run

@@ -23,6 +23,7 @@ route tried, why it did or did not match (``rtcontour routes check``, ``GET /api
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -46,8 +47,11 @@ __all__ = [
     "RoutingTable",
     "load_routing",
     "parse_routing",
+    "first_instance",
     "series_attributes",
 ]
+
+logger = logging.getLogger(__name__)
 
 IMPLICIT_ROUTE = "default"
 
@@ -335,3 +339,14 @@ def match_keywords(table: RoutingTable) -> list[str]:
             if key not in MATCH_ATTRIBUTES and key not in found:
                 found.append(key)
     return found
+
+
+def first_instance(folder: Path, tries: int = 3) -> pydicom.Dataset | None:
+    """The header of a series folder's first readable ``*.dcm`` (by name; ``tries`` tried), or
+    None: routes then match empty attributes."""
+    for path in sorted(folder.glob("*.dcm"))[:tries]:
+        try:
+            return pydicom.dcmread(path, stop_before_pixels=True)
+        except Exception:
+            logger.warning("routing: %s is unreadable; trying the next instance", path.name)
+    return None

@@ -15,6 +15,11 @@ import socket
 import ssl
 from pathlib import Path
 
+from pynetdicom import AE
+from pynetdicom.association import Association
+
+from common.settings import Destination, Settings
+
 
 def server_ssl_context(
     cert_file: Path, key_file: Path, ca_file: Path | None = None
@@ -55,3 +60,17 @@ def accept_tls(
     tls_connection = context.wrap_socket(connection, server_side=True)
     tls_connection.settimeout(None)  # pynetdicom's transport polls with select()
     return tls_connection
+
+
+def associate(ae: AE, destination: Destination, settings: Settings) -> Association:
+    """Request an association with ``destination`` from ``ae``; over DICOM TLS (peer verified
+    against ``tls_ca_file``, our ``tls_cert_file`` presented) for ``+tls`` destinations."""
+    tls_args = None
+    if destination.tls:
+        context = client_ssl_context(
+            settings.tls_ca_file, settings.tls_cert_file, settings.tls_key_file
+        )
+        tls_args = (context, destination.host)
+    return ae.associate(
+        destination.host, destination.port, ae_title=destination.ae_title, tls_args=tls_args
+    )

@@ -34,7 +34,13 @@ import pydicom
 from common.audit import make_recorder
 from common.jobstore import JobState, JobStore
 from common.queue import enqueue_job
-from common.routes import RouteDecision, RoutingTable, match_keywords, series_attributes
+from common.routes import (
+    RouteDecision,
+    RoutingTable,
+    first_instance,
+    match_keywords,
+    series_attributes,
+)
 from common.settings import Settings, job_folder
 
 logger = logging.getLogger(__name__)
@@ -105,7 +111,7 @@ class Intake:
         return self.routing.decide(attributes)
 
     def series_complete(self, arrival: SeriesArrival) -> None:
-        first = _first_instance(arrival.folder)
+        first = first_instance(arrival.folder)
         decision = self.decide(arrival, first)
         route = decision.route
         contour = decision.action == "contour"
@@ -229,17 +235,6 @@ def _identity(first: pydicom.Dataset | None) -> dict[str, str | None]:
         "study_date": text("StudyDate", 8),
         "study_description": text("StudyDescription", 64),
     }
-
-
-def _first_instance(folder: Path) -> pydicom.Dataset | None:
-    """The header of the series' first readable instance file (by name; three tried), or
-    None: routes then match empty attributes."""
-    for path in sorted(folder.glob("*.dcm"))[:3]:
-        try:
-            return pydicom.dcmread(path, stop_before_pixels=True)
-        except Exception:
-            logger.warning("routing: %s is unreadable; trying the next instance", path.name)
-    return None
 
 
 def _move_instances(source: Path, target: Path) -> int:

@@ -65,11 +65,11 @@ from common.refusals import make_refusal_recorder
 from common.schema import create_schema
 from common.settings import Settings
 from common.tls import accept_tls, server_ssl_context
+from models.registry import load_checked_routing
 from service import handlers
 from service.handlers import AuditCallable, Edge, KnownPeer
 from service.intake import Intake, SeriesArrival, SeriesSink
 from service.spool import InstanceSpool, SeriesTracker
-from worker.pipeline import load_checked_routing
 
 logger = logging.getLogger(__name__)
 
@@ -386,7 +386,7 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, request_stop)
-    print(f"listening on {handle.address[0]}:{handle.address[1]}", flush=True)  # noqa: T201
+    logger.info("listening on %s:%d", handle.address[0], handle.address[1])
     while not stop.wait(1.0):
         pass
     handle.shutdown()

@@ -40,7 +40,7 @@ from PIL import Image
 from scipy import ndimage
 
 from common.errors import InvalidSeries, RtcontourError
-from worker.volume import Volume, load_series
+from common.volume import Volume, load_series
 
 logger = logging.getLogger(__name__)
 

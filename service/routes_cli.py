@@ -17,7 +17,7 @@ import pydicom
 
 from common.routes import match_keywords, series_attributes
 from common.settings import Settings
-from worker.pipeline import load_checked_routing
+from models.registry import load_checked_routing
 
 
 def _first_instance(folder: Path, series_uid: str | None) -> pydicom.Dataset | None:

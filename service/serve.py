@@ -33,10 +33,10 @@ from common.refusals import make_refusal_recorder
 from common.routes import RoutingTable
 from common.schema import create_schema
 from common.settings import Settings
+from models.registry import load_checked_routing
 from service.api.app import create_app
 from service.intake import Intake
 from service.listener import start_listener
-from worker.pipeline import load_checked_routing
 
 logger = logging.getLogger(__name__)
 

@@ -427,6 +427,20 @@ def test_package(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_test_package(tmp_path_factory.mktemp("packages"))
 
 
+@pytest.fixture(scope="session")
+def tiny_dose_package(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A dose package trained for two steps on synthetic cases (fast; its doses mean nothing)."""
+    pytest.importorskip("torch", reason="torch is not installed (extra 'train')")
+    from models.dose.export import write_package
+    from models.dose.train import train
+    from tests.models.test_dose_training import synthetic_cases, tiny_config
+
+    run_dir = tmp_path_factory.mktemp("runs") / "tiny-dose"
+    train(tiny_config(steps=2, val_cases=0), synthetic_cases(), [], run_dir)
+    return write_package(run_dir / "last.pt", tmp_path_factory.mktemp("dose-packages"),
+                         "tiny-dose", "0.0.1", "pytest")
+
+
 def real_package() -> Path | None:
     """The newest committed model package in models/packages, if any."""
     from models.package import find_latest_package

@@ -6,7 +6,7 @@ anterior->posterior (LPS +y), axis 2 patient right->left (LPS +x). ``write_ct_se
 stores such an array as the scanner would for any patient position, so that reading the
 series back and reorienting it to canonical must give the same array.
 
-This module is deliberately independent of ``worker.volume`` (it is the reference the loader
+This module is deliberately independent of ``common.volume`` (it is the reference the loader
 is tested against), and uses pydicom and numpy only.
 
 Examples

@@ -2,8 +2,10 @@
 
 Every import counts, also those inside functions (a hidden import is a cycle all the same):
 ``common`` (ground floor) imports none of the rest, ``models`` only ``common``, ``worker``
-``common`` and ``models``, and the edges in ``service`` anything below them. Within a package,
-modules import each other without a circle.
+``common`` and ``models``. The edges in ``service`` never import the worker: they hand it work
+through ``common.queue`` and share what both need from ``common`` (geometry, TLS
+associations) and ``models`` (package lookup). Within a package, modules import each other
+without a circle.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ ALLOWED = {
     "common": {"common"},
     "models": {"common", "models"},
     "worker": {"common", "models", "worker"},
-    "service": {"common", "models", "worker", "service"},
+    "service": {"common", "models", "service"},
 }
 
 

@@ -14,6 +14,7 @@ import numpy as np
 import pydicom
 import pytest
 
+from common.volume import load_series
 from tests.conftest import (
     StoreScp,
     api_job,
@@ -24,24 +25,12 @@ from tests.conftest import (
     write_phantom_series,
 )
 from tests.worker.conftest import dciodvfy_errors
-from worker.volume import load_series
 
 rt_utils = pytest.importorskip("rt_utils", reason="rt-utils is not installed (extra 'dev')")
 
 SHAPE = (24, 64, 64)
 
 
-@pytest.fixture(scope="module")
-def tiny_dose_package(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    pytest.importorskip("torch", reason="torch is not installed (extra 'train')")
-    from models.dose.export import write_package
-    from models.dose.train import train
-    from tests.models.test_dose_training import synthetic_cases, tiny_config
-
-    run_dir = tmp_path_factory.mktemp("runs") / "tiny-dose"
-    train(tiny_config(steps=2, val_cases=0), synthetic_cases(), [], run_dir)
-    return write_package(run_dir / "last.pt", tmp_path_factory.mktemp("dose-packages"),
-                         "tiny-dose", "0.0.1", "pytest")
 
 
 def approved_structure_set(ct_dir: Path, out: Path) -> Path:

@@ -25,7 +25,7 @@ from common.jobstore import JobStore
 from common.queue import QUEUE, celery_config, make_enqueue, make_queue_depth
 from common.schema import create_schema
 from common.settings import Settings
-from worker.pipeline import load_checked_routing
+from models.registry import load_checked_routing
 from worker.tasks import RecoverySweeper, register_tasks
 
 logger = logging.getLogger(__name__)

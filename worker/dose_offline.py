@@ -2,7 +2,7 @@
 
 Pieces, importable for the worker pipeline and the CLI::
 
-    series = load_series(ct_paths)                                   # worker.volume
+    series = load_series(ct_paths)                                   # common.volume
     structure_set = read_structure_set(rs_path, series)              # masks on series.volume
     prescriptions = prescriptions_from_names(structure_set.roi_names, table, overrides)
     prediction = predict_dose_for_series(series, structure_set, predictor, prescriptions)
@@ -34,10 +34,10 @@ from pydicom.dataset import Dataset
 
 from common.errors import RtcontourError
 from common.structure_names import to_tg263
+from common.volume import CtSeries, load_series
 from models.dose.features import OAR_NAMES
 from models.dose.predict import DosePredictor
 from worker.rtdose import DoseVolumeHistogram, build_rtdose, cumulative_dvh, save_rtdose
-from worker.volume import CtSeries, load_series
 
 __all__ = [
     "UnusableStructureSet",

@@ -32,8 +32,10 @@ import pydicom
 from common.errors import InvalidSeries
 from common.settings import Settings
 from common.structure_names import to_tg263
+from common.volume import load_series
 from models.dose.metrics import dvh_metrics
 from models.dose.predict import DosePredictor
+from models.registry import resolve_dose_package
 from worker.dose_offline import (
     StructureSet,
     UnusableStructureSet,
@@ -43,10 +45,9 @@ from worker.dose_offline import (
     prescriptions_from_names,
     read_structure_set,
 )
-from worker.pipeline import JobContext, WrittenOutput, resolve_dose_package
+from worker.pipeline import JobContext, WrittenOutput
 from worker.qa import compare_structure_sets
 from worker.rtdose import DoseVolumeHistogram, build_rtdose, cumulative_dvh
-from worker.volume import load_series
 
 logger = logging.getLogger(__name__)
 

@@ -26,9 +26,9 @@ from pathlib import Path
 import numpy as np
 
 from common.errors import InvalidSeries
+from common.volume import Volume, load_series
 from worker.rtstruct import RoiSpec, build_rtstruct, save_rtstruct
 from worker.series_folder import ct_series_files
-from worker.volume import Volume, load_series
 
 logger = logging.getLogger(__name__)
 

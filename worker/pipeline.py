@@ -2,7 +2,7 @@
 
 Default steps (``default_steps``)::
 
-    LoadSeries  -> the job folder's CT files as a CtSeries (worker.volume), refusals raise
+    LoadSeries  -> the job folder's CT files as a CtSeries (common.volume), refusals raise
                    InvalidSeries                                                stage "load"
     Segment     -> to canonical, Segmenter.predict, masks back to the CT grid  stage "inference"
     BuildOutputs-> each OutputWriter builds its DICOM object (RTSTRUCT today)  stage "contours"
@@ -31,20 +31,17 @@ from typing import Any, Protocol
 import numpy as np
 from pydicom.dataset import Dataset
 
-from common.errors import ConfigurationError, InvalidSeries, ModelPackageError
-from common.jobstore import JobStore
-from common.routes import RoutingTable, load_routing
+from common.errors import InvalidSeries
+from common.jobstore import OUTPUT_FILE_PREFIXES, JobStore
 from common.settings import Destination, Settings
+from common.volume import CtSeries, load_series
 from models.inference import Segmenter
 from models.package import (
-    MANIFEST_NAME,
-    default_packages_root,
-    find_latest_package,
     load_package,
 )
+from models.registry import resolve_package_path
 from worker.rtstruct import RoiSpec, build_rtstruct
 from worker.sender import Sender, deliver
-from worker.volume import CtSeries, load_series
 
 logger = logging.getLogger(__name__)
 
@@ -327,10 +324,6 @@ class BuildOutputs:
         ctx.outputs = [output for output in built if output is not None]
 
 
-# Archive file name prefixes by output kind (DICOM's customary RS_/RD_ names), else the kind.
-FILE_PREFIXES = {"RTSTRUCT": "RS", "RTDOSE": "RD"}
-
-
 class Archive:
     """Writes each output to ``archive_dir/<job_id>/<PREFIX>_<uid>.dcm`` atomically and
     records it as a row of the job's outputs (any kind)."""
@@ -341,7 +334,7 @@ class Archive:
     def run(self, ctx: JobContext) -> None:
         ctx.archive_dir.mkdir(parents=True, exist_ok=True)
         for output in ctx.outputs:
-            prefix = FILE_PREFIXES.get(output.kind, output.kind)
+            prefix = OUTPUT_FILE_PREFIXES.get(output.kind, output.kind)
             final = ctx.archive_dir / f"{prefix}_{output.sop_instance_uid}.dcm"
             temp = final.with_name(f".{final.name}.{uuid.uuid4().hex}.tmp")
             if output.dataset is None:
@@ -452,34 +445,6 @@ class PackagedModel:
         return self.segmenter.segment(hu, spacing_mm)
 
 
-def resolve_package_path(settings: Settings, request: str | None = None) -> Path:
-    """The package folder for a model ``request``: a package name (its newest version),
-    ``name-version``, or None (``settings.model_package``, else the newest package)."""
-    root = settings.model_packages_dir or default_packages_root()
-    if request is None:
-        if settings.model_package is not None:
-            return Path(settings.model_package)
-        try:
-            return Path(find_latest_package(root))
-        except ModelPackageError:
-            raise
-        except Exception as exc:  # e.g. no package folder yet
-            raise ModelPackageError(
-                f"no model package found (set RTCONTOUR_MODEL_PACKAGE): {exc}"
-            ) from exc
-    exact = root / request
-    if (exact / MANIFEST_NAME).is_file():
-        return exact
-    try:
-        return Path(find_latest_package(root, name=request))
-    except ModelPackageError:
-        installed = sorted(p.name for p in root.glob("*") if (p / MANIFEST_NAME).is_file())
-        raise ModelPackageError(
-            f"model package {request!r} is not installed in {root} "
-            f"(installed: {', '.join(installed) or 'none'})"
-        ) from None
-
-
 def load_packaged_model(path: Path, overlap: float, mirror_tta: bool) -> PackagedModel:
     """Load a model package and build its Segmenter (slow: do it once per process)."""
     package = load_package(path)
@@ -520,51 +485,3 @@ class SegmenterCache:
     def resident(self) -> list[str]:
         """The package folders of the models loaded so far."""
         return sorted({key[0] for key in self._models})
-
-
-def resolve_dose_package(settings: Settings, request: str | None) -> Path:
-    """The dose package for ``request`` ("name", "name-version", None: the newest)."""
-    root = settings.model_packages_dir or default_packages_root()
-    if request is not None and (root / request / MANIFEST_NAME).is_file():
-        return root / request
-    try:
-        return Path(find_latest_package(root, name=request, kind="dose"))
-    except ModelPackageError:
-        what = f"dose model package {request!r}" if request else "no dose model package"
-        raise ModelPackageError(f"{what} is not installed in {root}") from None
-
-
-def check_routes_models(settings: Settings, table: RoutingTable) -> dict[str, Path]:
-    """The package folder of every model the routes name; ``ConfigurationError`` naming the
-    route if one is not installed. (A route without ``model`` takes the newest package, found
-    when its first job runs, as without routes.)"""
-    found: dict[str, Path] = {}
-    for route in table.routes:
-        if route.action != "contour" or route.model is None:
-            continue
-        try:
-            path = resolve_package_path(settings, route.model)
-        except ModelPackageError as error:
-            raise ConfigurationError(f"route {route.name!r}, field model: {error}") from None
-        found[route.model] = path
-    for route in table.routes:
-        if route.action != "contour" or route.dose_model is None:
-            continue
-        try:
-            found[route.dose_model] = resolve_dose_package(settings, route.dose_model)
-        except ModelPackageError as error:
-            raise ConfigurationError(
-                f"route {route.name!r}, field dose_model: {error}") from None
-    return found
-
-
-def load_checked_routing(settings: Settings) -> RoutingTable:
-    """The routing rules of ``settings``, with every model a route names found installed
-    (``ConfigurationError`` with a sentence otherwise): what each process checks at start."""
-    table = load_routing(settings)
-    for request, path in check_routes_models(settings, table).items():
-        logger.info("routing: model %s is %s", request, path)
-    if table.source is not None:
-        logger.info("routing: %d route(s) from %s, default %s", len(table.routes), table.source,
-                    table.default)
-    return table

@@ -3,7 +3,7 @@
 :func:`compare_structure_sets` pairs the two sets by TG-263 name
 (:func:`common.structure_names.match_structures`) and measures each pair on the CT grid they
 share. Masks are bool arrays of shape **(slices, rows, columns)** (axis 0 across axial
-slices, as :class:`worker.volume.Volume`), spacing in **mm** in that order. Per structure:
+slices, as :class:`common.volume.Volume`), spacing in **mm** in that order. Per structure:
 
 - **Dice**: ``2 |A & R| / (|A| + |R|)`` over voxels, as ``rtcontour evaluate``
   (:func:`models.evaluate.dice`).

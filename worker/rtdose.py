@@ -7,7 +7,7 @@ Public API::
     dataset = build_rtdose(
         dose_gy,                        # float (slices, rows, columns) in Gy on the dose grid
         affine,                         # 4x4: dose voxel (slice, row, column, 1) -> LPS mm
-        series,                         # worker.volume.CtSeries: patient, study, frame, axes
+        series,                         # common.volume.CtSeries: patient, study, frame, axes
         structure_set_uid="1.2...",     # SOP Instance UID of the RTSTRUCT it was predicted from
         model_name="rtcontour-hn-dose", model_version="1.0.0",
         prescriptions_gy={"PTV70": 70.0, "PTV56": 56.0},
@@ -55,7 +55,7 @@ from pydicom.uid import (
 )
 
 from common import __version__
-from worker.volume import CtSeries
+from common.volume import CtSeries
 
 logger = logging.getLogger(__name__)
 

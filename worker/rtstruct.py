@@ -2,7 +2,7 @@
 
 Public API (used by the worker pipeline)::
 
-    series = load_series(paths)                          # worker.volume, stored order
+    series = load_series(paths)                          # common.volume, stored order
     canonical = series.volume.to_canonical()             # the model's orientation
     masks = segmenter.predict(canonical.array, canonical.spacing_mm)   # canonical grid
     masks = {name: series.volume.array_from_canonical(m) for name, m in masks.items()}
@@ -10,7 +10,7 @@ Public API (used by the worker pipeline)::
     from worker.rtstruct import RoiSpec, build_rtstruct, rtstruct_uids, save_rtstruct
 
     dataset = build_rtstruct(
-        series,                       # worker.volume.CtSeries (from load_series)
+        series,                       # common.volume.CtSeries (from load_series)
         {"Brainstem": mask, ...},     # roi_name -> bool (slices, rows, columns) on series.volume
         [RoiSpec("Brainstem", (0, 255, 0), "ORGAN"), ...],  # names, colours, types, in order
         model_name="hn-unet", model_version="1.2.0",
@@ -59,8 +59,8 @@ from pydicom.uid import (
 )
 
 from common import __version__
+from common.volume import CtSeries
 from worker.contours import Contour, mask_to_contours
-from worker.volume import CtSeries
 
 logger = logging.getLogger(__name__)
 

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from common.errors import InvalidSeries, ModelPackageError
 from common.settings import Settings
+from common.volume import load_series
 from worker.pipeline import (
     SegmenterCache,
     review_notes,
@@ -27,7 +28,6 @@ from worker.pipeline import (
 )
 from worker.rtstruct import build_rtstruct, save_rtstruct
 from worker.series_folder import SeriesChoiceError, ct_series_files
-from worker.volume import load_series
 
 logger = logging.getLogger(__name__)
 

@@ -20,12 +20,11 @@ from typing import Any
 import pydicom
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, RTStructureSetStorage
 from pynetdicom import AE
-from pynetdicom.association import Association
 
 from common.errors import DestinationUnavailable
 from common.jobstore import JobStore
 from common.settings import Destination, Settings
-from common.tls import client_ssl_context
+from common.tls import associate
 
 logger = logging.getLogger(__name__)
 
@@ -33,20 +32,6 @@ JOB_SENT_EVENT = "job.sent"
 
 # C-STORE statuses that mean "stored": success and the warnings of PS3.4 B.2.3.
 _STORED = {0x0000, 0xB000, 0xB006, 0xB007}
-
-
-def associate(ae: AE, destination: Destination, settings: Settings) -> Association:
-    """Request an association with ``destination`` from ``ae``; over DICOM TLS (peer verified
-    against ``tls_ca_file``, our ``tls_cert_file`` presented) for ``+tls`` destinations."""
-    tls_args = None
-    if destination.tls:
-        context = client_ssl_context(
-            settings.tls_ca_file, settings.tls_cert_file, settings.tls_key_file
-        )
-        tls_args = (context, destination.host)
-    return ae.associate(
-        destination.host, destination.port, ae_title=destination.ae_title, tls_args=tls_args
-    )
 
 
 @dataclass(frozen=True)

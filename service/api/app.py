@@ -26,6 +26,7 @@ from common.queue import queue_depth as queue_depth_of
 from common.routes import RoutingTable, load_routing
 from common.schema import create_schema
 from common.settings import Destination, Settings
+from common.tls import associate
 from service.api import (
     audit,
     dashboard,
@@ -44,7 +45,6 @@ from service.api import (
 from service.api.deps import AppContext, ViewerUser
 from service.api.ratelimit import SlidingWindowLimit
 from service.previews import PreviewCache
-from worker.sender import associate
 
 logger = logging.getLogger(__name__)
 

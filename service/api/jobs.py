@@ -24,6 +24,7 @@ from common import audit
 from common.audit import AuditEvent
 from common.auth import Principal, Role
 from common.jobstore import (
+    OUTPUT_FILE_PREFIXES,
     IllegalTransition,
     Job,
     JobFilter,
@@ -453,10 +454,6 @@ def download_rtstruct(
     return _download(job_id, "RTSTRUCT", principal.name, session, ctx)
 
 
-# File name prefixes by output kind (DICOM's customary RS_/RD_ names), else the kind itself.
-FILE_PREFIXES = {"RTSTRUCT": "RS", "RTDOSE": "RD"}
-
-
 def _download(
     job_id: str, kind: str, user: str, session: Session, ctx: AppContext
 ) -> FileResponse:
@@ -485,7 +482,7 @@ def _download(
     )
     session.commit()
     logger.info("job %s: %s downloaded by %s", job.id, kind, user)
-    prefix = FILE_PREFIXES.get(kind, kind)
+    prefix = OUTPUT_FILE_PREFIXES.get(kind, kind)
     return FileResponse(file, media_type="application/dicom", filename=f"{prefix}_{job.id}.dcm")
 
 

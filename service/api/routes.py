@@ -11,12 +11,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Any
 
-import pydicom
 from fastapi import APIRouter, HTTPException, Query, Request, status
 from pydantic import BaseModel
 
 from common.jobstore import JobNotFound
-from common.routes import MATCH_ATTRIBUTES, match_keywords, series_attributes
+from common.routes import MATCH_ATTRIBUTES, first_instance, match_keywords, series_attributes
 from common.settings import job_folder
 from service.api.deps import AdminUser, Context
 
@@ -54,12 +53,6 @@ class RoutingOut(BaseModel):
     decision: DecisionOut | None = None
 
 
-def _first_instance(folder: Path) -> pydicom.Dataset | None:
-    for path in sorted(folder.glob("*.dcm")):
-        return pydicom.dcmread(path, stop_before_pixels=True)
-    return None
-
-
 @router.get("", response_model=RoutingOut, summary="The routing rules; test a series against them")
 def get_routes(
     request: Request,
@@ -91,7 +84,7 @@ def get_routes(
         except JobNotFound:
             raise HTTPException(status.HTTP_404_NOT_FOUND, f"job {job_id} does not exist") from None
         folder = Path(job.spool_dir) if job.spool_dir else job_folder(ctx.settings, job.id)
-        attributes = series_attributes(_first_instance(folder), calling_ae=job.calling_ae,
+        attributes = series_attributes(first_instance(folder), calling_ae=job.calling_ae,
                                        keywords=keywords)
     attributes.update(given)
     decision = ctx.routing.decide(attributes)

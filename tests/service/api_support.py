@@ -130,9 +130,9 @@ def add_finished_job(
 
     ROIs: ``Marker`` (red; the phantom's left-anterior-superior cube) and ``Body`` (green).
     """
+    from common.volume import load_series
     from tests.phantoms import head_phantom, write_ct_series
     from worker.rtstruct import RoiSpec, build_rtstruct, save_rtstruct
-    from worker.volume import load_series
 
     phantom = head_phantom()
     job = harness.add_job(state="done", series_description=series_description, **values)

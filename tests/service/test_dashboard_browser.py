@@ -211,9 +211,9 @@ MANDIBLE_GREY = (230, 230, 230)  # Bone_Mandible's TG-263 colour: drawn in a vis
 def _full_size_job(harness: ApiHarness, **values: Any) -> Any:
     """A done job with a 512 x 512 x 48 CT (0.98 x 0.98 x 2.5 mm) and three structures, one
     near-white and flagged for review, as a clinician would open it."""
+    from common.volume import load_series
     from tests.phantoms import head_phantom, write_ct_series
     from worker.rtstruct import RoiSpec, build_rtstruct, save_rtstruct
-    from worker.volume import load_series
 
     phantom = head_phantom((48, 512, 512), (2.5, 0.98, 0.98))
     job = harness.add_job(state="done", series_description="CT 2.5mm", **values)

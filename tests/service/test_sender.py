@@ -23,9 +23,9 @@ def rtstruct_file(tmp_path: Path) -> Path:
     """An RTSTRUCT built by worker.rtstruct from a small phantom."""
     import numpy as np
 
+    from common.volume import load_series
     from tests.conftest import write_phantom_series
     from worker.rtstruct import RoiSpec, build_rtstruct, save_rtstruct
-    from worker.volume import load_series
 
     series = load_series(write_phantom_series(tmp_path / "ct", (12, 32, 32)), min_slices=5)
     mask = series.volume.array > 500

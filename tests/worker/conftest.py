@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from pydicom.dataset import Dataset
 
+from common.volume import Volume
 from worker.mask2rtstruct import LabelMap, resample_nearest
-from worker.volume import Volume
 
 OPENKBP_DIR = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "openkbp"
 

@@ -14,27 +14,16 @@ from common.db import make_engine
 from common.jobstore import JobState, JobStore, utcnow
 from common.schema import create_schema
 from common.settings import Settings
+from common.volume import CtSeries, load_series
 from tests.conftest import write_phantom_series
 from worker.dose_pipeline import DosePredictorCache
 from worker.rtstruct import RoiSpec, build_rtstruct, save_rtstruct
 from worker.sender import Sender
 from worker.tasks import WorkerRuntime, execute_job
-from worker.volume import CtSeries, load_series
 
 SHAPE = (16, 48, 48)
 
 
-@pytest.fixture(scope="module")
-def tiny_dose_package(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    pytest.importorskip("torch", reason="torch is not installed (extra 'train')")
-    from models.dose.export import write_package
-    from models.dose.train import train
-    from tests.models.test_dose_training import synthetic_cases, tiny_config
-
-    run_dir = tmp_path_factory.mktemp("runs") / "tiny-dose"
-    train(tiny_config(steps=2, val_cases=0), synthetic_cases(), [], run_dir)
-    return write_package(run_dir / "last.pt", tmp_path_factory.mktemp("dose-packages"),
-                         "tiny-dose", "0.0.1", "pytest")
 
 
 def _box(series: CtSeries, z: slice, y: slice, x: slice) -> np.ndarray:

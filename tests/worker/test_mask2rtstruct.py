@@ -13,10 +13,10 @@ import numpy as np
 import pydicom
 import pytest
 
+from common.volume import CtSeries, load_series
 from tests.phantoms import head_phantom, write_ct_series
 from tests.worker.conftest import dciodvfy_errors, rtstruct_masks
 from worker.mask2rtstruct import main
-from worker.volume import CtSeries, load_series
 
 PHANTOM = head_phantom()
 RAS_FROM_LPS = np.diag([-1.0, -1.0, 1.0, 1.0])

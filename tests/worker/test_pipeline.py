@@ -13,12 +13,12 @@ from common.db import make_engine
 from common.jobstore import JobState, JobStore
 from common.schema import create_schema
 from common.settings import Settings
+from common.volume import load_series
 from service.intake import Intake, SeriesArrival
 from tests.conftest import StoreScp, ThresholdModel, write_phantom_series
 from worker.pipeline import SegmenterCache
 from worker.sender import Sender
 from worker.tasks import WorkerRuntime, execute_job, recover_jobs
-from worker.volume import load_series
 
 
 def _runtime(settings: Settings, model: ThresholdModel, sleeps: list[float]) -> WorkerRuntime:

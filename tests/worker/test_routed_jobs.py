@@ -14,8 +14,9 @@ from common.jobstore import JobStore
 from common.routes import parse_routing
 from common.schema import create_schema
 from common.settings import Destination, Settings
+from models.registry import check_routes_models, resolve_package_path
 from tests.conftest import StoreScp, ThresholdModel, build_test_package, write_phantom_series
-from worker.pipeline import SegmenterCache, check_routes_models, resolve_package_path
+from worker.pipeline import SegmenterCache
 from worker.sender import Sender
 from worker.tasks import WorkerRuntime, execute_job
 

@@ -14,6 +14,7 @@ from pydicom.sequence import Sequence as DicomSequence
 from pydicom.tag import Tag
 from pydicom.uid import ImplicitVRLittleEndian, RTStructureSetStorage, generate_uid
 
+from common.volume import CtSeries, Volume, load_series
 from tests.phantoms import head_phantom, write_ct_series
 from tests.worker.test_rtdose import dciodvfy_report
 from worker.dose_offline import (
@@ -25,7 +26,6 @@ from worker.dose_offline import (
     rasterise_polygons,
     read_structure_set,
 )
-from worker.volume import CtSeries, Volume, load_series
 
 PHANTOM = head_phantom((24, 48, 48), (2.5, 2.0, 2.0))
 
@@ -171,17 +171,6 @@ def test_even_odd_rasteriser_cuts_nested_polygons_out():
     assert mask.sum() == 36 - 4 and not mask[2:4, 2:4].any()
 
 
-@pytest.fixture(scope="module")
-def tiny_dose_package(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    pytest.importorskip("torch", reason="torch is not installed (extra 'train')")
-    from models.dose.export import write_package
-    from models.dose.train import train
-    from tests.models.test_dose_training import synthetic_cases, tiny_config
-
-    run_dir = tmp_path_factory.mktemp("runs") / "tiny-dose"
-    train(tiny_config(steps=2, val_cases=0), synthetic_cases(), [], run_dir)
-    return write_package(run_dir / "last.pt", tmp_path_factory.mktemp("packages"),
-                         "tiny-dose", "0.0.1", "pytest")
 
 
 def test_rtcontour_dose_writes_an_rtdose_on_the_ct_frame_for_an_rtutils_structure_set(

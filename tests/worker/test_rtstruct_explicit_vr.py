@@ -20,10 +20,10 @@ from pydicom.uid import ImplicitVRLittleEndian
 
 from common.errors import DestinationUnavailable
 from common.settings import Destination, Settings
+from common.volume import load_series
 from tests.phantoms import ct_datasets
 from worker.rtstruct import RoiSpec, build_rtstruct, save_rtstruct
 from worker.sender import Sender
-from worker.volume import load_series
 
 _CONFIG = """\
 [[TransferSyntaxes]]

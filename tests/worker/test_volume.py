@@ -14,6 +14,7 @@ from pydicom.dataset import Dataset
 from pydicom.uid import JPEG2000Lossless, RLELossless
 
 from common.errors import InvalidSeries, UnsupportedGeometry
+from common.volume import Volume, load_series
 from tests.phantoms import (
     CANONICAL_DIRECTIONS,
     PATIENT_POSITIONS,
@@ -23,7 +24,6 @@ from tests.phantoms import (
     write_ct_series,
 )
 from tests.worker.conftest import dciodvfy_errors
-from worker.volume import Volume, load_series
 
 PHANTOM = head_phantom()
 
