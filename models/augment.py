@@ -29,6 +29,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F  # noqa: N812
 
+# a value of TrainConfig, so defined without torch; re-exported for the augmentation API
+from models.train_config import SpatialAugmentation
+
 __all__ = [
     "SpatialAugmentation",
     "IntensityAugmentation",
@@ -38,33 +41,6 @@ __all__ = [
     "intensity_augment",
     "centre_crop",
 ]
-
-
-@dataclass(frozen=True)
-class SpatialAugmentation:
-    """Random rotation and scale of a patch.
-
-    Args:
-        probability: chance per sample of being transformed (else plain centre crop).
-        rotation_deg: maximum rotation about the slice axis (axial plane), degrees.
-        tilt_deg: maximum rotation about each in-plane axis (out of the axial plane), degrees.
-        scale_range: (min, max) isotropic scale of the anatomy in the patch.
-    """
-
-    probability: float = 0.5
-    rotation_deg: float = 15.0
-    tilt_deg: float = 6.0
-    scale_range: tuple[float, float] = (0.85, 1.2)
-
-    def __post_init__(self) -> None:
-        if not 0.0 <= self.probability <= 1.0:
-            raise ValueError(f"probability must be in [0, 1], got {self.probability!r}")
-        if not 0.0 <= self.rotation_deg <= 90.0 or not 0.0 <= self.tilt_deg <= 45.0:
-            raise ValueError(f"rotation_deg must be in [0, 90] and tilt_deg in [0, 45], got "
-                             f"{self.rotation_deg!r} and {self.tilt_deg!r}")
-        low, high = self.scale_range
-        if not 0.0 < low <= high:
-            raise ValueError(f"scale_range must be 0 < min <= max, got {self.scale_range!r}")
 
 
 @dataclass(frozen=True)

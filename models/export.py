@@ -3,12 +3,12 @@
 Writes ``models/packages/<name>-<version>/`` with ``model.onnx`` (opset 17, dynamic batch and
 spatial axes), ``manifest.json`` and ``MODEL_CARD.md``. With ``--evaluate`` the package is run
 through :class:`models.inference.Segmenter` on the OpenKBP validation split first and the
-per-structure Dice / HD95 go into the manifest and the card.
+per-structure Dice / HD95 go into the manifest and the card. The command's options are in
+:mod:`models.export_cli`, which needs no torch.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import shutil
@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from models.data import REPO_ROOT, default_data_dir, list_cases
+from models.export_cli import build_parser
 from models.labels import LR_SWAP_PAIRS, ORGANS
 from models.package import (
     CARD_NAME,
@@ -36,7 +37,8 @@ from models.package import (
     sha256_file,
 )
 from models.reference_qa import FACTOR
-from models.train import TrainConfig, build_model, load_checkpoint
+from models.train import build_model, load_checkpoint
+from models.train_config import TrainConfig
 
 __all__ = ["export_onnx", "build_manifest", "checkpoint_weights", "write_package", "main"]
 
@@ -269,19 +271,7 @@ def _set_aside_notes(results: dict[str, Any]) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI entry point (``rtcontour export``)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = argparse.ArgumentParser(prog="rtcontour export", description=__doc__.splitlines()[0])
-    parser.add_argument("--checkpoint", type=Path,
-                        default=REPO_ROOT / "runs" / "hn-oar-1" / "best.pt")
-    parser.add_argument("--name", default="rtcontour-hn-oar")
-    parser.add_argument("--version", required=True, help="semantic version, e.g. 1.0.0")
-    parser.add_argument("--out-root", type=Path, default=REPO_ROOT / "models" / "packages")
-    parser.add_argument("--evaluate", action="store_true",
-                        help="evaluate on the validation split and record the metrics")
-    parser.add_argument("--data-dir", type=Path, default=None)
-    parser.add_argument("--limit", type=int, default=None, help="evaluate on N patients only")
-    parser.add_argument("--overlap", type=float, default=0.5)
-    parser.add_argument("--mirror-tta", action="store_true")
-    parser.add_argument("--force", action="store_true", help="overwrite an existing package")
+    parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -34,7 +34,8 @@ import numpy as np
 import torch
 
 from models.data import REPO_ROOT, TARGET_SPACING_MM, CaseArrays, default_data_dir, load_split
-from models.train import TrainConfig, _parse_triple, load_checkpoint, train
+from models.train import TrainConfig, load_checkpoint, train
+from models.train_cli import parse_triple
 
 __all__ = ["pack_cases", "write_pack", "read_pack", "burst_config", "main"]
 
@@ -163,7 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--base-channels", type=int, default=32)
     parser.add_argument("--levels", type=int, default=5)
     parser.add_argument("--max-channels", type=int, default=320)
-    parser.add_argument("--patch", type=_parse_triple, default=(48, 80, 80))
+    parser.add_argument("--patch", type=parse_triple, default=(48, 80, 80))
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--warmup-steps", type=int, default=100)

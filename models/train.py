@@ -11,12 +11,13 @@ Recipe options, all off by default (so checkpoints made before them resume uncha
 and intensity augmentation on the batch (:mod:`models.augment`), an exponential moving average
 of the weights that validation and export use (:mod:`models.ema`), and deep supervision
 (auxiliary heads on the decoder, training only; the exported network has one output).
+
+What a run is defined by (:class:`TrainConfig`, re-exported here) and the command's options
+(:mod:`models.train_cli`) need no torch; this module does.
 """
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
 import logging
 import os
 import queue
@@ -25,7 +26,6 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -36,22 +36,16 @@ from torch import nn
 
 from models.augment import (
     IntensityAugmentation,
-    SpatialAugmentation,
     crop_size,
     intensity_augment,
     spatial_augment,
 )
-from models.data import (
-    HU_CLIP,
-    REPO_ROOT,
-    TARGET_SPACING_MM,
-    CaseArrays,
-    default_data_dir,
-    load_split,
-)
+from models.data import CaseArrays, default_data_dir, load_split
 from models.ema import ModelEMA
 from models.inference import gaussian_importance, symmetric_window_starts
 from models.labels import LR_SWAP_PAIRS, ORGANS
+from models.train_cli import build_parser, recipe_changes
+from models.train_config import TrainConfig
 from models.unet import ResidualUNet3D, deep_residual_unet
 
 __all__ = [
@@ -70,81 +64,6 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 CHECKPOINT_FORMAT = 1
-
-
-@dataclass
-class TrainConfig:
-    """Everything that defines a training run (stored in every checkpoint)."""
-
-    run: str = "hn-oar-1"
-    arch: str = "unet"
-    base_channels: int = 16
-    levels: int = 5
-    max_channels: int = 96
-    patch_size: tuple[int, int, int] = (64, 96, 96)
-    batch_size: int = 2
-    steps: int = 2400
-    lr: float = 2e-3
-    weight_decay: float = 3e-5
-    warmup_steps: int = 50
-    # Global step at which the current LR schedule (warm-up, then poly decay to ``steps``)
-    # began: 0 for a run's first schedule, later for a warm restart (``--restart-schedule``).
-    schedule_start: int = 0
-    foreground_fraction: float = 0.67
-    # Sampling weight per channel when choosing the structure to centre a patch on.
-    structure_weights: tuple[float, ...] = (1.0, 1.5, 1.0, 1.0, 3.0, 3.0, 1.0)
-    # BCE weight of positive voxels per channel: the rare thin structures (Esophagus, Larynx)
-    # otherwise sink into the saturated-sigmoid region before Dice can lift them.
-    pos_weight: tuple[float, ...] = (1.0, 1.0, 1.0, 1.0, 8.0, 8.0, 1.0)
-    val_every: int = 300
-    val_cases: int = 6
-    val_overlap: float = 0.25
-    checkpoint_minutes: float = 3.0
-    seed: int = 20260
-    bf16: bool = True
-    threads: int = 2
-    target_spacing_mm: tuple[float, float, float] = TARGET_SPACING_MM
-    hu_clip: tuple[float, float] = HU_CLIP
-    data_dir: str = ""
-    train_limit: int = 0
-    # Reference contours failing models.reference_qa count as not contoured. Checkpoints made
-    # before the check existed lack the field and trained without it (see from_dict).
-    reference_qa: bool = True
-    # Recipe options (issue 15). Off by default: the recipe of the checkpoints made before.
-    # Probability per sample of a random rotation/scale (0 = no spatial augmentation).
-    spatial_aug_p: float = 0.0
-    rotation_deg: float = 15.0
-    tilt_deg: float = 6.0
-    scale_range: tuple[float, float] = (0.85, 1.2)
-    # Gaussian noise, blur, simulated low resolution and gamma (models.augment).
-    intensity_aug: bool = False
-    # Decay of the exponential moving average of the weights (0 = none); with one, validation,
-    # best.pt selection and export use the average.
-    ema_decay: float = 0.0
-    # Auxiliary 1x1x1 heads on the decoder levels below full resolution (training only).
-    deep_supervision: int = 0
-    command: list[str] = field(default_factory=list)
-
-    def spatial_augmentation(self) -> SpatialAugmentation | None:
-        if self.spatial_aug_p <= 0.0:
-            return None
-        return SpatialAugmentation(self.spatial_aug_p, self.rotation_deg, self.tilt_deg,
-                                   self.scale_range)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {k: list(v) if isinstance(v, tuple) else v
-                for k, v in dataclasses.asdict(self).items()}
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
-        known = {f.name: f for f in dataclasses.fields(cls)}
-        kwargs: dict[str, Any] = {}
-        for key, value in values.items():
-            if key not in known:
-                continue
-            kwargs[key] = tuple(value) if isinstance(value, list) and key != "command" else value
-        kwargs.setdefault("reference_qa", False)
-        return cls(**kwargs)
 
 
 def build_model(config: TrainConfig) -> ResidualUNet3D:
@@ -732,105 +651,6 @@ def train(
     return final
 
 
-def _parse_triple(text: str, kind: type = int) -> tuple[Any, ...]:
-    parts = tuple(kind(v) for v in text.replace("x", ",").split(","))
-    if len(parts) != 3:
-        raise argparse.ArgumentTypeError(f"expected three values like 64,96,96, got {text!r}")
-    return parts
-
-
-def _parse_pair(text: str) -> tuple[float, float]:
-    parts = tuple(float(v) for v in text.split(","))
-    if len(parts) != 2:
-        raise argparse.ArgumentTypeError(f"expected two values like 0.85,1.2, got {text!r}")
-    return parts[0], parts[1]
-
-
-# CLI flag -> TrainConfig field of the recipe options; on --resume they may change only with
-# --restart-schedule (a new recipe from the checkpoint's weights).
-RECIPE_FLAGS: dict[str, str] = {
-    "--spatial-aug": "spatial_aug_p",
-    "--rotation-deg": "rotation_deg",
-    "--tilt-deg": "tilt_deg",
-    "--scale-range": "scale_range",
-    "--intensity-aug": "intensity_aug",
-    "--ema-decay": "ema_decay",
-    "--deep-supervision": "deep_supervision",
-    "--batch": "batch_size",
-}
-
-
-def build_parser() -> argparse.ArgumentParser:
-    defaults = TrainConfig()
-    parser = argparse.ArgumentParser(prog="rtcontour train", description=__doc__.splitlines()[0])
-    parser.add_argument("--run", default=defaults.run, help="run name (folder under runs/)")
-    parser.add_argument("--runs-dir", type=Path, default=REPO_ROOT / "runs")
-    parser.add_argument("--data-dir", type=Path, default=None,
-                        help="OpenKBP folder with train/ and validation/")
-    parser.add_argument("--cache-dir", type=Path, default=REPO_ROOT / "var" / "cache")
-    parser.add_argument("--resume", action="store_true", help="continue from runs/<run>/last.pt")
-    parser.add_argument("--arch", choices=("unet", "deep"), default=defaults.arch)
-    parser.add_argument("--base-channels", type=int, default=defaults.base_channels)
-    parser.add_argument("--levels", type=int, default=defaults.levels)
-    parser.add_argument("--max-channels", type=int, default=defaults.max_channels)
-    parser.add_argument("--patch", type=_parse_triple, default=defaults.patch_size)
-    parser.add_argument("--batch", type=int, default=defaults.batch_size)
-    parser.add_argument("--steps", type=int, default=defaults.steps)
-    parser.add_argument("--lr", type=float, default=defaults.lr)
-    parser.add_argument("--val-every", type=int, default=defaults.val_every)
-    parser.add_argument("--val-cases", type=int, default=defaults.val_cases)
-    parser.add_argument("--checkpoint-minutes", type=float, default=defaults.checkpoint_minutes)
-    parser.add_argument("--seed", type=int, default=defaults.seed)
-    parser.add_argument("--threads", type=int, default=defaults.threads)
-    parser.add_argument("--no-bf16", action="store_true", help="train in float32")
-    parser.add_argument("--train-limit", type=int, default=0, help="use only N train cases")
-    parser.add_argument("--stop-after", type=int, default=None)
-    parser.add_argument("--no-progress", action="store_true")
-    parser.add_argument("--no-reference-qa", action="store_true",
-                        help="train on every reference contour, even those failing the "
-                             "plausibility check of models.reference_qa (new runs and "
-                             "--restart-schedule only)")
-    parser.add_argument("--rebalance", action="store_true",
-                        help="on --resume, switch to the current structure_weights/pos_weight")
-    parser.add_argument("--restart-schedule", action="store_true",
-                        help="on --resume, a warm restart: new warm-up and decay from --lr at "
-                             "the checkpoint's step to --steps (weights and Adam moments kept)")
-    recipe = parser.add_argument_group(
-        "recipe options", "off by default; on --resume they may change only with "
-                          "--restart-schedule")
-    recipe.add_argument("--spatial-aug", type=float, default=defaults.spatial_aug_p,
-                        metavar="P", help="probability per sample of a random rotation and "
-                                          "scale (0: none)")
-    recipe.add_argument("--rotation-deg", type=float, default=defaults.rotation_deg,
-                        help="maximum rotation in the axial plane")
-    recipe.add_argument("--tilt-deg", type=float, default=defaults.tilt_deg,
-                        help="maximum tilt out of the axial plane")
-    recipe.add_argument("--scale-range", type=_parse_pair, default=defaults.scale_range,
-                        help="min,max isotropic scale")
-    recipe.add_argument("--intensity-aug", action="store_true",
-                        help="Gaussian noise, blur, simulated low resolution and gamma")
-    recipe.add_argument("--ema-decay", type=float, default=defaults.ema_decay,
-                        help="keep an exponential moving average of the weights with this "
-                             "decay (e.g. 0.999; 0: none); validation and export use it")
-    recipe.add_argument("--deep-supervision", type=int, default=defaults.deep_supervision,
-                        metavar="N", help="auxiliary heads on the N decoder levels below full "
-                                          "resolution (training only)")
-    return parser
-
-
-def _recipe_changes(argv: Sequence[str], args: argparse.Namespace,
-                    stored: TrainConfig) -> dict[str, Any]:
-    """Recipe fields given on the command line that differ from ``stored``."""
-    given = {arg.split("=")[0] for arg in argv}
-    changes = {}
-    for flag, name in RECIPE_FLAGS.items():
-        if flag in given:
-            value = getattr(args, flag[2:].replace("-", "_") if flag != "--batch" else "batch")
-            if getattr(stored, name) != value:
-                changes[name] = value
-    return changes
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI entry point (``rtcontour train``)."""
     from tqdm import tqdm
@@ -866,7 +686,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             # bf16 autocast is emulated (~20x slower) on CPUs without AVX-512 BF16
             log.warning("resuming in float32 (the checkpoint trained under bf16 autocast)")
             stored.bf16 = False
-        changes = _recipe_changes(argv, args, stored)
+        changes = recipe_changes(argv, args, stored)
         if changes and not args.restart_schedule:
             raise SystemExit(f"rtcontour train: {', '.join(sorted(changes))} differ from the "
                              "checkpoint's recipe; on --resume that needs --restart-schedule")

@@ -1,7 +1,10 @@
 """The ``rtcontour`` command: one entry point that hands each sub-command to its module.
 
 Each sub-command's module owns its own argument parser (``main(argv) -> int``), so options of
-a sub-command never have to pass through this parser.
+a sub-command never have to pass through this parser. A command whose module needs an extra
+that is not installed answers ``--help`` with its options all the same where its parser lives
+in a module without that extra (``OPTIONS_WITHOUT_EXTRA``), and a real run with one sentence
+naming the extra.
 """
 
 from __future__ import annotations
@@ -29,6 +32,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "export": ("models.export", "export a checkpoint as a model package (extra 'train')"),
     "evaluate": ("models.evaluate", "Dice and HD95 of a model package on the validation split"),
 }
+
+# command whose module needs an extra -> module with its build_parser() that does not
+OPTIONS_WITHOUT_EXTRA: dict[str, str] = {"train": "models.train_cli", "export": "models.export_cli"}
 
 
 def _usage() -> str:
@@ -79,6 +85,10 @@ def _missing_extra(command: str, rest: list[str], error: ModuleNotFoundError, ex
         f"pip install 'rtcontour[{extra}]'"
     )
     if any(arg in {"-h", "--help"} for arg in rest):
+        if command in OPTIONS_WITHOUT_EXTRA:
+            parser = importlib.import_module(OPTIONS_WITHOUT_EXTRA[command]).build_parser()
+            print(f"{parser.format_help()}\nThis command {needs}.")
+            return 0
         print(f"usage: rtcontour {command} [options]\n\n{COMMANDS[command][1]}\n\n"
               f"This command {needs}.\nIts options are listed here once the extra is installed.")
         return 0

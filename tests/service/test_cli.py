@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import make_url
 
-from service.cli import EXTRA_OF_MODULE
+from service.cli import EXTRA_OF_MODULE, OPTIONS_WITHOUT_EXTRA
 from tests.conftest import REPO_ROOT, serve_env
 
 # Runs ``rtcontour ARGS`` with the train extra's modules unimportable, whether installed or not.
@@ -40,15 +40,38 @@ def _rtcontour_without_train_extra(*args: str) -> subprocess.CompletedProcess[st
     )
 
 
-@pytest.mark.parametrize("command", ["train", "export"], ids=["train", "export"])
-def test_help_of_a_train_extra_command_works_without_torch_and_names_the_extra(
-    command: str,
+@pytest.mark.parametrize(
+    ("command", "options"),
+    [("train", ["--resume", "--steps", "--restart-schedule", "--ema-decay"]),
+     ("export", ["--checkpoint", "--version", "--evaluate", "--force"])],
+    ids=["train", "export"],
+)
+def test_help_of_a_train_extra_command_lists_its_options_without_torch_and_names_the_extra(
+    command: str, options: list[str]
 ) -> None:
     result = _rtcontour_without_train_extra(command, "--help")
     assert result.returncode == 0, result.stderr
     assert "Traceback" not in result.stdout + result.stderr
-    assert f"usage: rtcontour {command}" in result.stdout
-    assert "pip install 'rtcontour[train]'" in result.stdout
+    assert result.stdout.startswith(f"usage: rtcontour {command} [-h]"), result.stdout
+    assert [option for option in options if option not in result.stdout] == []
+    assert result.stdout.rstrip().endswith(
+        "This command needs the 'train' extra (torch is not installed): "
+        "pip install 'rtcontour[train]'."
+    )
+
+
+@pytest.mark.parametrize(
+    "command", sorted(OPTIONS_WITHOUT_EXTRA), ids=sorted(OPTIONS_WITHOUT_EXTRA)
+)
+def test_help_without_the_extra_lists_every_option_with_its_help_text(command: str) -> None:
+    parser = importlib.import_module(OPTIONS_WITHOUT_EXTRA[command]).build_parser()
+    bare = [action.option_strings[-1] for action in parser._actions if not action.help]
+    assert not bare, f"options without help text: {bare}"
+    result = _rtcontour_without_train_extra(command, "--help")
+    assert result.returncode == 0, result.stderr
+    missing = [action.option_strings[-1] for action in parser._actions
+               if action.option_strings[-1] not in result.stdout]
+    assert not missing, result.stdout
 
 
 @pytest.mark.parametrize(
@@ -83,13 +106,18 @@ def test_every_module_mapped_to_an_extra_is_a_requirement_of_that_extra() -> Non
 
 
 @pytest.mark.skipif(importlib.util.find_spec("torch") is None, reason="train extra absent")
-def test_train_help_with_the_extra_lists_its_options() -> None:
+@pytest.mark.parametrize(
+    ("command", "option"), [("train", "--steps"), ("export", "--checkpoint")],
+    ids=["train", "export"],
+)
+def test_help_with_the_extra_lists_its_options(command: str, option: str) -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "service.cli", "train", "--help"],
+        [sys.executable, "-m", "service.cli", command, "--help"],
         cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
     )
     assert result.returncode == 0, result.stderr
-    assert "--steps" in result.stdout
+    assert option in result.stdout
+    assert "pip install" not in result.stdout
 
 
 # what a developer reads in a module docstring, not what the person running the command needs
