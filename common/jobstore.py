@@ -524,18 +524,37 @@ class JobStore:
             )
             return bool(result.rowcount == 1)  # type: ignore[attr-defined]
 
-    def recoverable_jobs(self, *, older_than_s: float = 0.0) -> builtins.list[str]:
-        """Ids of jobs whose message may have been lost: received/queued for longer than
+    def recoverable_jobs(
+        self, *, older_than_s: float = 0.0, received_older_than_s: float | None = None
+    ) -> builtins.list[str]:
+        """Ids of jobs whose message may have been lost: queued (or received) for longer than
         ``older_than_s`` (``waiting_jobs``), and running jobs whose worker's lease expired
         (``orphaned_jobs``), oldest first."""
-        return self.waiting_jobs(older_than_s=older_than_s) + self.orphaned_jobs()
+        waiting = self.waiting_jobs(
+            older_than_s=older_than_s, received_older_than_s=received_older_than_s
+        )
+        return waiting + self.orphaned_jobs()
 
-    def waiting_jobs(self, *, older_than_s: float = 0.0) -> builtins.list[str]:
-        """Ids of received/queued jobs not touched for ``older_than_s`` seconds."""
-        cutoff = utcnow() - dt.timedelta(seconds=older_than_s)
+    def waiting_jobs(
+        self, *, older_than_s: float = 0.0, received_older_than_s: float | None = None
+    ) -> builtins.list[str]:
+        """Ids of queued jobs not touched for ``older_than_s`` seconds, and of received ones
+        not touched for ``received_older_than_s`` (default the same).
+
+        A job still ``received`` is one whose intake stopped half-way (the listener died while
+        moving its files); the listener's journal finishes that intake after a restart, so a
+        caller gives it longer before running the job with what its folder holds.
+        """
+        now = utcnow()
+        queued_cutoff = now - dt.timedelta(seconds=older_than_s)
+        received_cutoff = now - dt.timedelta(
+            seconds=older_than_s if received_older_than_s is None else received_older_than_s
+        )
         query = select(Job.id).where(
-            Job.state.in_([JobState.RECEIVED.value, JobState.QUEUED.value]),
-            Job.updated_at <= cutoff,
+            or_(
+                (Job.state == JobState.QUEUED.value) & (Job.updated_at <= queued_cutoff),
+                (Job.state == JobState.RECEIVED.value) & (Job.updated_at <= received_cutoff),
+            )
         )
         with self._sessions() as session:
             return builtins.list(session.scalars(query.order_by(Job.created_at)))

@@ -42,6 +42,7 @@ from common.routes import (
     series_attributes,
 )
 from common.settings import Settings, job_folder
+from service.journal import fsync_dir
 
 logger = logging.getLogger(__name__)
 
@@ -244,6 +245,7 @@ def _move_instances(source: Path, target: Path) -> int:
     for path in sorted(source.glob("*.dcm")):
         os.replace(path, target / path.name)
         moved += 1
+    fsync_dir(target)  # the moves outlive a power cut before the journal forgets the series
     try:
         source.rmdir()
     except OSError:

@@ -4,7 +4,9 @@ Public API (stable; ``service/serve.py`` builds the listener with it)
 ---------------------------------------------------------------------
 ``start_listener(settings, sink, *, audit=None) -> ListenerHandle``
     Start accepting associations on ``settings.dicom_host:dicom_port`` in background threads
-    and return at once. Every complete series becomes one ``SeriesArrival`` passed to
+    and return at once; first, every series an earlier run had acknowledged completely (the
+    journal, ``service.journal``) is re-armed to arrive after the quiet period. Every complete
+    series becomes one ``SeriesArrival`` passed to
     ``sink.series_complete`` (from the tracker's thread). ``audit(event, detail)`` is called
     for every rejected association / refused TLS handshake with ``event ==
     "dicom.association_rejected"`` and ``detail`` holding ``calling_ae``, ``called_ae``,
@@ -69,6 +71,7 @@ from models.registry import load_checked_routing
 from service import handlers
 from service.handlers import AuditCallable, Edge, KnownPeer
 from service.intake import Intake, SeriesArrival, SeriesSink
+from service.journal import SeriesJournal
 from service.spool import InstanceSpool, SeriesTracker
 
 logger = logging.getLogger(__name__)
@@ -248,7 +251,12 @@ def start_listener(
         spool,
         quiet_period_s=settings.quiet_period_s,
         retention_s=settings.incoming_retention_s,
+        journal=SeriesJournal(settings.spool_dir),
     )
+    # What an earlier run acknowledged becomes jobs (before any new association is accepted).
+    recovered = tracker.recover()
+    if recovered:
+        logger.warning("%d series acknowledged before the restart will become jobs", recovered)
     edge = Edge(
         ae_title=settings.ae_title,
         spool=spool,

@@ -121,9 +121,12 @@ def settings(tmp_path: Path) -> Settings:
 class ServeProcess:
     """``rtcontour serve`` running as a subprocess in its own process group."""
 
-    def __init__(self, env: dict[str, str], log_path: Path) -> None:
+    def __init__(
+        self, env: dict[str, str], log_path: Path, command: list[str] | None = None
+    ) -> None:
         self.env = env
         self.log_path = log_path
+        self.command = command or [sys.executable, "-m", "service.cli", "serve"]
         self.dicom_port = int(env["RTCONTOUR_DICOM_PORT"])
         self.api_port = int(env["RTCONTOUR_API_PORT"])
         self.data_dir = Path(env["RTCONTOUR_DATA_DIR"])
@@ -133,7 +136,7 @@ class ServeProcess:
     def start(self, *args: str, timeout_s: float = 60.0) -> None:
         log = self.log_path.open("ab")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "service.cli", "serve", *args],
+            [*self.command, *args],
             env=self.env,
             cwd=REPO_ROOT,
             stdout=log,
@@ -167,6 +170,15 @@ class ServeProcess:
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")[-20000:]
+
+    def kill(self) -> None:
+        """SIGKILL serve and every process it started at once, as a power cut would."""
+        if self.process is None:
+            return
+        with _suppress_lookup():
+            os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait(10)
+        self.process = None
 
     def stop(self, timeout_s: float = 20.0) -> int | None:
         """SIGTERM serve (it stops its children), then SIGKILL whatever is left in its
@@ -268,8 +280,11 @@ def serve_factory(tmp_path: Path) -> Iterator[object]:
     """Build and start ``rtcontour serve`` subprocesses; all stopped at teardown."""
     started: list[ServeProcess] = []
 
-    def factory(env: dict[str, str], *args: str, timeout_s: float = 60.0) -> ServeProcess:
-        serve = ServeProcess(env, tmp_path / f"serve-{len(started)}.log")
+    def factory(
+        env: dict[str, str], *args: str, timeout_s: float = 60.0,
+        command: list[str] | None = None,
+    ) -> ServeProcess:
+        serve = ServeProcess(env, tmp_path / f"serve-{len(started)}.log", command)
         started.append(serve)
         serve.start(*args, timeout_s=timeout_s)
         return serve

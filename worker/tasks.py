@@ -73,6 +73,7 @@ JOB_SENT_EVENT = "job.sent"
 MAX_RESTARTS = 3  # pipeline restarts of one attempt because instances were merged in
 RETRY_BACKOFF_S = 5.0
 PURGE_INTERVAL_S = 3600.0  # how often the retention policy runs (it is measured in days)
+INTAKE_GRACE_S = 300.0  # beyond the quiet period: a received job waits this long for its intake
 
 
 class LostClaim(Exception):  # noqa: N818 - a signal, not an error
@@ -327,15 +328,19 @@ def recover_jobs(
     enqueue: Callable[[str], None],
     older_than_s: float,
     waiting_messages: int | None = None,
+    received_older_than_s: float | None = None,
 ) -> int:
     """Re-enqueue jobs whose message may be lost; return how many.
 
-    Running jobs whose lease expired (their worker died) always; received/queued jobs
-    untouched for ``older_than_s`` unless the broker still holds at least as many waiting
-    messages as there are such jobs (``waiting_messages``; None: unknown, re-enqueue).
-    Duplicates are harmless (the claim makes them no-ops); this only keeps them rare.
+    Running jobs whose lease expired (their worker died) always; queued jobs untouched for
+    ``older_than_s`` (received ones: ``received_older_than_s``, see ``JobStore.waiting_jobs``)
+    unless the broker still holds at least as many waiting messages as there are such jobs
+    (``waiting_messages``; None: unknown, re-enqueue). Duplicates are harmless (the claim
+    makes them no-ops); this only keeps them rare.
     """
-    waiting = store.waiting_jobs(older_than_s=older_than_s)
+    waiting = store.waiting_jobs(
+        older_than_s=older_than_s, received_older_than_s=received_older_than_s
+    )
     if waiting_messages is not None and waiting_messages >= len(waiting):
         waiting = []
     job_ids = waiting + store.orphaned_jobs()
@@ -367,6 +372,9 @@ class RecoverySweeper:
     ) -> None:
         self.settings, self.store, self.enqueue = settings, store, enqueue
         self.queue_depth = queue_depth or (lambda: None)
+        # A job left "received" by a listener killed mid-intake is finished by the restarted
+        # listener after its quiet period: run it with what it has only well after that.
+        self._intake_grace_s = 2 * settings.quiet_period_s + INTAKE_GRACE_S
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="recovery-sweep", daemon=True)
 
@@ -384,7 +392,8 @@ class RecoverySweeper:
         while not self._stop.is_set():
             try:
                 depth = self.queue_depth()
-                recover_jobs(self.store, self.enqueue, older_than_s, waiting_messages=depth)
+                recover_jobs(self.store, self.enqueue, older_than_s, waiting_messages=depth,
+                             received_older_than_s=max(older_than_s, self._intake_grace_s))
             except Exception:
                 logger.exception("recovery sweep failed (will retry)")
             if time.monotonic() >= next_purge:

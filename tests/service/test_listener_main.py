@@ -6,9 +6,12 @@ import signal
 import time
 
 import pydicom
+from pydicom.uid import ImplicitVRLittleEndian
+from pynetdicom import AE
+from pynetdicom.sop_class import CTImageStorage
 
 from service.dicom_status import Status
-from tests.service.conftest import requires_dcmtk, run_storescu
+from tests.service.conftest import LISTENER_AE, requires_dcmtk, run_storescu
 
 pytestmark = requires_dcmtk
 
@@ -27,13 +30,16 @@ def test_sigterm_hands_over_complete_series_and_exits_cleanly(start_listener_pro
     assert "Phantom" not in log and "RTC-PHANTOM" not in log  # no patient name or ID logged
 
 
-def test_killed_listener_leaves_whole_instances_and_no_arrival_until_resent(
+def test_listener_killed_in_the_quiet_period_makes_the_series_arrive_after_restart(
     start_listener_process, ct_series, tmp_path
 ):
+    """Success was answered for every instance and the association released: rtcontour took
+    responsibility, so a SIGKILL (power cut) in the quiet period must not lose the series."""
     listener = start_listener_process(quiet_period_s=60.0)
     files = ct_series(n_slices=4)
     series_uid = pydicom.dcmread(files[0], stop_before_pixels=True).SeriesInstanceUID
     assert run_storescu(listener.port, files).status_list == [Status.SUCCESS] * 4
+    time.sleep(1.0)
     listener.process.send_signal(signal.SIGKILL)
     listener.process.wait(10)
     folder = tmp_path / "var" / "spool" / "incoming" / series_uid
@@ -41,9 +47,35 @@ def test_killed_listener_leaves_whole_instances_and_no_arrival_until_resent(
     for stored in folder.iterdir():
         assert pydicom.dcmread(stored).pixel_array.shape == (16, 16)  # every file is whole
 
+    restarted = start_listener_process(quiet_period_s=0.5)
+    restarted.wait_for_log("series arrived")  # nothing sent again
+    log = restarted.log()
+    assert f"series_instance_uid='{series_uid}'" in log and "n_instances=4" in log, log
+    assert log.count("series arrived") == 1
+    assert not any((tmp_path / "var" / "spool" / "journal").iterdir())
+
+
+def test_listener_killed_mid_association_keeps_the_series_interrupted_until_resent(
+    start_listener_process, ct_series, tmp_path
+):
+    """Killed before the association was released: the TPS saw it fail and sends again; the
+    half received is no job of its own."""
+    listener = start_listener_process(quiet_period_s=0.3)
+    files = ct_series(n_slices=4)
+    ae = AE(ae_title="STORESCU")
+    ae.add_requested_context(CTImageStorage, ImplicitVRLittleEndian)
+    assoc = ae.associate("127.0.0.1", listener.port, ae_title=LISTENER_AE)
+    assert assoc.is_established
+    for path in files[:2]:
+        assert assoc.send_c_store(pydicom.dcmread(path)).Status == Status.SUCCESS
+    listener.process.send_signal(signal.SIGKILL)
+    listener.process.wait(10)
+    assoc.abort()
+
     restarted = start_listener_process(quiet_period_s=0.3)
     time.sleep(1.0)
-    assert "series arrived" not in restarted.log()  # the interrupted series makes no job
-    assert run_storescu(restarted.port, files[:1]).status_list == [Status.SUCCESS]
+    assert "series arrived" not in restarted.log()
+    assert "stay interrupted until it is sent again" in restarted.log()
+    assert run_storescu(restarted.port, files).status_list == [Status.SUCCESS] * 4
     restarted.wait_for_log("series arrived")
     assert "n_instances=4" in restarted.log()

@@ -79,6 +79,8 @@ def test_recovery_skips_waiting_jobs_while_the_broker_holds_their_messages(
     waiting = [
         store.create_or_merge_for_series(series_instance_uid=f"1.2.{i}").job.id for i in range(2)
     ]
+    for job_id in waiting:
+        store.mark_queued(job_id)
     orphan = store.create_or_merge_for_series(series_instance_uid="1.2.9").job.id
     store.claim(orphan, "dead-worker", lease_s=0.0)
     enqueued: list[str] = []
@@ -87,3 +89,27 @@ def test_recovery_skips_waiting_jobs_while_the_broker_holds_their_messages(
     enqueued.clear()
     assert recover_jobs(store, enqueued.append, 0, waiting_messages=1) == 3
     assert enqueued == [*waiting, orphan]
+
+
+def test_recovery_gives_a_job_whose_intake_stopped_half_way_time_to_finish(
+    settings: Settings,
+) -> None:
+    """A job still "received" lost its listener mid-intake; the restarted listener's journal
+    finishes the intake, so the sweep does not run it with a part of its files meanwhile."""
+    from common.db import make_engine
+    from common.jobstore import JobStore
+    from common.schema import create_schema
+    from worker.tasks import recover_jobs
+
+    engine = make_engine(settings)
+    create_schema(engine)
+    store = JobStore(engine)
+    received = store.create_or_merge_for_series(series_instance_uid="1.2.7").job.id
+    queued = store.create_or_merge_for_series(series_instance_uid="1.2.8").job.id
+    store.mark_queued(queued)
+    enqueued: list[str] = []
+    assert recover_jobs(store, enqueued.append, 0, received_older_than_s=600) == 1
+    assert enqueued == [queued]
+    enqueued.clear()
+    assert recover_jobs(store, enqueued.append, 0, received_older_than_s=0) == 2
+    assert enqueued == [received, queued]

@@ -1,0 +1,167 @@
+"""The series journal: what the listener acknowledged, on disk, so a restart can finish it.
+
+Success on C-STORE means rtcontour took responsibility for the instance. The instance file is
+on disk (``InstanceSpool``, fsync'd) before that answer; this journal records, as durably,
+which associations carried each series and how each ended, so that a listener killed inside a
+series' quiet period (a power cut, SIGKILL, OOM) can, when it starts again, turn every series
+whose associations were all released into its job. Layout::
+
+    <spool_dir>/journal/<SeriesInstanceUID>/<carrier>.open       association still open
+                                           /<carrier>.released   released after storing
+                                           /<carrier>.aborted    aborted (or cut by a restart)
+
+``<carrier>`` names one association of one listener run (``<run id>-<serial>``). A marker
+holds the series' UIDs, modality, description and the AE titles as JSON (no patient
+identifiers). It is written before the first instance of the series on that association is
+answered, renamed when the association ends, and removed once the intake took the series.
+The journal lives beside ``incoming/`` (not in it), so series folders hold instances only.
+
+Written by hand (no library keeps a crash-safe directory of markers): each change is a write
+to a temporary file, fsync, ``os.replace`` and an fsync of the folder, the usual POSIX recipe.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import shutil
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+OPEN, RELEASED, ABORTED = "open", "released", "aborted"
+_OUTCOMES = (OPEN, RELEASED, ABORTED)
+_TEMP_SUFFIX = ".tmp"
+
+
+@dataclass(frozen=True)
+class JournalledSeries:
+    """One series found in the journal at start-up (see ``SeriesJournal.recover``)."""
+
+    series_instance_uid: str
+    record: dict[str, str]  # the first marker's content: UIDs, modality, description, AEs
+    released: tuple[str, ...]  # carriers whose association was released
+    aborted: tuple[str, ...]  # carriers aborted, or still open when the listener stopped
+
+
+class SeriesJournal:
+    """Markers of which association carried which series, and how it ended (module docs).
+
+    ``durable``: fsync each change (the default; off only where the file system's own
+    guarantees are enough, e.g. a RAM disk in tests, since without it a power cut may lose
+    what was acknowledged).
+    """
+
+    def __init__(self, spool_dir: Path, *, durable: bool = True) -> None:
+        self.journal_dir = Path(spool_dir) / "journal"
+        self.durable = durable
+        self.run_id = uuid.uuid4().hex[:12]
+        self.journal_dir.mkdir(parents=True, exist_ok=True)
+
+    def carrier(self, serial: int) -> str:
+        """The marker name of this run's association ``serial``."""
+        return f"{self.run_id}-{serial}"
+
+    # -- changes (called by the tracker, under its lock) -------------------------------------
+    def opened(self, series_instance_uid: str, carrier: str, record: dict[str, str]) -> None:
+        """``carrier`` stored its first instance of the series: write ``<carrier>.open``."""
+        folder = self.journal_dir / series_instance_uid
+        if not folder.is_dir():
+            folder.mkdir(exist_ok=True)
+            self._sync_dir(self.journal_dir)
+        temp = folder / f".{carrier}{_TEMP_SUFFIX}"
+        with open(temp, "wb") as stream:
+            stream.write(json.dumps(record, sort_keys=True).encode())
+            if self.durable:
+                stream.flush()
+                os.fsync(stream.fileno())
+        os.replace(temp, folder / f"{carrier}.{OPEN}")
+        self._sync_dir(folder)
+
+    def ended(self, series_instance_uid: str, carrier: str, outcome: str) -> None:
+        """The association ended: ``<carrier>.open`` becomes ``.released`` or ``.aborted``."""
+        folder = self.journal_dir / series_instance_uid
+        try:
+            os.replace(folder / f"{carrier}.{OPEN}", folder / f"{carrier}.{outcome}")
+        except FileNotFoundError:
+            return  # nothing open for it (already ended, or the series was taken)
+        self._sync_dir(folder)
+
+    def forget_aborted(self, series_instance_uid: str) -> None:
+        """The series was sent again after an abort: the later sender decides, as in memory."""
+        folder = self.journal_dir / series_instance_uid
+        removed = False
+        for marker in folder.glob(f"*.{ABORTED}"):
+            marker.unlink(missing_ok=True)
+            removed = True
+        if removed:
+            self._sync_dir(folder)
+
+    def taken(self, series_instance_uid: str, carriers: Iterable[str]) -> None:
+        """The intake took the series: remove the markers of ``carriers`` (others may have
+        started carrying it again meanwhile) and the folder once empty."""
+        folder = self.journal_dir / series_instance_uid
+        for carrier in carriers:
+            for outcome in _OUTCOMES:
+                (folder / f"{carrier}.{outcome}").unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # another association carries it now, or gone
+            folder.rmdir()
+        self._sync_dir(folder if folder.exists() else self.journal_dir)
+
+    def drop(self, series_instance_uid: str) -> None:
+        """Forget the series entirely (interrupted: its files wait to be re-sent or swept)."""
+        shutil.rmtree(self.journal_dir / series_instance_uid, ignore_errors=True)
+        self._sync_dir(self.journal_dir)
+
+    # -- start-up -------------------------------------------------------------------------
+    def recover(self) -> list[JournalledSeries]:
+        """What an earlier run left: every marker still ``.open`` becomes ``.aborted`` (its
+        association died with that run), temporary files go; one entry per series."""
+        found: list[JournalledSeries] = []
+        for folder in sorted(p for p in self.journal_dir.iterdir() if p.is_dir()):
+            for temp in folder.glob(f".*{_TEMP_SUFFIX}"):
+                temp.unlink(missing_ok=True)
+            for marker in folder.glob(f"*.{OPEN}"):
+                os.replace(marker, marker.with_suffix(f".{ABORTED}"))
+            self._sync_dir(folder)
+            released = tuple(sorted(p.stem for p in folder.glob(f"*.{RELEASED}")))
+            aborted = tuple(sorted(p.stem for p in folder.glob(f"*.{ABORTED}")))
+            if not released and not aborted:
+                shutil.rmtree(folder, ignore_errors=True)
+                continue
+            record = self._read_record(folder, (*released, *aborted))
+            found.append(JournalledSeries(folder.name, record, released, aborted))
+        return found
+
+    def _read_record(self, folder: Path, carriers: Iterable[str]) -> dict[str, str]:
+        for carrier in carriers:
+            for outcome in (RELEASED, ABORTED):
+                try:
+                    value = json.loads((folder / f"{carrier}.{outcome}").read_text())
+                except (OSError, ValueError):
+                    continue
+                if isinstance(value, dict):
+                    return {str(k): str(v) for k, v in value.items()}
+        logger.warning("journal of series %s has no readable marker", folder.name)
+        return {"series_instance_uid": folder.name}
+
+    def _sync_dir(self, folder: Path) -> None:
+        if self.durable:
+            fsync_dir(folder)
+
+
+def fsync_dir(folder: Path) -> None:
+    """fsync a folder, so that a file created, renamed or removed in it outlives a power cut."""
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+__all__ = ["ABORTED", "OPEN", "RELEASED", "JournalledSeries", "SeriesJournal", "fsync_dir"]

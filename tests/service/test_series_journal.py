@@ -1,0 +1,250 @@
+"""The series journal: a listener that stops at any moment loses no series it acknowledged.
+
+Each test runs a tracker with a journal, drops it as a killed process would (nothing flushed,
+no shutdown), and starts a new tracker on the same spool, as the restarted listener does.
+``tests/service/test_listener_main.py`` and ``tests/test_listener_restart.py`` do the same
+with the real processes killed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from service.journal import SeriesJournal
+from service.spool import InstanceHeader, InstanceSpool, SeriesTracker
+from tests.service.conftest import RecordingSink
+
+SERIES_A = "1.2.3.4.100"
+SERIES_B = "1.2.3.4.200"
+QUIET_S = 5.0
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def header(series_uid: str, sop: int) -> InstanceHeader:
+    return InstanceHeader(
+        sop_instance_uid=f"{series_uid}.{sop}",
+        series_instance_uid=series_uid,
+        study_instance_uid="1.2.3.4",
+        modality="CT",
+        series_description="Head 2.5mm",
+    )
+
+
+class Node:
+    """One run of the listener's spool, journal and tracker on ``spool_dir``."""
+
+    def __init__(self, spool_dir: Path, sink: RecordingSink | None = None) -> None:
+        self.clock = FakeClock()
+        self.sink = sink or RecordingSink()
+        self.spool = InstanceSpool(spool_dir, min_free_disk_bytes=0)
+        self.journal = SeriesJournal(spool_dir)
+        self.tracker = SeriesTracker(
+            self.sink, self.spool, quiet_period_s=QUIET_S, clock=self.clock,
+            journal=self.journal,
+        )
+
+    def store(self, association: int, series_uid: str, sops: range) -> None:
+        for sop in sops:
+            item = header(series_uid, sop)
+            self.spool.write(series_uid, item.sop_instance_uid, [b"DICM" * 8])
+            self.tracker.instance_stored(association, item, "TPS", "RTCONTOUR")
+
+    def after_quiet_period(self) -> list:  # type: ignore[type-arg]
+        self.clock.advance(QUIET_S + 0.1)
+        return self.tracker.poll()
+
+
+def journal_files(spool_dir: Path) -> list[str]:
+    return sorted(
+        str(p.relative_to(spool_dir / "journal")) for p in (spool_dir / "journal").rglob("*")
+    )
+
+
+def test_released_series_killed_in_its_quiet_period_becomes_one_arrival_after_restart(
+    tmp_path: Path,
+) -> None:
+    before = Node(tmp_path)
+    before.store(1, SERIES_A, range(3))
+    before.tracker.association_released(1)
+    before.clock.advance(1.0)  # killed here: inside the quiet period, nothing emitted
+    assert before.tracker.poll() == []
+
+    after = Node(tmp_path)
+    assert after.tracker.recover() == 1
+    after.clock.advance(QUIET_S - 0.5)
+    assert after.tracker.poll() == []  # the quiet period starts again at the restart
+    [arrival] = after.after_quiet_period()
+    assert arrival.series_instance_uid == SERIES_A and arrival.n_instances == 3
+    assert (arrival.calling_ae, arrival.called_ae) == ("TPS", "RTCONTOUR")
+    assert (arrival.study_instance_uid, arrival.modality) == ("1.2.3.4", "CT")
+    assert arrival.series_description == "Head 2.5mm"
+    assert journal_files(tmp_path) == []  # taken by the intake: nothing to recover again
+    assert Node(tmp_path).tracker.recover() == 0
+
+
+def test_series_of_an_association_open_when_killed_stays_interrupted_until_resent(
+    tmp_path: Path,
+) -> None:
+    before = Node(tmp_path)
+    before.store(1, SERIES_A, range(2))  # killed before the association was released
+
+    after = Node(tmp_path)
+    assert after.tracker.recover() == 0
+    assert after.after_quiet_period() == [] and after.tracker.pending_series == 0
+    assert journal_files(tmp_path) == []
+    assert len(list((tmp_path / "incoming" / SERIES_A).glob("*.dcm"))) == 2  # kept, not a job
+
+    after.store(7, SERIES_A, range(4))  # the TPS sends the series again
+    after.tracker.association_released(7)
+    [arrival] = after.after_quiet_period()
+    assert arrival.n_instances == 4
+
+
+def test_only_series_whose_associations_all_released_are_recovered(tmp_path: Path) -> None:
+    before = Node(tmp_path)
+    before.store(1, SERIES_A, range(2))
+    before.store(2, SERIES_B, range(2))
+    before.store(3, SERIES_B, range(2, 4))
+    before.tracker.association_released(1)
+    before.tracker.association_released(2)  # association 3 still open when killed
+
+    after = Node(tmp_path)
+    assert after.tracker.recover() == 1
+    assert [a.series_instance_uid for a in after.after_quiet_period()] == [SERIES_A]
+
+
+def test_abort_followed_by_a_released_resend_is_recovered(tmp_path: Path) -> None:
+    before = Node(tmp_path)
+    before.store(1, SERIES_A, range(2))
+    before.tracker.association_aborted(1)
+    before.store(2, SERIES_A, range(3))  # the TPS sends again: the later sender decides
+    before.tracker.association_released(2)
+
+    after = Node(tmp_path)
+    assert after.tracker.recover() == 1
+    [arrival] = after.after_quiet_period()
+    assert arrival.n_instances == 3
+
+
+def test_aborted_series_dropped_in_memory_is_dropped_from_the_journal(tmp_path: Path) -> None:
+    before = Node(tmp_path)
+    before.store(1, SERIES_A, range(2))
+    before.tracker.association_aborted(1)
+    assert before.after_quiet_period() == []
+    assert journal_files(tmp_path) == []
+
+
+def test_killed_while_the_intake_moved_part_of_the_series_the_rest_arrives_after_restart(
+    tmp_path: Path,
+) -> None:
+    class DyingIntake(RecordingSink):
+        """Moves the first instance into the job folder, then the process dies."""
+
+        def series_complete(self, arrival):  # type: ignore[no-untyped-def]
+            job = tmp_path / "jobs" / "job-1"
+            job.mkdir(parents=True)
+            first = sorted(arrival.folder.glob("*.dcm"))[0]
+            os.replace(first, job / first.name)
+            raise SystemExit("killed")  # not an Exception: the tracker cannot handle it
+
+    before = Node(tmp_path, DyingIntake())
+    before.store(1, SERIES_A, range(3))
+    before.tracker.association_released(1)
+    with pytest.raises(SystemExit):
+        before.after_quiet_period()
+
+    after = Node(tmp_path)
+    assert after.tracker.recover() == 1
+    [arrival] = after.after_quiet_period()
+    assert arrival.n_instances == 2  # the intake merges them into the job it had created
+
+
+def test_series_the_intake_had_wholly_taken_is_forgotten_at_restart(tmp_path: Path) -> None:
+    before = Node(tmp_path)
+    before.store(1, SERIES_A, range(2))
+    before.tracker.association_released(1)
+    for path in (tmp_path / "incoming" / SERIES_A).glob("*.dcm"):
+        path.unlink()  # moved to its job folder; killed before the journal was updated
+
+    after = Node(tmp_path)
+    assert after.tracker.recover() == 0
+    assert journal_files(tmp_path) == []
+
+
+def test_sink_failure_keeps_the_journal_until_the_series_is_taken(tmp_path: Path) -> None:
+    class DownOnce(RecordingSink):
+        down = True
+
+        def series_complete(self, arrival):  # type: ignore[no-untyped-def]
+            if self.down:
+                self.down = False
+                raise RuntimeError("database down")
+            super().series_complete(arrival)
+
+    node = Node(tmp_path, DownOnce())
+    node.store(1, SERIES_A, range(2))
+    node.tracker.association_released(1)
+    assert node.after_quiet_period() == []
+    assert journal_files(tmp_path) == [SERIES_A, f"{SERIES_A}/{node.journal.carrier(1)}.released"]
+    assert len(node.after_quiet_period()) == 1
+    assert journal_files(tmp_path) == []
+
+
+def test_journal_failure_refuses_the_instance_and_tracks_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    node = Node(tmp_path)
+
+    def disk_error(*_args: object) -> None:
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(node.journal, "opened", disk_error)
+    with pytest.raises(OSError):
+        node.store(1, SERIES_A, range(1))
+    node.tracker.association_released(1)
+    assert node.after_quiet_period() == [] and node.tracker.pending_series == 0
+
+
+def test_journal_markers_hold_uids_and_ae_titles_only(tmp_path: Path) -> None:
+    node = Node(tmp_path)
+    node.store(1, SERIES_A, range(1))
+    [marker] = (tmp_path / "journal" / SERIES_A).iterdir()
+    assert marker.name == f"{node.journal.carrier(1)}.open"
+    assert sorted(json.loads(marker.read_text())) == [
+        "called_ae", "calling_ae", "modality", "series_description", "series_instance_uid",
+        "study_instance_uid",
+    ]
+    assert list((tmp_path / "incoming" / SERIES_A).iterdir())[0].suffix == ".dcm"
+
+
+def test_instance_and_marker_are_synced_to_disk_before_the_answer(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    node = Node(tmp_path)
+    synced: list[str] = []
+    real_fsync = os.fsync
+
+    def recording_fsync(fd: int) -> None:
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    node.store(1, SERIES_A, range(1))
+    series_folder = str(tmp_path / "incoming" / SERIES_A)
+    journal_folder = str(tmp_path / "journal" / SERIES_A)
+    assert any(path.startswith(series_folder + "/.") for path in synced)  # the file's data
+    assert series_folder in synced and journal_folder in synced  # and the names in folders
