@@ -41,6 +41,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    case,
     func,
     or_,
     select,
@@ -175,6 +176,9 @@ class Job(Base):
     # "AE@host:port|SOPInstanceUID" entries already delivered (idempotent re-sends).
     sent_destinations: Mapped[list[str]] = mapped_column(JSON, default=list)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
+    # Runs of ``attempts`` whose worker vanished (killed, out of memory, host lost): they do
+    # not spend the job's attempts, but are bounded on their own (``worker.tasks``).
+    workers_lost: Mapped[int | None] = mapped_column(Integer, default=0)
     # Bumped whenever instances are merged in; a running job restarts if it changed.
     generation: Mapped[int] = mapped_column(Integer, default=0)
     created_at: Mapped[dt.datetime] = mapped_column(UtcDateTime, default=utcnow, index=True)
@@ -481,15 +485,16 @@ class JobStore:
     def claim(self, job_id: str, worker: str, lease_s: float) -> Job | None:
         """Atomically take a job to run: received/queued, or running with an expired lease.
 
-        Returns the claimed job (state running, attempts incremented) or None when the job is
-        finished or another worker holds a live claim (a duplicate message: do nothing).
+        Returns the claimed job (state running, attempts incremented; ``workers_lost`` too when
+        it takes over from a worker whose lease expired) or None when the job is finished or
+        another worker holds a live claim (a duplicate message: do nothing).
         """
         now = utcnow()
-        claimable = or_(
-            Job.state.in_([JobState.RECEIVED.value, JobState.QUEUED.value]),
-            (Job.state == JobState.RUNNING.value)
-            & (or_(Job.lease_expires_at.is_(None), Job.lease_expires_at < now)),
+        orphaned = (Job.state == JobState.RUNNING.value) & (
+            or_(Job.lease_expires_at.is_(None), Job.lease_expires_at < now)
         )
+        claimable = or_(Job.state.in_([JobState.RECEIVED.value, JobState.QUEUED.value]), orphaned)
+        lost_so_far = func.coalesce(Job.workers_lost, 0)
         with self._sessions.begin() as session:
             result = session.execute(
                 update(Job)
@@ -497,6 +502,10 @@ class JobStore:
                 .values(
                     state=JobState.RUNNING.value,
                     attempts=Job.attempts + 1,
+                    # SET reads the row as it was: "running" here means a lost worker's run.
+                    workers_lost=case(
+                        (Job.state == JobState.RUNNING.value, lost_so_far + 1), else_=lost_so_far
+                    ),
                     started_at=now,
                     updated_at=now,
                     worker=worker,
@@ -821,7 +830,7 @@ class JobStore:
                 job.state = JobState.QUEUED.value
                 job.queued_at = job.updated_at = now
                 job.finished_at = job.worker = job.lease_expires_at = None
-                job.attempts = 0
+                job.attempts = job.workers_lost = 0
                 job.failure_reason = reason
                 job.active_series_uid = job.series_instance_uid
                 return job

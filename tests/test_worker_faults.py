@@ -71,6 +71,7 @@ def test_worker_killed_mid_inference_job_completes_once(
     detail = api_job(serve, finished["id"])
     assert detail["state"] == "done", detail
     assert detail["attempts"] == 2  # the killed attempt, and the one that completed
+    assert detail["workers_lost"] == 1  # which spent none of the job's attempts
     time.sleep(1.0)
     received = tps.received()
     assert len(received) == 1, "the TPS must receive the RTSTRUCT exactly once"

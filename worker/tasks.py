@@ -16,7 +16,10 @@ Domain errors become job states here, once:
 
 A worker killed mid-job leaves the job ``running`` with a lease that stops being renewed;
 once it expires the recovery sweep (``recover_jobs``, run at worker start and every
-``recovery_interval_s``) re-enqueues it and the next claim counts another attempt.
+``recovery_interval_s``) re-enqueues it. Such a run does not spend one of ``job_attempts``
+(the job did nothing wrong that we know of); it counts in ``Job.workers_lost``, and a job
+whose worker was lost ``job_attempts`` times fails with that reason (a series that kills its
+worker, by memory say, must not do so forever).
 """
 
 from __future__ import annotations
@@ -204,15 +207,23 @@ def execute_job(job_id: str, runtime: WorkerRuntime) -> Outcome:
     if job is None:
         logger.info("job %s: not claimable (finished or running elsewhere); skipped", job_id)
         return Outcome("skipped")
-    if job.attempts > settings.job_attempts:
+    lost = job.workers_lost or 0
+    failed_runs = job.attempts - 1 - lost  # runs before this one that ended in an error
+    if lost:
+        logger.warning("job %s: a worker running it was lost (%d of %d such runs allowed)",
+                       job_id, lost, settings.job_attempts)
+    if lost >= settings.job_attempts or failed_runs >= settings.job_attempts:
         reason = (
-            f"Gave up after {settings.job_attempts} attempts "
-            f"(last: {job.failure_reason or 'the worker running it was lost'})."
+            f"Gave up: the worker running it was lost {lost} times (killed, out of memory, "
+            "or its host went away); see the worker logs."
+            if lost >= settings.job_attempts
+            else f"Gave up after {settings.job_attempts} attempts "
+                 f"(last: {job.failure_reason or 'unknown'})."
         )
         store.transition(job_id, JobState.FAILED, reason=reason)
         logger.error("job %s failed: %s", job_id, reason)
         return Outcome(JobState.FAILED.value)
-    logger.info("job %s: attempt %d on %s", job_id, job.attempts, runtime.worker_name)
+    logger.info("job %s: attempt %d on %s", job_id, failed_runs + 1, runtime.worker_name)
     with _Heartbeat(store, job_id, runtime.worker_name, settings.job_lease_s) as heartbeat:
         try:
             held = _run_pipeline(job_id, job.generation, runtime, heartbeat)
@@ -227,11 +238,11 @@ def execute_job(job_id: str, runtime: WorkerRuntime) -> Outcome:
             return _finish(store, job_id, JobState.SEND_FAILED, str(exc))
         except SoftTimeLimitExceeded:
             reason = f"The job exceeded its time limit of {settings.job_time_limit_s} s."
-            return _retry_or_fail(store, job_id, job.attempts, settings, reason)
+            return _retry_or_fail(store, job_id, failed_runs + 1, settings, reason)
         except Exception as exc:
-            logger.exception("job %s: attempt %d failed", job_id, job.attempts)
+            logger.exception("job %s: attempt %d failed", job_id, failed_runs + 1)
             reason = f"Unexpected error: {type(exc).__name__}: {exc}"
-            return _retry_or_fail(store, job_id, job.attempts, settings, reason)
+            return _retry_or_fail(store, job_id, failed_runs + 1, settings, reason)
         if held:
             logger.info("job %s awaits a clinician's review; nothing sent yet", job_id)
             return Outcome(JobState.AWAITING_REVIEW.value)

@@ -203,7 +203,10 @@ class JobDetailOut(JobSummaryOut):
         None, description="a contour job: what the clinicians changed in its structures"
     )
     notes: list[str] = Field(default_factory=list, description="how the job went (not errors)")
-    attempts: int | None = None
+    attempts: int | None = Field(None, description="runs so far, those of lost workers included")
+    workers_lost: int = Field(
+        0, description="runs whose worker vanished (killed, out of memory); they spend no attempt"
+    )
     queued_at: dt.datetime | None = None
     started_at: dt.datetime | None = None
     timings: StageTimingsOut
@@ -337,6 +340,7 @@ def detail(job: Job, outputs: list[JobOutput], *, with_patient: bool = False) ->
         qa=job.qa,
         notes=job.notes or [],
         attempts=job.attempts,
+        workers_lost=job.workers_lost or 0,
         queued_at=job.queued_at,
         started_at=job.started_at,
         timings=timings,

@@ -208,7 +208,31 @@ def test_recovery_reenqueues_jobs_whose_worker_died(
     assert recover_jobs(runtime.store, enqueued.append, older_than_s=60) == 1
     assert enqueued == [job_id]
     assert execute_job(job_id, runtime).state == "done"
-    assert runtime.store.get(job_id).attempts == 2
+    job = runtime.store.get(job_id)
+    assert job.attempts == 2 and job.workers_lost == 1  # the lost run spent no attempt
+
+
+def test_a_lost_worker_does_not_spend_an_attempt_but_losing_it_every_time_fails_the_job(
+    settings: Settings, tmp_path: Path, model: ThresholdModel
+) -> None:
+    settings = settings.model_copy(update={"job_attempts": 2})
+    runtime = _runtime(settings, model, [])
+    job_id = _submit(settings, runtime.store, tmp_path)
+    # One run ends in an error (an attempt spent), then a worker is lost once: one left.
+    assert runtime.store.claim(job_id, "w1", lease_s=60) is not None
+    runtime.store.transition(job_id, JobState.QUEUED, reason="Attempt 1 failed: boom")
+    assert runtime.store.claim(job_id, "dead-worker", lease_s=0.0) is not None
+    assert execute_job(job_id, runtime).state == "done"
+
+    lost_every_time = _submit(settings, runtime.store, tmp_path / "second")
+    for _ in range(2):
+        assert runtime.store.claim(lost_every_time, "dead-worker", lease_s=0.0) is not None
+    job = runtime.store.get(lost_every_time)
+    assert job.workers_lost == 1
+    outcome = execute_job(lost_every_time, runtime)
+    job = runtime.store.get(lost_every_time)
+    assert outcome.state == "failed" and job.workers_lost == 2
+    assert job.failure_reason.startswith("Gave up: the worker running it was lost 2 times")
 
 
 def _dest(peer: StoreScp):  # type: ignore[no-untyped-def]
