@@ -35,7 +35,7 @@ from pydicom.uid import (
 from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.events import Event
-from pynetdicom.pdu_primitives import A_ASSOCIATE
+from pynetdicom.pdu_primitives import A_ASSOCIATE, A_RELEASE
 
 from common.errors import InstanceTooLarge, InvalidInstance, RtcontourError, SopClassMismatch
 from service import metrics
@@ -523,9 +523,19 @@ def _note_unused_association(event: Event, edge: Edge) -> None:
     })
 
 
+def handle_acse_received(event: Event, edge: Edge) -> None:
+    """A-RELEASE-RQ received: the sender has every answer it wanted. Journalled as released
+    now, before pynetdicom sends the reply (EVT_RELEASED comes only after it), so that no
+    crash can forget a release the TPS saw; a crash before the reply at worst makes the TPS
+    send again (a merge), never a loss."""
+    primitive = getattr(event, "primitive", None)
+    if isinstance(primitive, A_RELEASE) and primitive.result is None:
+        edge.tracker.association_released(edge.serials.of(event.assoc))
+
+
 def handle_released(event: Event, edge: Edge) -> None:
     _note_unused_association(event, edge)
-    edge.tracker.association_released(edge.serials.of(event.assoc))
+    edge.tracker.association_released(edge.serials.of(event.assoc))  # already, as a rule
 
 
 def handle_aborted(event: Event, edge: Edge) -> None:

@@ -133,7 +133,10 @@ class Intake:
             prescriptions_gy=route.prescriptions if route is not None and dose else None,
         )
         job = result.job
-        if result.created:
+        # A job still "received" is one whose intake stopped half-way (the listener died while
+        # moving its files; the journal re-armed the series): finish creating it, as if new.
+        created = result.created or job.state == JobState.RECEIVED
+        if created:
             self.store.record_identity(job.id, **_identity(first),
                                        review_required=bool(route and route.review == "required"
                                                             and contour and not dose))
@@ -141,7 +144,7 @@ class Intake:
         moved = _move_instances(arrival.folder, folder)
         n_instances = sum(1 for _ in folder.glob("*.dcm"))
         self.store.set_spool_dir(job.id, str(folder), n_instances)
-        if result.created and not contour:
+        if created and not contour:
             self.store.transition(job.id, JobState.IGNORED, reason=decision.reason)
             logger.info(
                 "job %s: series %s from %s ignored (%s); nothing is contoured or sent",
@@ -161,10 +164,11 @@ class Intake:
                 },
             )
             return
-        if result.created:
+        if created:
             logger.info(
-                "job %s created for series %s from %s (%d instances, route %s)",
+                "job %s %s for series %s from %s (%d instances, route %s)",
                 job.id,
+                "created" if result.created else "finished after a restart",
                 arrival.series_instance_uid,
                 arrival.calling_ae,
                 n_instances,
@@ -240,12 +244,16 @@ def _identity(first: pydicom.Dataset | None) -> dict[str, str | None]:
 
 def _move_instances(source: Path, target: Path) -> int:
     """Move every ``*.dcm`` of ``source`` into ``target`` (atomic per file); return how many."""
-    target.mkdir(parents=True, exist_ok=True)
+    if not target.is_dir():
+        target.mkdir(parents=True, exist_ok=True)
+        fsync_dir(target.parent)
     moved = 0
     for path in sorted(source.glob("*.dcm")):
         os.replace(path, target / path.name)
         moved += 1
-    fsync_dir(target)  # the moves outlive a power cut before the journal forgets the series
+    # The moves outlive a power cut before the journal forgets the series.
+    fsync_dir(target)
+    fsync_dir(source)
     try:
         source.rmdir()
     except OSError:

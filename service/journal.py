@@ -9,11 +9,13 @@ whose associations were all released into its job. Layout::
     <spool_dir>/journal/<SeriesInstanceUID>/<carrier>.open       association still open
                                            /<carrier>.released   released after storing
                                            /<carrier>.aborted    aborted (or cut by a restart)
+                                           /<carrier>.taking     handed to the intake
 
 ``<carrier>`` names one association of one listener run (``<run id>-<serial>``). A marker
 holds the series' UIDs, modality, description and the AE titles as JSON (no patient
 identifiers). It is written before the first instance of the series on that association is
-answered, renamed when the association ends, and removed once the intake took the series.
+answered, renamed when the association ends (on the release request, before the reply), renamed
+``.taking`` when the series is handed to the intake, and removed once the intake took it.
 The journal lives beside ``incoming/`` (not in it), so series folders hold instances only.
 
 Written by hand (no library keeps a crash-safe directory of markers): each change is a write
@@ -34,8 +36,8 @@ from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
-OPEN, RELEASED, ABORTED = "open", "released", "aborted"
-_OUTCOMES = (OPEN, RELEASED, ABORTED)
+OPEN, RELEASED, ABORTED, TAKING = "open", "released", "aborted", "taking"
+_OUTCOMES = (OPEN, RELEASED, ABORTED, TAKING)
 _TEMP_SUFFIX = ".tmp"
 
 
@@ -47,6 +49,11 @@ class JournalledSeries:
     record: dict[str, str]  # the first marker's content: UIDs, modality, description, AEs
     released: tuple[str, ...]  # carriers whose association was released
     aborted: tuple[str, ...]  # carriers aborted, or still open when the listener stopped
+    taking: tuple[str, ...] = ()  # carriers of a batch the intake was taking when it stopped
+
+    @property
+    def carriers(self) -> tuple[str, ...]:
+        return (*self.taking, *self.released, *self.aborted)
 
 
 class SeriesJournal:
@@ -61,7 +68,9 @@ class SeriesJournal:
         self.journal_dir = Path(spool_dir) / "journal"
         self.durable = durable
         self.run_id = uuid.uuid4().hex[:12]
-        self.journal_dir.mkdir(parents=True, exist_ok=True)
+        if not self.journal_dir.is_dir():
+            self.journal_dir.mkdir(parents=True, exist_ok=True)
+            self._sync_dir(self.journal_dir.parent)
 
     def carrier(self, serial: int) -> str:
         """The marker name of this run's association ``serial``."""
@@ -90,6 +99,15 @@ class SeriesJournal:
             os.replace(folder / f"{carrier}.{OPEN}", folder / f"{carrier}.{outcome}")
         except FileNotFoundError:
             return  # nothing open for it (already ended, or the series was taken)
+        self._sync_dir(folder)
+
+    def taking(self, series_instance_uid: str, carriers: Iterable[str]) -> None:
+        """The series (these carriers' batch) goes to the intake: ``.released`` -> ``.taking``,
+        so that a later batch's open or aborted association cannot make a restart drop it."""
+        folder = self.journal_dir / series_instance_uid
+        for carrier in carriers:
+            with contextlib.suppress(FileNotFoundError):
+                os.replace(folder / f"{carrier}.{RELEASED}", folder / f"{carrier}.{TAKING}")
         self._sync_dir(folder)
 
     def forget_aborted(self, series_instance_uid: str) -> None:
@@ -124,23 +142,36 @@ class SeriesJournal:
         association died with that run), temporary files go; one entry per series."""
         found: list[JournalledSeries] = []
         for folder in sorted(p for p in self.journal_dir.iterdir() if p.is_dir()):
-            for temp in folder.glob(f".*{_TEMP_SUFFIX}"):
-                temp.unlink(missing_ok=True)
-            for marker in folder.glob(f"*.{OPEN}"):
-                os.replace(marker, marker.with_suffix(f".{ABORTED}"))
-            self._sync_dir(folder)
-            released = tuple(sorted(p.stem for p in folder.glob(f"*.{RELEASED}")))
-            aborted = tuple(sorted(p.stem for p in folder.glob(f"*.{ABORTED}")))
-            if not released and not aborted:
-                shutil.rmtree(folder, ignore_errors=True)
+            try:
+                entry = self._recover_one(folder)
+            except OSError:  # kept for the next start; the listener serves meanwhile
+                logger.exception("series journal: %s could not be read; left as it is",
+                                 folder.name)
                 continue
-            record = self._read_record(folder, (*released, *aborted))
-            found.append(JournalledSeries(folder.name, record, released, aborted))
+            if entry is not None:
+                found.append(entry)
         return found
+
+    def _recover_one(self, folder: Path) -> JournalledSeries | None:
+        for temp in folder.glob(f".*{_TEMP_SUFFIX}"):
+            temp.unlink(missing_ok=True)
+        for marker in folder.glob(f"*.{OPEN}"):
+            os.replace(marker, marker.with_suffix(f".{ABORTED}"))
+        self._sync_dir(folder)
+
+        def carriers(outcome: str) -> tuple[str, ...]:
+            return tuple(sorted(p.stem for p in folder.glob(f"*.{outcome}")))
+
+        released, aborted, taking = carriers(RELEASED), carriers(ABORTED), carriers(TAKING)
+        if not (released or aborted or taking):
+            shutil.rmtree(folder, ignore_errors=True)
+            return None
+        record = self._read_record(folder, (*taking, *released, *aborted))
+        return JournalledSeries(folder.name, record, released, aborted, taking)
 
     def _read_record(self, folder: Path, carriers: Iterable[str]) -> dict[str, str]:
         for carrier in carriers:
-            for outcome in (RELEASED, ABORTED):
+            for outcome in (TAKING, RELEASED, ABORTED):
                 try:
                     value = json.loads((folder / f"{carrier}.{outcome}").read_text())
                 except (OSError, ValueError):
@@ -164,4 +195,6 @@ def fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-__all__ = ["ABORTED", "OPEN", "RELEASED", "JournalledSeries", "SeriesJournal", "fsync_dir"]
+__all__ = [
+    "ABORTED", "OPEN", "RELEASED", "TAKING", "JournalledSeries", "SeriesJournal", "fsync_dir",
+]

@@ -229,6 +229,7 @@ def _event_handlers(edge: Edge) -> list[Any]:
         (evt.EVT_REQUESTED, handlers.handle_requested, [edge]),
         (evt.EVT_REJECTED, handlers.handle_rejected, [edge]),
         (evt.EVT_ESTABLISHED, handlers.handle_established, [edge]),
+        (evt.EVT_ACSE_RECV, handlers.handle_acse_received, [edge]),
         (evt.EVT_RELEASED, handlers.handle_released, [edge]),
         (evt.EVT_ABORTED, handlers.handle_aborted, [edge]),
         (evt.EVT_CONN_CLOSE, handlers.handle_conn_close, [edge]),

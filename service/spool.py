@@ -30,8 +30,10 @@ import time
 import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
+import pydicom
 from pydicom.uid import UID
 
 from common.errors import InsufficientStorage, InvalidInstance
@@ -81,7 +83,10 @@ class InstanceSpool:
         self.incoming_dir = self.spool_dir / "incoming"
         self.min_free_disk_bytes = min_free_disk_bytes
         self.durable = durable
-        self.incoming_dir.mkdir(parents=True, exist_ok=True)
+        self._folder_lock = threading.Lock()
+        if not self.incoming_dir.is_dir():
+            self.incoming_dir.mkdir(parents=True, exist_ok=True)
+            self._sync_dir(self.spool_dir)
         self._free_lock = threading.Lock()
         self._free_estimate = 0
         self._free_checked_at = -_FREE_SPACE_TTL_S
@@ -101,12 +106,9 @@ class InstanceSpool:
         folder = self.series_folder(series_instance_uid)
         final = folder / f"{checked_uid(sop_instance_uid, 'SOPInstanceUID')}.dcm"
         self._reserve(size)
-        if not folder.is_dir():
-            folder.mkdir(exist_ok=True)
-            self._sync_dir(self.incoming_dir)
         temp_name = folder / f".{final.stem}.{uuid.uuid4().hex[:12]}{_PARTIAL_SUFFIX}"
         try:
-            fd = os.open(temp_name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            fd = self._create(folder, temp_name)
             with open(fd, "wb", buffering=0) as stream:
                 for part in parts:
                     view = memoryview(part)
@@ -125,6 +127,21 @@ class InstanceSpool:
             temp_name.unlink(missing_ok=True)
             raise
         return final
+
+    def _create(self, folder: Path, temp_name: Path) -> int:
+        """Open ``temp_name`` for writing, creating its series folder if need be (also when the
+        intake removed the folder, emptied, a moment ago)."""
+        for _ in range(3):
+            if not folder.is_dir():
+                with self._folder_lock:  # no thread answers before the new name is synced
+                    if not folder.is_dir():
+                        folder.mkdir()
+                        self._sync_dir(self.incoming_dir)
+            try:
+                return os.open(temp_name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            except FileNotFoundError:
+                continue  # the folder went between the check and the open: make it again
+        return os.open(temp_name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
 
     def _sync_dir(self, folder: Path) -> None:
         if self.durable:
@@ -153,8 +170,8 @@ class InstanceSpool:
     def sweep_partials(self) -> int:
         """Remove temporary files left by a killed listener; return how many were removed."""
         removed = 0
-        for partial in self.incoming_dir.glob(f"*/.*{_PARTIAL_SUFFIX}"):
-            partial.unlink(missing_ok=True)
+        for leftover in self.incoming_dir.glob(f"*/.*{_PARTIAL_SUFFIX}"):
+            leftover.unlink(missing_ok=True)
             removed += 1
         if removed:
             logger.warning("removed %d partial files left in %s", removed, self.incoming_dir)
@@ -181,6 +198,32 @@ class InstanceSpool:
                 logger.warning("deleted stale incomplete series %s from the spool", folder.name)
                 deleted += 1
         return deleted
+
+
+def _recovered_header(uid: str, folder: Path, record: dict[str, str]) -> InstanceHeader:
+    """The series' header at recovery: from its first instance on disk (what decides a contour
+    or a dose job), else from the journal's record."""
+    first = next(iter(sorted(folder.glob("*.dcm"))), None)
+    try:
+        ds = pydicom.dcmread(first, stop_before_pixels=True) if first is not None else None
+    except Exception:  # noqa: BLE001 - any unreadable file: the journal's record instead
+        ds = None
+
+    def value(keyword: str) -> str:
+        found = ds.get(keyword) if ds is not None else None
+        return str(found).strip() if found is not None else record.get(_RECORD_KEYS[keyword], "")
+
+    return InstanceHeader(
+        sop_instance_uid="",
+        series_instance_uid=uid,
+        study_instance_uid=value("StudyInstanceUID"),
+        modality=value("Modality"),
+        series_description=value("SeriesDescription"),
+    )
+
+
+_RECORD_KEYS = {"StudyInstanceUID": "study_instance_uid", "Modality": "modality",
+                "SeriesDescription": "series_description"}
 
 
 def count_instances(folder: Path) -> int:
@@ -276,7 +319,8 @@ class SeriesTracker:
             series.carriers.add(association)
             series.last_instance_at = self._clock()
             if series.interrupted and self._journal is not None:
-                self._journaled(self._journal.forget_aborted, uid)
+                journal = self._journal
+                self._journaled("forgetting its aborts", uid, partial(journal.forget_aborted, uid))
             series.interrupted = False  # re-sent after an abort: the later sender decides
 
     def association_released(self, association: int) -> None:
@@ -306,19 +350,22 @@ class SeriesTracker:
             if association not in series.carriers:
                 continue
             if self._journal is not None and association >= 0:
-                self._journaled(self._journal.ended, uid, self._journal.carrier(association),
-                                RELEASED if outcome == "released" else ABORTED)
+                journal, carrier = self._journal, self._journal.carrier(association)
+                marker = RELEASED if outcome == "released" else ABORTED
+                self._journaled(f"marking {carrier} {marker}", uid,
+                                partial(journal.ended, uid, carrier, marker))
             if outcome == "aborted":
                 series.carriers.discard(association)
                 series.interrupted = True
 
-    def _journaled(self, change: Callable[..., None], *args: str) -> None:
-        """A journal change after the answer was given: a failure is logged, and the marker
-        left behind errs on the safe side (still open: taken as aborted after a restart)."""
+    @staticmethod
+    def _journaled(what: str, uid: str, change: Callable[[], None]) -> None:
+        """A journal change after the answer was given: a failure is logged (the marker left
+        behind is the state before the change)."""
         try:
-            change(*args)
+            change()
         except OSError:
-            logger.exception("series journal: %s%s failed", change.__name__, args[:1])
+            logger.exception("series journal: %s for series %s failed", what, uid)
 
     # -- emission ------------------------------------------------------------------------
     @property
@@ -355,11 +402,16 @@ class SeriesTracker:
                     logger.warning("series %s was interrupted (association aborted); no job", uid)
                     del self._series[uid]
                     if self._journal is not None:
-                        self._journaled(self._journal.drop, uid)
+                        journal = self._journal
+                        self._journaled("dropping it", uid, partial(journal.drop, uid))
                     continue
                 if flush or now - series.last_instance_at >= self._quiet_period_s:
                     due.append(series)
                     del self._series[uid]
+                    if self._journal is not None:
+                        journal, names = self._journal, sorted(series.journalled)
+                        self._journaled("handing it over", uid,
+                                        partial(journal.taking, uid, names))
             self._forget_finished_associations(now)
         arrivals = []
         for series in due:
@@ -410,11 +462,12 @@ class SeriesTracker:
     def recover(self) -> int:
         """Re-arm what an earlier run acknowledged; return how many series were re-armed.
 
-        Call before the listener accepts associations. A series whose journalled associations
-        were all released, and whose instances are still in ``incoming/``, becomes an arrival
-        after the quiet period, as if just received; one that an association still open or
-        aborted when that run ended had carried stays interrupted (its files wait to be sent
-        again or swept after the retention); one already moved by the intake is forgotten.
+        Call before the listener accepts associations. A series handed to the intake when that
+        run ended, or whose journalled associations were all released, becomes an arrival
+        after the quiet period (as if just received) with what ``incoming/`` holds of it; one
+        that an association still open or aborted then had carried (and no handed-over batch)
+        stays interrupted: its files wait to be sent again or swept after the retention. One
+        that the intake had wholly moved is forgotten.
         """
         if self._journal is None:
             return 0
@@ -429,7 +482,7 @@ class SeriesTracker:
                 self._journal.drop(uid)
                 continue
             n_instances = count_instances(folder) if folder.is_dir() else 0
-            if entry.aborted:
+            if entry.aborted and not entry.taking:
                 logger.warning(
                     "series %s: %d association(s) that carried it were not released when the "
                     "listener stopped; its %d instances stay interrupted until it is sent again",
@@ -441,30 +494,25 @@ class SeriesTracker:
                 logger.info("series %s: taken by the intake before the restart", uid)
                 self._journal.drop(uid)
                 continue
-            record = entry.record
             series = _Series(
-                header=InstanceHeader(
-                    sop_instance_uid="",
-                    series_instance_uid=uid,
-                    study_instance_uid=record.get("study_instance_uid", ""),
-                    modality=record.get("modality", ""),
-                    series_description=record.get("series_description", ""),
-                ),
-                calling_ae=record.get("calling_ae", ""),
-                called_ae=record.get("called_ae", ""),
+                header=_recovered_header(uid, folder, entry.record),
+                calling_ae=entry.record.get("calling_ae", ""),
+                called_ae=entry.record.get("called_ae", ""),
                 last_instance_at=now,
-                journalled=set(entry.released),
+                journalled=set(entry.carriers),
             )
             with self._lock:
-                for _ in entry.released:
+                for _ in (*entry.taking, *entry.released):
                     serial = next(self._recovered_serials)
                     self._associations[serial] = _Association("released", now, closed_at=now)
                     series.carriers.add(serial)
                 self._series[uid] = series
             rearmed += 1
             logger.warning(
-                "series %s: acknowledged before the restart (%d instances, every association "
-                "released); it becomes a job after the quiet period", uid, n_instances,
+                "series %s: acknowledged before the restart (%d instances%s); it becomes a job "
+                "after the quiet period", uid, n_instances,
+                ", the intake had begun taking it" if entry.taking else
+                ", every association released",
             )
         return rearmed
 

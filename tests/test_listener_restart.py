@@ -82,6 +82,9 @@ def test_serve_killed_in_the_quiet_period_contours_the_series_after_restart(
     serve = serve_factory(env)
     ct_files = write_phantom_series(tmp_path / "ct", SHAPE)
     storescu(serve.dicom_port, ct_files)  # Success for every instance, released
+    series_uid = pydicom.dcmread(ct_files[0], stop_before_pixels=True).SeriesInstanceUID
+    journal = tmp_path / "var" / "spool" / "journal" / series_uid
+    assert [p.suffix for p in journal.iterdir()] == [".released"]  # before the release reply
     time.sleep(1.0)
     assert api_jobs(serve) == []  # inside the quiet period: no job yet
     serve.kill()

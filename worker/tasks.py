@@ -210,7 +210,7 @@ def execute_job(job_id: str, runtime: WorkerRuntime) -> Outcome:
     lost = job.workers_lost or 0
     failed_runs = job.attempts - 1 - lost  # runs before this one that ended in an error
     if lost:
-        logger.warning("job %s: a worker running it was lost (%d of %d such runs allowed)",
+        logger.warning("job %s: %d run(s) so far lost their worker (the job fails at %d)",
                        job_id, lost, settings.job_attempts)
     if lost >= settings.job_attempts or failed_runs >= settings.job_attempts:
         reason = (

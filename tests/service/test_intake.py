@@ -191,3 +191,22 @@ def test_intake_records_who_the_patient_is_for_the_roles_allowed_to_see_it(
     assert job.patient_id == "RTC-PHANTOM-001" and job.patient_name
     assert job.study_date is not None and job.review_required is False
     assert "RTC-PHANTOM-001" not in caplog.text and str(job.patient_name) not in caplog.text
+
+
+def test_intake_stopped_half_way_is_finished_like_a_new_job_when_the_series_is_rearmed(
+    settings: Settings, store: JobStore
+) -> None:
+    """The listener died after creating the job (still "received") and before moving every
+    file; the journal re-arms the series at restart and its arrival finishes that job: the
+    route's decision (here: ignore) and who the patient is are applied, not skipped."""
+    enqueued: list[str] = []
+    audited: list[tuple[str, dict]] = []
+    intake = _routed_intake(settings, store, enqueued, audited)
+    half_done = store.create_or_merge_for_series(series_instance_uid=SERIES).job
+    assert half_done.state == JobState.RECEIVED and half_done.patient_id is None
+    intake.series_complete(_dicom_arrival(settings, SERIES, "Pelvis 3mm"))
+    (job,) = store.list()
+    assert job.id == half_done.id and enqueued == []
+    assert job.state == JobState.IGNORED and job.ignored_reason == "route pelvis: ignore"
+    assert job.patient_id == "RTC-PHANTOM-001"
+    assert [event for event, _ in audited] == ["job.ignored"]

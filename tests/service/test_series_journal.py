@@ -173,6 +173,35 @@ def test_killed_while_the_intake_moved_part_of_the_series_the_rest_arrives_after
     assert arrival.n_instances == 2  # the intake merges them into the job it had created
 
 
+def test_batch_handed_to_the_intake_survives_a_resend_the_crash_cut_short(
+    tmp_path: Path,
+) -> None:
+    """While the intake takes the released batch, the TPS starts sending the series again on
+    another association; the crash cuts that one: the acknowledged batch is not dropped."""
+    node: Node
+
+    class IntakeDyingDuringAResend(RecordingSink):
+        def series_complete(self, arrival):  # type: ignore[no-untyped-def]
+            job = tmp_path / "jobs" / "job-1"
+            job.mkdir(parents=True)
+            first = sorted(arrival.folder.glob("*.dcm"))[0]
+            os.replace(first, job / first.name)
+            node.store(2, SERIES_A, range(3, 4))  # another association, never released
+            raise SystemExit("killed")
+
+    node = Node(tmp_path, IntakeDyingDuringAResend())
+    node.store(1, SERIES_A, range(3))
+    node.tracker.association_released(1)
+    with pytest.raises(SystemExit):
+        node.after_quiet_period()
+
+    after = Node(tmp_path)
+    assert after.tracker.recover() == 1
+    [arrival] = after.after_quiet_period()
+    assert arrival.n_instances == 3  # two of the batch, and the one the cut resend brought
+    assert journal_files(tmp_path) == []
+
+
 def test_series_the_intake_had_wholly_taken_is_forgotten_at_restart(tmp_path: Path) -> None:
     before = Node(tmp_path)
     before.store(1, SERIES_A, range(2))
@@ -199,7 +228,7 @@ def test_sink_failure_keeps_the_journal_until_the_series_is_taken(tmp_path: Path
     node.store(1, SERIES_A, range(2))
     node.tracker.association_released(1)
     assert node.after_quiet_period() == []
-    assert journal_files(tmp_path) == [SERIES_A, f"{SERIES_A}/{node.journal.carrier(1)}.released"]
+    assert journal_files(tmp_path) == [SERIES_A, f"{SERIES_A}/{node.journal.carrier(1)}.taking"]
     assert len(node.after_quiet_period()) == 1
     assert journal_files(tmp_path) == []
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
@@ -113,3 +114,30 @@ def test_recovery_gives_a_job_whose_intake_stopped_half_way_time_to_finish(
     enqueued.clear()
     assert recover_jobs(store, enqueued.append, 0, received_older_than_s=0) == 2
     assert enqueued == [received, queued]
+
+
+def test_recovery_sweeper_waits_past_the_quiet_period_before_running_a_received_job(
+    settings: Settings,
+) -> None:
+    from common.db import make_engine
+    from common.jobstore import JobStore
+    from common.schema import create_schema
+    from worker.tasks import RecoverySweeper
+
+    settings = settings.model_copy(update={"recovery_interval_s": 0.1, "quiet_period_s": 1.0})
+    engine = make_engine(settings)
+    create_schema(engine)
+    store = JobStore(engine)
+    received = store.create_or_merge_for_series(series_instance_uid="1.2.7").job.id
+    queued = store.create_or_merge_for_series(series_instance_uid="1.2.8").job.id
+    store.mark_queued(queued)
+    enqueued: list[str] = []
+    sweeper = RecoverySweeper(settings, store, enqueued.append).start()
+    try:
+        deadline = time.monotonic() + 10
+        while queued not in enqueued and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.5)  # five more sweeps
+    finally:
+        sweeper.stop()
+    assert queued in enqueued and received not in enqueued
