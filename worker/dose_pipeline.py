@@ -59,6 +59,7 @@ __all__ = [
     "PredictDose",
     "RtdoseWriter",
     "dvh_summary",
+    "our_structure_set",
     "referenced_ct_series",
     "resolve_dose_package",
 ]
@@ -79,6 +80,10 @@ class DoseContext:
     predictor: DosePredictor | None = None
     qa_job_id: str | None = None  # the contour job whose contours were compared (QA)
     no_dose_reason: str | None = None  # set when there is nothing to predict a dose for
+    # rtcontour's own RTSTRUCT of the CT, read once for QA and the borrowed OARs (see
+    # ``our_structure_set``); ``ours_read`` tells "none" from "not read yet".
+    ours: StructureSet | None = None
+    ours_read: bool = False
 
 
 def referenced_ct_series(dataset: pydicom.Dataset) -> tuple[str, str]:
@@ -105,6 +110,19 @@ class DosePredictorCache:
         if str(path) not in self._predictors:
             self._predictors[str(path)] = self._loader(path)
         return self._predictors[str(path)]
+
+
+def our_structure_set(ctx: JobContext) -> StructureSet | None:
+    """rtcontour's own RTSTRUCT of the job's CT on its grid, read once per job; None when
+    rtcontour did not contour that CT (or its file is gone). Raises ``UnusableStructureSet``."""
+    dose = _dose(ctx)
+    if not dose.ours_read:
+        ours = (ctx.store.output(ctx.source_job_id, "RTSTRUCT")
+                if ctx.source_job_id is not None else None)
+        if ours is not None and Path(ours.path).is_file() and ctx.series is not None:
+            dose.ours = read_structure_set(Path(ours.path), ctx.series)
+        dose.ours_read = True
+    return dose.ours
 
 
 def _dose(ctx: JobContext) -> DoseContext:
@@ -173,12 +191,11 @@ class MeasureEdits:
         if ctx.series is None or dose.structure_set is None or ctx.source_job_id is None:
             raise RuntimeError("MeasureEdits needs LoadStructureSet first")
         holder = ctx.store.get(ctx.source_job_id)
-        ours = ctx.store.output(holder.id, "RTSTRUCT")
-        if ours is None or not Path(ours.path).is_file():
+        our_set = our_structure_set(ctx)
+        if our_set is None:
             logger.info("job %s: rtcontour did not contour CT job %s: no QA", ctx.job_id,
                         holder.id)
             return
-        our_set = read_structure_set(Path(ours.path), ctx.series)
         shape = ctx.series.volume.array.shape
         auto = dict(our_set.masks)
         auto.update({name: np.zeros(shape, dtype=bool) for name in our_set.empty})
@@ -258,18 +275,15 @@ class PredictDose:
     @staticmethod
     def _borrow_missing_oars(ctx: JobContext, masks: dict[str, np.ndarray]) -> list[str]:
         """Add to ``masks`` the OARs of rtcontour's RTSTRUCT of the CT that ``masks`` lacks."""
-        if ctx.source_job_id is None or ctx.series is None:
-            return []
-        ours = ctx.store.output(ctx.source_job_id, "RTSTRUCT")
-        if ours is None or not Path(ours.path).is_file():
-            return []
-        have = match_oars(masks)
         try:
-            our_set = read_structure_set(Path(ours.path), ctx.series)
+            our_set = our_structure_set(ctx)
         except UnusableStructureSet:
             logger.warning("job %s: rtcontour's own RTSTRUCT of the CT is unreadable",
                            ctx.job_id)
             return []
+        if our_set is None:
+            return []
+        have = match_oars(masks)
         borrowed = []
         for tg263, roi_name in match_oars(our_set.masks).items():
             if tg263 not in have and tg263 not in masks:

@@ -111,6 +111,30 @@ def test_missing_oars_come_from_rtcontours_own_contours_and_the_job_says_so(
             for d in rd.DVHSequence} <= approved_numbers
 
 
+def test_a_dose_job_reads_rtcontours_own_rtstruct_once_for_qa_and_the_borrowed_oars(
+    runtime: WorkerRuntime, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import worker.dose_pipeline as dose_pipeline
+
+    series = _contour_job(runtime, tmp_path, with_mandible=True)
+    rs = _structure_set(series, ["PTV70", "Brain Stem"], tmp_path / "approved.dcm")
+    job_id = _dose_job(runtime, rs)
+    reads: list[str] = []
+    real_read = dose_pipeline.read_structure_set
+
+    def counting_read(path, series):  # type: ignore[no-untyped-def]
+        reads.append(Path(path).name)
+        return real_read(path, series)
+
+    monkeypatch.setattr(dose_pipeline, "read_structure_set", counting_read)
+    assert execute_job(job_id, runtime).state == "done"
+    assert reads.count("RS.dcm") == 1  # ours: once, though QA and the dose both use it
+    job = runtime.store.get(job_id)
+    assert job.source_job_id is not None and runtime.store.get(job.source_job_id).qa
+    metrics = {m["roi_name"]: m for m in runtime.store.output(job_id, "RTDOSE").summary}
+    assert metrics["Bone_Mandible"]["from_rtcontour"] is True
+
+
 @pytest.mark.parametrize(
     ("case", "reason"),
     [("never-received", "rtcontour does not hold the CT series"),
