@@ -13,6 +13,8 @@ import os
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from service.journal import SeriesJournal
 from service.spool import InstanceHeader, InstanceSpool, SeriesTracker
@@ -277,3 +279,73 @@ def test_instance_and_marker_are_synced_to_disk_before_the_answer(
     journal_folder = str(tmp_path / "journal" / SERIES_A)
     assert any(path.startswith(series_folder + "/.") for path in synced)  # the file's data
     assert series_folder in synced and journal_folder in synced  # and the names in folders
+
+
+# -- a restart between associations is invisible --------------------------------------------
+SESSION = st.tuples(
+    st.lists(st.sampled_from([SERIES_A, SERIES_B]), min_size=1, max_size=2, unique=True),
+    st.integers(min_value=1, max_value=3),  # instances of each series it sends
+    st.booleans(),  # released (else aborted)
+    st.sampled_from([0.5, QUIET_S + 0.1]),  # then nothing for this long
+    st.booleans(),  # then the listener is killed and started again
+)
+
+
+def _run_sessions(spool_dir: Path, sessions: list, *, crash: bool) -> list:  # type: ignore[type-arg]
+    """Play ``sessions`` one association after another; where a session says so, either kill
+    and restart the listener (``crash``) or let the same time pass; return what the intake
+    took: (poll, series, sorted SOP file names) per arrival, sorted."""
+    taken: list[tuple[int, str, list[str]]] = []
+    polls = [0]
+
+    class MovingIntake(RecordingSink):
+        def series_complete(self, arrival):  # type: ignore[no-untyped-def]
+            job = spool_dir / "jobs" / str(len(taken))
+            job.mkdir(parents=True)
+            names = sorted(p.name for p in arrival.folder.glob("*.dcm"))
+            for name in names:
+                os.replace(arrival.folder / name, job / name)
+            taken.append((polls[0], arrival.series_instance_uid, names))
+
+    sink = MovingIntake()
+    node = Node(spool_dir, sink)
+    sop = 0
+    for serial, (series_uids, n, released, wait_s, restart) in enumerate(sessions, start=1):
+        for uid in series_uids:
+            node.store(serial, uid, range(sop, sop + n))
+            sop += n
+        if released:
+            node.tracker.association_released(serial)
+        else:
+            node.tracker.association_aborted(serial)
+        node.tracker.connection_closed(serial)
+        node.clock.advance(wait_s)
+        polls[0] += 1
+        node.tracker.poll()
+        if restart:
+            if crash:
+                node = Node(spool_dir, sink)
+                node.tracker.recover()
+            node.clock.advance(QUIET_S + 0.1)
+            polls[0] += 1
+            node.tracker.poll()
+    polls[0] += 1
+    node.clock.advance(QUIET_S + 0.1)
+    node.tracker.poll()
+    return sorted(taken)
+
+
+@settings(max_examples=150, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(sessions=st.lists(SESSION, min_size=1, max_size=6))
+def test_a_restart_between_associations_changes_nothing_the_intake_receives(
+    tmp_path_factory: pytest.TempPathFactory, sessions: list  # type: ignore[type-arg]
+) -> None:
+    """Whatever was released, aborted and re-sent before it, a listener killed and started
+    again between two associations hands the intake the same series with the same instances
+    as one that ran on; and leaves no journal behind."""
+    without = _run_sessions(tmp_path_factory.mktemp("ran-on"), sessions, crash=False)
+    spool_dir = tmp_path_factory.mktemp("restarted")
+    with_restarts = _run_sessions(spool_dir, sessions, crash=True)
+    assert with_restarts == without
+    assert journal_files(spool_dir) == []
