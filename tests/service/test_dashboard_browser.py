@@ -279,7 +279,7 @@ def test_clinician_finds_a_patient_scrolls_the_viewer_and_approves_or_rejects(
                         patient_name=f"ROE^RICHARD{n}")
     _full_size_job(harness, patient_name="DOE^JANE", patient_id="PAT-4711",
                          accession_number="A123", study_date="20260302",
-                         study_description="H&N planning")
+                         study_description="H&N planning", attempts=2, workers_lost=1)
     approve_me, reject_me = _held(harness, "PAT-4712"), _held(harness, "PAT-4713")
     for week, dice in enumerate((0.9, 0.85, 0.62, 0.55)):  # a new model: parotid edits grow
         contoured = harness.add_job(state="done", model_name="hn-oar", model_version="1.1.0")
@@ -315,6 +315,8 @@ def test_clinician_finds_a_patient_scrolls_the_viewer_and_approves_or_rejects(
             rows.locator("a").click()
             sync_api.expect(page.locator("#job-fields")).to_contain_text("PAT-4711")
             sync_api.expect(page.locator("#job-fields")).to_contain_text("H&N planning")
+            sync_api.expect(page.locator("#job-fields")).to_contain_text(
+                "2 (1 lost with their worker, not counted as attempts)")
 
             canvas = page.locator("#viewer-canvas")
             sync_api.expect(canvas).to_have_attribute("data-rendered", "axial:24", timeout=30_000)

@@ -344,6 +344,8 @@ async function refreshJob() {
   field(fields, "Created", when(job.created_at));
   field(fields, "Finished", when(job.finished_at));
   field(fields, "Failure reason", job.failure_reason);
+  field(fields, "Runs", job.attempts ? String(job.attempts) + (job.workers_lost
+    ? ` (${job.workers_lost} lost with their worker, not counted as attempts)` : "") : null);
   field(fields, "Kind", job.kind === "dose" ? "dose prediction" : "contouring");
   field(fields, "Notes", job.notes && job.notes.length ? job.notes.join(" ") : null);
   field(fields, "CT from job", job.source_job_id);
