@@ -19,6 +19,8 @@ _DESTINATION = re.compile(
     r"^(?P<ae>[^@]{1,16})@(?P<host>[^:@\s]+):(?P<port>\d{1,5})(?P<tls>\+tls)?$"
 )
 
+MIN_PRODUCTION_TOKEN_CHARS = 32  # openssl rand -hex 32 gives 64
+_PUBLIC_TOKENS = frozenset({"development-admin-token", "replace-with-openssl-rand-hex-32"})
 DEVELOPMENT_ADMIN_TOKEN = "development-admin-token"  # noqa: S105 - named as a development default
 
 
@@ -177,6 +179,13 @@ class Settings(BaseSettings):
     def _check_production(self) -> Settings:
         if self.mode == "production" and self.admin_token is None:
             raise ValueError("RTCONTOUR_ADMIN_TOKEN is required when RTCONTOUR_MODE=production")
+        if self.mode == "production" and self.admin_token is not None:
+            token = self.admin_token.get_secret_value()
+            if token in _PUBLIC_TOKENS or len(token) < MIN_PRODUCTION_TOKEN_CHARS:
+                raise ValueError(
+                    "RTCONTOUR_ADMIN_TOKEN must be a secret of at least "
+                    f"{MIN_PRODUCTION_TOKEN_CHARS} characters when RTCONTOUR_MODE=production "
+                    "(not the development default nor the example): openssl rand -hex 32")
         if (self.tls_cert_file is None) != (self.tls_key_file is None):
             raise ValueError("RTCONTOUR_TLS_CERT_FILE and RTCONTOUR_TLS_KEY_FILE go together")
         return self

@@ -111,6 +111,11 @@ def test_routes_decide_what_is_contoured_and_where_it_goes(
                           headers=serve.headers(), timeout=10).json()
     assert explained["decision"]["reason"] == "no route matched"
     assert explained["decision"]["trials"][0]["why"] == "calling_ae 'SCANNER' does not match 'TPS'"
+    # The explanation shows the series' attributes (they can name the patient): audited.
+    viewed = httpx.get(f"{serve.api_url}/api/audit", params={"event": "patient.viewed"},
+                       headers=serve.headers(), timeout=10).json()["items"]
+    assert any(event["detail"]["job_ids"] == by_series[series_uid["other"]]["id"]
+               for event in viewed)
 
 
 def _rtcontour(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:

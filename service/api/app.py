@@ -159,5 +159,20 @@ def main(argv: list[str] | None = None) -> int:
     if settings.admin_token is None:
         logger.warning("using the development admin token (RTCONTOUR_ADMIN_TOKEN is not set)")
     app = create_app(settings)
-    uvicorn.run(app, host=args.host or settings.api_host, port=args.port or settings.api_port)
+    config = uvicorn.Config(app, host=args.host or settings.api_host,
+                            port=args.port or settings.api_port)  # configures uvicorn's logs
+    logging.getLogger("uvicorn.access").addFilter(QueryStringFilter())
+    uvicorn.Server(config).run()
     return 0
+
+
+class QueryStringFilter(logging.Filter):
+    """Leaves the query string out of uvicorn's access log: ``?patient=`` holds a patient's
+    name or ID, and logs never hold those (the path and status stay)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args
+        if isinstance(args, tuple) and len(args) >= 3 and isinstance(args[2], str):
+            path, query_mark, _ = args[2].partition("?")
+            record.args = (*args[:2], path + ("?..." if query_mark else ""), *args[3:])
+        return True

@@ -7,6 +7,8 @@ answers 401, with a role below the route's it answers 403.
 
 from __future__ import annotations
 
+import logging
+import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Annotated
@@ -16,12 +18,15 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
+from common import audit
 from common.auth import Principal, Role, authenticate
 from common.jobstore import JobStore
 from common.routes import RoutingTable
 from common.settings import Destination, Settings
 from service.api.ratelimit import SlidingWindowLimit
 from service.previews import PreviewCache
+
+logger = logging.getLogger(__name__)
 
 bearer = HTTPBearer(auto_error=False, description="An rtcontour API token")
 
@@ -66,14 +71,48 @@ def _unauthorized(message: str) -> HTTPException:
     )
 
 
-def get_principal(ctx: Context, session: DbSession, credentials: BearerCredentials) -> Principal:
-    """The caller identified by the ``Authorization: Bearer <token>`` header, or 401."""
+def get_principal(
+    request: Request, ctx: Context, session: DbSession, credentials: BearerCredentials
+) -> Principal:
+    """The caller identified by the ``Authorization: Bearer <token>`` header, or 401.
+
+    A wrong token counts against the caller's address on every route, as on ``/api/login``
+    (whose lockout it feeds); past ``RTCONTOUR_LOGIN_FAILURES_PER_ADDRESS`` in the window the
+    address's wrong tokens get 429 and the lockout is audited once, when it starts. Valid
+    tokens keep working (colleagues behind the same NAT or proxy are not locked out; tokens
+    are 256-bit random or, in production, a bootstrap secret of 32+ characters).
+    """
     if credentials is None or credentials.scheme.lower() != "bearer":
         raise _unauthorized("missing bearer token")
     principal = authenticate(session, credentials.credentials, ctx.settings.effective_admin_token)
-    if principal is None:
+    if principal is not None:
+        return principal
+    failures = ctx.login_failures
+    if failures is None:
         raise _unauthorized("invalid, revoked or disabled token")
-    return principal
+    address = request.client.host if request.client else "unknown"
+    was_locked = failures.retry_after_s(address) > 0
+    failures.add(address)
+    wait = failures.retry_after_s(address)
+    if wait <= 0:
+        raise _unauthorized("invalid, revoked or disabled token")
+    if not was_locked:
+        audit.record(session, audit.LOGIN_THROTTLED, "anonymous",
+                     {"address": address, "limit": "failed logins from this address"})
+        session.commit()
+        logger.warning("wrong tokens from %s: throttled for %d s", address,
+                       max(1, math.ceil(wait)))
+    raise too_many("failed logins from this address", wait)
+
+
+def too_many(what: str, wait_s: float) -> HTTPException:
+    """429 with Retry-After in whole seconds."""
+    retry = max(1, math.ceil(wait_s))
+    return HTTPException(
+        status.HTTP_429_TOO_MANY_REQUESTS,
+        detail=f"too many {what}; try again in {retry} s",
+        headers={"Retry-After": str(retry)},
+    )
 
 
 CurrentPrincipal = Annotated[Principal, Depends(get_principal)]

@@ -76,24 +76,24 @@ def sees_patient(principal: Principal) -> bool:
 
 def audit_patient_view(session: Session, user: str, jobs: list[Job], *, searched: bool) -> None:
     """Record that ``user`` was shown the patients of ``jobs`` (ids only, never the patient);
-    a repeat of the user's previous entry within ``PATIENT_AUDIT_QUIET_S`` is not recorded."""
-    shown = sorted(job.id for job in jobs if job.patient_id or job.patient_name)
+    the same showing as one of the user's entries of the last ``PATIENT_AUDIT_QUIET_S`` is
+    not recorded again (the dashboard polls its lists every few seconds)."""
+    shown = sorted(job.id for job in jobs
+                   if job.patient_id or job.patient_name or job.accession_number
+                   or job.study_date or job.study_description)
     if not shown:
         return
     job_ids = ",".join(shown)
-    previous = session.scalars(
-        select(AuditEvent)
-        .where(AuditEvent.event == PATIENT_VIEWED, AuditEvent.actor == user[:64])
-        .order_by(AuditEvent.id.desc())
-        .limit(1)
-    ).first()
     now = dt.datetime.now(dt.UTC)
-    if (
-        previous is not None
-        and previous.detail.get("job_ids") == job_ids
-        and bool(previous.detail.get("searched")) == searched
-        and (now - previous.at).total_seconds() < PATIENT_AUDIT_QUIET_S
-    ):
+    recent = session.scalars(
+        select(AuditEvent)
+        .where(AuditEvent.event == PATIENT_VIEWED, AuditEvent.actor == user[:64],
+               AuditEvent.at >= now - dt.timedelta(seconds=PATIENT_AUDIT_QUIET_S))
+        .order_by(AuditEvent.id.desc())
+        .limit(50)
+    )
+    if any(event.detail.get("job_ids") == job_ids
+           and bool(event.detail.get("searched")) == searched for event in recent):
         return
     audit.record(
         session,

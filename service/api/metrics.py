@@ -9,7 +9,7 @@ from __future__ import annotations
 import hmac
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, HTTPException, Response, status
+from fastapi import APIRouter, Depends, HTTPException, Request, Response, status
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, generate_latest
 
 from common.auth import Role
@@ -19,14 +19,16 @@ from service.metrics import JobStoreCollector
 router = APIRouter(tags=["metrics"])
 
 
-def metrics_reader(ctx: Context, session: DbSession, credentials: BearerCredentials) -> str:
+def metrics_reader(
+    request: Request, ctx: Context, session: DbSession, credentials: BearerCredentials
+) -> str:
     """The metrics token, or an admin's bearer token (401 without a token, 403 for others)."""
     metrics_token = ctx.settings.metrics_token
     if credentials is not None and metrics_token is not None:
         expected = metrics_token.get_secret_value().encode()
         if hmac.compare_digest(credentials.credentials.encode(), expected):
             return "metrics-token"
-    principal = get_principal(ctx, session, credentials)
+    principal = get_principal(request, ctx, session, credentials)
     if not principal.role.allows(Role.admin):
         raise HTTPException(status.HTTP_403_FORBIDDEN, detail="this needs the admin role")
     return principal.name

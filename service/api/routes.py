@@ -17,7 +17,8 @@ from pydantic import BaseModel
 from common.jobstore import JobNotFound
 from common.routes import MATCH_ATTRIBUTES, first_instance, match_keywords, series_attributes
 from common.settings import job_folder
-from service.api.deps import AdminUser, Context
+from service.api.deps import AdminUser, Context, DbSession
+from service.api.jobs import audit_patient_view
 
 router = APIRouter(prefix="/api/routes", tags=["routes"])
 
@@ -56,8 +57,9 @@ class RoutingOut(BaseModel):
 @router.get("", response_model=RoutingOut, summary="The routing rules; test a series against them")
 def get_routes(
     request: Request,
-    _: AdminUser,
+    principal: AdminUser,
     ctx: Context,
+    session: DbSession,
     job_id: Annotated[str | None, Query(max_length=32, description="explain this job")] = None,
 ) -> RoutingOut:
     table = ctx.routing
@@ -86,6 +88,9 @@ def get_routes(
         folder = Path(job.spool_dir) if job.spool_dir else job_folder(ctx.settings, job.id)
         attributes = series_attributes(first_instance(folder), calling_ae=job.calling_ae,
                                        keywords=keywords)
+        # The attributes may name the patient (a route matching PatientID, the study
+        # description): shown to an admin, audited like the job page.
+        audit_patient_view(session, principal.name, [job], searched=False)
     attributes.update(given)
     decision = ctx.routing.decide(attributes)
     out.decision = DecisionOut(**decision.as_dict(), attributes=attributes)

@@ -25,7 +25,14 @@ from common.auth import (
     set_active,
     set_role,
 )
-from service.api.deps import AdminUser, BearerCredentials, Context, DbSession, ViewerUser
+from service.api.deps import (
+    AdminUser,
+    BearerCredentials,
+    Context,
+    DbSession,
+    ViewerUser,
+    too_many,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -124,15 +131,11 @@ def login(
 
 def _throttled(session: Session, actor: str, address: str, what: str, wait_s: float) -> None:
     """Audit the refusal and answer 429 with Retry-After (whole seconds)."""
-    retry = max(1, math.ceil(wait_s))
     audit.record(session, audit.LOGIN_THROTTLED, actor, {"address": address, "limit": what})
     session.commit()
-    logger.warning("login throttled (%s) from %s; retry in %d s", what, address, retry)
-    raise HTTPException(
-        status.HTTP_429_TOO_MANY_REQUESTS,
-        detail=f"too many {what}; try again in {retry} s",
-        headers={"Retry-After": str(retry)},
-    )
+    logger.warning("login throttled (%s) from %s; retry in %d s", what, address,
+                   max(1, math.ceil(wait_s)))
+    raise too_many(what, wait_s)
 
 
 @router.get("/api/users", response_model=list[UserOut], summary="All users")

@@ -30,7 +30,8 @@ KUBERNETES_VERSION = "1.29.0"  # bundled by kubernetes-validate >= 1.29
 SECRET_TEMPLATE = "secret.example.yaml"
 RTCONTOUR_COMPONENTS = ("listener", "api", "worker")
 ENV_VAR = re.compile(r"\bRTCONTOUR_[A-Z0-9_]+\b")
-PLACEHOLDER_ENV = {"POSTGRES_PASSWORD": "placeholder", "RTCONTOUR_ADMIN_TOKEN": "placeholder"}
+PLACEHOLDER_TOKEN = "placeholder-" + "0" * 52  # as long as `openssl rand -hex 32`
+PLACEHOLDER_ENV = {"POSTGRES_PASSWORD": "placeholder", "RTCONTOUR_ADMIN_TOKEN": PLACEHOLDER_TOKEN}
 
 Doc = dict[str, Any]
 
@@ -102,7 +103,7 @@ def _kubernetes_env(container: Doc) -> dict[str, str]:
         else:
             ref = item["valueFrom"]
             if "secretKeyRef" in ref:
-                value = "placeholder"
+                value = PLACEHOLDER_ENV.get(item["name"], "placeholder")
             else:
                 value = config_maps[ref["configMapKeyRef"]["name"]][ref["configMapKeyRef"]["key"]]
         env[item["name"]] = value

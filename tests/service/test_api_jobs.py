@@ -203,9 +203,9 @@ def test_reading_who_the_patient_is_is_audited_without_naming_the_patient(
     jane, jane_again, _ = _patients(api)
     caplog.set_level("DEBUG")
     h = api.headers("clinician")
-    for _ in range(3):  # the dashboard polls: one entry, not three
+    for _ in range(3):  # the dashboard polls two lists: one entry for each, not six
         api.client.get("/api/jobs?patient=PAT-001", headers=h)
-    api.client.get(f"/api/jobs/{jane}", headers=h)
+        api.client.get(f"/api/jobs/{jane}", headers=h)
     api.client.get("/api/jobs", headers=api.headers("viewer"))  # viewers see none: nothing
     with Session(api.engine) as session:
         events = list(session.scalars(

@@ -95,7 +95,19 @@ def test_every_route_is_classified(api: ApiHarness) -> None:
     assert set(MIN_ROLE) <= endpoints, f"stale entries: {set(MIN_ROLE) - endpoints}"
 
 
-def test_every_non_public_route_answers_401_without_or_with_a_bad_token(api: ApiHarness) -> None:
+def test_every_non_public_route_answers_401_without_or_with_a_bad_token(tmp_path: Path) -> None:
+    from tests.service.api_support import make_harness
+
+    # So many wrong tokens from one address would be throttled (429): a limit above them.
+    api = make_harness(tmp_path, settings_extra={"login_failures_per_address": 10_000})
+    try:
+        _every_route_answers_401(api)
+    finally:
+        api.client.close()
+        api.engine.dispose()
+
+
+def _every_route_answers_401(api: ApiHarness) -> None:
     job = add_finished_job(api)
     checked = 0
     for method, path in _endpoints(api):
@@ -181,6 +193,22 @@ def test_login_is_throttled_per_address_and_per_user_and_audited(tmp_path: Path)
         events = api.client.get("/api/audit", params={"event": "auth.login_throttled"},
                                 headers=api.headers("admin")).json()["items"]
         assert len(events) == 2 and events[0]["detail"]["address"] == "testclient"
+    finally:
+        api.client.close()
+        api.engine.dispose()
+    api = make_harness(tmp_path / "c", settings_extra={
+        "login_failures_per_address": 3, "login_window_s": 60})
+    try:
+        # Wrong tokens on any route count too: guessing through /api/jobs is throttled and
+        # the lockout audited once; a colleague's valid token from the same address works.
+        bad = {"Authorization": "Bearer rtc_guess"}
+        codes = [api.client.get("/api/jobs", headers=bad).status_code for _ in range(5)]
+        assert codes == [401, 401, 429, 429, 429]
+        assert api.client.post("/api/login", headers=bad).status_code == 429
+        assert api.client.get("/api/jobs", headers=api.headers("viewer")).status_code == 200
+        events = api.client.get("/api/audit", params={"event": "auth.login_throttled"},
+                                headers=api.headers("admin")).json()["items"]
+        assert len(events) == 2  # the lockout through /api/jobs, the refused login
     finally:
         api.client.close()
         api.engine.dispose()
