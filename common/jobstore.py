@@ -621,31 +621,35 @@ class JobStore:
     def review(self, job_id: str, *, approved: bool, user: str, reason: str | None) -> Job:
         """A clinician's decision on a job awaiting review: approved -> queued (the next run
         sends its archived outputs), rejected -> rejected (never sent). ``IllegalTransition``
-        if it is not awaiting review, or (approved) if another job of its series is active."""
-        try:
-            with self._sessions.begin() as session:
-                job = session.get(Job, job_id, with_for_update=True)
-                if job is None:
-                    raise JobNotFound(f"no job {job_id!r}")
-                if job.state != JobState.AWAITING_REVIEW.value:
-                    raise IllegalTransition(f"job {job_id} is {job.state}, not awaiting review")
-                now = utcnow()
-                job.review_decision = "approved" if approved else "rejected"
-                job.reviewed_by, job.reviewed_at, job.review_reason = user, now, reason
-                job.updated_at = now
-                if approved:
-                    job.state = JobState.QUEUED.value
-                    job.queued_at = now
-                    job.active_series_uid = job.series_instance_uid
-                    job.worker = None
-                else:
-                    job.state = JobState.REJECTED.value
-                    job.finished_at = now
-                return job
-        except IntegrityError:
-            raise IllegalTransition(
-                f"job {job_id} cannot be approved now: another job of its series is active"
-            ) from None
+        if it is not awaiting review (also when another decision came first).
+
+        One conditional update, so two decisions at once cannot both land (SQLite's driver
+        takes no row lock). An approved job does not take back its series' active slot: a
+        series sent again meanwhile is a job of its own, reviewed on its own, never merged
+        into one already approved. Approval gives the sending run the job's full attempts
+        (the runs before it were the review run and its retries).
+        """
+        now = utcnow()
+        values: dict[str, Any] = {
+            "review_decision": "approved" if approved else "rejected",
+            "reviewed_by": user, "reviewed_at": now, "review_reason": reason, "updated_at": now,
+        }
+        if approved:
+            values.update(state=JobState.QUEUED.value, queued_at=now, worker=None,
+                          attempts=func.coalesce(Job.workers_lost, 0))
+        else:
+            values.update(state=JobState.REJECTED.value, finished_at=now)
+        with self._sessions.begin() as session:
+            result = session.execute(
+                update(Job)
+                .where(Job.id == job_id, Job.state == JobState.AWAITING_REVIEW.value)
+                .values(**values)
+                .execution_options(synchronize_session=False)
+            )
+        if result.rowcount != 1:  # type: ignore[attr-defined]
+            job = self.get(job_id)  # JobNotFound if there is none
+            raise IllegalTransition(f"job {job_id} is {job.state}, not awaiting review")
+        return self.get(job_id)
 
     def add_note(self, job_id: str, note: str) -> None:
         """Append a sentence to the job's notes (kept once)."""
@@ -762,7 +766,8 @@ class JobStore:
     def mark_expired_for_purge(
         self, finished_before: dt.datetime, *, limit: int = 100
     ) -> builtins.list[Job]:
-        """Mark done/failed/ignored jobs finished before ``finished_before`` as purged; return them.
+        """Mark done/failed/ignored/rejected jobs finished before ``finished_before`` as purged;
+        return them.
 
         The caller deletes their files afterwards: marking first means a user's retry can no
         longer start a job whose files are being deleted (a deletion cut short is finished by
@@ -770,7 +775,8 @@ class JobStore:
         still awaits delivery).
         """
         expired = (
-            Job.state.in_([JobState.DONE.value, JobState.FAILED.value, JobState.IGNORED.value]),
+            Job.state.in_([JobState.DONE.value, JobState.FAILED.value, JobState.IGNORED.value,
+                           JobState.REJECTED.value]),
             Job.finished_at < finished_before,
             Job.purged_at.is_(None),
         )

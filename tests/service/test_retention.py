@@ -42,9 +42,11 @@ def _finished_ago(api: ApiHarness, job: Job, days: float, state: str | None = No
 
 
 def test_files_of_old_finished_jobs_are_deleted_and_the_rest_kept(api: ApiHarness) -> None:
-    old_done, old_failed, old_unsent, recent = (add_finished_job(api) for _ in range(4))
+    old_done, old_failed, old_rejected, old_unsent, recent = (
+        add_finished_job(api) for _ in range(5))
     _finished_ago(api, old_done, 31)
     _finished_ago(api, old_failed, 45, state=JobState.FAILED.value)
+    _finished_ago(api, old_rejected, 40, state=JobState.REJECTED.value)  # never sent, ever
     _finished_ago(api, old_unsent, 60, state=JobState.SEND_FAILED.value)
     _finished_ago(api, recent, 29)
     spool, archive = _folders(api, old_done)
@@ -52,8 +54,8 @@ def test_files_of_old_finished_jobs_are_deleted_and_the_rest_kept(api: ApiHarnes
 
     report = purge_expired(api.settings, api.store)
 
-    assert report.jobs == 2 and report.bytes_freed >= expected_bytes > 0
-    for job in (old_done, old_failed):
+    assert report.jobs == 3 and report.bytes_freed >= expected_bytes > 0
+    for job in (old_done, old_failed, old_rejected):
         assert not any(folder.exists() for folder in _folders(api, job))
         assert api.store.get(job.id).purged_at is not None
     for job in (old_unsent, recent):  # awaiting delivery / within the retention period
@@ -63,7 +65,7 @@ def test_files_of_old_finished_jobs_are_deleted_and_the_rest_kept(api: ApiHarnes
         audited = session.scalars(
             select(AuditEvent.job_id).where(AuditEvent.event == JOB_FILES_PURGED)
         ).all()
-    assert sorted(audited) == sorted([old_done.id, old_failed.id])
+    assert sorted(audited) == sorted([old_done.id, old_failed.id, old_rejected.id])
     # a second sweep finds nothing more to do
     assert purge_expired(api.settings, api.store).jobs == 0
 

@@ -101,3 +101,67 @@ def test_held_job_is_sent_only_once_approved_and_a_rejected_one_never(
     events = api.client.get("/api/audit", params={"event": "job.rejected"},
                             headers=api.headers("admin")).json()["items"]
     assert [e["job_id"] for e in events] == [rejected] and events[0]["actor"] == "clinician-user"
+
+
+def test_an_approved_job_gets_its_attempts_for_sending_even_after_failed_runs(
+    api: ApiHarness, tmp_path: Path, tps: StoreScp
+) -> None:
+    """RTCONTOUR_JOB_ATTEMPTS=1, and the review run itself spent it: approval must still
+    send (before, the next claim gave up: 'Gave up after 1 attempts')."""
+    api.settings = api.settings.model_copy(update={"job_attempts": 1})
+    runtime = _runtime(api)
+    job_id = _submit(api, tmp_path, 3)
+    assert execute_job(job_id, runtime).state == "awaiting_review"
+    api.store.review(job_id, approved=True, user="clinician-user", reason=None)
+    assert execute_job(job_id, runtime).state == "done"
+    deadline = time.monotonic() + 10
+    while not tps.received() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert len(tps.received()) == 1
+
+
+def test_one_decision_wins_when_approve_and_reject_come_at_once(
+    api: ApiHarness, tmp_path: Path
+) -> None:
+    import threading
+
+    from common.jobstore import IllegalTransition
+
+    runtime = _runtime(api)
+    for seed in range(4, 10):
+        job_id = _submit(api, tmp_path, seed)
+        assert execute_job(job_id, runtime).state == "awaiting_review"
+        start, outcomes = threading.Barrier(2), []
+
+        def decide(approved: bool, job_id: str = job_id, start: threading.Barrier = start,
+                   outcomes: list = outcomes) -> None:  # type: ignore[type-arg]
+            start.wait()
+            try:
+                api.store.review(job_id, approved=approved, user="u", reason=None)
+                outcomes.append(approved)
+            except IllegalTransition:
+                outcomes.append(None)
+
+        threads = [threading.Thread(target=decide, args=(flag,)) for flag in (True, False)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(10)
+        [winner] = [flag for flag in outcomes if flag is not None]
+        job = api.store.get(job_id)
+        assert (job.state, job.review_decision) == (
+            ("queued", "approved") if winner else ("rejected", "rejected"))
+
+
+def test_a_series_sent_again_after_approval_is_a_job_of_its_own(
+    api: ApiHarness, tmp_path: Path
+) -> None:
+    runtime = _runtime(api)
+    job_id = _submit(api, tmp_path, 11)
+    assert execute_job(job_id, runtime).state == "awaiting_review"
+    api.store.review(job_id, approved=True, user="clinician-user", reason=None)
+    approved = api.store.get(job_id)
+    resent = api.store.create_or_merge_for_series(
+        series_instance_uid=approved.series_instance_uid)
+    assert resent.created and resent.job.id != job_id  # reviewed on its own, not merged
+    assert api.store.get(job_id).generation == approved.generation
