@@ -436,14 +436,24 @@ class JobStore:
         *,
         reason: str | None = None,
         expected_from: Sequence[JobState] | None = None,
+        worker: str | None = None,
     ) -> Job:
-        """Move a job to ``to_state`` or raise ``IllegalTransition`` naming both states."""
+        """Move a job to ``to_state`` or raise ``IllegalTransition`` naming both states.
+
+        ``worker``: the outcome of that worker's run; refused (``IllegalTransition``) unless
+        the job is still running under that worker (another took it over after its lease).
+        """
         target = JobState(to_state)
         with self._sessions.begin() as session:
             job = session.get(Job, job_id, with_for_update=True)
             if job is None:
                 raise JobNotFound(f"no job {job_id!r}")
             current = JobState(job.state)
+            if worker is not None and (current is not JobState.RUNNING or job.worker != worker):
+                raise IllegalTransition(
+                    f"job {job_id} is {current.value} under {job.worker or 'no worker'}, not "
+                    f"running under {worker}: this run's outcome ({target.value}) is dropped"
+                )
             if expected_from is not None and current not in expected_from:
                 raise IllegalTransition(
                     f"job {job_id} is {current.value}, expected one of "

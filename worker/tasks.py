@@ -39,7 +39,7 @@ from celery.exceptions import SoftTimeLimitExceeded
 from common.audit import make_recorder
 from common.db import make_engine
 from common.errors import DestinationUnavailable, InvalidSeries, ModelPackageError
-from common.jobstore import Job, JobState, JobStore
+from common.jobstore import IllegalTransition, Job, JobState, JobStore
 from common.queue import RUN_JOB_TASK
 from common.schema import create_schema
 from common.settings import Settings
@@ -220,9 +220,7 @@ def execute_job(job_id: str, runtime: WorkerRuntime) -> Outcome:
             else f"Gave up after {settings.job_attempts} attempts "
                  f"(last: {job.failure_reason or 'unknown'})."
         )
-        store.transition(job_id, JobState.FAILED, reason=reason)
-        logger.error("job %s failed: %s", job_id, reason)
-        return Outcome(JobState.FAILED.value)
+        return _finish(runtime, job_id, JobState.FAILED, reason)
     logger.info("job %s: attempt %d on %s", job_id, failed_runs + 1, runtime.worker_name)
     with _Heartbeat(store, job_id, runtime.worker_name, settings.job_lease_s) as heartbeat:
         try:
@@ -231,18 +229,18 @@ def execute_job(job_id: str, runtime: WorkerRuntime) -> Outcome:
             logger.warning("job %s: another worker took it over; this run stops", job_id)
             return Outcome("lost")
         except InvalidSeries as exc:
-            return _finish(store, job_id, JobState.FAILED, str(exc))
+            return _finish(runtime, job_id, JobState.FAILED, str(exc))
         except ModelPackageError as exc:
-            return _finish(store, job_id, JobState.FAILED, f"Model package problem: {exc}")
+            return _finish(runtime, job_id, JobState.FAILED, f"Model package problem: {exc}")
         except DestinationUnavailable as exc:
-            return _finish(store, job_id, JobState.SEND_FAILED, str(exc))
+            return _finish(runtime, job_id, JobState.SEND_FAILED, str(exc))
         except SoftTimeLimitExceeded:
             reason = f"The job exceeded its time limit of {settings.job_time_limit_s} s."
-            return _retry_or_fail(store, job_id, failed_runs + 1, settings, reason)
+            return _retry_or_fail(runtime, job_id, failed_runs + 1, reason)
         except Exception as exc:
             logger.exception("job %s: attempt %d failed", job_id, failed_runs + 1)
             reason = f"Unexpected error: {type(exc).__name__}: {exc}"
-            return _retry_or_fail(store, job_id, failed_runs + 1, settings, reason)
+            return _retry_or_fail(runtime, job_id, failed_runs + 1, reason)
         if held:
             logger.info("job %s awaits a clinician's review; nothing sent yet", job_id)
             return Outcome(JobState.AWAITING_REVIEW.value)
@@ -295,7 +293,8 @@ def _run_pipeline(
             if not hold and store.complete_if_unchanged(job_id, runtime.worker_name,
                                                         ctx.generation):
                 return False
-            if store.get(job_id).worker != runtime.worker_name:
+            current = store.get(job_id)
+            if current.worker != runtime.worker_name or current.state != JobState.RUNNING:
                 raise LostClaim(job_id)
             # Merged while sending: the RTSTRUCT (same UID) is rebuilt and sent again.
             store.forget_sent(job_id)
@@ -312,20 +311,30 @@ def _spool_dir(settings: Settings, spool_dir: str | None, job_id: str) -> Path:
     return Path(spool_dir) if spool_dir else settings.spool_dir / "jobs" / job_id
 
 
-def _finish(store: JobStore, job_id: str, state: JobState, reason: str) -> Outcome:
-    store.transition(job_id, state, reason=reason)
+def _finish(runtime: WorkerRuntime, job_id: str, state: JobState, reason: str) -> Outcome:
+    """End this worker's run in ``state``; dropped (``lost``) if another worker took the job
+    over meanwhile (its lease expired), so a stale run never overwrites the current one."""
+    try:
+        runtime.store.transition(job_id, state, reason=reason, worker=runtime.worker_name)
+    except IllegalTransition as error:
+        logger.warning("job %s: %s", job_id, error)
+        return Outcome("lost")
     logger.warning("job %s %s: %s", job_id, state.value, reason)
     return Outcome(state.value)
 
 
-def _retry_or_fail(
-    store: JobStore, job_id: str, attempts: int, settings: Settings, reason: str
-) -> Outcome:
+def _retry_or_fail(runtime: WorkerRuntime, job_id: str, attempts: int, reason: str) -> Outcome:
+    settings = runtime.settings
     if attempts >= settings.job_attempts:
         return _finish(
-            store, job_id, JobState.FAILED, f"Failed after {attempts} attempts: {reason}"
+            runtime, job_id, JobState.FAILED, f"Failed after {attempts} attempts: {reason}"
         )
-    store.transition(job_id, JobState.QUEUED, reason=f"Attempt {attempts} failed: {reason}")
+    try:
+        runtime.store.transition(job_id, JobState.QUEUED, reason=f"Attempt {attempts} failed: "
+                                 f"{reason}", worker=runtime.worker_name)
+    except IllegalTransition as error:
+        logger.warning("job %s: %s", job_id, error)
+        return Outcome("lost")
     delay = RETRY_BACKOFF_S * 2 ** (attempts - 1)
     logger.warning(
         "job %s: attempt %d failed, retry in %.0f s: %s", job_id, attempts, delay, reason

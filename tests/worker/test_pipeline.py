@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import shutil
 import time
 from pathlib import Path
@@ -10,7 +11,7 @@ import pydicom
 import pytest
 
 from common.db import make_engine
-from common.jobstore import JobState, JobStore
+from common.jobstore import JobState, JobStore, utcnow
 from common.schema import create_schema
 from common.settings import Settings
 from common.volume import load_series
@@ -295,3 +296,27 @@ def test_instances_merged_while_sending_rebuild_and_resend(
     time.sleep(0.5)
     # storescp names files by SOP Instance UID: the second delivery replaced the first
     assert len(tps.received()) == 1
+
+
+def test_a_run_whose_job_was_taken_over_cannot_overwrite_the_new_runs_state(
+    settings: Settings, tmp_path: Path, model: ThresholdModel
+) -> None:
+    """Worker A stalls past its lease, B takes the job over; A's late DestinationUnavailable
+    must not end B's job as send_failed (B then delivered, with its records cleared)."""
+    down = StoreScp(tmp_path / "down")  # never started: every association is refused
+    settings = settings.model_copy(update={
+        "destinations": [_parse(down.destination)], "send_attempts": 1, "send_backoff_s": 0.1})
+    stalled = _runtime(settings, model, [])
+    job_id = _submit(settings, stalled.store, tmp_path)
+
+    def takeover() -> None:  # A's lease ran out (say its database link stalled); B claims
+        stalled.store._update(job_id, lease_expires_at=utcnow() - dt.timedelta(seconds=1))
+        assert stalled.store.claim(job_id, "worker B", lease_s=60) is not None
+
+    original_send = stalled.sender.send_file
+    stalled.sender.send_file = (  # type: ignore[method-assign]
+        lambda path, destination: (takeover(), original_send(path, destination))[1])
+    outcome = execute_job(job_id, stalled)
+    job = stalled.store.get(job_id)
+    assert outcome.state == "lost"
+    assert (job.state, job.worker) == ("running", "worker B")
