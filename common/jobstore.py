@@ -29,6 +29,7 @@ import enum
 import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import (
@@ -173,6 +174,8 @@ class Job(Base):
     reviewed_by: Mapped[str | None] = mapped_column(String(64))
     reviewed_at: Mapped[dt.datetime | None] = mapped_column(UtcDateTime)
     review_reason: Mapped[str | None] = mapped_column(Text)
+    # A retried send_failed job: its next run sends the archived outputs, never rebuilds them.
+    resend_only: Mapped[bool | None] = mapped_column(Boolean)
     # "AE@host:port|SOPInstanceUID" entries already delivered (idempotent re-sends).
     sent_destinations: Mapped[list[str]] = mapped_column(JSON, default=list)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
@@ -826,8 +829,12 @@ class JobStore:
     def requeue_finished(self, job_id: str, *, reason: str) -> Job:
         """failed | send_failed -> queued on a user's request, with a fresh set of attempts.
 
-        Raises ``IllegalTransition`` if the job is not failed/send_failed, or if another job of
-        the same series is active (it would hold the series' active slot).
+        A ``send_failed`` job whose outputs are all archived is queued to send them as they are
+        (``resend_only``: never rebuilt, so a TPS never gets a second, different structure set
+        for the same CT; a dose job needs no CT) and, like an approved job, does not take back
+        its series' active slot. Anything else runs its whole pipeline again and takes it.
+        Raises ``IllegalTransition`` if the job is not failed/send_failed, or (a whole re-run)
+        if another job of the same series is active.
         """
         retryable = {JobState.FAILED.value, JobState.SEND_FAILED.value}
         try:
@@ -842,13 +849,19 @@ class JobStore:
                         f"job {job_id} cannot be retried: its CT instances were deleted by the "
                         "retention policy; send the series again"
                     )
+                outputs = session.scalars(
+                    select(JobOutput).where(JobOutput.job_id == job_id)).all()
+                resend_only = (job.state == JobState.SEND_FAILED.value and bool(outputs)
+                               and all(Path(output.path).is_file() for output in outputs))
                 now = utcnow()
                 job.state = JobState.QUEUED.value
                 job.queued_at = job.updated_at = now
                 job.finished_at = job.worker = job.lease_expires_at = None
                 job.attempts = job.workers_lost = 0
                 job.failure_reason = reason
-                job.active_series_uid = job.series_instance_uid
+                job.resend_only = resend_only
+                if not resend_only:
+                    job.active_series_uid = job.series_instance_uid
                 return job
         except IntegrityError:
             raise IllegalTransition(

@@ -355,8 +355,8 @@ class Archive:
 
 
 class SendArchived:
-    """The job's archived outputs as the context's outputs (an approved job: sent as they
-    were reviewed, never rebuilt)."""
+    """The job's archived outputs as the context's outputs (an approved job, or a retried
+    send_failed one: sent as they were archived, never rebuilt)."""
 
     name = "load archived outputs"
     stage: str | None = None
@@ -366,7 +366,7 @@ class SendArchived:
         for output in ctx.store.outputs(ctx.job_id):
             path = Path(output.path)
             if not path.is_file():
-                raise InvalidSeries(f"The reviewed {output.kind} is no longer archived "
+                raise InvalidSeries(f"The {output.kind} to send is no longer archived "
                                     f"({path.name}); send the series again.")
             ctx.outputs.append(WrittenOutput(output.kind, None, output.sop_instance_uid, path,
                                              list(output.summary or [])))

@@ -250,12 +250,16 @@ def execute_job(job_id: str, runtime: WorkerRuntime) -> Outcome:
 
 def _review_steps(job: Job, runtime: WorkerRuntime) -> tuple[list[Step], bool]:
     """(steps, hold): the job's pipeline as its review state wants it. Held for review: every
-    step but Send, then awaiting_review; approved: only Send, of the archived outputs."""
+    step but Send, then awaiting_review; approved (or a retried send_failed job): only Send,
+    of the archived outputs."""
     steps = runtime.steps(job.kind)
+    sends = [step for step in steps if isinstance(step, Send)]
+    if job.resend_only:  # a retried send_failed job: its archived outputs, as they were
+        return [SendArchived(), *sends], False
     if not job.review_required:
         return steps, False
     if job.review_decision == "approved":
-        return [SendArchived(), *[step for step in steps if isinstance(step, Send)]], False
+        return [SendArchived(), *sends], False
     return [step for step in steps if not isinstance(step, Send)], True
 
 

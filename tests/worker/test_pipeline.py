@@ -16,7 +16,7 @@ from common.schema import create_schema
 from common.settings import Settings
 from common.volume import load_series
 from service.intake import Intake, SeriesArrival
-from tests.conftest import StoreScp, ThresholdModel, write_phantom_series
+from tests.conftest import StoreScp, ThresholdModel, wait_until, write_phantom_series
 from worker.pipeline import SegmenterCache
 from worker.sender import Sender
 from worker.tasks import WorkerRuntime, execute_job, recover_jobs
@@ -148,6 +148,35 @@ def test_destination_down_retries_with_backoff_then_send_failed_file_kept(
     assert down in job.failure_reason and "3 attempts" in job.failure_reason
     assert Path(runtime.store.output(job_id, "RTSTRUCT").path).is_file()
     assert job.sent_destinations == []
+
+
+def test_retried_send_failed_job_sends_its_archived_rtstruct_without_contouring_again(
+    settings: Settings, tmp_path: Path, model: ThresholdModel
+) -> None:
+    from tests.conftest import free_port
+
+    port = free_port()
+    settings = settings.model_copy(update={
+        "destinations": [_parse(f"TPS@127.0.0.1:{port}")], "send_attempts": 1})
+    runtime = _runtime(settings, model, [])
+    job_id = _submit(settings, runtime.store, tmp_path)
+    assert execute_job(job_id, runtime).state == "send_failed"
+    archived = runtime.store.output(job_id, "RTSTRUCT")
+    assert model.calls == 1
+    tps = StoreScp(tmp_path / "tps", port=port).start()  # the TPS is back
+    try:
+        job = runtime.store.requeue_finished(job_id, reason="retry requested by admin")
+        assert job.resend_only
+        resent = runtime.store.create_or_merge_for_series(  # the series sent meanwhile
+            series_instance_uid=job.series_instance_uid)
+        assert resent.created  # its own job: nothing merges into a resend
+        assert execute_job(job_id, runtime).state == "done"
+        (received,) = wait_until(tps.received, 10, "the RTSTRUCT at the TPS")
+    finally:
+        tps.stop()
+    assert model.calls == 1  # not contoured again: the archived file went
+    assert pydicom.dcmread(received).SOPInstanceUID == archived.sop_instance_uid
+    assert runtime.store.get(job_id).attempts == 1
 
 
 def test_unexpected_error_requeues_until_attempts_exhausted(
