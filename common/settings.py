@@ -181,11 +181,13 @@ class Settings(BaseSettings):
             raise ValueError("RTCONTOUR_ADMIN_TOKEN is required when RTCONTOUR_MODE=production")
         if self.mode == "production" and self.admin_token is not None:
             token = self.admin_token.get_secret_value()
-            if token in _PUBLIC_TOKENS or len(token) < MIN_PRODUCTION_TOKEN_CHARS:
+            public = token.lower() in _PUBLIC_TOKENS or "replace" in token.lower()
+            if public or len(token) < MIN_PRODUCTION_TOKEN_CHARS:
                 raise ValueError(
                     "RTCONTOUR_ADMIN_TOKEN must be a secret of at least "
                     f"{MIN_PRODUCTION_TOKEN_CHARS} characters when RTCONTOUR_MODE=production "
-                    "(not the development default nor the example): openssl rand -hex 32")
+                    "(not the development default nor a template's placeholder): "
+                    "openssl rand -hex 32")
         if (self.tls_cert_file is None) != (self.tls_key_file is None):
             raise ValueError("RTCONTOUR_TLS_CERT_FILE and RTCONTOUR_TLS_KEY_FILE go together")
         return self

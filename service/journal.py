@@ -25,6 +25,7 @@ to a temporary file, fsync, ``os.replace`` and an fsync of the folder, the usual
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import logging
 import os
@@ -33,6 +34,8 @@ import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+
+from common.errors import ConfigurationError
 
 logger = logging.getLogger(__name__)
 
@@ -71,6 +74,25 @@ class SeriesJournal:
         if not self.journal_dir.is_dir():
             self.journal_dir.mkdir(parents=True, exist_ok=True)
             self._sync_dir(self.journal_dir.parent)
+        # One listener per spool: a second one's recover() would abort the first's open
+        # associations. The lock goes with the process (a killed listener holds none).
+        self._lock_fd: int | None = os.open(self.journal_dir / ".lock", os.O_RDWR | os.O_CREAT,
+                                            0o600)
+        try:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+            raise ConfigurationError(
+                f"another rtcontour listener uses the spool {Path(spool_dir)}: run one listener "
+                "per RTCONTOUR_DATA_DIR (stop the other, or give this one its own folder)"
+            ) from None
+
+    def close(self) -> None:
+        """Release the spool for another listener (at shutdown)."""
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
 
     def carrier(self, serial: int) -> str:
         """The marker name of this run's association ``serial``."""

@@ -571,9 +571,13 @@ class SeriesTracker:
         return self._spool.sweep_stale_series(self._retention_s, keep=keep)
 
     def stop(self, *, flush: bool = True) -> list[SeriesArrival]:
-        """Stop the background thread; with ``flush``, emit every series already complete."""
+        """Stop the background thread; with ``flush``, emit every series already complete;
+        release the journal's spool for another listener."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=10)
             self._thread = None
-        return self.poll(flush=True) if flush else []
+        arrivals = self.poll(flush=True) if flush else []
+        if self._journal is not None:
+            self._journal.close()
+        return arrivals

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import signal
+import subprocess
+import sys
 import time
 
 import pydicom
@@ -11,6 +14,7 @@ from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage
 
 from service.dicom_status import Status
+from tests.conftest import REPO_ROOT, free_port
 from tests.service.conftest import LISTENER_AE, requires_dcmtk, run_storescu
 
 pytestmark = requires_dcmtk
@@ -86,3 +90,19 @@ def test_listener_killed_mid_association_keeps_the_series_interrupted_until_rese
     assert run_storescu(restarted.port, files).status_list == [Status.SUCCESS] * 4
     restarted.wait_for_log("series arrived")
     assert "n_instances=4" in restarted.log()
+
+
+def test_a_second_listener_on_the_same_data_folder_refuses_to_start(
+    start_listener_process, tmp_path
+):
+    start_listener_process(quiet_period_s=60.0)
+    second = subprocess.run(
+        [sys.executable, "-m", "service.cli", "listener", "--log-only", "--host", "127.0.0.1",
+         "--port", str(free_port())],
+        env={**{k: v for k, v in os.environ.items() if not k.startswith("RTCONTOUR_")},
+             "RTCONTOUR_DATA_DIR": str(tmp_path / "var")},
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=60,
+    )
+    assert second.returncode == 2, second.stderr
+    assert "another rtcontour listener uses the spool" in second.stderr
+    assert "Traceback" not in second.stderr

@@ -46,10 +46,18 @@ def header(series_uid: str, sop: int) -> InstanceHeader:
     )
 
 
+_RUNNING: dict[Path, Node] = {}
+
+
 class Node:
-    """One run of the listener's spool, journal and tracker on ``spool_dir``."""
+    """One run of the listener's spool, journal and tracker on ``spool_dir``; a new one on
+    the same folder is the restart of a killed run (whose spool lock died with it)."""
 
     def __init__(self, spool_dir: Path, sink: RecordingSink | None = None) -> None:
+        killed = _RUNNING.pop(spool_dir, None)
+        if killed is not None:
+            killed.journal.close()  # what the kernel does for a killed process
+        _RUNNING[spool_dir] = self
         self.clock = FakeClock()
         self.sink = sink or RecordingSink()
         self.spool = InstanceSpool(spool_dir, min_free_disk_bytes=0)
@@ -71,8 +79,9 @@ class Node:
 
 
 def journal_files(spool_dir: Path) -> list[str]:
-    return sorted(
+    return sorted(  # the lock file aside
         str(p.relative_to(spool_dir / "journal")) for p in (spool_dir / "journal").rglob("*")
+        if p.name != ".lock"
     )
 
 
@@ -349,3 +358,13 @@ def test_a_restart_between_associations_changes_nothing_the_intake_receives(
     with_restarts = _run_sessions(spool_dir, sessions, crash=True)
     assert with_restarts == without
     assert journal_files(spool_dir) == []
+
+
+def test_a_second_listener_on_the_same_spool_is_refused_with_a_sentence(tmp_path: Path) -> None:
+    from common.errors import ConfigurationError
+
+    running = SeriesJournal(tmp_path)
+    with pytest.raises(ConfigurationError, match="another rtcontour listener uses the spool"):
+        SeriesJournal(tmp_path)
+    running.close()
+    SeriesJournal(tmp_path).close()  # once the first has stopped, the spool is free
