@@ -225,14 +225,20 @@ def test_container_runs_as_non_root_without_capabilities(
     assert pod.get("enableServiceLinks") is False, cid
 
 
-def test_listener_is_single_replica_probed_over_tcp_on_the_dicom_port() -> None:
+def test_listener_is_single_replica_probed_over_tcp_on_the_dicom_port(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     listener = _workloads()["listener"]
     assert listener["spec"]["replicas"] == 1
     assert listener["spec"]["strategy"]["type"] == "Recreate"
     (container,) = listener["spec"]["template"]["spec"]["containers"]
-    assert container["ports"] == [{"name": "dicom", "containerPort": 11112}]
+    assert container["ports"] == [{"name": "dicom", "containerPort": 11112},
+                                  {"name": "metrics", "containerPort": 9112}]
     for probe in ("readinessProbe", "livenessProbe"):
         assert container[probe]["tcpSocket"]["port"] in {"dicom", 11112}, probe
+    # Scaled out, the DICOM counters live in the listener's process: it serves them itself.
+    settings = _settings_from_env(_kubernetes_env(container), monkeypatch)
+    assert (settings.listener_metrics_port, settings.listener_metrics_host) == (9112, "0.0.0.0")
 
 
 def test_api_is_probed_over_http_on_health() -> None:
