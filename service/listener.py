@@ -149,6 +149,12 @@ class _AssociationServer(ThreadedAssociationServer):
         request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if self.tls_context is not None:
             try:
+                if _closed_before_a_byte(request, self.handshake_timeout_s):
+                    # A TCP health probe (Kubernetes, compose): no refusal to record.
+                    logger.debug("connection from %s closed before sending anything",
+                                 client_address)
+                    self.shutdown_request(request)
+                    return
                 request = accept_tls(request, self.tls_context, self.handshake_timeout_s)
             except OSError as exc:
                 logger.warning("TLS handshake with %s failed: %s", client_address, exc)
@@ -167,6 +173,16 @@ class _AssociationServer(ThreadedAssociationServer):
         # The base class also removes itself from the AE's list, which make_server never fills.
         socketserver.TCPServer.shutdown(self)
         self.server_close()
+
+
+def _closed_before_a_byte(connection: socket.socket, timeout_s: float) -> bool:
+    """True if the peer closed the connection without sending anything (waits for its first
+    byte, at most ``timeout_s``; a silent peer raises ``TimeoutError``)."""
+    connection.settimeout(timeout_s)
+    try:
+        return connection.recv(1, socket.MSG_PEEK) == b""
+    except ConnectionResetError:
+        return True  # reset before a byte: a probe too
 
 
 @dataclass

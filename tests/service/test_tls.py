@@ -68,3 +68,16 @@ def test_silent_client_does_not_block_tls_handshakes_of_others(tls_listener, pki
         started = time.monotonic()
         assert run_echoscu(tls_listener.port, args=args).returncode == 0
         assert time.monotonic() - started < 1.5  # not queued behind the 2 s handshake timeout
+
+
+def test_a_tcp_probe_of_a_tls_listener_is_not_recorded_as_a_refusal(tls_listener, pki):
+    """Kubernetes and compose probe the DICOM port with a bare TCP connect: every 10 s, that
+    must not become a refusal or an audit row; a client that speaks plain DICOM still does."""
+    for _ in range(3):
+        socket.create_connection(("127.0.0.1", tls_listener.port)).close()
+    assert run_echoscu(tls_listener.port).returncode != 0  # plain DICOM to a TLS port
+    time.sleep(0.3)
+    [(event, detail)] = tls_listener.audit_events
+    assert "TLS handshake failed" in detail["reason"]
+    args = tls_args(pki, key=pki.client_key, cert=pki.client_cert)
+    assert run_echoscu(tls_listener.port, args=args).returncode == 0  # still serving
