@@ -289,17 +289,19 @@ def read_instance_header(
             f"SOP Class {request_sop_class} does not match the context {context_sop_class}"
         )
     stream = _decode_stream(dataset, transfer_syntax, max_instance_bytes)
-    if context_sop_class == RTStructureSetStorage:
-        return _read_structure_set_header(stream, transfer_syntax, request_sop_class,
-                                          request_sop_instance)
+    # A structure set's contours are read (tolerantly) by the worker: here only its identity.
+    modality, tags, required = (
+        ("RTSTRUCT", _READ_STRUCTURE_SET_TAGS, _REQUIRED_STRUCTURE_SET)
+        if context_sop_class == RTStructureSetStorage else ("CT", _READ_TAGS, _REQUIRED)
+    )
     try:
         ds = read_dataset(
             stream,
             is_implicit_VR=transfer_syntax == ImplicitVRLittleEndian,
             is_little_endian=transfer_syntax != ExplicitVRBigEndian,
-            specific_tags=_READ_TAGS,
+            specific_tags=tags,
         )
-        missing = [kw for kw in _REQUIRED if _is_empty(ds, kw)]
+        missing = [kw for kw in required if _is_empty(ds, kw)]
         if missing:
             raise InvalidInstance(f"required attributes missing or empty: {', '.join(missing)}")
         if str(ds.SOPClassUID) != request_sop_class:
@@ -307,39 +309,16 @@ def read_instance_header(
         sop_instance_uid = checked_uid(ds.SOPInstanceUID, "SOPInstanceUID")
         if sop_instance_uid != request_sop_instance.strip("\x00 "):
             raise InvalidInstance("SOPInstanceUID differs from the request's")
-        if str(ds.Modality).strip() != "CT":
-            raise InvalidInstance(f"Modality {str(ds.Modality)[:16]!r} is not CT")
-        checked_uid(ds.FrameOfReferenceUID, "FrameOfReferenceUID")
-        _number_list(ds, "ImagePositionPatient", 3)
-        _number_list(ds, "ImageOrientationPatient", 6)
-        if any(s <= 0 for s in _number_list(ds, "PixelSpacing", 2)):
-            raise InvalidInstance("PixelSpacing must be positive")
-        rows = _positive_int(ds, "Rows", MAX_IMAGE_DIMENSION)
-        columns = _positive_int(ds, "Columns", MAX_IMAGE_DIMENSION)
-        pixel_data = ds["PixelData"]
-        # The CT Image Module (PS3.3 C.8.2.1): one sample, 16 bits allocated.
-        samples = ds.get("SamplesPerPixel", 1)
-        if samples != 1:
-            raise InvalidInstance(f"SamplesPerPixel {samples!r} is not 1, as a CT image has")
-        bits = ds.get("BitsAllocated", 16)
-        if bits != 16:
-            raise InvalidInstance(f"BitsAllocated {bits!r} is not 16, as a CT image has")
-        if not UID(transfer_syntax).is_encapsulated:
-            expected = rows * columns * 2
-            length = len(pixel_data.value)
-            # One frame; a native value is padded to even length (odd byte counts cannot occur
-            # for 16-bit pixels, so the length must be exact).
-            if length != expected:
-                raise InvalidInstance(
-                    f"PixelData holds {length} bytes; Rows x Columns x BitsAllocated / 8 is "
-                    f"{expected}"
-                )
+        if str(ds.Modality).strip() != modality:
+            raise InvalidInstance(f"Modality {str(ds.Modality)[:16]!r} is not {modality}")
+        if modality == "CT":
+            _check_ct_image(ds, transfer_syntax)
         description = ds.get("SeriesDescription", "") or ""
         return InstanceHeader(
             sop_instance_uid=sop_instance_uid,
             series_instance_uid=checked_uid(ds.SeriesInstanceUID, "SeriesInstanceUID"),
             study_instance_uid=checked_uid(ds.StudyInstanceUID, "StudyInstanceUID"),
-            modality="CT",
+            modality=modality,
             series_description=str(description)[:64],
         )
     except RtcontourError:
@@ -349,41 +328,32 @@ def read_instance_header(
         raise InvalidInstance(f"dataset cannot be parsed: {type(exc).__name__}") from exc
 
 
-def _read_structure_set_header(
-    stream: BytesIO, transfer_syntax: UID, request_sop_class: str, request_sop_instance: str
-) -> InstanceHeader:
-    """The checks of an RT Structure Set at store time: identity, modality, that it names a
-    frame of reference and structures. Its contours are read (tolerantly) by the worker."""
-    try:
-        ds = read_dataset(
-            stream,
-            is_implicit_VR=transfer_syntax == ImplicitVRLittleEndian,
-            is_little_endian=transfer_syntax != ExplicitVRBigEndian,
-            specific_tags=_READ_STRUCTURE_SET_TAGS,
-        )
-        missing = [kw for kw in _REQUIRED_STRUCTURE_SET if _is_empty(ds, kw)]
-        if missing:
-            raise InvalidInstance(f"required attributes missing or empty: {', '.join(missing)}")
-        if str(ds.SOPClassUID) != request_sop_class:
-            raise SopClassMismatch(f"dataset SOP Class {ds.SOPClassUID} differs from the request")
-        sop_instance_uid = checked_uid(ds.SOPInstanceUID, "SOPInstanceUID")
-        if sop_instance_uid != request_sop_instance.strip("\x00 "):
-            raise InvalidInstance("SOPInstanceUID differs from the request's")
-        if str(ds.Modality).strip() != "RTSTRUCT":
-            raise InvalidInstance(f"Modality {str(ds.Modality)[:16]!r} is not RTSTRUCT")
-        description = ds.get("SeriesDescription", "") or ""
-        return InstanceHeader(
-            sop_instance_uid=sop_instance_uid,
-            series_instance_uid=checked_uid(ds.SeriesInstanceUID, "SeriesInstanceUID"),
-            study_instance_uid=checked_uid(ds.StudyInstanceUID, "StudyInstanceUID"),
-            modality="RTSTRUCT",
-            series_description=str(description)[:64],
-        )
-    except RtcontourError:
-        raise
-    except Exception as exc:  # pydicom raises many types on malformed input
-        logger.debug("parse failure", exc_info=True)
-        raise InvalidInstance(f"dataset cannot be parsed: {type(exc).__name__}") from exc
+def _check_ct_image(ds: Dataset, transfer_syntax: UID) -> None:
+    """The geometry and pixel module of a CT image (PS3.3 C.8.2.1: one sample, 16 bits)."""
+    checked_uid(ds.FrameOfReferenceUID, "FrameOfReferenceUID")
+    _number_list(ds, "ImagePositionPatient", 3)
+    _number_list(ds, "ImageOrientationPatient", 6)
+    if any(s <= 0 for s in _number_list(ds, "PixelSpacing", 2)):
+        raise InvalidInstance("PixelSpacing must be positive")
+    rows = _positive_int(ds, "Rows", MAX_IMAGE_DIMENSION)
+    columns = _positive_int(ds, "Columns", MAX_IMAGE_DIMENSION)
+    pixel_data = ds["PixelData"]
+    samples = ds.get("SamplesPerPixel", 1)
+    if samples != 1:
+        raise InvalidInstance(f"SamplesPerPixel {samples!r} is not 1, as a CT image has")
+    bits = ds.get("BitsAllocated", 16)
+    if bits != 16:
+        raise InvalidInstance(f"BitsAllocated {bits!r} is not 16, as a CT image has")
+    if not UID(transfer_syntax).is_encapsulated:
+        expected = rows * columns * 2
+        length = len(pixel_data.value)
+        # One frame; a native value is padded to even length (odd byte counts cannot occur
+        # for 16-bit pixels, so the length must be exact).
+        if length != expected:
+            raise InvalidInstance(
+                f"PixelData holds {length} bytes; Rows x Columns x BitsAllocated / 8 is "
+                f"{expected}"
+            )
 
 
 # -- handlers ---------------------------------------------------------------------------------

@@ -33,10 +33,10 @@ from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
-import pydicom
 from pydicom.uid import UID
 
 from common.errors import InsufficientStorage, InvalidInstance
+from common.routes import first_instance
 from service.intake import SeriesArrival, SeriesSink
 from service.journal import ABORTED, RELEASED, SeriesJournal, fsync_dir
 
@@ -203,11 +203,7 @@ class InstanceSpool:
 def _recovered_header(uid: str, folder: Path, record: dict[str, str]) -> InstanceHeader:
     """The series' header at recovery: from its first instance on disk (what decides a contour
     or a dose job), else from the journal's record."""
-    first = next(iter(sorted(folder.glob("*.dcm"))), None)
-    try:
-        ds = pydicom.dcmread(first, stop_before_pixels=True) if first is not None else None
-    except Exception:  # noqa: BLE001 - any unreadable file: the journal's record instead
-        ds = None
+    ds = first_instance(folder)
 
     def value(keyword: str) -> str:
         found = ds.get(keyword) if ds is not None else None

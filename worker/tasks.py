@@ -315,29 +315,30 @@ def _spool_dir(settings: Settings, spool_dir: str | None, job_id: str) -> Path:
     return Path(spool_dir) if spool_dir else settings.spool_dir / "jobs" / job_id
 
 
-def _finish(runtime: WorkerRuntime, job_id: str, state: JobState, reason: str) -> Outcome:
-    """End this worker's run in ``state``; dropped (``lost``) if another worker took the job
+def _end_own_run(runtime: WorkerRuntime, job_id: str, state: JobState, reason: str) -> bool:
+    """Move this worker's running job to ``state``; False (logged) if another worker took it
     over meanwhile (its lease expired), so a stale run never overwrites the current one."""
     try:
         runtime.store.transition(job_id, state, reason=reason, worker=runtime.worker_name)
     except IllegalTransition as error:
         logger.warning("job %s: %s", job_id, error)
+        return False
+    return True
+
+
+def _finish(runtime: WorkerRuntime, job_id: str, state: JobState, reason: str) -> Outcome:
+    if not _end_own_run(runtime, job_id, state, reason):
         return Outcome("lost")
     logger.warning("job %s %s: %s", job_id, state.value, reason)
     return Outcome(state.value)
 
 
 def _retry_or_fail(runtime: WorkerRuntime, job_id: str, attempts: int, reason: str) -> Outcome:
-    settings = runtime.settings
-    if attempts >= settings.job_attempts:
+    if attempts >= runtime.settings.job_attempts:
         return _finish(
             runtime, job_id, JobState.FAILED, f"Failed after {attempts} attempts: {reason}"
         )
-    try:
-        runtime.store.transition(job_id, JobState.QUEUED, reason=f"Attempt {attempts} failed: "
-                                 f"{reason}", worker=runtime.worker_name)
-    except IllegalTransition as error:
-        logger.warning("job %s: %s", job_id, error)
+    if not _end_own_run(runtime, job_id, JobState.QUEUED, f"Attempt {attempts} failed: {reason}"):
         return Outcome("lost")
     delay = RETRY_BACKOFF_S * 2 ** (attempts - 1)
     logger.warning(

@@ -30,6 +30,7 @@ import pytest
 from common.settings import Settings
 from service.intake import SeriesArrival
 from service.listener import ListenerHandle, start_listener
+from service.spool import InstanceHeader
 from tests.conftest import REPO_ROOT, free_port
 from tests.phantoms import write_ct_series
 
@@ -159,6 +160,30 @@ def send_files_with_pynetdicom(
     finally:
         assoc.release()
     return statuses
+
+
+class FakeClock:
+    """A monotonic clock the test moves by hand (``SeriesTracker(clock=...)``)."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def instance_header(series_uid: str, sop: int, description: str = "test") -> InstanceHeader:
+    """The header of instance number ``sop`` of a CT series (UIDs derived from the numbers)."""
+    return InstanceHeader(
+        sop_instance_uid=f"{series_uid}.{sop}",
+        series_instance_uid=series_uid,
+        study_instance_uid="1.2.3.4",
+        modality="CT",
+        series_description=description,
+    )
 
 
 class RecordingSink:

@@ -18,32 +18,15 @@ from hypothesis import strategies as st
 
 from service.journal import SeriesJournal
 from service.spool import InstanceHeader, InstanceSpool, SeriesTracker
-from tests.service.conftest import RecordingSink
+from tests.service.conftest import FakeClock, RecordingSink, instance_header
 
 SERIES_A = "1.2.3.4.100"
 SERIES_B = "1.2.3.4.200"
 QUIET_S = 5.0
 
 
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
-
-
 def header(series_uid: str, sop: int) -> InstanceHeader:
-    return InstanceHeader(
-        sop_instance_uid=f"{series_uid}.{sop}",
-        series_instance_uid=series_uid,
-        study_instance_uid="1.2.3.4",
-        modality="CT",
-        series_description="Head 2.5mm",
-    )
+    return instance_header(series_uid, sop, "Head 2.5mm")
 
 
 _RUNNING: dict[Path, Node] = {}
@@ -76,6 +59,13 @@ class Node:
     def after_quiet_period(self) -> list:  # type: ignore[type-arg]
         self.clock.advance(QUIET_S + 0.1)
         return self.tracker.poll()
+
+
+def _move_first_instance(arrival, job: Path) -> None:  # type: ignore[no-untyped-def]
+    """What an intake does first: one instance of the arrival moves into its job's folder."""
+    job.mkdir(parents=True)
+    first = sorted(arrival.folder.glob("*.dcm"))[0]
+    os.replace(first, job / first.name)
 
 
 def journal_files(spool_dir: Path) -> list[str]:
@@ -166,10 +156,7 @@ def test_killed_while_the_intake_moved_part_of_the_series_the_rest_arrives_after
         """Moves the first instance into the job folder, then the process dies."""
 
         def series_complete(self, arrival):  # type: ignore[no-untyped-def]
-            job = tmp_path / "jobs" / "job-1"
-            job.mkdir(parents=True)
-            first = sorted(arrival.folder.glob("*.dcm"))[0]
-            os.replace(first, job / first.name)
+            _move_first_instance(arrival, tmp_path / "jobs" / "job-1")
             raise SystemExit("killed")  # not an Exception: the tracker cannot handle it
 
     before = Node(tmp_path, DyingIntake())
@@ -193,10 +180,7 @@ def test_batch_handed_to_the_intake_survives_a_resend_the_crash_cut_short(
 
     class IntakeDyingDuringAResend(RecordingSink):
         def series_complete(self, arrival):  # type: ignore[no-untyped-def]
-            job = tmp_path / "jobs" / "job-1"
-            job.mkdir(parents=True)
-            first = sorted(arrival.folder.glob("*.dcm"))[0]
-            os.replace(first, job / first.name)
+            _move_first_instance(arrival, tmp_path / "jobs" / "job-1")
             node.store(2, SERIES_A, range(3, 4))  # another association, never released
             raise SystemExit("killed")
 

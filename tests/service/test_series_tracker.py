@@ -6,34 +6,13 @@ from pathlib import Path
 
 import pytest
 
-from service.spool import InstanceHeader, InstanceSpool, SeriesTracker
-from tests.service.conftest import RecordingSink
+from service.spool import InstanceSpool, SeriesTracker
+from tests.service.conftest import FakeClock, RecordingSink, instance_header
 
 SERIES_A = "1.2.3.4.100"
 SERIES_B = "1.2.3.4.200"
 QUIET_S = 5.0
 GRACE_S = 10.0
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
-
-
-def header(series_uid: str, sop: int) -> InstanceHeader:
-    return InstanceHeader(
-        sop_instance_uid=f"{series_uid}.{sop}",
-        series_instance_uid=series_uid,
-        study_instance_uid="1.2.3.4",
-        modality="CT",
-        series_description="test",
-    )
 
 
 @pytest.fixture
@@ -56,7 +35,7 @@ def tracker(tmp_path: Path, sink: RecordingSink, clock: FakeClock) -> SeriesTrac
 
 def store(tracker: SeriesTracker, association: int, series_uid: str, n: int = 3) -> None:
     for sop in range(n):
-        tracker.instance_stored(association, header(series_uid, sop), "TPS")
+        tracker.instance_stored(association, instance_header(series_uid, sop), "TPS")
 
 
 def test_released_series_is_emitted_once_after_the_quiet_period(tracker, sink, clock):
