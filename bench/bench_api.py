@@ -19,11 +19,11 @@ from pathlib import Path
 
 from sqlalchemy import insert
 
-from common.jobstore import Job
-from common.volume import load_series
+from rtcontour.common.jobstore import Job
+from rtcontour.common.volume import load_series
+from rtcontour.worker.rtstruct import RoiSpec, build_rtstruct, save_rtstruct
 from tests.phantoms import head_phantom, write_ct_series
 from tests.service.api_support import ApiHarness, make_harness
-from worker.rtstruct import RoiSpec, build_rtstruct, save_rtstruct
 
 STATES = ["done", "failed", "queued", "running", "send_failed"]
 

@@ -20,21 +20,21 @@ from pathlib import Path
 
 import numpy as np
 
-from common.volume import load_series
-from models.dose.data import load_openkbp_patient
-from models.dose.features import OAR_NAMES
-from models.dose.predict import DosePredictor
-from models.labels import ORGANS
-from models.package import find_latest_package
-from tests.phantoms import write_ct_series
-from worker.dose_offline import (
+from rtcontour.common.volume import load_series
+from rtcontour.models.dose.data import load_openkbp_patient
+from rtcontour.models.dose.features import OAR_NAMES
+from rtcontour.models.dose.predict import DosePredictor
+from rtcontour.models.labels import ORGANS
+from rtcontour.models.package import find_latest_package
+from rtcontour.worker.dose_offline import (
     predict_dose_for_series,
     prescriptions_from_names,
     read_structure_set,
     rtdose_for_prediction,
 )
-from worker.rtdose import save_rtdose
-from worker.rtstruct import RoiSpec, build_rtstruct, save_rtstruct
+from rtcontour.worker.rtdose import save_rtdose
+from rtcontour.worker.rtstruct import RoiSpec, build_rtstruct, save_rtstruct
+from tests.phantoms import write_ct_series
 
 OPENKBP_VALIDATION = (Path(__file__).resolve().parents[1] / ".." / "shared" / "data" /
                       "openkbp" / "validation")

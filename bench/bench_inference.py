@@ -67,8 +67,8 @@ def fp32_peak_gflops(threads: int) -> tuple[float, str]:
 
 def make_ct() -> np.ndarray:
     """A 130x512x512 canonical HU volume from an OpenKBP validation patient (or a phantom)."""
-    from models.data import default_data_dir, list_cases, load_openkbp_raw
-    from models.resampling import resample_to_shape
+    from rtcontour.models.data import default_data_dir, list_cases, load_openkbp_raw
+    from rtcontour.models.resampling import resample_to_shape
 
     try:
         hu, _, _, spacing = load_openkbp_raw(list_cases(default_data_dir(), "validation")[0])
@@ -107,7 +107,7 @@ def conv_flops(model: Any, patch: tuple[int, int, int]) -> float:
 def _torch_model(checkpoint: str | None, patch: tuple[int, int, int]) -> Any:
     import torch
 
-    from models.train import TrainConfig, build_model, load_checkpoint
+    from rtcontour.models.train import TrainConfig, build_model, load_checkpoint
 
     if checkpoint and Path(checkpoint).exists():
         payload = load_checkpoint(Path(checkpoint))
@@ -122,8 +122,8 @@ def _torch_model(checkpoint: str | None, patch: tuple[int, int, int]) -> Any:
 def _worker(task: dict[str, Any], queue: Any) -> None:
     """Run one method in a fresh process and report times and peak RSS."""
     os.environ["OMP_NUM_THREADS"] = str(task["threads"])
-    from models.inference import Segmenter
-    from models.package import load_package
+    from rtcontour.models.inference import Segmenter
+    from rtcontour.models.package import load_package
 
     package = load_package(task["package"])
     patch = tuple(package.manifest.patch_size)
@@ -179,7 +179,7 @@ def _worker(task: dict[str, Any], queue: Any) -> None:
 def _former_postprocess(segmenter: Any, probs: np.ndarray) -> dict[str, np.ndarray]:
     """The return to the CT grid of rtcontour <= 1.2.0 (boxed resampling, full-grid
     post-processing), for comparison."""
-    from models.inference import postprocess_mask
+    from rtcontour.models.inference import postprocess_mask
 
     return {label.roi_name: postprocess_mask(
         segmenter._probabilities_to_mask(probs[label.index], CT_SPACING, CT_SHAPE),
@@ -188,7 +188,7 @@ def _former_postprocess(segmenter: Any, probs: np.ndarray) -> dict[str, np.ndarr
 
 def bench_postprocess(package_dir: Path, overlap: float, threads: int, rounds: int) -> None:
     """Time the former and the current return to the CT grid on one CT's probabilities."""
-    from models.inference import Segmenter
+    from rtcontour.models.inference import Segmenter
 
     segmenter = Segmenter(package_dir, overlap=overlap, provider="openvino", threads=threads,
                           min_volume_cc={})
@@ -232,7 +232,7 @@ def run_isolated(task: dict[str, Any]) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from models.package import find_latest_package, load_package
+    from rtcontour.models.package import find_latest_package, load_package
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--package", type=Path, default=None)

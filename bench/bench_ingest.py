@@ -30,9 +30,9 @@ from pathlib import Path
 
 import numpy as np
 
-from common.settings import Settings
-from service.intake import SeriesArrival
-from service.listener import start_listener
+from rtcontour.common.settings import Settings
+from rtcontour.service.intake import SeriesArrival
+from rtcontour.service.listener import start_listener
 from tests.phantoms import write_ct_series
 
 

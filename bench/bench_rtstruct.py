@@ -27,10 +27,10 @@ from pathlib import Path
 
 import numpy as np
 
-from common.volume import CtSeries, Volume, load_series
+from rtcontour.common.volume import CtSeries, Volume, load_series
+from rtcontour.worker.rtstruct import RoiSpec, build_rtstruct, save_rtstruct
 from tests.phantoms import openkbp_ct, openkbp_masks, write_ct_series
 from tests.worker.conftest import plastimatch_masks  # the tests' independent rasteriser
-from worker.rtstruct import RoiSpec, build_rtstruct, save_rtstruct
 
 OPENKBP_TRAIN = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "openkbp" / "train"
 COLOURS = [

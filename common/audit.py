@@ -19,7 +19,7 @@ from typing import Any
 from sqlalchemy import JSON, Engine, Integer, String
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
-from common.db import Base, UtcDateTime
+from rtcontour.common.db import Base, UtcDateTime
 
 logger = logging.getLogger(__name__)
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from sqlalchemy import Boolean, ForeignKey, String, select
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
-from common.db import Base, UtcDateTime
+from rtcontour.common.db import Base, UtcDateTime
 
 TOKEN_PREFIX = "rtc_"  # noqa: S105 - a visible marker of rtcontour tokens, not a secret
 BOOTSTRAP_ADMIN = "bootstrap-admin"

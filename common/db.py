@@ -15,8 +15,8 @@ from sqlalchemy import URL, DateTime, Engine, TypeDecorator, create_engine, even
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.orm import DeclarativeBase
 
-from common.errors import ConfigurationError
-from common.settings import Settings
+from rtcontour.common.errors import ConfigurationError
+from rtcontour.common.settings import Settings
 
 logger = logging.getLogger(__name__)
 

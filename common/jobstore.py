@@ -51,8 +51,8 @@ from sqlalchemy import (
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Mapped, Session, mapped_column, sessionmaker
 
-from common.db import Base, UtcDateTime, make_engine, utcnow
-from common.errors import RtcontourError
+from rtcontour.common.db import Base, UtcDateTime, make_engine, utcnow
+from rtcontour.common.errors import RtcontourError
 
 __all__ = [
     "ACTIVE_STATES",

@@ -20,8 +20,8 @@ from typing import Any
 
 from celery import Celery
 
-from common import embedded_broker
-from common.settings import Settings
+from rtcontour.common import embedded_broker
+from rtcontour.common.settings import Settings
 
 logger = logging.getLogger(__name__)
 

@@ -19,7 +19,7 @@ from typing import Any
 from sqlalchemy import Engine, Integer, String, Text, func, select
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
-from common.db import Base, UtcDateTime, utcnow
+from rtcontour.common.db import Base, UtcDateTime, utcnow
 
 logger = logging.getLogger(__name__)
 

@@ -35,8 +35,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydicom.datadict import tag_for_keyword
 
-from common.errors import ConfigurationError
-from common.settings import Destination, Settings
+from rtcontour.common.errors import ConfigurationError
+from rtcontour.common.settings import Destination, Settings
 
 __all__ = [
     "IMPLICIT_ROUTE",

@@ -11,8 +11,8 @@ import logging
 
 from sqlalchemy import Engine, inspect, text
 
-from common import audit, auth, jobstore, refusals  # noqa: F401 - each registers its tables
-from common.db import Base, add_missing_columns, check_connection
+from rtcontour.common import audit, auth, jobstore, refusals  # noqa: F401 - each registers its tables
+from rtcontour.common.db import Base, add_missing_columns, check_connection
 
 logger = logging.getLogger(__name__)
 

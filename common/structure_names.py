@@ -22,7 +22,7 @@ from pathlib import Path
 
 import yaml
 
-from common.errors import ConfigurationError
+from rtcontour.common.errors import ConfigurationError
 
 __all__ = [
     "TG263_SYNONYMS",

@@ -18,7 +18,7 @@ from pathlib import Path
 from pynetdicom import AE
 from pynetdicom.association import Association
 
-from common.settings import Destination, Settings
+from rtcontour.common.settings import Destination, Settings
 
 
 def server_ssl_context(

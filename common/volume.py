@@ -24,7 +24,7 @@ import pydicom.errors
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import UID
 
-from common.errors import InvalidSeries, UnsupportedGeometry
+from rtcontour.common.errors import InvalidSeries, UnsupportedGeometry
 
 logger = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """Ablation queue: short warm restarts of the committed checkpoint, evaluated alike.
 
-    python -m models.ablations run [--steps 60] [--lr 3e-4] [--only NAME ...]
-    python -m models.ablations table            # markdown rows from runs/abl-*/
+    python -m rtcontour.models.ablations run [--steps 60] [--lr 3e-4] [--only NAME ...]
+    python -m rtcontour.models.ablations table            # markdown rows from runs/abl-*/
 
 Each row copies ``models/checkpoints/resume.pt`` to ``runs/<name>/last.pt`` and continues it
 with ``rtcontour train --resume --restart-schedule`` and the row's recipe flags, one thread,
@@ -30,8 +30,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from models.data import REPO_ROOT, default_data_dir
-from models.labels import ORGANS
+from rtcontour.models.data import REPO_ROOT, default_data_dir
+from rtcontour.models.labels import ORGANS
 
 __all__ = ["Row", "ROWS", "EVALUATION", "main"]
 
@@ -103,8 +103,8 @@ def _run(command: list[str], log_path: Path, code: Path) -> None:
 
 def train_command(row: Row, runs_dir: Path, steps: int, lr: float, data_dir: Path,
                   cache_dir: Path) -> list[str]:
-    """The ``rtcontour train`` command line of a row (as ``python -m models.train``)."""
-    return [sys.executable, "-m", "models.train", "--run", row.name, "--runs-dir",
+    """The ``rtcontour train`` command line of a row (as ``python -m rtcontour.models.train``)."""
+    return [sys.executable, "-m", "rtcontour.models.train", "--run", row.name, "--runs-dir",
             str(runs_dir), "--data-dir", str(data_dir), "--cache-dir", str(cache_dir),
             "--resume", "--restart-schedule", "--steps", str(RESUME_STEP + steps), "--lr",
             f"{lr:g}", "--threads", "1", "--no-bf16", "--val-cases", "0", "--no-progress",
@@ -124,13 +124,14 @@ def run_row(row: Row, runs_dir: Path, code: Path, steps: int, lr: float, data_di
         _run(train_command(row, runs_dir, steps, lr, data_dir, cache_dir),
              run_dir / "train.log", code)
         out_root = run_dir / "package"
-        _run([sys.executable, "-m", "models.export", "--checkpoint", str(run_dir / "last.pt"),
-              "--name", row.name, "--version", "0.0.1", "--out-root", str(out_root), "--force"],
+        _run([sys.executable, "-m", "rtcontour.models.export", "--checkpoint",
+              str(run_dir / "last.pt"), "--name", row.name, "--version", "0.0.1", "--out-root",
+              str(out_root), "--force"],
              run_dir / "export.log", code)
         package = out_root / f"{row.name}-0.0.1"
     for kind, subset in (("validation", EVALUATION.validation), ("train", EVALUATION.train)):
-        _run([sys.executable, "-m", "models.evaluate", "--package", str(package), "--data-dir",
-              str(data_dir), *subset, *EVALUATION.common, "--json-out",
+        _run([sys.executable, "-m", "rtcontour.models.evaluate", "--package", str(package),
+              "--data-dir", str(data_dir), *subset, *EVALUATION.common, "--json-out",
               str(run_dir / f"{kind}.json")], run_dir / f"eval-{kind}.log", code)
     (run_dir / "done").write_text(time.strftime("%Y-%m-%d %H:%M:%S\n"), encoding="utf-8")
 
@@ -163,7 +164,7 @@ def table(runs_dir: Path, rows: Sequence[Row] = ROWS, steps: int | None = None,
             continue
         per = results["validation"]["per_structure"]
         cells = [f"{per[name]['dice']:.3f}" if name in per else "-" for name in names]
-        command = ("`python -m models.evaluate --package models/packages/"
+        command = ("`python -m rtcontour.models.evaluate --package models/packages/"
                    "rtcontour-hn-oar-1.2.0`" if row.flags is None else
                    f"`rtcontour train --resume --restart-schedule"
                    f"{'' if steps is None else f' --steps {RESUME_STEP + steps}'}"
@@ -178,7 +179,7 @@ def table(runs_dir: Path, rows: Sequence[Row] = ROWS, steps: int | None = None,
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m models.ablations",
+    parser = argparse.ArgumentParser(prog="python -m rtcontour.models.ablations",
                                      description=__doc__.splitlines()[0])
     parser.add_argument("action", choices=("run", "table"))
     parser.add_argument("--runs-dir", type=Path, default=REPO_ROOT / "runs")

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 
 # a value of TrainConfig, so defined without torch; re-exported for the augmentation API
-from models.train_config import SpatialAugmentation
+from rtcontour.models.train_config import SpatialAugmentation
 
 __all__ = [
     "SpatialAugmentation",

@@ -21,9 +21,9 @@ from pathlib import Path
 
 import numpy as np
 
-from models.labels import ORGANS
-from models.reference_qa import QA_VERSION, reference_problems
-from models.resampling import resample_linear, resampled_shape
+from rtcontour.models.labels import ORGANS
+from rtcontour.models.reference_qa import QA_VERSION, reference_problems
+from rtcontour.models.resampling import resample_linear, resampled_shape
 
 __all__ = [
     "TARGET_SPACING_MM",

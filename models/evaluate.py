@@ -26,12 +26,12 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
-from models.data import default_data_dir, list_cases, load_openkbp_raw
-from models.inference import Segmenter
-from models.labels import ORGANS
-from models.package import find_latest_package
-from models.quality import auroc, youden_threshold
-from models.reference_qa import reference_problems
+from rtcontour.models.data import default_data_dir, list_cases, load_openkbp_raw
+from rtcontour.models.inference import Segmenter
+from rtcontour.models.labels import ORGANS
+from rtcontour.models.package import find_latest_package
+from rtcontour.models.quality import auroc, youden_threshold
+from rtcontour.models.reference_qa import reference_problems
 
 __all__ = ["dice", "hd95_mm", "evaluate_package", "confidence_report", "format_table", "main"]
 

@@ -20,10 +20,10 @@ from typing import Any
 
 import torch
 
-from models.data import REPO_ROOT, default_data_dir, list_cases
-from models.export_cli import build_parser
-from models.labels import LR_SWAP_PAIRS, ORGANS
-from models.package import (
+from rtcontour.models.data import REPO_ROOT, default_data_dir, list_cases
+from rtcontour.models.export_cli import build_parser
+from rtcontour.models.labels import LR_SWAP_PAIRS, ORGANS
+from rtcontour.models.package import (
     CARD_NAME,
     MANIFEST_NAME,
     OPENKBP_CITATION,
@@ -36,9 +36,9 @@ from models.package import (
     load_package,
     sha256_file,
 )
-from models.reference_qa import FACTOR
-from models.train import build_model, load_checkpoint
-from models.train_config import TrainConfig
+from rtcontour.models.reference_qa import FACTOR
+from rtcontour.models.train import build_model, load_checkpoint
+from rtcontour.models.train_config import TrainConfig
 
 __all__ = ["export_onnx", "build_manifest", "checkpoint_weights", "write_package", "main"]
 
@@ -240,8 +240,8 @@ def write_package(
     )
     (folder / MANIFEST_NAME).write_text(manifest.model_dump_json(indent=2) + "\n",
                                         encoding="utf-8")
-    evaluate_command = f"python -m models.evaluate --package {folder.relative_to(REPO_ROOT)}" \
-        if folder.is_relative_to(REPO_ROOT) else f"python -m models.evaluate --package {folder}"
+    shown = folder.relative_to(REPO_ROOT) if folder.is_relative_to(REPO_ROOT) else folder
+    evaluate_command = f"python -m rtcontour.models.evaluate --package {shown}"
     weights_note = (f" (moving average of the weights, decay {config.ema_decay:g})"
                     if config.ema_decay > 0.0 and "ema" in payload else "")
     (folder / CARD_NAME).write_text(render_card(manifest, evaluate_command, int(payload["step"]),
@@ -283,7 +283,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     command = " ".join(["rtcontour export", *argv])
     folder = write_package(args.checkpoint, args.out_root, args.name, args.version, command)
     if args.evaluate:
-        from models.evaluate import evaluate_package, format_table
+        from rtcontour.models.evaluate import evaluate_package, format_table
 
         data_dir = args.data_dir or default_data_dir()
         results = evaluate_package(folder, data_dir, overlap=args.overlap,

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from models.data import REPO_ROOT
+from rtcontour.models.data import REPO_ROOT
 
 __all__ = ["build_parser"]
 

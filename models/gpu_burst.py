@@ -1,7 +1,7 @@
 """Train in one short burst on a GPU: packed data in, a resumable checkpoint out.
 
-    python -m models.gpu_burst --pack-only                      # here: write the pack
-    python -m models.gpu_burst --minutes 9 --out runs/burst-1   # there: train for 9 minutes
+    python -m rtcontour.models.gpu_burst --pack-only                     # here: write the pack
+    python -m rtcontour.models.gpu_burst --minutes 9 --out runs/burst-1  # there: 9 minutes
 
 The pack (default ``var/burst/openkbp-pack.npz``, ~28 MiB for the 202 OpenKBP patients) holds
 every preprocessed case of the training cache (``models.data.load_split``, reference check
@@ -33,9 +33,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from models.data import REPO_ROOT, TARGET_SPACING_MM, CaseArrays, default_data_dir, load_split
-from models.train import TrainConfig, load_checkpoint, train
-from models.train_cli import parse_triple
+from rtcontour.models.data import (
+    REPO_ROOT,
+    TARGET_SPACING_MM,
+    CaseArrays,
+    default_data_dir,
+    load_split,
+)
+from rtcontour.models.train import TrainConfig, load_checkpoint, train
+from rtcontour.models.train_cli import parse_triple
 
 __all__ = ["pack_cases", "write_pack", "read_pack", "burst_config", "main"]
 
@@ -142,7 +148,7 @@ def burst_config(args: argparse.Namespace, command: str) -> tuple[TrainConfig, b
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m models.gpu_burst",
+    parser = argparse.ArgumentParser(prog="python -m rtcontour.models.gpu_burst",
                                      description=__doc__.splitlines()[0])
     parser.add_argument("--minutes", type=float, default=9.0,
                         help="wall-clock budget of the whole command, data loading included")
@@ -205,7 +211,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.include_validation:
         train_cases += validation
     val_cases = validation[:args.val_cases]
-    command = " ".join(["python -m models.gpu_burst", *argv])
+    command = " ".join(["python -m rtcontour.models.gpu_burst", *argv])
     config, warm = burst_config(args, command)
     args.out.mkdir(parents=True, exist_ok=True)
     if warm:

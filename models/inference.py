@@ -29,10 +29,10 @@ from typing import Protocol
 import numpy as np
 from scipy import ndimage, special
 
-from models.labels import MIN_PLAUSIBLE_VOLUME_CC, TRAINING_VOLUME_RANGE_CC
-from models.package import ModelPackage, load_package
-from models.quality import StructureQuality, structure_quality
-from models.resampling import resample_to_shape, resampled_shape
+from rtcontour.models.labels import MIN_PLAUSIBLE_VOLUME_CC, TRAINING_VOLUME_RANGE_CC
+from rtcontour.models.package import ModelPackage, load_package
+from rtcontour.models.quality import StructureQuality, structure_quality
+from rtcontour.models.resampling import resample_to_shape, resampled_shape
 
 __all__ = ["Segmenter", "Segmentation", "StructureQuality", "gaussian_importance",
            "symmetric_window_starts", "postprocess_mask", "DEFAULT_CPU_BACKEND",

@@ -35,7 +35,7 @@ OPENKBP_TO_TG263: dict[str, str] = {organ.openkbp_name: organ.roi_name for organ
 LR_SWAP_PAIRS: tuple[tuple[int, int], ...] = ((2, 3),)
 
 # Reference volumes in cc of the OpenKBP training split (169 patients, references passing
-# models.reference_qa), 2.5th and 97.5th percentile: ``python -m models.quality volumes``.
+# models.reference_qa), 2.5th and 97.5th percentile: ``python -m rtcontour.models.quality volumes``.
 # A contour outside this range is not wrong (a scan may cut an organ) but is worth a look.
 TRAINING_VOLUME_RANGE_CC: dict[str, tuple[float, float]] = {
     "Brainstem": (8.7, 41.6),

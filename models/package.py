@@ -29,7 +29,7 @@ from pydantic import (
     model_validator,
 )
 
-from common.errors import ModelPackageError
+from rtcontour.common.errors import ModelPackageError
 
 __all__ = [
     "SCHEMA_VERSION",

@@ -15,7 +15,7 @@ No torch import. The confidence of one structure combines three scores in [0, 1]
 ``review``. :func:`auroc` and :func:`youden_threshold` judge and place that threshold from
 (confidence, Dice) pairs of an evaluation (``models.evaluate``).
 
-    python -m models.quality volumes     # the training volume ranges in models/labels.py
+    python -m rtcontour.models.quality volumes     # the training volume ranges in models/labels.py
 """
 
 from __future__ import annotations
@@ -149,8 +149,8 @@ def youden_threshold(confidences: Sequence[float], poor: Sequence[bool]) -> tupl
 def training_volumes_cc() -> dict[str, list[float]]:
     """Reference volumes (cc) per structure over the OpenKBP training split (checked
     references only)."""
-    from models.data import default_data_dir, list_cases, load_openkbp_raw
-    from models.labels import ORGANS
+    from rtcontour.models.data import default_data_dir, list_cases, load_openkbp_raw
+    from rtcontour.models.labels import ORGANS
 
     volumes: dict[str, list[float]] = {organ.roi_name: [] for organ in ORGANS}
     for path in list_cases(default_data_dir(), "train"):
@@ -163,7 +163,7 @@ def training_volumes_cc() -> dict[str, list[float]]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m models.quality",
+    parser = argparse.ArgumentParser(prog="python -m rtcontour.models.quality",
                                      description=__doc__.splitlines()[0])
     parser.add_argument("action", choices=("volumes",))
     parser.parse_args(argv)

@@ -6,10 +6,11 @@ neck (17 and 25 times the cord's cross-section), so a perfect cord scores Dice 0
 
 The check compares a contour's mean cross-section (volume / number of slices it occupies, in
 mm^2, so independent of how far craniocaudally it was drawn) with the organ's typical value,
-the median over the OpenKBP training split (``python -m models.reference_qa_report --split train``
-prints it). More than ``FACTOR`` times larger or smaller is implausible: the training split's
-5th to 95th percentiles lie within 0.5x to 2.7x of the median for every organ. A structure
-listed as contoured but with no voxel fails too. A failed reference is treated as not
+the median over the OpenKBP training split
+(``python -m rtcontour.models.reference_qa_report --split train`` prints it). More than
+``FACTOR`` times larger or smaller is implausible: the training split's 5th to 95th
+percentiles lie within 0.5x to 2.7x of the median for every organ. A structure listed as
+contoured but with no voxel fails too. A failed reference is treated as not
 contoured (unknown), never as background.
 """
 
@@ -20,7 +21,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from models.labels import ORGANS
+from rtcontour.models.labels import ORGANS
 
 __all__ = ["FACTOR", "QA_VERSION", "TYPICAL_AREA_MM2", "mean_cross_section_mm2",
            "reference_problem", "reference_problems"]

@@ -1,4 +1,5 @@
-"""``python -m models.reference_qa_report --split train|validation``: the reference contours of
+"""``python -m rtcontour.models.reference_qa_report --split train|validation``: the reference
+contours of
 an OpenKBP split that fail the plausibility check of :mod:`models.reference_qa`, and the
 split's median cross-section per structure."""
 
@@ -10,14 +11,14 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from models.data import default_data_dir, list_cases, load_openkbp_raw
-from models.labels import ORGANS
-from models.reference_qa import mean_cross_section_mm2, reference_problems
+from rtcontour.models.data import default_data_dir, list_cases, load_openkbp_raw
+from rtcontour.models.labels import ORGANS
+from rtcontour.models.reference_qa import mean_cross_section_mm2, reference_problems
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """List the failing references of an OpenKBP split and the split's median cross-sections."""
-    parser = argparse.ArgumentParser(prog="python -m models.reference_qa_report",
+    parser = argparse.ArgumentParser(prog="python -m rtcontour.models.reference_qa_report",
                                      description=main.__doc__)
     parser.add_argument("--split", default="train")
     parser.add_argument("--data-dir", default=None)

@@ -10,10 +10,10 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from common.errors import ConfigurationError, ModelPackageError
-from common.routes import RoutingTable, load_routing
-from common.settings import Settings
-from models.package import MANIFEST_NAME, default_packages_root, find_latest_package
+from rtcontour.common.errors import ConfigurationError, ModelPackageError
+from rtcontour.common.routes import RoutingTable, load_routing
+from rtcontour.common.settings import Settings
+from rtcontour.models.package import MANIFEST_NAME, default_packages_root, find_latest_package
 
 logger = logging.getLogger(__name__)
 

@@ -34,19 +34,19 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 from torch import nn
 
-from models.augment import (
+from rtcontour.models.augment import (
     IntensityAugmentation,
     crop_size,
     intensity_augment,
     spatial_augment,
 )
-from models.data import CaseArrays, default_data_dir, load_split
-from models.ema import ModelEMA
-from models.inference import gaussian_importance, symmetric_window_starts
-from models.labels import LR_SWAP_PAIRS, ORGANS
-from models.train_cli import build_parser, recipe_changes
-from models.train_config import TrainConfig
-from models.unet import ResidualUNet3D, deep_residual_unet
+from rtcontour.models.data import CaseArrays, default_data_dir, load_split
+from rtcontour.models.ema import ModelEMA
+from rtcontour.models.inference import gaussian_importance, symmetric_window_starts
+from rtcontour.models.labels import LR_SWAP_PAIRS, ORGANS
+from rtcontour.models.train_cli import build_parser, recipe_changes
+from rtcontour.models.train_config import TrainConfig
+from rtcontour.models.unet import ResidualUNet3D, deep_residual_unet
 
 __all__ = [
     "TrainConfig",

@@ -11,8 +11,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from models.data import REPO_ROOT
-from models.train_config import TrainConfig
+from rtcontour.models.data import REPO_ROOT
+from rtcontour.models.train_config import TrainConfig
 
 __all__ = ["RECIPE_FLAGS", "build_parser", "parse_pair", "parse_triple", "recipe_changes"]
 

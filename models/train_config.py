@@ -12,7 +12,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from models.data import HU_CLIP, TARGET_SPACING_MM
+from rtcontour.models.data import HU_CLIP, TARGET_SPACING_MM
 
 __all__ = ["TrainConfig", "SpatialAugmentation"]
 

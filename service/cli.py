@@ -12,29 +12,32 @@ from __future__ import annotations
 import importlib
 import sys
 
-from common.errors import ConfigurationError
+from rtcontour.common.errors import ConfigurationError
 
 # top-level module -> the pip extra of rtcontour that installs it (pyproject's optional deps)
 EXTRA_OF_MODULE: dict[str, str] = {"torch": "train", "onnx": "train"}
 
-# command -> (module exposing main(argv), one-line help)
+# command -> (module exposing main(argv), relative to the rtcontour package; one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "serve": ("service.serve", "run everything on one node: DICOM listener, API and a worker"),
-    "listener": ("service.listener", "run the DICOM C-STORE listener only"),
-    "api": ("service.api.app", "run the HTTP API and dashboard only"),
-    "worker": ("worker.celery_app", "run a Celery worker (scaled-out deployments)"),
-    "segment": ("worker.segment", "offline: a CT folder in, an RTSTRUCT file out"),
-    "mask2rtstruct": ("worker.mask2rtstruct", "write an RTSTRUCT from a NIfTI/NRRD label map"),
-    "dose": ("worker.dose_offline", "offline: CT + structure set in, predicted RTDOSE out"),
-    "users": ("service.users_cli", "manage API users and tokens"),
-    "routes": ("service.routes_cli", "test the routing rules: which route a CT series takes"),
-    "train": ("models.train", "train the residual U-Net (extra 'train')"),
-    "export": ("models.export", "export a checkpoint as a model package (extra 'train')"),
-    "evaluate": ("models.evaluate", "Dice and HD95 of a model package on the validation split"),
+    "serve": (".service.serve", "run everything on one node: DICOM listener, API and a worker"),
+    "listener": (".service.listener", "run the DICOM C-STORE listener only"),
+    "api": (".service.api.app", "run the HTTP API and dashboard only"),
+    "worker": (".worker.celery_app", "run a Celery worker (scaled-out deployments)"),
+    "segment": (".worker.segment", "offline: a CT folder in, an RTSTRUCT file out"),
+    "mask2rtstruct": (".worker.mask2rtstruct",
+                      "write an RTSTRUCT from a NIfTI/NRRD label map"),
+    "dose": (".worker.dose_offline", "offline: CT + structure set in, predicted RTDOSE out"),
+    "users": (".service.users_cli", "manage API users and tokens"),
+    "routes": (".service.routes_cli", "test the routing rules: which route a CT series takes"),
+    "train": (".models.train", "train the residual U-Net (extra 'train')"),
+    "export": (".models.export", "export a checkpoint as a model package (extra 'train')"),
+    "evaluate": (".models.evaluate", "Dice and HD95 of a model package on the validation split"),
 }
 
 # command whose module needs an extra -> module with its build_parser() that does not
-OPTIONS_WITHOUT_EXTRA: dict[str, str] = {"train": "models.train_cli", "export": "models.export_cli"}
+OPTIONS_WITHOUT_EXTRA: dict[str, str] = {
+    "train": ".models.train_cli", "export": ".models.export_cli",
+}
 
 
 def _usage() -> str:
@@ -51,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
         print(_usage())
         return 0
     if args[0] in {"--version", "-V"}:
-        from common import __version__
+        from rtcontour.common import __version__
 
         print(f"rtcontour {__version__}")
         return 0
@@ -60,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"rtcontour: unknown command {command!r}\n\n{_usage()}", file=sys.stderr)
         return 2
     try:
-        module = importlib.import_module(COMMANDS[command][0])
+        module = importlib.import_module(COMMANDS[command][0], "rtcontour")
         result: int | None = module.main(rest)
     except ModuleNotFoundError as error:
         extra = _extra_for(error)
@@ -86,7 +89,8 @@ def _missing_extra(command: str, rest: list[str], error: ModuleNotFoundError, ex
     )
     if any(arg in {"-h", "--help"} for arg in rest):
         if command in OPTIONS_WITHOUT_EXTRA:
-            parser = importlib.import_module(OPTIONS_WITHOUT_EXTRA[command]).build_parser()
+            module = importlib.import_module(OPTIONS_WITHOUT_EXTRA[command], "rtcontour")
+            parser = module.build_parser()
             print(f"{parser.format_help()}\nThis command {needs}.")
             return 0
         print(f"usage: rtcontour {command} [options]\n\n{COMMANDS[command][1]}\n\n"

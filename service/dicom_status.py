@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from enum import IntEnum
 
-from common.errors import (
+from rtcontour.common.errors import (
     InsufficientStorage,
     InvalidInstance,
     RtcontourError,

@@ -37,9 +37,14 @@ from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.events import Event
 from pynetdicom.pdu_primitives import A_ASSOCIATE, A_RELEASE
 
-from common.errors import InstanceTooLarge, InvalidInstance, RtcontourError, SopClassMismatch
-from service import metrics
-from service.dicom_status import (
+from rtcontour.common.errors import (
+    InstanceTooLarge,
+    InvalidInstance,
+    RtcontourError,
+    SopClassMismatch,
+)
+from rtcontour.service import metrics
+from rtcontour.service.dicom_status import (
     REJECT_REASON_TEXT,
     RejectReason,
     RejectResult,
@@ -47,7 +52,7 @@ from service.dicom_status import (
     Status,
     store_status,
 )
-from service.spool import InstanceHeader, InstanceSpool, SeriesTracker, checked_uid
+from rtcontour.service.spool import InstanceHeader, InstanceSpool, SeriesTracker, checked_uid
 
 logger = logging.getLogger(__name__)
 

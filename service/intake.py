@@ -31,18 +31,18 @@ from typing import Any, Protocol
 
 import pydicom
 
-from common.audit import make_recorder
-from common.jobstore import JobState, JobStore
-from common.queue import enqueue_job
-from common.routes import (
+from rtcontour.common.audit import make_recorder
+from rtcontour.common.jobstore import JobState, JobStore
+from rtcontour.common.queue import enqueue_job
+from rtcontour.common.routes import (
     RouteDecision,
     RoutingTable,
     first_instance,
     match_keywords,
     series_attributes,
 )
-from common.settings import Settings, job_folder
-from service.journal import fsync_dir
+from rtcontour.common.settings import Settings, job_folder
+from rtcontour.service.journal import fsync_dir
 
 logger = logging.getLogger(__name__)
 

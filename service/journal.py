@@ -35,7 +35,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from common.errors import ConfigurationError
+from rtcontour.common.errors import ConfigurationError
 
 logger = logging.getLogger(__name__)
 

@@ -59,20 +59,20 @@ from pynetdicom import AE, evt
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 
-from common.audit import make_recorder
-from common.db import make_engine
-from common.jobstore import JobStore
-from common.queue import make_enqueue, publisher
-from common.refusals import make_refusal_recorder
-from common.schema import create_schema
-from common.settings import Settings
-from common.tls import accept_tls, server_ssl_context
-from models.registry import load_checked_routing
-from service import handlers
-from service.handlers import AuditCallable, Edge, KnownPeer
-from service.intake import Intake, SeriesArrival, SeriesSink
-from service.journal import SeriesJournal
-from service.spool import InstanceSpool, SeriesTracker
+from rtcontour.common.audit import make_recorder
+from rtcontour.common.db import make_engine
+from rtcontour.common.jobstore import JobStore
+from rtcontour.common.queue import make_enqueue, publisher
+from rtcontour.common.refusals import make_refusal_recorder
+from rtcontour.common.schema import create_schema
+from rtcontour.common.settings import Settings
+from rtcontour.common.tls import accept_tls, server_ssl_context
+from rtcontour.models.registry import load_checked_routing
+from rtcontour.service import handlers
+from rtcontour.service.handlers import AuditCallable, Edge, KnownPeer
+from rtcontour.service.intake import Intake, SeriesArrival, SeriesSink
+from rtcontour.service.journal import SeriesJournal
+from rtcontour.service.spool import InstanceSpool, SeriesTracker
 
 logger = logging.getLogger(__name__)
 

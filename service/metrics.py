@@ -10,7 +10,7 @@ from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily, Met
 from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
-    from common.jobstore import JobStore
+    from rtcontour.common.jobstore import JobStore
 
 ASSOCIATIONS = Counter(
     "rtcontour_dicom_associations", "DICOM associations accepted by the listener"
@@ -94,7 +94,7 @@ class JobStoreCollector(Collector):
         yield from self._qa_gauges()
 
     def _qa_gauges(self) -> Iterator[Metric]:
-        from service.qa_trends import qa_trends
+        from rtcontour.service.qa_trends import qa_trends
 
         trends = qa_trends(
             self.store, alert_dice=self.qa_alert_dice, alert_window=self.qa_alert_window
@@ -138,7 +138,7 @@ class JobStoreCollector(Collector):
     def _stage_histogram(self) -> HistogramMetricFamily:
         from sqlalchemy import case, func, select
 
-        from common.jobstore import STAGES, Job
+        from rtcontour.common.jobstore import STAGES, Job
 
         histogram = HistogramMetricFamily(
             "rtcontour_job_stage_seconds",

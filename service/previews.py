@@ -39,8 +39,8 @@ import pydicom
 from PIL import Image
 from scipy import ndimage
 
-from common.errors import InvalidSeries, RtcontourError
-from common.volume import Volume, load_series
+from rtcontour.common.errors import InvalidSeries, RtcontourError
+from rtcontour.common.volume import Volume, load_series
 
 logger = logging.getLogger(__name__)
 

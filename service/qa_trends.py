@@ -20,7 +20,7 @@ from typing import Any
 
 from sqlalchemy import select
 
-from common.jobstore import Job, JobStore
+from rtcontour.common.jobstore import Job, JobStore
 
 
 @dataclass(frozen=True)

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pydicom
 
-from common.routes import match_keywords, series_attributes
-from common.settings import Settings
-from models.registry import load_checked_routing
+from rtcontour.common.routes import match_keywords, series_attributes
+from rtcontour.common.settings import Settings
+from rtcontour.models.registry import load_checked_routing
 
 
 def _first_instance(folder: Path, series_uid: str | None) -> pydicom.Dataset | None:

@@ -25,18 +25,18 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from common.db import make_engine
-from common.errors import ConfigurationError
-from common.jobstore import JobStore
-from common.queue import make_enqueue, publisher
-from common.refusals import make_refusal_recorder
-from common.routes import RoutingTable
-from common.schema import create_schema
-from common.settings import Settings
-from models.registry import load_checked_routing
-from service.api.app import create_app
-from service.intake import Intake
-from service.listener import start_listener
+from rtcontour.common.db import make_engine
+from rtcontour.common.errors import ConfigurationError
+from rtcontour.common.jobstore import JobStore
+from rtcontour.common.queue import make_enqueue, publisher
+from rtcontour.common.refusals import make_refusal_recorder
+from rtcontour.common.routes import RoutingTable
+from rtcontour.common.schema import create_schema
+from rtcontour.common.settings import Settings
+from rtcontour.models.registry import load_checked_routing
+from rtcontour.service.api.app import create_app
+from rtcontour.service.intake import Intake
+from rtcontour.service.listener import start_listener
 
 logger = logging.getLogger(__name__)
 
@@ -64,7 +64,7 @@ class WorkerProcess:
         command = [
             sys.executable,
             "-m",
-            "service.cli",
+            "rtcontour.service.cli",
             "worker",
             f"--loglevel={self.log_level}",
             f"--hostname=rtcontour-serve-{os.getpid()}@{socket.gethostname()}",

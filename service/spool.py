@@ -35,10 +35,10 @@ from pathlib import Path
 
 from pydicom.uid import UID
 
-from common.errors import InsufficientStorage, InvalidInstance
-from common.routes import first_instance
-from service.intake import SeriesArrival, SeriesSink
-from service.journal import ABORTED, RELEASED, SeriesJournal, fsync_dir
+from rtcontour.common.errors import InsufficientStorage, InvalidInstance
+from rtcontour.common.routes import first_instance
+from rtcontour.service.intake import SeriesArrival, SeriesSink
+from rtcontour.service.journal import ABORTED, RELEASED, SeriesJournal, fsync_dir
 
 logger = logging.getLogger(__name__)
 

@@ -23,8 +23,8 @@ from pathlib import Path
 from sqlalchemy import Engine, inspect, make_url
 from sqlalchemy.orm import Session
 
-from common import audit
-from common.auth import (
+from rtcontour.common import audit
+from rtcontour.common.auth import (
     Role,
     UserError,
     active_token_count,
@@ -35,10 +35,10 @@ from common.auth import (
     set_active,
     set_role,
 )
-from common.db import make_engine
-from common.errors import ConfigurationError
-from common.schema import create_schema
-from common.settings import Settings
+from rtcontour.common.db import make_engine
+from rtcontour.common.errors import ConfigurationError
+from rtcontour.common.schema import create_schema
+from rtcontour.common.settings import Settings
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from common.settings import Settings
+from rtcontour.common.settings import Settings
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 POSTGRES_URL = os.environ.get(
@@ -126,7 +126,7 @@ class ServeProcess:
     ) -> None:
         self.env = env
         self.log_path = log_path
-        self.command = command or [sys.executable, "-m", "service.cli", "serve"]
+        self.command = command or [sys.executable, "-m", "rtcontour.service.cli", "serve"]
         self.dicom_port = int(env["RTCONTOUR_DICOM_PORT"])
         self.api_port = int(env["RTCONTOUR_API_PORT"])
         self.data_dir = Path(env["RTCONTOUR_DATA_DIR"])
@@ -383,7 +383,7 @@ class ThresholdModel:
     version = "0.0.1"
 
     def __init__(self, delay_s: float = 0.0) -> None:
-        from worker.rtstruct import RoiSpec
+        from rtcontour.worker.rtstruct import RoiSpec
 
         self.rois = [RoiSpec("Bone", (255, 255, 0)), RoiSpec("Marker", (255, 0, 0))]
         self.delay_s = delay_s
@@ -412,9 +412,9 @@ def build_test_package(
     """
     import torch
 
-    from models.export import build_manifest, export_onnx
-    from models.package import MANIFEST_NAME, WEIGHTS_NAME, load_package, sha256_file
-    from models.train import TrainConfig, build_model
+    from rtcontour.models.export import build_manifest, export_onnx
+    from rtcontour.models.package import MANIFEST_NAME, WEIGHTS_NAME, load_package, sha256_file
+    from rtcontour.models.train import TrainConfig, build_model
 
     torch.manual_seed(seed)
     config = TrainConfig(
@@ -446,8 +446,8 @@ def test_package(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def tiny_dose_package(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A dose package trained for two steps on synthetic cases (fast; its doses mean nothing)."""
     pytest.importorskip("torch", reason="torch is not installed (extra 'train')")
-    from models.dose.export import write_package
-    from models.dose.train import train
+    from rtcontour.models.dose.export import write_package
+    from rtcontour.models.dose.train import train
     from tests.models.test_dose_training import synthetic_cases, tiny_config
 
     run_dir = tmp_path_factory.mktemp("runs") / "tiny-dose"
@@ -458,7 +458,7 @@ def tiny_dose_package(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def real_package() -> Path | None:
     """The newest committed model package in models/packages, if any."""
-    from models.package import find_latest_package
+    from rtcontour.models.package import find_latest_package
 
     try:
         return find_latest_package()

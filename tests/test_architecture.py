@@ -26,10 +26,16 @@ ALLOWED = {
 
 
 def _module_name(path: Path) -> str:
+    """The installed name: the folder ``models/`` is the package ``rtcontour.models``."""
     parts = list(path.relative_to(ROOT).with_suffix("").parts)
     if parts[-1] == "__init__":
         parts = parts[:-1]
-    return ".".join(parts)
+    return ".".join(["rtcontour", *parts])
+
+
+def _floor(module: str) -> str:
+    """``rtcontour.models.train`` -> ``models``."""
+    return module.split(".")[1]
 
 
 def _imports(path: Path) -> set[str]:
@@ -62,7 +68,7 @@ def test_packages_import_only_the_floors_below_them() -> None:
         f"{module} imports {target}"
         for module, targets in _graph().items()
         for target in targets
-        if target.split(".")[0] not in ALLOWED[module.split(".")[0]]
+        if _floor(target) not in ALLOWED[_floor(module)]
     )
     assert not wrong, "imports against the layering:\n" + "\n".join(wrong)
 
@@ -91,7 +97,8 @@ def test_no_circle_of_imports_between_modules() -> None:
     assert not cycles, "circular imports:\n" + "\n".join(cycles)
 
 
-@pytest.mark.parametrize("package", ["common", "models"], ids=["common", "models"])
+@pytest.mark.parametrize("package", ["rtcontour.common", "rtcontour.models"],
+                         ids=["common", "models"])
 def test_lower_floors_import_without_the_upper_ones(package: str) -> None:
     """Importing the ground floor or the models loads neither the worker nor the edges."""
     import subprocess
@@ -100,11 +107,13 @@ def test_lower_floors_import_without_the_upper_ones(package: str) -> None:
     code = (
         f"import sys, pkgutil, importlib, {package}\n"
         f"for m in pkgutil.walk_packages({package}.__path__, '{package}.'):\n"
-        "    if m.name.startswith(('models.train', 'models.export', 'models.dose.train',"
-        " 'models.gpu_burst', 'models.augment', 'models.ema', 'models.unet')):\n"
+        "    if m.name.removeprefix('rtcontour.').startswith(('models.train', 'models.export',"
+        " 'models.dose.train', 'models.gpu_burst', 'models.augment', 'models.ema',"
+        " 'models.unet')):\n"
         "        continue  # torch-only modules (extra 'train')\n"
         "    importlib.import_module(m.name)\n"
-        "bad = sorted(n for n in sys.modules if n.split('.')[0] in ('service', 'worker'))\n"
+        "bad = sorted(n for n in sys.modules if n.startswith(('rtcontour.service',"
+        " 'rtcontour.worker')))\n"
         "print(bad); sys.exit(1 if bad else 0)\n"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,

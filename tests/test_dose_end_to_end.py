@@ -14,7 +14,7 @@ import numpy as np
 import pydicom
 import pytest
 
-from common.volume import load_series
+from rtcontour.common.volume import load_series
 from tests.conftest import (
     StoreScp,
     api_job,
@@ -109,7 +109,7 @@ def test_approved_structure_set_in_predicted_rtdose_out(
     offline = tmp_path / "offline" / "RD.dcm"
     offline.parent.mkdir()
     result = subprocess.run(
-        [sys.executable, "-m", "service.cli", "dose", str(tmp_path / "ct"), "--rtstruct",
+        [sys.executable, "-m", "rtcontour.service.cli", "dose", str(tmp_path / "ct"), "--rtstruct",
          str(rs), "--out", str(offline), "--package", str(tiny_dose_package)],
         capture_output=True, text=True, timeout=300, cwd=Path(__file__).parents[1])
     assert result.returncode == 0, result.stderr

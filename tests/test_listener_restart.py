@@ -44,7 +44,7 @@ SHAPE = (12, 64, 64)
 DIE_MID_INTAKE = """
 import os, signal, sys
 sys.path.insert(0, {repo!r})
-import service.intake as intake
+import rtcontour.service.intake as intake
 
 def move_half_then_die(source, target):
     target.mkdir(parents=True, exist_ok=True)
@@ -55,7 +55,7 @@ def move_half_then_die(source, target):
     os.killpg(0, signal.SIGKILL)
 
 intake._move_instances = move_half_then_die
-from service.cli import main
+from rtcontour.service.cli import main
 sys.exit(main(["serve"]))
 """
 

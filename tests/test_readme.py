@@ -13,7 +13,7 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from common.settings import Settings
+from rtcontour.common.settings import Settings
 from tests.conftest import REPO_ROOT, free_port, real_package, serve_env, write_phantom_series
 
 README = Path(__file__).resolve().parents[1] / "README.md"

@@ -119,8 +119,9 @@ def test_routes_decide_what_is_contoured_and_where_it_goes(
 
 
 def _rtcontour(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "service.cli", *args], capture_output=True,
-                          text=True, env=env, timeout=120, cwd=Path(__file__).parents[1])
+    return subprocess.run([sys.executable, "-m", "rtcontour.service.cli", *args],
+                          capture_output=True, text=True, env=env, timeout=120,
+                          cwd=Path(__file__).parents[1])
 
 
 def test_malformed_routes_file_stops_serve_with_a_sentence(tmp_path: Path) -> None:

@@ -20,13 +20,13 @@ from celery import Celery
 from celery.signals import worker_ready, worker_shutdown
 from celery.utils.nodenames import default_nodename, host_format
 
-from common.db import make_engine
-from common.jobstore import JobStore
-from common.queue import QUEUE, celery_config, make_enqueue, make_queue_depth
-from common.schema import create_schema
-from common.settings import Settings
-from models.registry import load_checked_routing
-from worker.tasks import RecoverySweeper, register_tasks
+from rtcontour.common.db import make_engine
+from rtcontour.common.jobstore import JobStore
+from rtcontour.common.queue import QUEUE, celery_config, make_enqueue, make_queue_depth
+from rtcontour.common.schema import create_schema
+from rtcontour.common.settings import Settings
+from rtcontour.models.registry import load_checked_routing
+from rtcontour.worker.tasks import RecoverySweeper, register_tasks
 
 logger = logging.getLogger(__name__)
 

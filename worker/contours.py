@@ -22,7 +22,7 @@ import numpy as np
 from scipy.sparse import csr_matrix
 from scipy.sparse.csgraph import connected_components
 
-from common.volume import Volume
+from rtcontour.common.volume import Volume
 
 logger = logging.getLogger(__name__)
 

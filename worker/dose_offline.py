@@ -32,12 +32,12 @@ import pydicom
 import pydicom.errors
 from pydicom.dataset import Dataset
 
-from common.errors import RtcontourError
-from common.structure_names import to_tg263
-from common.volume import CtSeries, load_series
-from models.dose.features import OAR_NAMES
-from models.dose.predict import DosePredictor
-from worker.rtdose import DoseVolumeHistogram, build_rtdose, cumulative_dvh, save_rtdose
+from rtcontour.common.errors import RtcontourError
+from rtcontour.common.structure_names import to_tg263
+from rtcontour.common.volume import CtSeries, load_series
+from rtcontour.models.dose.features import OAR_NAMES
+from rtcontour.models.dose.predict import DosePredictor
+from rtcontour.worker.rtdose import DoseVolumeHistogram, build_rtdose, cumulative_dvh, save_rtdose
 
 __all__ = [
     "UnusableStructureSet",
@@ -381,7 +381,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI entry point; prints a one-line summary."""
-    from models.package import find_latest_package
+    from rtcontour.models.package import find_latest_package
 
     args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
     logging.basicConfig(level=logging.INFO,

@@ -29,14 +29,14 @@ from typing import Any
 import numpy as np
 import pydicom
 
-from common.errors import InvalidSeries
-from common.settings import Settings
-from common.structure_names import to_tg263
-from common.volume import load_series
-from models.dose.metrics import dvh_metrics
-from models.dose.predict import DosePredictor
-from models.registry import resolve_dose_package
-from worker.dose_offline import (
+from rtcontour.common.errors import InvalidSeries
+from rtcontour.common.settings import Settings
+from rtcontour.common.structure_names import to_tg263
+from rtcontour.common.volume import load_series
+from rtcontour.models.dose.metrics import dvh_metrics
+from rtcontour.models.dose.predict import DosePredictor
+from rtcontour.models.registry import resolve_dose_package
+from rtcontour.worker.dose_offline import (
     StructureSet,
     UnusableStructureSet,
     dose_grid,
@@ -45,9 +45,9 @@ from worker.dose_offline import (
     prescriptions_from_names,
     read_structure_set,
 )
-from worker.pipeline import JobContext, WrittenOutput
-from worker.qa import compare_structure_sets
-from worker.rtdose import DoseVolumeHistogram, build_rtdose, cumulative_dvh
+from rtcontour.worker.pipeline import JobContext, WrittenOutput
+from rtcontour.worker.qa import compare_structure_sets
+from rtcontour.worker.rtdose import DoseVolumeHistogram, build_rtdose, cumulative_dvh
 
 logger = logging.getLogger(__name__)
 

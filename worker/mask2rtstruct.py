@@ -25,10 +25,10 @@ from pathlib import Path
 
 import numpy as np
 
-from common.errors import InvalidSeries
-from common.volume import Volume, load_series
-from worker.rtstruct import RoiSpec, build_rtstruct, save_rtstruct
-from worker.series_folder import ct_series_files
+from rtcontour.common.errors import InvalidSeries
+from rtcontour.common.volume import Volume, load_series
+from rtcontour.worker.rtstruct import RoiSpec, build_rtstruct, save_rtstruct
+from rtcontour.worker.series_folder import ct_series_files
 
 logger = logging.getLogger(__name__)
 

@@ -31,17 +31,17 @@ from typing import Any, Protocol
 import numpy as np
 from pydicom.dataset import Dataset
 
-from common.errors import InvalidSeries
-from common.jobstore import OUTPUT_FILE_PREFIXES, JobStore
-from common.settings import Destination, Settings
-from common.volume import CtSeries, load_series
-from models.inference import Segmenter
-from models.package import (
+from rtcontour.common.errors import InvalidSeries
+from rtcontour.common.jobstore import OUTPUT_FILE_PREFIXES, JobStore
+from rtcontour.common.settings import Destination, Settings
+from rtcontour.common.volume import CtSeries, load_series
+from rtcontour.models.inference import Segmenter
+from rtcontour.models.package import (
     load_package,
 )
-from models.registry import resolve_package_path
-from worker.rtstruct import RoiSpec, build_rtstruct
-from worker.sender import Sender, deliver
+from rtcontour.models.registry import resolve_package_path
+from rtcontour.worker.rtstruct import RoiSpec, build_rtstruct
+from rtcontour.worker.sender import Sender, deliver
 
 logger = logging.getLogger(__name__)
 

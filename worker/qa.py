@@ -47,7 +47,7 @@ import numpy as np
 from numpy.typing import NDArray
 from scipy import ndimage
 
-from common.structure_names import match_structures
+from rtcontour.common.structure_names import match_structures
 
 __all__ = [
     "SURFACE_DICE_TOLERANCE_MM",

@@ -17,9 +17,9 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from common import audit
-from common.jobstore import Job, JobStore, utcnow
-from common.settings import Settings, job_folder
+from rtcontour.common import audit
+from rtcontour.common.jobstore import Job, JobStore, utcnow
+from rtcontour.common.settings import Settings, job_folder
 
 __all__ = ["PurgeReport", "purge_expired"]
 

@@ -2,7 +2,7 @@
 
 Public API::
 
-    from worker.rtdose import build_rtdose, rtdose_uids, save_rtdose
+    from rtcontour.worker.rtdose import build_rtdose, rtdose_uids, save_rtdose
 
     dataset = build_rtdose(
         dose_gy,                        # float (slices, rows, columns) in Gy on the dose grid
@@ -54,8 +54,8 @@ from pydicom.uid import (
     RTStructureSetStorage,
 )
 
-from common import __version__
-from common.volume import CtSeries
+from rtcontour.common import __version__
+from rtcontour.common.volume import CtSeries
 
 logger = logging.getLogger(__name__)
 

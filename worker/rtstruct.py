@@ -7,7 +7,7 @@ Public API (used by the worker pipeline)::
     masks = segmenter.predict(canonical.array, canonical.spacing_mm)   # canonical grid
     masks = {name: series.volume.array_from_canonical(m) for name, m in masks.items()}
 
-    from worker.rtstruct import RoiSpec, build_rtstruct, rtstruct_uids, save_rtstruct
+    from rtcontour.worker.rtstruct import RoiSpec, build_rtstruct, rtstruct_uids, save_rtstruct
 
     dataset = build_rtstruct(
         series,                       # common.volume.CtSeries (from load_series)
@@ -58,9 +58,9 @@ from pydicom.uid import (
     RTStructureSetStorage,
 )
 
-from common import __version__
-from common.volume import CtSeries
-from worker.contours import Contour, mask_to_contours
+from rtcontour.common import __version__
+from rtcontour.common.volume import CtSeries
+from rtcontour.worker.contours import Contour, mask_to_contours
 
 logger = logging.getLogger(__name__)
 

@@ -17,17 +17,17 @@ import uuid
 import warnings
 from pathlib import Path
 
-from common.errors import InvalidSeries, ModelPackageError
-from common.settings import Settings
-from common.volume import load_series
-from worker.pipeline import (
+from rtcontour.common.errors import InvalidSeries, ModelPackageError
+from rtcontour.common.settings import Settings
+from rtcontour.common.volume import load_series
+from rtcontour.worker.pipeline import (
     SegmenterCache,
     review_notes,
     segment_on_ct_grid,
     structure_summary,
 )
-from worker.rtstruct import build_rtstruct, save_rtstruct
-from worker.series_folder import SeriesChoiceError, ct_series_files
+from rtcontour.worker.rtstruct import build_rtstruct, save_rtstruct
+from rtcontour.worker.series_folder import SeriesChoiceError, ct_series_files
 
 logger = logging.getLogger(__name__)
 

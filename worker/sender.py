@@ -21,10 +21,10 @@ import pydicom
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, RTStructureSetStorage
 from pynetdicom import AE
 
-from common.errors import DestinationUnavailable
-from common.jobstore import JobStore
-from common.settings import Destination, Settings
-from common.tls import associate
+from rtcontour.common.errors import DestinationUnavailable
+from rtcontour.common.jobstore import JobStore
+from rtcontour.common.settings import Destination, Settings
+from rtcontour.common.tls import associate
 
 logger = logging.getLogger(__name__)
 

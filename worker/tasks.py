@@ -36,23 +36,23 @@ from typing import TYPE_CHECKING, Any
 
 from celery.exceptions import SoftTimeLimitExceeded
 
-from common.audit import make_recorder
-from common.db import make_engine
-from common.errors import DestinationUnavailable, InvalidSeries, ModelPackageError
-from common.jobstore import IllegalTransition, Job, JobState, JobStore
-from common.queue import RUN_JOB_TASK
-from common.schema import create_schema
-from common.settings import Settings
-from common.structure_names import load_name_mapping
-from models.dose.predict import DosePredictor
-from worker.dose_pipeline import (
+from rtcontour.common.audit import make_recorder
+from rtcontour.common.db import make_engine
+from rtcontour.common.errors import DestinationUnavailable, InvalidSeries, ModelPackageError
+from rtcontour.common.jobstore import IllegalTransition, Job, JobState, JobStore
+from rtcontour.common.queue import RUN_JOB_TASK
+from rtcontour.common.schema import create_schema
+from rtcontour.common.settings import Settings
+from rtcontour.common.structure_names import load_name_mapping
+from rtcontour.models.dose.predict import DosePredictor
+from rtcontour.worker.dose_pipeline import (
     DosePredictorCache,
     LoadStructureSet,
     MeasureEdits,
     PredictDose,
     RtdoseWriter,
 )
-from worker.pipeline import (
+from rtcontour.worker.pipeline import (
     Archive,
     BuildOutputs,
     JobContext,
@@ -64,8 +64,8 @@ from worker.pipeline import (
     default_steps,
     run_steps,
 )
-from worker.retention import purge_expired
-from worker.sender import Sender
+from rtcontour.worker.retention import purge_expired
+from rtcontour.worker.sender import Sender
 
 if TYPE_CHECKING:
     from celery import Celery

@@ -17,14 +17,14 @@ from pathlib import Path
 
 import numpy as np
 
-from models.dose.features import (
+from rtcontour.models.dose.features import (
     DOSE_SPACING_MM,
     input_channels,
     make_model_grid,
     point_sampled_dose,
     prefiltered_resample,
 )
-from models.labels import ORGANS
+from rtcontour.models.labels import ORGANS
 
 __all__ = [
     "PTV_PRESCRIPTIONS_GY",

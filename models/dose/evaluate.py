@@ -1,5 +1,5 @@
 """Evaluate a dose package on an OpenKBP split by the challenge's own scores
-(``python -m models.dose.evaluate --package DIR [--split validation]``).
+(``python -m rtcontour.models.dose.evaluate --package DIR [--split validation]``).
 
 Each patient's CT, OARs, PTVs (prescriptions from their names) and possible-dose mask (as
 the body) go through :class:`models.dose.predict.DosePredictor`, which predicts on the coarse
@@ -21,11 +21,11 @@ from typing import Any
 
 import numpy as np
 
-from models.dose.data import OpenKbpPatient, list_cases, load_openkbp_patient
-from models.dose.features import OAR_NAMES
-from models.dose.metrics import dose_score, dvh_metrics, dvh_score
-from models.dose.predict import DosePredictor
-from models.package import find_latest_package
+from rtcontour.models.dose.data import OpenKbpPatient, list_cases, load_openkbp_patient
+from rtcontour.models.dose.features import OAR_NAMES
+from rtcontour.models.dose.metrics import dose_score, dvh_metrics, dvh_score
+from rtcontour.models.dose.predict import DosePredictor
+from rtcontour.models.package import find_latest_package
 
 __all__ = ["evaluate_patient", "evaluate_package", "format_table", "main"]
 
@@ -106,9 +106,9 @@ def format_table(results: dict[str, Any]) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI entry point: prints the table (and writes ``--json-out``)."""
-    from models.data import default_data_dir
+    from rtcontour.models.data import default_data_dir
 
-    parser = argparse.ArgumentParser(prog="python -m models.dose.evaluate",
+    parser = argparse.ArgumentParser(prog="python -m rtcontour.models.dose.evaluate",
                                      description=__doc__.splitlines()[0])
     parser.add_argument("--package", type=Path, default=None,
                         help="dose package folder (default: the latest under models/packages)")

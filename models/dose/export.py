@@ -1,5 +1,6 @@
 """Export a dose checkpoint as a model package of kind ``dose``
-(``python -m models.dose.export --checkpoint runs/dose-1/best.pt --version 1.0.0 --evaluate``).
+(``python -m rtcontour.models.dose.export --checkpoint runs/dose-1/best.pt --version 1.0.0
+--evaluate``).
 
 Writes ``model.onnx`` (opset 17, dynamic spatial axes; input ``channels`` (1, C, D, H, W),
 output ``dose_gy`` (1, 1, D, H, W)), ``manifest.json``, ``MODEL_CARD.md`` and, with
@@ -20,15 +21,15 @@ from typing import Any
 
 import torch
 
-from models.dose.features import (
+from rtcontour.models.dose.features import (
     CHANNEL_NAMES,
     DOSE_HU_CLIP,
     MARGIN_MM,
     PTV_SCALE_GY,
 )
-from models.dose.train import REPO_ROOT, DoseTrainConfig, build_model, load_checkpoint
-from models.labels import ORGANS
-from models.package import (
+from rtcontour.models.dose.train import REPO_ROOT, DoseTrainConfig, build_model, load_checkpoint
+from rtcontour.models.labels import ORGANS
+from rtcontour.models.package import (
     CARD_NAME,
     MANIFEST_NAME,
     OPENKBP_CITATION,
@@ -183,8 +184,8 @@ Export and evaluation:
 
 
 def _count_train_cases(config: DoseTrainConfig) -> int:
-    from models.data import default_data_dir
-    from models.dose.data import list_cases
+    from rtcontour.models.data import default_data_dir
+    from rtcontour.models.dose.data import list_cases
 
     if config.train_limit:
         return config.train_limit
@@ -213,7 +214,7 @@ def write_package(checkpoint_path: Path, out_root: Path, name: str, version: str
                                         encoding="utf-8")
     shown = folder.relative_to(REPO_ROOT) if folder.is_relative_to(REPO_ROOT) else folder
     card = render_card(manifest, int(payload["step"]),
-                       f"python -m models.dose.evaluate --package {shown}", table)
+                       f"python -m rtcontour.models.dose.evaluate --package {shown}", table)
     (folder / CARD_NAME).write_text(card, encoding="utf-8")
     load_package(folder)
     log.info("wrote dose package %s (%.1f MB weights, step %d)", folder,
@@ -224,7 +225,7 @@ def write_package(checkpoint_path: Path, out_root: Path, name: str, version: str
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI entry point."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = argparse.ArgumentParser(prog="python -m models.dose.export",
+    parser = argparse.ArgumentParser(prog="python -m rtcontour.models.dose.export",
                                      description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", type=Path, default=REPO_ROOT / "runs" / "dose-1" /
                         "best.pt")
@@ -244,11 +245,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not args.force:
             parser.error(f"{folder} exists; choose a new --version or pass --force")
         shutil.rmtree(folder)
-    command = " ".join(["python -m models.dose.export", *argv])
+    command = " ".join(["python -m rtcontour.models.dose.export", *argv])
     folder = write_package(args.checkpoint, args.out_root, args.name, args.version, command)
     if args.evaluate:
-        from models.data import default_data_dir
-        from models.dose.evaluate import evaluate_package, format_table
+        from rtcontour.models.data import default_data_dir
+        from rtcontour.models.dose.evaluate import evaluate_package, format_table
 
         results: dict[str, Any] = evaluate_package(folder, args.data_dir or default_data_dir(),
                                                    "validation", args.limit)

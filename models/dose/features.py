@@ -27,8 +27,8 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
-from models.labels import LR_SWAP_PAIRS, ORGANS
-from models.resampling import resample_to_shape, resampled_shape
+from rtcontour.models.labels import LR_SWAP_PAIRS, ORGANS
+from rtcontour.models.resampling import resample_to_shape, resampled_shape
 
 __all__ = [
     "DOSE_SPACING_MM",

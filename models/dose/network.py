@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from models.dose.features import N_CHANNELS, PTV_SCALE_GY
-from models.unet import ResidualUNet3D
+from rtcontour.models.dose.features import N_CHANNELS, PTV_SCALE_GY
+from rtcontour.models.unet import ResidualUNet3D
 
 __all__ = ["DoseUNet"]
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from models.dose.features import (
+from rtcontour.models.dose.features import (
     CHANNEL_NAMES,
     MIRROR_CHANNEL_SWAPS,
     OAR_NAMES,
@@ -25,7 +25,7 @@ from models.dose.features import (
     make_model_grid,
     to_input_grid,
 )
-from models.package import ModelPackage, ModelPackageError, load_package
+from rtcontour.models.package import ModelPackage, ModelPackageError, load_package
 
 __all__ = ["DosePredictor", "CRANIOCAUDAL_MARGIN_MM"]
 

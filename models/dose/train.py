@@ -1,4 +1,4 @@
-"""Training of the dose model on OpenKBP (``python -m models.dose.train``).
+"""Training of the dose model on OpenKBP (``python -m rtcontour.models.dose.train``).
 
 Each step sees whole patients on the model grid (:mod:`models.dose.features`), left/right
 mirrored at random. Loss = mean absolute error in Gy inside the possible-dose mask (weighted
@@ -32,9 +32,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from models.dose.data import DoseCase, load_dose_split
-from models.dose.features import DOSE_SPACING_MM, MIRROR_CHANNEL_SWAPS
-from models.dose.network import DoseUNet
+from rtcontour.models.dose.data import DoseCase, load_dose_split
+from rtcontour.models.dose.features import DOSE_SPACING_MM, MIRROR_CHANNEL_SWAPS
+from rtcontour.models.dose.network import DoseUNet
 
 __all__ = [
     "DoseTrainConfig",
@@ -339,7 +339,7 @@ def train(
 
 def build_parser() -> argparse.ArgumentParser:
     defaults = DoseTrainConfig()
-    parser = argparse.ArgumentParser(prog="python -m models.dose.train",
+    parser = argparse.ArgumentParser(prog="python -m rtcontour.models.dose.train",
                                      description=__doc__.splitlines()[0])
     parser.add_argument("--run", default=defaults.run, help="run name (folder under runs/)")
     parser.add_argument("--runs-dir", type=Path, default=REPO_ROOT / "runs")
@@ -366,7 +366,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI entry point; logs to stderr and ``runs/<run>/train.log``."""
-    from models.data import default_data_dir
+    from rtcontour.models.data import default_data_dir
 
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
@@ -377,7 +377,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         handlers=[logging.StreamHandler(), logging.FileHandler(run_dir /
                                                                                "train.log")])
     data_dir = args.data_dir or default_data_dir()
-    command = " ".join(["python -m models.dose.train", *argv])
+    command = " ".join(["python -m rtcontour.models.dose.train", *argv])
     if args.resume:
         config = DoseTrainConfig.from_dict(load_checkpoint(run_dir / "last.pt")["config"])
         if "--steps" in argv and args.steps != config.steps:

@@ -18,16 +18,16 @@ from pynetdicom import AE
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from sqlalchemy import Engine
 
-from common import __version__
-from common.db import make_engine
-from common.jobstore import JobStore
-from common.queue import enqueue_job
-from common.queue import queue_depth as queue_depth_of
-from common.routes import RoutingTable, load_routing
-from common.schema import create_schema
-from common.settings import Destination, Settings
-from common.tls import associate
-from service.api import (
+from rtcontour.common import __version__
+from rtcontour.common.db import make_engine
+from rtcontour.common.jobstore import JobStore
+from rtcontour.common.queue import enqueue_job
+from rtcontour.common.queue import queue_depth as queue_depth_of
+from rtcontour.common.routes import RoutingTable, load_routing
+from rtcontour.common.schema import create_schema
+from rtcontour.common.settings import Destination, Settings
+from rtcontour.common.tls import associate
+from rtcontour.service.api import (
     audit,
     dashboard,
     destinations,
@@ -42,9 +42,9 @@ from service.api import (
     users,
     viewer,
 )
-from service.api.deps import AppContext, ViewerUser
-from service.api.ratelimit import SlidingWindowLimit
-from service.previews import PreviewCache
+from rtcontour.service.api.deps import AppContext, ViewerUser
+from rtcontour.service.api.ratelimit import SlidingWindowLimit
+from rtcontour.service.previews import PreviewCache
 
 logger = logging.getLogger(__name__)
 

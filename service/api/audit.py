@@ -9,8 +9,8 @@ from fastapi import APIRouter, Query
 from pydantic import BaseModel
 from sqlalchemy import func, select
 
-from common.audit import AuditEvent
-from service.api.deps import AdminUser, DbSession
+from rtcontour.common.audit import AuditEvent
+from rtcontour.service.api.deps import AdminUser, DbSession
 
 router = APIRouter(prefix="/api/audit", tags=["audit"])
 

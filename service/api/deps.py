@@ -18,13 +18,13 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
-from common import audit
-from common.auth import Principal, Role, authenticate
-from common.jobstore import JobStore
-from common.routes import RoutingTable
-from common.settings import Destination, Settings
-from service.api.ratelimit import SlidingWindowLimit
-from service.previews import PreviewCache
+from rtcontour.common import audit
+from rtcontour.common.auth import Principal, Role, authenticate
+from rtcontour.common.jobstore import JobStore
+from rtcontour.common.routes import RoutingTable
+from rtcontour.common.settings import Destination, Settings
+from rtcontour.service.api.ratelimit import SlidingWindowLimit
+from rtcontour.service.previews import PreviewCache
 
 logger = logging.getLogger(__name__)
 

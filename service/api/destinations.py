@@ -12,8 +12,8 @@ from concurrent.futures import ThreadPoolExecutor
 from fastapi import APIRouter
 from pydantic import BaseModel
 
-from common.settings import Destination
-from service.api.deps import AdminUser, Context
+from rtcontour.common.settings import Destination
+from rtcontour.service.api.deps import AdminUser, Context
 
 logger = logging.getLogger(__name__)
 

@@ -20,10 +20,10 @@ from pydantic import BaseModel, Field, model_serializer
 from sqlalchemy import func, or_, select
 from sqlalchemy.orm import Session
 
-from common import audit
-from common.audit import AuditEvent
-from common.auth import Principal, Role
-from common.jobstore import (
+from rtcontour.common import audit
+from rtcontour.common.audit import AuditEvent
+from rtcontour.common.auth import Principal, Role
+from rtcontour.common.jobstore import (
     OUTPUT_FILE_PREFIXES,
     IllegalTransition,
     Job,
@@ -33,7 +33,7 @@ from common.jobstore import (
     JobState,
     JobStore,
 )
-from service.api.deps import AppContext, ClinicianUser, Context, DbSession, ViewerUser
+from rtcontour.service.api.deps import AppContext, ClinicianUser, Context, DbSession, ViewerUser
 
 logger = logging.getLogger(__name__)
 

@@ -12,9 +12,9 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, HTTPException, Request, Response, status
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, generate_latest
 
-from common.auth import Role
-from service.api.deps import BearerCredentials, Context, DbSession, get_principal
-from service.metrics import JobStoreCollector
+from rtcontour.common.auth import Role
+from rtcontour.service.api.deps import BearerCredentials, Context, DbSession, get_principal
+from rtcontour.service.metrics import JobStoreCollector
 
 router = APIRouter(tags=["metrics"])
 

@@ -9,10 +9,10 @@ from fastapi import APIRouter, HTTPException, Query, Response, status
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel
 
-from common.jobstore import Job
-from service.api.deps import ClinicianUser, Context
-from service.api.jobs import load_job, rtstruct_file
-from service.previews import (
+from rtcontour.common.jobstore import Job
+from rtcontour.service.api.deps import ClinicianUser, Context
+from rtcontour.service.api.jobs import load_job, rtstruct_file
+from rtcontour.service.previews import (
     PLANES,
     Plane,
     PreviewOutOfRange,

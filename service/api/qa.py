@@ -10,8 +10,8 @@ from typing import Any
 from fastapi import APIRouter
 from pydantic import BaseModel, Field
 
-from service.api.deps import Context, ViewerUser
-from service.qa_trends import qa_trends
+from rtcontour.service.api.deps import Context, ViewerUser
+from rtcontour.service.qa_trends import qa_trends
 
 router = APIRouter(prefix="/api/qa", tags=["qa"])
 

@@ -9,8 +9,8 @@ from typing import Annotated
 from fastapi import APIRouter, Query
 from pydantic import BaseModel
 
-from common.refusals import RefusalStore
-from service.api.deps import AdminUser, Context
+from rtcontour.common.refusals import RefusalStore
+from rtcontour.service.api.deps import AdminUser, Context
 
 router = APIRouter(prefix="/api/refusals", tags=["refusals"])
 

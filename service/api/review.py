@@ -8,10 +8,10 @@ import logging
 from fastapi import APIRouter, HTTPException, status
 from pydantic import BaseModel, Field
 
-from common import audit
-from common.jobstore import IllegalTransition
-from service.api.deps import ClinicianUser, Context, DbSession
-from service.api.jobs import load_job
+from rtcontour.common import audit
+from rtcontour.common.jobstore import IllegalTransition
+from rtcontour.service.api.deps import ClinicianUser, Context, DbSession
+from rtcontour.service.api.jobs import load_job
 
 logger = logging.getLogger(__name__)
 

@@ -14,11 +14,16 @@ from typing import Annotated, Any
 from fastapi import APIRouter, HTTPException, Query, Request, status
 from pydantic import BaseModel
 
-from common.jobstore import JobNotFound
-from common.routes import MATCH_ATTRIBUTES, first_instance, match_keywords, series_attributes
-from common.settings import job_folder
-from service.api.deps import AdminUser, Context, DbSession
-from service.api.jobs import audit_patient_view
+from rtcontour.common.jobstore import JobNotFound
+from rtcontour.common.routes import (
+    MATCH_ATTRIBUTES,
+    first_instance,
+    match_keywords,
+    series_attributes,
+)
+from rtcontour.common.settings import job_folder
+from rtcontour.service.api.deps import AdminUser, Context, DbSession
+from rtcontour.service.api.jobs import audit_patient_view
 
 router = APIRouter(prefix="/api/routes", tags=["routes"])
 

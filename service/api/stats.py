@@ -10,9 +10,9 @@ from fastapi import APIRouter, Query
 from pydantic import BaseModel, Field
 from sqlalchemy import select
 
-from common.jobstore import Job, JobState
-from service.api.deps import Context, ViewerUser
-from service.metrics import queued_not_on_broker
+from rtcontour.common.jobstore import Job, JobState
+from rtcontour.service.api.deps import Context, ViewerUser
+from rtcontour.service.metrics import queued_not_on_broker
 
 router = APIRouter(prefix="/api/stats", tags=["stats"])
 

@@ -11,8 +11,8 @@ from fastapi import APIRouter, HTTPException, Path, Request, status
 from pydantic import BaseModel, Field
 from sqlalchemy.orm import Session
 
-from common import audit
-from common.auth import (
+from rtcontour.common import audit
+from rtcontour.common.auth import (
     Role,
     User,
     UserError,
@@ -25,7 +25,7 @@ from common.auth import (
     set_active,
     set_role,
 )
-from service.api.deps import (
+from rtcontour.service.api.deps import (
     AdminUser,
     BearerCredentials,
     Context,

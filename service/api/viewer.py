@@ -18,10 +18,10 @@ from typing import Any
 from fastapi import APIRouter, HTTPException, Request, Response, status
 from pydantic import BaseModel, Field
 
-from common.jobstore import Job, JobNotFound
-from service.api.deps import AppContext, ClinicianUser, Context
-from service.api.jobs import load_job, output_file
-from service.previews import ContourSource, PreviewUnavailable, ViewerCt
+from rtcontour.common.jobstore import Job, JobNotFound
+from rtcontour.service.api.deps import AppContext, ClinicianUser, Context
+from rtcontour.service.api.jobs import load_job, output_file
+from rtcontour.service.previews import ContourSource, PreviewUnavailable, ViewerCt
 
 router = APIRouter(prefix="/api/jobs", tags=["viewer"])
 

@@ -7,10 +7,10 @@ import uuid
 import pytest
 from sqlalchemy import make_url
 
-from common.db import make_engine
-from common.errors import ConfigurationError
-from common.schema import create_schema
-from common.settings import Settings
+from rtcontour.common.db import make_engine
+from rtcontour.common.errors import ConfigurationError
+from rtcontour.common.schema import create_schema
+from rtcontour.common.settings import Settings
 from tests.conftest import free_port
 
 

@@ -7,9 +7,9 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from common.errors import ConfigurationError
-from common.routes import RoutingTable, load_routing, parse_routing, series_attributes
-from common.settings import Settings
+from rtcontour.common.errors import ConfigurationError
+from rtcontour.common.routes import RoutingTable, load_routing, parse_routing, series_attributes
+from rtcontour.common.settings import Settings
 
 ROUTES_YAML = """
 routes:

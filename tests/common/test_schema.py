@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from sqlalchemy import create_engine, text
 
-from common.jobstore import JobState, JobStore
-from common.schema import create_schema
+from rtcontour.common.jobstore import JobState, JobStore
+from rtcontour.common.schema import create_schema
 
 OLD_JOBS_TABLE = """
 CREATE TABLE jobs (

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from common.settings import Settings
+from rtcontour.common.settings import Settings
 
 REAL_SECRET = "3f9c" * 16  # as long as `openssl rand -hex 32`
 

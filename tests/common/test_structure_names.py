@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from common.errors import ConfigurationError
-from common.structure_names import (
+from rtcontour.common.errors import ConfigurationError
+from rtcontour.common.structure_names import (
     TG263_SYNONYMS,
     load_name_mapping,
     match_structures,

@@ -21,7 +21,7 @@ import pytest
 
 yaml = pytest.importorskip("yaml", reason="pyyaml is not installed: deployment checks skipped")
 
-from common.settings import Settings  # noqa: E402 - after the skip guard
+from rtcontour.common.settings import Settings  # noqa: E402 - after the skip guard
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCKER = ROOT / "docker"
@@ -539,7 +539,8 @@ def test_healthcheck_passes_on_health_and_fails_on_closed_port(
 
 
 def test_api_serves_the_health_route_the_probes_use(tmp_path: Path) -> None:
-    app_module = pytest.importorskip("service.api.app", reason="service.api.app not written yet")
+    app_module = pytest.importorskip("rtcontour.service.api.app",
+                                     reason="rtcontour.service.api.app not written yet")
     app = app_module.create_app(Settings(data_dir=tmp_path))
     paths = {getattr(route, "path", None) for route in app.routes}
     assert "/health" in paths

@@ -7,11 +7,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from models.data import CaseArrays, default_data_dir
+from rtcontour.models.data import CaseArrays, default_data_dir
 
 torch = pytest.importorskip("torch", reason="torch is not installed (extra 'train')")
 
-from models.train import TrainConfig, train  # noqa: E402
+from rtcontour.models.train import TrainConfig, train  # noqa: E402
 
 
 def make_cases(count: int = 3, shape: tuple[int, int, int] = (24, 40, 40)) -> list[CaseArrays]:
@@ -55,7 +55,7 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_package(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from models.export import write_package
+    from rtcontour.models.export import write_package
 
     root = tmp_path_factory.mktemp("packages")
     return write_package(tiny_checkpoint, root, "tiny-test", "0.0.1", "pytest")

@@ -2,8 +2,8 @@ from __future__ import annotations
 
 import json
 
-from models.ablations import ROWS, seconds_per_step, table, train_command
-from models.labels import ORGANS
+from rtcontour.models.ablations import ROWS, seconds_per_step, table, train_command
+from rtcontour.models.labels import ORGANS
 
 
 def _results(mean: float) -> dict:
@@ -30,7 +30,7 @@ def test_table_has_one_row_per_result_with_command_speed_and_means(tmp_path):
 
 def test_train_command_warm_restarts_the_row_on_one_thread_in_float32(tmp_path):
     command = train_command(ROWS[1], tmp_path, 100, 3e-4, tmp_path / "data", tmp_path / "cache")
-    assert command[1:3] == ["-m", "models.train"]
+    assert command[1:3] == ["-m", "rtcontour.models.train"]
     for flag in ("--resume", "--restart-schedule", "--no-bf16", "--spatial-aug"):
         assert flag in command
     assert command[command.index("--threads") + 1] == "1"

@@ -5,7 +5,7 @@ import pytest
 
 torch = pytest.importorskip("torch", reason="torch is not installed (extra 'train')")
 
-from models.augment import (  # noqa: E402
+from rtcontour.models.augment import (  # noqa: E402
     IntensityAugmentation,
     SpatialAugmentation,
     centre_crop,
@@ -14,7 +14,7 @@ from models.augment import (  # noqa: E402
     rotation_matrix,
     spatial_augment,
 )
-from models.train import PatchSampler  # noqa: E402
+from rtcontour.models.train import PatchSampler  # noqa: E402
 
 from .conftest import make_cases  # noqa: E402
 

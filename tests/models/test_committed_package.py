@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from models.data import list_cases, load_openkbp_raw
-from models.evaluate import dice
-from models.inference import Segmenter
-from models.package import ModelPackageError, find_latest_package, load_package
+from rtcontour.models.data import list_cases, load_openkbp_raw
+from rtcontour.models.evaluate import dice
+from rtcontour.models.inference import Segmenter
+from rtcontour.models.package import ModelPackageError, find_latest_package, load_package
 
 
 def test_committed_package_segments_a_validation_patient(openkbp_dir):

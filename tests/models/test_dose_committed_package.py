@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from models.dose.data import list_cases, load_openkbp_patient
-from models.dose.evaluate import evaluate_patient
-from models.dose.predict import DosePredictor
-from models.package import ModelPackageError, find_latest_package, load_package
+from rtcontour.models.dose.data import list_cases, load_openkbp_patient
+from rtcontour.models.dose.evaluate import evaluate_patient
+from rtcontour.models.dose.predict import DosePredictor
+from rtcontour.models.package import ModelPackageError, find_latest_package, load_package
 
 
 def test_committed_dose_package_predicts_a_validation_patient(openkbp_dir):

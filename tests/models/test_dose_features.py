@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from models.dose.features import (
+from rtcontour.models.dose.features import (
     CHANNEL_NAMES,
     N_CHANNELS,
     OAR_NAMES,
@@ -17,7 +17,7 @@ from models.dose.features import (
     ptv_prescription_map,
     to_input_grid,
 )
-from models.dose.metrics import dose_score, dvh_metrics, dvh_score
+from rtcontour.models.dose.metrics import dose_score, dvh_metrics, dvh_score
 from tests.phantoms import head_phantom
 
 SPACING = (2.5, 3.9, 3.9)

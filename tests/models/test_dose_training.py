@@ -9,13 +9,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from models.dose.data import DoseCase
-from models.dose.features import N_CHANNELS, OAR_NAMES
-from models.package import ModelPackageError, find_latest_package, load_package
+from rtcontour.models.dose.data import DoseCase
+from rtcontour.models.dose.features import N_CHANNELS, OAR_NAMES
+from rtcontour.models.package import ModelPackageError, find_latest_package, load_package
 
 torch = pytest.importorskip("torch", reason="torch is not installed (extra 'train')")
 
-from models.dose.train import (  # noqa: E402
+from rtcontour.models.dose.train import (  # noqa: E402
     DoseSampler,
     DoseTrainConfig,
     build_model,
@@ -120,7 +120,7 @@ def test_training_resumes_exactly_from_its_checkpoint(tmp_path):
 
 @pytest.fixture(scope="module")
 def tiny_dose_package(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from models.dose.export import write_package
+    from rtcontour.models.dose.export import write_package
 
     run_dir = tmp_path_factory.mktemp("runs") / "tiny-dose"
     cases = synthetic_cases()
@@ -147,7 +147,7 @@ def test_exported_package_is_of_kind_dose_and_runs_in_onnxruntime(tiny_dose_pack
 def test_onnx_and_torch_agree_on_the_same_weights(tmp_path):
     import onnxruntime as ort
 
-    from models.dose.export import export_onnx
+    from rtcontour.models.dose.export import export_onnx
 
     config = tiny_config()
     model = build_model(config).eval()
@@ -163,7 +163,7 @@ def test_onnx_and_torch_agree_on_the_same_weights(tmp_path):
 @pytest.mark.parametrize("mirror_tta", [False, True], ids=["plain", "mirror-tta"])
 def test_dose_predictor_returns_dose_on_the_ct_grid_and_zero_outside_the_body(
         tiny_dose_package, mirror_tta):
-    from models.dose.predict import DosePredictor
+    from rtcontour.models.dose.predict import DosePredictor
     from tests.phantoms import head_phantom
 
     phantom = head_phantom((30, 40, 40), (2.5, 2.0, 2.0))
@@ -180,7 +180,7 @@ def test_dose_predictor_returns_dose_on_the_ct_grid_and_zero_outside_the_body(
 
 
 def test_dose_predictor_refuses_unknown_oars_and_a_missing_ptv(tiny_dose_package):
-    from models.dose.predict import DosePredictor
+    from rtcontour.models.dose.predict import DosePredictor
 
     predictor = DosePredictor(tiny_dose_package, threads=1)
     hu = np.zeros((8, 8, 8), dtype=np.float32)
@@ -194,7 +194,7 @@ def test_dose_predictor_refuses_unknown_oars_and_a_missing_ptv(tiny_dose_package
 
 
 def test_segmentation_lookup_never_picks_a_dose_package(tiny_dose_package, tmp_path):
-    from models.dose.predict import DosePredictor
+    from rtcontour.models.dose.predict import DosePredictor
 
     shutil.copytree(tiny_dose_package, tmp_path / "tiny-dose-9.0.0")
     assert find_latest_package(tmp_path, kind="dose").name == "tiny-dose-9.0.0"

@@ -6,7 +6,7 @@ import argparse
 
 import pytest
 
-from models import evaluate
+from rtcontour.models import evaluate
 
 
 def test_every_evaluate_option_has_help_text(monkeypatch: pytest.MonkeyPatch) -> None:

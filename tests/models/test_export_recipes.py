@@ -8,8 +8,8 @@ import pytest
 torch = pytest.importorskip("torch", reason="torch is not installed (extra 'train')")
 onnx = pytest.importorskip("onnx", reason="onnx is not installed (extra 'train')")
 
-from models.export import write_package  # noqa: E402
-from models.train import TrainConfig, build_model, train  # noqa: E402
+from rtcontour.models.export import write_package  # noqa: E402
+from rtcontour.models.train import TrainConfig, build_model, train  # noqa: E402
 
 from .conftest import make_cases, tiny_config  # noqa: E402
 

@@ -7,8 +7,8 @@ import pytest
 
 torch = pytest.importorskip("torch", reason="torch is not installed (extra 'train')")
 
-from models.gpu_burst import main, read_pack, write_pack  # noqa: E402
-from models.train import TrainConfig, load_checkpoint, train  # noqa: E402
+from rtcontour.models.gpu_burst import main, read_pack, write_pack  # noqa: E402
+from rtcontour.models.train import TrainConfig, load_checkpoint, train  # noqa: E402
 
 from .conftest import make_cases  # noqa: E402
 
@@ -49,7 +49,7 @@ def test_burst_trains_for_its_budget_and_leaves_a_checkpoint_that_resumes_and_ex
     config.steps, config.batch_size = payload["step"] + 2, 1
     resumed = train(config, make_cases(2), [], out, resume=True, restart_schedule=True)
     assert resumed["step"] == payload["step"] + 2
-    from models.export import write_package
+    from rtcontour.models.export import write_package
 
     folder = write_package(out / "last.pt", tmp_path / "packages", "burst", "0.0.1", "pytest")
     assert (folder / "model.onnx").exists()

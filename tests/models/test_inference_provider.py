@@ -8,7 +8,7 @@ import logging
 import onnxruntime
 import pytest
 
-from models.inference import Segmenter
+from rtcontour.models.inference import Segmenter
 from tests.conftest import real_package
 
 
@@ -27,13 +27,13 @@ def package():  # type: ignore[no-untyped-def]
 
 
 def _records(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
-    return [r for r in caplog.records if r.name == "models.inference"]
+    return [r for r in caplog.records if r.name == "rtcontour.models.inference"]
 
 
 def test_auto_on_a_cpu_machine_logs_the_backend_once_at_info_and_no_warning(
     cpu_only: None, package: object, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.INFO, logger="models.inference")
+    caplog.set_level(logging.INFO, logger="rtcontour.models.inference")
     segmenter = Segmenter(package, provider="auto")  # type: ignore[arg-type]
     records = _records(caplog)
     assert [r for r in records if r.levelno >= logging.WARNING] == []
@@ -44,7 +44,7 @@ def test_auto_on_a_cpu_machine_logs_the_backend_once_at_info_and_no_warning(
 def test_cuda_asked_for_on_a_cpu_machine_warns_that_it_is_missing(
     cpu_only: None, package: object, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.INFO, logger="models.inference")
+    caplog.set_level(logging.INFO, logger="rtcontour.models.inference")
     segmenter = Segmenter(package, provider="cuda")  # type: ignore[arg-type]
     warnings = [r for r in _records(caplog) if r.levelno == logging.WARNING]
     assert len(warnings) == 1

@@ -9,13 +9,13 @@ import pytest
 
 torch = pytest.importorskip("torch", reason="torch is not installed (extra 'train')")
 
-from models.inference import Segmenter, symmetric_window_starts  # noqa: E402
-from models.package import (  # noqa: E402
+from rtcontour.models.inference import Segmenter, symmetric_window_starts  # noqa: E402
+from rtcontour.models.package import (  # noqa: E402
     ModelPackageError,
     find_latest_package,
     load_package,
 )
-from models.train import TrainConfig, build_model, load_checkpoint  # noqa: E402
+from rtcontour.models.train import TrainConfig, build_model, load_checkpoint  # noqa: E402
 
 
 def test_onnx_logits_match_pytorch(tiny_checkpoint, tiny_package):
@@ -139,7 +139,7 @@ def test_window_starts_cover_and_are_symmetric():
 
 
 def test_boxed_back_resampling_equals_full_resampling(tiny_package):
-    from models.resampling import resample_to_shape
+    from rtcontour.models.resampling import resample_to_shape
 
     segmenter = Segmenter(tiny_package, provider="onnxruntime")
     target = segmenter.manifest.target_spacing_mm

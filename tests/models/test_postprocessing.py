@@ -8,8 +8,8 @@ from scipy import ndimage
 
 pytest.importorskip("torch", reason="torch is not installed (extra 'train')")
 
-from models.inference import Segmentation, Segmenter, postprocess_mask  # noqa: E402
-from models.resampling import resample_to_shape  # noqa: E402
+from rtcontour.models.inference import Segmentation, Segmenter, postprocess_mask  # noqa: E402
+from rtcontour.models.resampling import resample_to_shape  # noqa: E402
 
 
 def _probability_maps(shape=(30, 40, 40), seed=0) -> np.ndarray:

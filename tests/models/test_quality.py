@@ -3,8 +3,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from models.evaluate import confidence_report
-from models.quality import auroc, structure_quality, volume_score, youden_threshold
+from rtcontour.models.evaluate import confidence_report
+from rtcontour.models.quality import auroc, structure_quality, volume_score, youden_threshold
 
 
 def test_auroc_of_a_perfect_a_reversed_and_a_tied_ranking():

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import numpy as np
 
-from models.data import list_cases, load_openkbp_raw, load_split, preprocess_case
-from models.evaluate import evaluate_package, format_table
-from models.labels import ORGANS
-from models.reference_qa import reference_problem, reference_problems
+from rtcontour.models.data import list_cases, load_openkbp_raw, load_split, preprocess_case
+from rtcontour.models.evaluate import evaluate_package, format_table
+from rtcontour.models.labels import ORGANS
+from rtcontour.models.reference_qa import reference_problem, reference_problems
 
 ROI_NAMES = ["Brainstem", "SpinalCord", "RightParotid", "LeftParotid", "Esophagus", "Larynx",
              "Mandible", "PTV56", "PTV63", "PTV70"]
@@ -70,7 +70,7 @@ def test_a_neck_sized_spinal_cord_and_an_empty_listed_contour_fail_with_their_re
 def test_loading_sets_a_failed_reference_aside_as_unknown_and_logs_the_case(tmp_path, caplog):
     path = tmp_path / "pt_9.npz"
     write_openkbp_case(path, cord_half_width=8)
-    with caplog.at_level(logging.WARNING, logger="models.data"):
+    with caplog.at_level(logging.WARNING, logger="rtcontour.models.data"):
         _, masks, known, _ = load_openkbp_raw(path)
     assert not known[CORD] and not masks[CORD].any()
     assert "pt_9: reference SpinalCord set aside as not contoured" in caplog.text
@@ -130,7 +130,7 @@ def test_a_fragment_of_a_larynx_fails_and_the_training_cache_keeps_checked_and_r
 
 
 def test_checkpoints_from_before_the_check_resume_without_it():
-    from models.train import TrainConfig
+    from rtcontour.models.train import TrainConfig
 
     old = TrainConfig().to_dict()
     del old["reference_qa"]

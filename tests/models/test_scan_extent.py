@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from models.data import list_cases, load_openkbp_raw
-from models.inference import Segmenter
-from models.package import ModelPackageError, find_latest_package
+from rtcontour.models.data import list_cases, load_openkbp_raw
+from rtcontour.models.inference import Segmenter
+from rtcontour.models.package import ModelPackageError, find_latest_package
 
 
 @pytest.fixture(scope="module")

@@ -7,8 +7,8 @@ import pytest
 
 torch = pytest.importorskip("torch", reason="torch is not installed (extra 'train')")
 
-from models.labels import ORGANS  # noqa: E402
-from models.train import (  # noqa: E402
+from rtcontour.models.labels import ORGANS  # noqa: E402
+from rtcontour.models.train import (  # noqa: E402
     PatchSampler,
     TrainConfig,
     load_checkpoint,
@@ -192,7 +192,7 @@ def test_warm_restart_adds_deep_supervision_heads_and_ema(tmp_path):
 
 
 def test_deep_supervision_loss_weights_levels_and_downsamples_the_target():
-    from models.train import deep_supervision_loss
+    from rtcontour.models.train import deep_supervision_loss
 
     target = (torch.rand(1, 7, 8, 8, 8) > 0.5).float()
     known = torch.ones(1, 7, dtype=torch.bool)
@@ -208,7 +208,7 @@ def test_deep_supervision_loss_weights_levels_and_downsamples_the_target():
 
 
 def test_resume_refuses_a_recipe_change_without_restart_schedule(tmp_path):
-    from models.train import main
+    from rtcontour.models.train import main
 
     train(tiny_config(steps=2), make_cases(), [], tmp_path / "tiny")
     with pytest.raises(SystemExit, match="spatial_aug_p"):

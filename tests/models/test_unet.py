@@ -4,7 +4,7 @@ import pytest
 
 torch = pytest.importorskip("torch", reason="torch is not installed (extra 'train')")
 
-from models.unet import ResidualBlock, ResidualUNet3D, deep_residual_unet  # noqa: E402
+from rtcontour.models.unet import ResidualBlock, ResidualUNet3D, deep_residual_unet  # noqa: E402
 
 
 @pytest.mark.parametrize(

@@ -17,11 +17,11 @@ from fastapi.testclient import TestClient
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
-from common.auth import Role, add_user
-from common.db import make_engine
-from common.jobstore import Job, JobState, JobStore
-from common.settings import Settings
-from service.api.app import create_app
+from rtcontour.common.auth import Role, add_user
+from rtcontour.common.db import make_engine
+from rtcontour.common.jobstore import Job, JobState, JobStore
+from rtcontour.common.settings import Settings
+from rtcontour.service.api.app import create_app
 
 ADMIN_TOKEN = "test-admin-token-0123456789abcdef"
 
@@ -130,9 +130,9 @@ def add_finished_job(
 
     ROIs: ``Marker`` (red; the phantom's left-anterior-superior cube) and ``Body`` (green).
     """
-    from common.volume import load_series
+    from rtcontour.common.volume import load_series
+    from rtcontour.worker.rtstruct import RoiSpec, build_rtstruct, save_rtstruct
     from tests.phantoms import head_phantom, write_ct_series
-    from worker.rtstruct import RoiSpec, build_rtstruct, save_rtstruct
 
     phantom = head_phantom()
     job = harness.add_job(state="done", series_description=series_description, **values)

@@ -27,10 +27,10 @@ from typing import Any
 import numpy as np
 import pytest
 
-from common.settings import Settings
-from service.intake import SeriesArrival
-from service.listener import ListenerHandle, start_listener
-from service.spool import InstanceHeader
+from rtcontour.common.settings import Settings
+from rtcontour.service.intake import SeriesArrival
+from rtcontour.service.listener import ListenerHandle, start_listener
+from rtcontour.service.spool import InstanceHeader
 from tests.conftest import REPO_ROOT, free_port
 from tests.phantoms import write_ct_series
 
@@ -425,7 +425,7 @@ class ListenerProcess:
             RTCONTOUR_MIN_FREE_DISK_BYTES="0",
             PYTHONUNBUFFERED="1",
         )
-        command = [sys.executable, "-m", "service.cli", "listener", "--log-only",
+        command = [sys.executable, "-m", "rtcontour.service.cli", "listener", "--log-only",
                    "--host", "127.0.0.1", "--port", str(self.port)]
         self.process = subprocess.Popen(
             command, env=env, cwd=REPO_ROOT, stdout=log.open("ab"), stderr=subprocess.STDOUT

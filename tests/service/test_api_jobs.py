@@ -117,8 +117,8 @@ def test_retry_of_a_done_job_is_a_conflict(api: ApiHarness) -> None:
 def test_retry_publishes_to_the_real_broker_and_queue_depth_counts_it(
     tmp_path: Path, redis_db_url: str
 ) -> None:
-    from common.settings import Settings
-    from service.api.app import create_app
+    from rtcontour.common.settings import Settings
+    from rtcontour.service.api.app import create_app
 
     harness = make_harness(tmp_path)
     settings = Settings(
@@ -198,7 +198,7 @@ def test_reading_who_the_patient_is_is_audited_without_naming_the_patient(
     from sqlalchemy import select
     from sqlalchemy.orm import Session
 
-    from common.audit import AuditEvent
+    from rtcontour.common.audit import AuditEvent
 
     jane, jane_again, _ = _patients(api)
     caplog.set_level("DEBUG")

@@ -20,7 +20,8 @@ def test_api_access_log_leaves_out_the_patient_search(tmp_path: Path) -> None:
                PYTHONUNBUFFERED="1")
     log = tmp_path / "api.log"
     process = subprocess.Popen(
-        [sys.executable, "-m", "service.cli", "api", "--host", "127.0.0.1", "--port", str(port)],
+        [sys.executable, "-m", "rtcontour.service.cli", "api", "--host", "127.0.0.1", "--port",
+         str(port)],
         env=env, cwd=REPO_ROOT, stdout=log.open("ab"), stderr=subprocess.STDOUT,
     )
     try:

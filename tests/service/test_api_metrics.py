@@ -12,9 +12,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from pynetdicom import AE, evt
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
-from common.settings import Destination, Settings
-from service import metrics
-from service.api.app import c_echo, create_app
+from rtcontour.common.settings import Destination, Settings
+from rtcontour.service import metrics
+from rtcontour.service.api.app import c_echo, create_app
 from tests.service.api_support import ApiHarness, add_finished_job, harness_fixture, make_harness
 
 

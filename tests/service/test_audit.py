@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from common import audit
-from service.users_cli import main as users_main
+from rtcontour.common import audit
+from rtcontour.service.users_cli import main as users_main
 from tests.service.api_support import ADMIN_TOKEN, ApiHarness, add_finished_job, harness_fixture
 
 

@@ -14,7 +14,7 @@ from fastapi.routing import APIRoute, iter_route_contexts
 from sqlalchemy.orm import Session
 from starlette.routing import Mount, Route
 
-from common.auth import Role, add_user, hash_token, issue_token, set_active
+from rtcontour.common.auth import Role, add_user, hash_token, issue_token, set_active
 from tests.service.api_support import ApiHarness, add_finished_job, harness_fixture
 
 PUBLIC = {("GET", "/health"), ("GET", "/"), ("GET", "/dashboard")}

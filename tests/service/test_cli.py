@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import make_url
 
-from service.cli import EXTRA_OF_MODULE, OPTIONS_WITHOUT_EXTRA
+from rtcontour.service.cli import EXTRA_OF_MODULE, OPTIONS_WITHOUT_EXTRA
 from tests.conftest import REPO_ROOT, serve_env
 
 # Runs ``rtcontour ARGS`` with the train extra's modules unimportable, whether installed or not.
@@ -28,7 +28,7 @@ class HideTrainExtra:
         return None
 
 sys.meta_path.insert(0, HideTrainExtra())
-from service.cli import main
+from rtcontour.service.cli import main
 sys.exit(main(sys.argv[1:]))
 """
 
@@ -64,7 +64,7 @@ def test_help_of_a_train_extra_command_lists_its_options_without_torch_and_names
     "command", sorted(OPTIONS_WITHOUT_EXTRA), ids=sorted(OPTIONS_WITHOUT_EXTRA)
 )
 def test_help_without_the_extra_lists_every_option_with_its_help_text(command: str) -> None:
-    parser = importlib.import_module(OPTIONS_WITHOUT_EXTRA[command]).build_parser()
+    parser = importlib.import_module(OPTIONS_WITHOUT_EXTRA[command], "rtcontour").build_parser()
     bare = [action.option_strings[-1] for action in parser._actions if not action.help]
     assert not bare, f"options without help text: {bare}"
     result = _rtcontour_without_train_extra(command, "--help")
@@ -112,7 +112,7 @@ def test_every_module_mapped_to_an_extra_is_a_requirement_of_that_extra() -> Non
 )
 def test_help_with_the_extra_lists_its_options(command: str, option: str) -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "service.cli", command, "--help"],
+        [sys.executable, "-m", "rtcontour.service.cli", command, "--help"],
         cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
     )
     assert result.returncode == 0, result.stderr
@@ -121,12 +121,13 @@ def test_help_with_the_extra_lists_its_options(command: str, option: str) -> Non
 
 
 # what a developer reads in a module docstring, not what the person running the command needs
-DEVELOPER_NOTES = ("create_app", "deps.py", "RecoverySweeper", "make_celery", "``", "worker.tasks")
+DEVELOPER_NOTES = ("create_app", "deps.py", "RecoverySweeper", "make_celery", "``",
+                   "rtcontour.worker.tasks")
 
 
 @pytest.mark.parametrize(
     "module",
-    ["service.serve", "service.api.app", "worker.celery_app"],
+    ["rtcontour.service.serve", "rtcontour.service.api.app", "rtcontour.worker.celery_app"],
     ids=["serve", "api", "worker"],
 )
 def test_help_of_a_service_command_is_written_for_the_person_running_it(
@@ -163,7 +164,7 @@ def test_a_process_on_a_missing_database_stops_with_one_sentence(
     url = make_url(postgres_base_url).set(database=name, password="s3cret-pw")
     env = serve_env(tmp_path / "var", database_url=url.render_as_string(hide_password=False))
     result = subprocess.run(
-        [sys.executable, "-m", "service.cli", command], env=env, cwd=REPO_ROOT,
+        [sys.executable, "-m", "rtcontour.service.cli", command], env=env, cwd=REPO_ROOT,
         capture_output=True, text=True, timeout=120,
     )
     assert result.returncode == 2, result.stderr[-3000:]

@@ -134,7 +134,7 @@ def test_dashboard_login_jobs_previews_and_hostile_text(served: tuple[ApiHarness
         created_at=dt.datetime.now(dt.UTC) - dt.timedelta(seconds=75),
     )
     harness.add_job(state="running", series_description="Thorax CT", calling_ae="TPS_ECLIPSE")
-    from common.refusals import RefusalStore
+    from rtcontour.common.refusals import RefusalStore
 
     RefusalStore(harness.engine).record(
         kind="context", calling_ae="MR_SCANNER", address="10.1.2.9", what="MR Image Storage",
@@ -211,9 +211,9 @@ MANDIBLE_GREY = (230, 230, 230)  # Bone_Mandible's TG-263 colour: drawn in a vis
 def _full_size_job(harness: ApiHarness, **values: Any) -> Any:
     """A done job with a 512 x 512 x 48 CT (0.98 x 0.98 x 2.5 mm) and three structures, one
     near-white and flagged for review, as a clinician would open it."""
-    from common.volume import load_series
+    from rtcontour.common.volume import load_series
+    from rtcontour.worker.rtstruct import RoiSpec, build_rtstruct, save_rtstruct
     from tests.phantoms import head_phantom, write_ct_series
-    from worker.rtstruct import RoiSpec, build_rtstruct, save_rtstruct
 
     phantom = head_phantom((48, 512, 512), (2.5, 0.98, 0.98))
     job = harness.add_job(state="done", series_description="CT 2.5mm", **values)

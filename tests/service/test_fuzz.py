@@ -30,7 +30,7 @@ from pydicom.filewriter import write_dataset, write_file_meta_info
 from pydicom.sequence import Sequence
 from pydicom.uid import generate_uid
 
-from service.dicom_status import Status
+from rtcontour.service.dicom_status import Status
 from tests.phantoms import ct_datasets, write_datasets
 from tests.service.conftest import (
     requires_dcmtk,

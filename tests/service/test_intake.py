@@ -6,11 +6,11 @@ from pathlib import Path
 
 import pytest
 
-from common.db import make_engine
-from common.jobstore import JobState, JobStore
-from common.schema import create_schema
-from common.settings import Settings
-from service.intake import Intake, SeriesArrival, job_folder
+from rtcontour.common.db import make_engine
+from rtcontour.common.jobstore import JobState, JobStore
+from rtcontour.common.schema import create_schema
+from rtcontour.common.settings import Settings
+from rtcontour.service.intake import Intake, SeriesArrival, job_folder
 
 SERIES = "1.2.826.0.1.3680043.8.498.1"
 
@@ -122,7 +122,7 @@ default: ignore
 def _routed_intake(
     settings: Settings, store: JobStore, enqueued: list[str], audited: list[tuple[str, dict]]
 ) -> Intake:
-    from common.routes import load_routing
+    from rtcontour.common.routes import load_routing
 
     path = settings.data_dir / "routes.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)

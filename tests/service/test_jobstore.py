@@ -8,10 +8,10 @@ import time
 
 import pytest
 
-from common.db import make_engine
-from common.jobstore import IllegalTransition, JobFilter, JobNotFound, JobState, JobStore
-from common.schema import create_schema
-from common.settings import Settings
+from rtcontour.common.db import make_engine
+from rtcontour.common.jobstore import IllegalTransition, JobFilter, JobNotFound, JobState, JobStore
+from rtcontour.common.schema import create_schema
+from rtcontour.common.settings import Settings
 
 
 @pytest.fixture

@@ -10,7 +10,7 @@ import pydicom
 import pytest
 from pydicom.uid import JPEG2000, JPEG2000Lossless, generate_uid
 
-from service.dicom_status import Status
+from rtcontour.service.dicom_status import Status
 from tests.phantoms import ct_datasets, write_datasets
 from tests.service.conftest import (
     requires_dcmtk,

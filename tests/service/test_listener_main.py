@@ -13,7 +13,7 @@ from pydicom.uid import ImplicitVRLittleEndian
 from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage
 
-from service.dicom_status import Status
+from rtcontour.service.dicom_status import Status
 from tests.conftest import REPO_ROOT, free_port
 from tests.service.conftest import LISTENER_AE, requires_dcmtk, run_storescu
 
@@ -97,8 +97,8 @@ def test_a_second_listener_on_the_same_data_folder_refuses_to_start(
 ):
     start_listener_process(quiet_period_s=60.0)
     second = subprocess.run(
-        [sys.executable, "-m", "service.cli", "listener", "--log-only", "--host", "127.0.0.1",
-         "--port", str(free_port())],
+        [sys.executable, "-m", "rtcontour.service.cli", "listener", "--log-only", "--host",
+         "127.0.0.1", "--port", str(free_port())],
         env={**{k: v for k, v in os.environ.items() if not k.startswith("RTCONTOUR_")},
              "RTCONTOUR_DATA_DIR": str(tmp_path / "var")},
         cwd=REPO_ROOT, capture_output=True, text=True, timeout=60,

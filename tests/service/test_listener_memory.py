@@ -9,7 +9,7 @@ from pathlib import Path
 from pynetdicom import AE, _config
 from pynetdicom.sop_class import CTImageStorage, Verification
 
-from service.dicom_status import Status
+from rtcontour.service.dicom_status import Status
 from tests.service.conftest import requires_dcmtk
 
 pytestmark = requires_dcmtk

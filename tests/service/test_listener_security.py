@@ -10,8 +10,8 @@ import pytest
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification
 
-from service.dicom_status import Status
-from service.handlers import KnownPeer
+from rtcontour.service.dicom_status import Status
+from rtcontour.service.handlers import KnownPeer
 from tests.service.conftest import (
     requires_dcmtk,
     run_echoscu,

@@ -130,10 +130,10 @@ def test_preview_with_bad_plane_or_index_is_422(api: ApiHarness, query: str) -> 
 
 def test_rasterised_contours_give_back_the_mask_in_every_plane(tmp_path: Path) -> None:
     """Even-odd filling at pixel centres: the bone shell (a ring with a hole) comes back exactly."""
-    from common.volume import load_series
-    from service.previews import load_preview_volume
+    from rtcontour.common.volume import load_series
+    from rtcontour.service.previews import load_preview_volume
+    from rtcontour.worker.rtstruct import RoiSpec, build_rtstruct, save_rtstruct
     from tests.phantoms import write_ct_series
-    from worker.rtstruct import RoiSpec, build_rtstruct, save_rtstruct
 
     phantom = head_phantom((12, 40, 48), (3.0, 1.2, 0.9))
     shell = phantom.hu >= 900  # bone shell and marker: rings with holes on most slices

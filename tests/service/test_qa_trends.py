@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from service.qa_trends import compute_trends, records_from_qa
+from rtcontour.service.qa_trends import compute_trends, records_from_qa
 from tests.service.api_support import ApiHarness, harness_fixture
 
 MONDAY = dt.datetime(2026, 3, 2, 9, 0, tzinfo=dt.UTC)

@@ -17,9 +17,9 @@ from pydicom.uid import generate_uid
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
-from common.refusals import make_refusal_recorder
-from service.dicom_status import Status
-from service.listener import start_listener
+from rtcontour.common.refusals import make_refusal_recorder
+from rtcontour.service.dicom_status import Status
+from rtcontour.service.listener import start_listener
 from tests.conftest import REPO_ROOT, free_port
 from tests.phantoms import ct_datasets, write_datasets
 from tests.service.api_support import ApiHarness, harness_fixture
@@ -46,8 +46,8 @@ def _send_mr_series_contexts(port: int) -> None:
 def test_refused_association_context_and_instance_are_listed_audited_and_counted(
     api: ApiHarness, tmp_path: Path
 ) -> None:
-    from common.audit import make_recorder
-    from service import metrics
+    from rtcontour.common.audit import make_recorder
+    from rtcontour.service import metrics
 
     settings = api.settings.model_copy(update={
         "dicom_host": "127.0.0.1", "dicom_port": free_port(), "quiet_period_s": 0.3,
@@ -101,7 +101,7 @@ def test_standalone_listener_serves_its_dicom_counters_to_the_scraper(tmp_path: 
                RTCONTOUR_LISTENER_METRICS_PORT=str(metrics_port), PYTHONUNBUFFERED="1")
     log = tmp_path / "listener.log"
     process = subprocess.Popen(
-        [sys.executable, "-m", "service.cli", "listener", "--host", "127.0.0.1", "--port",
+        [sys.executable, "-m", "rtcontour.service.cli", "listener", "--host", "127.0.0.1", "--port",
          str(port)], env=env, cwd=REPO_ROOT, stdout=log.open("ab"), stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 30

@@ -12,13 +12,13 @@ import pytest
 from sqlalchemy import inspect, select, text
 from sqlalchemy.orm import Session
 
-from common.audit import JOB_FILES_PURGED, AuditEvent
-from common.db import make_engine
-from common.jobstore import IllegalTransition, Job, JobState
-from common.schema import create_schema
-from common.settings import Settings
+from rtcontour.common.audit import JOB_FILES_PURGED, AuditEvent
+from rtcontour.common.db import make_engine
+from rtcontour.common.jobstore import IllegalTransition, Job, JobState
+from rtcontour.common.schema import create_schema
+from rtcontour.common.settings import Settings
+from rtcontour.worker.retention import purge_expired
 from tests.service.api_support import ApiHarness, add_finished_job, harness_fixture
-from worker.retention import purge_expired
 
 DAY = dt.timedelta(days=1)
 
@@ -138,7 +138,7 @@ def test_an_existing_database_gains_the_new_column(
 
 
 def test_the_workers_sweep_applies_the_policy_when_it_starts(api: ApiHarness) -> None:
-    from worker.tasks import RecoverySweeper
+    from rtcontour.worker.tasks import RecoverySweeper
 
     job = add_finished_job(api)
     _finished_ago(api, job, 31)

@@ -9,13 +9,13 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from common.db import make_engine
-from common.errors import DestinationUnavailable
-from common.jobstore import JobStore
-from common.schema import create_schema
-from common.settings import Destination, Settings
+from rtcontour.common.db import make_engine
+from rtcontour.common.errors import DestinationUnavailable
+from rtcontour.common.jobstore import JobStore
+from rtcontour.common.schema import create_schema
+from rtcontour.common.settings import Destination, Settings
+from rtcontour.worker.sender import Sender, deliver
 from tests.conftest import StoreScp, free_port
-from worker.sender import Sender, deliver
 
 
 @pytest.fixture
@@ -23,9 +23,9 @@ def rtstruct_file(tmp_path: Path) -> Path:
     """An RTSTRUCT built by worker.rtstruct from a small phantom."""
     import numpy as np
 
-    from common.volume import load_series
+    from rtcontour.common.volume import load_series
+    from rtcontour.worker.rtstruct import RoiSpec, build_rtstruct, save_rtstruct
     from tests.conftest import write_phantom_series
-    from worker.rtstruct import RoiSpec, build_rtstruct, save_rtstruct
 
     series = load_series(write_phantom_series(tmp_path / "ct", (12, 32, 32)), min_slices=5)
     mask = series.volume.array > 500

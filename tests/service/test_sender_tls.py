@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from common.errors import DestinationUnavailable
-from common.settings import Destination, Settings
-from service.api.app import c_echo
+from rtcontour.common.errors import DestinationUnavailable
+from rtcontour.common.settings import Destination, Settings
+from rtcontour.service.api.app import c_echo
+from rtcontour.worker.sender import Sender
 from tests.service.conftest import DCMTK_ENV, Pki, StorescpPeer, requires_dcmtk, wait_for_port
-from worker.sender import Sender
 
 pytestmark = requires_dcmtk
 

@@ -16,8 +16,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from service.journal import SeriesJournal
-from service.spool import InstanceHeader, InstanceSpool, SeriesTracker
+from rtcontour.service.journal import SeriesJournal
+from rtcontour.service.spool import InstanceHeader, InstanceSpool, SeriesTracker
 from tests.service.conftest import FakeClock, RecordingSink, instance_header
 
 SERIES_A = "1.2.3.4.100"
@@ -345,7 +345,7 @@ def test_a_restart_between_associations_changes_nothing_the_intake_receives(
 
 
 def test_a_second_listener_on_the_same_spool_is_refused_with_a_sentence(tmp_path: Path) -> None:
-    from common.errors import ConfigurationError
+    from rtcontour.common.errors import ConfigurationError
 
     running = SeriesJournal(tmp_path)
     with pytest.raises(ConfigurationError, match="another rtcontour listener uses the spool"):

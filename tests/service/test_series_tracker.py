@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from service.spool import InstanceSpool, SeriesTracker
+from rtcontour.service.spool import InstanceSpool, SeriesTracker
 from tests.service.conftest import FakeClock, RecordingSink, instance_header
 
 SERIES_A = "1.2.3.4.100"

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from common.errors import InsufficientStorage, InvalidInstance
-from service.spool import InstanceSpool, checked_uid
+from rtcontour.common.errors import InsufficientStorage, InvalidInstance
+from rtcontour.service.spool import InstanceSpool, checked_uid
 
 SERIES = "1.2.826.0.1.3680043.8.498.1"
 SOP = "1.2.826.0.1.3680043.8.498.1.1"

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from service.dicom_status import Status
+from rtcontour.service.dicom_status import Status
 from tests.service.conftest import Pki, requires_dcmtk, run_echoscu, run_storescu
 
 pytestmark = [

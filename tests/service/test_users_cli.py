@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import make_url
 
-from service.cli import main as rtcontour
+from rtcontour.service.cli import main as rtcontour
 
 
 @pytest.fixture

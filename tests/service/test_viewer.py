@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from service import previews
-from service.previews import VISIBLE_PALETTE, display_colour
+from rtcontour.service import previews
+from rtcontour.service.previews import VISIBLE_PALETTE, display_colour
 from tests.phantoms import head_phantom
 from tests.service.api_support import (
     MARKER_COLOUR,
@@ -40,7 +40,7 @@ def _get(api: ApiHarness, job_id: str, what: str, **headers: str):  # noqa: ANN2
 def test_viewer_ct_is_the_canonical_volume_as_int16_with_its_affine(
     api: ApiHarness, patient_position: str
 ) -> None:
-    from common.volume import load_series
+    from rtcontour.common.volume import load_series
 
     job = add_finished_job(api, patient_position=patient_position)
     meta = _get(api, job.id, "meta").json()
@@ -78,8 +78,8 @@ def test_viewer_contours_are_polygons_on_the_marker_in_voxel_coordinates(api: Ap
 
 
 def test_flagged_structures_and_the_approved_set_are_in_the_viewer(api: ApiHarness) -> None:
-    from common.volume import load_series
-    from worker.rtstruct import RoiSpec, build_rtstruct, save_rtstruct
+    from rtcontour.common.volume import load_series
+    from rtcontour.worker.rtstruct import RoiSpec, build_rtstruct, save_rtstruct
 
     job = add_finished_job(api)
     output = api.store.output(job.id, "RTSTRUCT")
@@ -142,7 +142,7 @@ def test_viewer_of_a_purged_or_imageless_job_says_why(api: ApiHarness) -> None:
 
     from sqlalchemy.orm import Session
 
-    from common.jobstore import Job
+    from rtcontour.common.jobstore import Job
 
     purged = add_finished_job(api)
     with Session(api.engine) as session, session.begin():
@@ -175,7 +175,7 @@ def test_display_colours_stay_visible_on_a_greyscale_ct(
 
 
 def test_gzip_bytes_are_the_raw_volume() -> None:
-    from common.volume import Volume
+    from rtcontour.common.volume import Volume
 
     volume = Volume(np.arange(24, dtype=np.int16).reshape(2, 3, 4), np.eye(4), "1.2.3")
     ct = previews.make_viewer_ct(volume)

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from pydicom.dataset import Dataset
 
-from common.volume import Volume
-from worker.mask2rtstruct import LabelMap, resample_nearest
+from rtcontour.common.volume import Volume
+from rtcontour.worker.mask2rtstruct import LabelMap, resample_nearest
 
 OPENKBP_DIR = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "openkbp"
 

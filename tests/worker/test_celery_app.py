@@ -14,14 +14,14 @@ from pathlib import Path
 
 import pydicom
 
-from common.db import make_engine
-from common.jobstore import JobStore
-from common.queue import enqueue_job
-from common.schema import create_schema
-from common.settings import Settings
-from service.intake import Intake, SeriesArrival
+from rtcontour.common.db import make_engine
+from rtcontour.common.jobstore import JobStore
+from rtcontour.common.queue import enqueue_job
+from rtcontour.common.schema import create_schema
+from rtcontour.common.settings import Settings
+from rtcontour.service.intake import Intake, SeriesArrival
+from rtcontour.worker.celery_app import WORKER_NODE_ENV
 from tests.conftest import REPO_ROOT, serve_env, write_phantom_series
-from worker.celery_app import WORKER_NODE_ENV
 
 
 def _submit_refused_series(settings: Settings, store: JobStore, tmp_path: Path) -> str:
@@ -54,7 +54,7 @@ def test_worker_log_names_its_node_with_the_host_expanded_and_job_lines_name_the
     log_path = tmp_path / "worker.log"
     with log_path.open("wb") as log:
         worker = subprocess.Popen(
-            [sys.executable, "-m", "service.cli", "worker", "--hostname", "w1@%h",
+            [sys.executable, "-m", "rtcontour.service.cli", "worker", "--hostname", "w1@%h",
              "--concurrency", "1", "--no-recovery"],
             env=env, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT,
             start_new_session=True,

@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from common.volume import Volume, load_series
+from rtcontour.common.volume import Volume, load_series
+from rtcontour.worker.contours import mask_to_contours, trace_outlines
 from tests.phantoms import PATIENT_POSITIONS, ct_datasets, head_phantom
 from tests.worker.conftest import rasterise
-from worker.contours import mask_to_contours, trace_outlines
 
 
 def _volume(shape: tuple[int, int, int], spacing=(2.0, 0.8, 1.2)) -> Volume:

@@ -10,16 +10,16 @@ import numpy as np
 import pydicom
 import pytest
 
-from common.db import make_engine
-from common.jobstore import JobState, JobStore, utcnow
-from common.schema import create_schema
-from common.settings import Settings
-from common.volume import CtSeries, load_series
+from rtcontour.common.db import make_engine
+from rtcontour.common.jobstore import JobState, JobStore, utcnow
+from rtcontour.common.schema import create_schema
+from rtcontour.common.settings import Settings
+from rtcontour.common.volume import CtSeries, load_series
+from rtcontour.worker.dose_pipeline import DosePredictorCache
+from rtcontour.worker.rtstruct import RoiSpec, build_rtstruct, save_rtstruct
+from rtcontour.worker.sender import Sender
+from rtcontour.worker.tasks import WorkerRuntime, execute_job
 from tests.conftest import write_phantom_series
-from worker.dose_pipeline import DosePredictorCache
-from worker.rtstruct import RoiSpec, build_rtstruct, save_rtstruct
-from worker.sender import Sender
-from worker.tasks import WorkerRuntime, execute_job
 
 SHAPE = (16, 48, 48)
 
@@ -114,7 +114,7 @@ def test_missing_oars_come_from_rtcontours_own_contours_and_the_job_says_so(
 def test_a_dose_job_reads_rtcontours_own_rtstruct_once_for_qa_and_the_borrowed_oars(
     runtime: WorkerRuntime, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import worker.dose_pipeline as dose_pipeline
+    import rtcontour.worker.dose_pipeline as dose_pipeline
 
     series = _contour_job(runtime, tmp_path, with_mandible=True)
     rs = _structure_set(series, ["PTV70", "Brain Stem"], tmp_path / "approved.dcm")

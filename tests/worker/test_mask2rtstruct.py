@@ -13,10 +13,10 @@ import numpy as np
 import pydicom
 import pytest
 
-from common.volume import CtSeries, load_series
+from rtcontour.common.volume import CtSeries, load_series
+from rtcontour.worker.mask2rtstruct import main
 from tests.phantoms import head_phantom, write_ct_series
 from tests.worker.conftest import dciodvfy_errors, rtstruct_masks
-from worker.mask2rtstruct import main
 
 PHANTOM = head_phantom()
 RAS_FROM_LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
@@ -165,7 +165,7 @@ def test_bad_labels_or_label_map_exit_with_a_message(
 
 
 def test_rtcontour_command_runs_mask2rtstruct(ct: tuple[Path, CtSeries], tmp_path: Path) -> None:
-    from service.cli import main as rtcontour
+    from rtcontour.service.cli import main as rtcontour
 
     folder, series = ct
     label_path = _nifti(

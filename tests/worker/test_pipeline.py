@@ -10,16 +10,16 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from common.db import make_engine
-from common.jobstore import JobState, JobStore, utcnow
-from common.schema import create_schema
-from common.settings import Settings
-from common.volume import load_series
-from service.intake import Intake, SeriesArrival
+from rtcontour.common.db import make_engine
+from rtcontour.common.jobstore import JobState, JobStore, utcnow
+from rtcontour.common.schema import create_schema
+from rtcontour.common.settings import Settings
+from rtcontour.common.volume import load_series
+from rtcontour.service.intake import Intake, SeriesArrival
+from rtcontour.worker.pipeline import SegmenterCache
+from rtcontour.worker.sender import Sender
+from rtcontour.worker.tasks import WorkerRuntime, execute_job, recover_jobs
 from tests.conftest import StoreScp, ThresholdModel, wait_until, write_phantom_series
-from worker.pipeline import SegmenterCache
-from worker.sender import Sender
-from worker.tasks import WorkerRuntime, execute_job, recover_jobs
 
 
 def _runtime(settings: Settings, model: ThresholdModel, sleeps: list[float]) -> WorkerRuntime:
@@ -270,7 +270,7 @@ def _dest(peer: StoreScp):  # type: ignore[no-untyped-def]
 
 
 def _parse(text: str):  # type: ignore[no-untyped-def]
-    from common.settings import Destination
+    from rtcontour.common.settings import Destination
 
     return Destination.parse(text)
 
@@ -288,7 +288,7 @@ def _wait_files(peer: StoreScp, n: int, timeout_s: float = 10) -> list[Path]:
 def test_instances_merged_while_sending_rebuild_and_resend(
     settings: Settings, tmp_path: Path, tps: StoreScp, model: ThresholdModel
 ) -> None:
-    from worker.sender import Sender as RealSender
+    from rtcontour.worker.sender import Sender as RealSender
 
     settings = settings.model_copy(update={"destinations": [_dest(tps)]})
     holder: dict[str, object] = {}

@@ -7,9 +7,9 @@ from pathlib import Path
 import pydicom
 import pytest
 
+from rtcontour.worker.segment import main
 from tests.conftest import referenced_ct_uids, sop_uids, write_phantom_series
 from tests.worker.conftest import dciodvfy_errors
-from worker.segment import main
 
 
 def test_segment_writes_valid_rtstruct_referencing_every_ct(

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from scipy.spatial import cKDTree
 
-from worker.qa import (
+from rtcontour.worker.qa import (
     SURFACE_DICE_TOLERANCE_MM,
     QaResult,
     StructureStatus,
@@ -279,10 +279,10 @@ def test_hd95_mean_distance_and_surface_dice_agree_with_monai():
 
 
 def test_openkbp_clinical_contours_against_rtcontour_give_the_dice_of_evaluate():
-    from models.data import default_data_dir, list_cases, load_openkbp_raw
-    from models.evaluate import dice, hd95_mm
-    from models.inference import Segmenter
-    from models.labels import ORGANS
+    from rtcontour.models.data import default_data_dir, list_cases, load_openkbp_raw
+    from rtcontour.models.evaluate import dice, hd95_mm
+    from rtcontour.models.inference import Segmenter
+    from rtcontour.models.labels import ORGANS
 
     data_dir = default_data_dir()
     if not (data_dir / "validation").is_dir():

@@ -11,15 +11,15 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from common.jobstore import JobState
-from common.routes import parse_routing
-from common.settings import Destination, Settings
-from service.intake import Intake, SeriesArrival
+from rtcontour.common.jobstore import JobState
+from rtcontour.common.routes import parse_routing
+from rtcontour.common.settings import Destination, Settings
+from rtcontour.service.intake import Intake, SeriesArrival
+from rtcontour.worker.pipeline import SegmenterCache
+from rtcontour.worker.sender import Sender
+from rtcontour.worker.tasks import WorkerRuntime, execute_job
 from tests.conftest import StoreScp, ThresholdModel, write_phantom_series
 from tests.service.api_support import ApiHarness, make_harness
-from worker.pipeline import SegmenterCache
-from worker.sender import Sender
-from worker.tasks import WorkerRuntime, execute_job
 
 
 @pytest.fixture
@@ -125,7 +125,7 @@ def test_one_decision_wins_when_approve_and_reject_come_at_once(
 ) -> None:
     import threading
 
-    from common.jobstore import IllegalTransition
+    from rtcontour.common.jobstore import IllegalTransition
 
     runtime = _runtime(api)
     for seed in range(4, 10):

@@ -8,17 +8,17 @@ from pathlib import Path
 
 import pytest
 
-from common.db import make_engine
-from common.errors import ConfigurationError, ModelPackageError
-from common.jobstore import JobStore
-from common.routes import parse_routing
-from common.schema import create_schema
-from common.settings import Destination, Settings
-from models.registry import check_routes_models, resolve_package_path
+from rtcontour.common.db import make_engine
+from rtcontour.common.errors import ConfigurationError, ModelPackageError
+from rtcontour.common.jobstore import JobStore
+from rtcontour.common.routes import parse_routing
+from rtcontour.common.schema import create_schema
+from rtcontour.common.settings import Destination, Settings
+from rtcontour.models.registry import check_routes_models, resolve_package_path
+from rtcontour.worker.pipeline import SegmenterCache
+from rtcontour.worker.sender import Sender
+from rtcontour.worker.tasks import WorkerRuntime, execute_job
 from tests.conftest import StoreScp, ThresholdModel, build_test_package, write_phantom_series
-from worker.pipeline import SegmenterCache
-from worker.sender import Sender
-from worker.tasks import WorkerRuntime, execute_job
 
 
 def _job(store: JobStore, settings: Settings, tmp_path: Path, **route: object) -> str:

@@ -13,9 +13,15 @@ import pydicom
 import pytest
 from pydicom.dataset import Dataset
 
-from common.volume import CtSeries, load_series
+from rtcontour.common.volume import CtSeries, load_series
+from rtcontour.worker.rtdose import (
+    build_rtdose,
+    cumulative_dvh,
+    format_ds,
+    rtdose_uids,
+    save_rtdose,
+)
 from tests.phantoms import head_phantom, write_ct_series
-from worker.rtdose import build_rtdose, cumulative_dvh, format_ds, rtdose_uids, save_rtdose
 
 PHANTOM = head_phantom((20, 40, 48), (2.5, 1.5, 1.25))
 WHEN = dt.datetime(2025, 3, 4, 5, 6, 7)

@@ -14,10 +14,8 @@ from pydicom.sequence import Sequence as DicomSequence
 from pydicom.tag import Tag
 from pydicom.uid import ImplicitVRLittleEndian, RTStructureSetStorage, generate_uid
 
-from common.volume import CtSeries, Volume, load_series
-from tests.phantoms import head_phantom, write_ct_series
-from tests.worker.test_rtdose import dciodvfy_report
-from worker.dose_offline import (
+from rtcontour.common.volume import CtSeries, Volume, load_series
+from rtcontour.worker.dose_offline import (
     UnusableStructureSet,
     main,
     match_oars,
@@ -26,6 +24,8 @@ from worker.dose_offline import (
     rasterise_polygons,
     read_structure_set,
 )
+from tests.phantoms import head_phantom, write_ct_series
+from tests.worker.test_rtdose import dciodvfy_report
 
 PHANTOM = head_phantom((24, 48, 48), (2.5, 2.0, 2.0))
 

@@ -12,7 +12,8 @@ import pydicom
 import pytest
 from pydicom.dataset import Dataset
 
-from common.volume import CtSeries, Volume, load_series
+from rtcontour.common.volume import CtSeries, Volume, load_series
+from rtcontour.worker.rtstruct import RoiSpec, build_rtstruct, rtstruct_uids, save_rtstruct
 from tests.phantoms import ct_datasets, head_phantom, write_ct_series
 from tests.worker.conftest import (
     dciodvfy_errors,
@@ -20,7 +21,6 @@ from tests.worker.conftest import (
     plastimatch_masks,
     rtstruct_masks,
 )
-from worker.rtstruct import RoiSpec, build_rtstruct, rtstruct_uids, save_rtstruct
 
 PHANTOM = head_phantom()
 WHEN = dt.datetime(2025, 3, 4, 5, 6, 7)

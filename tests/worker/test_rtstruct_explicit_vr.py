@@ -18,12 +18,12 @@ import pydicom
 import pytest
 from pydicom.uid import ImplicitVRLittleEndian
 
-from common.errors import DestinationUnavailable
-from common.settings import Destination, Settings
-from common.volume import load_series
+from rtcontour.common.errors import DestinationUnavailable
+from rtcontour.common.settings import Destination, Settings
+from rtcontour.common.volume import load_series
+from rtcontour.worker.rtstruct import RoiSpec, build_rtstruct, save_rtstruct
+from rtcontour.worker.sender import Sender
 from tests.phantoms import ct_datasets
-from worker.rtstruct import RoiSpec, build_rtstruct, save_rtstruct
-from worker.sender import Sender
 
 _CONFIG = """\
 [[TransferSyntaxes]]

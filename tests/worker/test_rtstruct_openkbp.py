@@ -9,11 +9,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from common.volume import load_series
+from rtcontour.common.volume import load_series
+from rtcontour.worker.contours import trace_outlines
+from rtcontour.worker.rtstruct import RoiSpec, build_rtstruct, save_rtstruct
 from tests.phantoms import openkbp_ct, openkbp_masks, write_ct_series
 from tests.worker.conftest import dciodvfy_errors, openkbp_patient, plastimatch_masks
-from worker.contours import trace_outlines
-from worker.rtstruct import RoiSpec, build_rtstruct, save_rtstruct
 
 PATIENT = "pt_10.npz"  # PTV56/PTV70 have holes and several islands on these slices
 SLICES = slice(40, 72)

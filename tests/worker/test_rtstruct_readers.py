@@ -22,10 +22,10 @@ import numpy as np
 import pydicom
 import pytest
 
-from common.volume import CtSeries, load_series
+from rtcontour.common.volume import CtSeries, load_series
+from rtcontour.worker.rtstruct import RoiSpec, build_rtstruct, save_rtstruct
 from tests.phantoms import head_phantom, write_ct_series
 from tests.worker.conftest import dciodvfy_errors, plastimatch_masks
-from worker.rtstruct import RoiSpec, build_rtstruct, save_rtstruct
 
 ROIS = [
     RoiSpec("External", (0, 255, 0), "EXTERNAL"),

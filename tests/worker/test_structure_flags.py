@@ -10,15 +10,15 @@ from pathlib import Path
 import numpy as np
 import pydicom
 
-from common.db import make_engine
-from common.jobstore import JobStore
-from common.schema import create_schema
-from common.settings import Settings
+from rtcontour.common.db import make_engine
+from rtcontour.common.jobstore import JobStore
+from rtcontour.common.schema import create_schema
+from rtcontour.common.settings import Settings
+from rtcontour.worker.pipeline import SegmenterCache
+from rtcontour.worker.rtstruct import RoiSpec
+from rtcontour.worker.sender import Sender
+from rtcontour.worker.tasks import WorkerRuntime, execute_job
 from tests.conftest import ThresholdModel, write_phantom_series
-from worker.pipeline import SegmenterCache
-from worker.rtstruct import RoiSpec
-from worker.sender import Sender
-from worker.tasks import WorkerRuntime, execute_job
 
 
 @dataclass(frozen=True)

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from common.queue import RUN_JOB_TASK, celery_config, enqueue_job
-from common.settings import Settings
-from worker.celery_app import make_celery
+from rtcontour.common.queue import RUN_JOB_TASK, celery_config, enqueue_job
+from rtcontour.common.settings import Settings
+from rtcontour.worker.celery_app import make_celery
 
 
 @pytest.mark.parametrize(
@@ -51,7 +51,7 @@ def test_embedded_broker_keeps_messages_in_data_dir(settings: Settings) -> None:
 def test_queue_depth_counts_waiting_messages(
     settings: Settings, broker: str, request: pytest.FixtureRequest
 ) -> None:
-    from common.queue import QUEUE, make_enqueue, make_queue_depth
+    from rtcontour.common.queue import QUEUE, make_enqueue, make_queue_depth
 
     if broker == "redis":
         settings = settings.model_copy(
@@ -69,10 +69,10 @@ def test_queue_depth_counts_waiting_messages(
 def test_recovery_skips_waiting_jobs_while_the_broker_holds_their_messages(
     settings: Settings,
 ) -> None:
-    from common.db import make_engine
-    from common.jobstore import JobStore
-    from common.schema import create_schema
-    from worker.tasks import recover_jobs
+    from rtcontour.common.db import make_engine
+    from rtcontour.common.jobstore import JobStore
+    from rtcontour.common.schema import create_schema
+    from rtcontour.worker.tasks import recover_jobs
 
     engine = make_engine(settings)
     create_schema(engine)
@@ -97,10 +97,10 @@ def test_recovery_gives_a_job_whose_intake_stopped_half_way_time_to_finish(
 ) -> None:
     """A job still "received" lost its listener mid-intake; the restarted listener's journal
     finishes the intake, so the sweep does not run it with a part of its files meanwhile."""
-    from common.db import make_engine
-    from common.jobstore import JobStore
-    from common.schema import create_schema
-    from worker.tasks import recover_jobs
+    from rtcontour.common.db import make_engine
+    from rtcontour.common.jobstore import JobStore
+    from rtcontour.common.schema import create_schema
+    from rtcontour.worker.tasks import recover_jobs
 
     engine = make_engine(settings)
     create_schema(engine)
@@ -119,10 +119,10 @@ def test_recovery_gives_a_job_whose_intake_stopped_half_way_time_to_finish(
 def test_recovery_sweeper_waits_past_the_quiet_period_before_running_a_received_job(
     settings: Settings,
 ) -> None:
-    from common.db import make_engine
-    from common.jobstore import JobStore
-    from common.schema import create_schema
-    from worker.tasks import RecoverySweeper
+    from rtcontour.common.db import make_engine
+    from rtcontour.common.jobstore import JobStore
+    from rtcontour.common.schema import create_schema
+    from rtcontour.worker.tasks import RecoverySweeper
 
     settings = settings.model_copy(update={"recovery_interval_s": 0.1, "quiet_period_s": 1.0})
     engine = make_engine(settings)

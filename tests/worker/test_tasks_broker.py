@@ -9,7 +9,7 @@ from pathlib import Path
 
 from kombu import Connection
 
-from common import embedded_broker
+from rtcontour.common import embedded_broker
 
 N_PRODUCERS = 3
 PER_PRODUCER = 150

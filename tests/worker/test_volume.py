@@ -13,8 +13,8 @@ import pytest
 from pydicom.dataset import Dataset
 from pydicom.uid import JPEG2000Lossless, RLELossless
 
-from common.errors import InvalidSeries, UnsupportedGeometry
-from common.volume import Volume, load_series
+from rtcontour.common.errors import InvalidSeries, UnsupportedGeometry
+from rtcontour.common.volume import Volume, load_series
 from tests.phantoms import (
     CANONICAL_DIRECTIONS,
     PATIENT_POSITIONS,
