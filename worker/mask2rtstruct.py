@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from rtcontour.common.cli_args import parse_args
 from rtcontour.common.errors import InvalidSeries
 from rtcontour.common.volume import Volume, load_series
 from rtcontour.worker.rtstruct import RoiSpec, build_rtstruct, save_rtstruct
@@ -210,7 +211,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command; return 0 on success, 1 when the inputs are refused."""
-    args = _parser().parse_args(argv)
+    args = parse_args(_parser(), argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         series = load_series(ct_series_files(args.ct_dir, args.series_uid), min_slices=1)

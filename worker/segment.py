@@ -17,6 +17,7 @@ import uuid
 import warnings
 from pathlib import Path
 
+from rtcontour.common.cli_args import parse_args
 from rtcontour.common.errors import InvalidSeries, ModelPackageError
 from rtcontour.common.settings import Settings
 from rtcontour.common.volume import load_series
@@ -52,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
         help="the CT series to contour when CT_DIR holds several (default: the only one)",
     )
     parser.add_argument("--log-level", default="WARNING", help="DEBUG, INFO, WARNING or ERROR")
-    args = parser.parse_args(argv)
+    args = parse_args(parser, argv)
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )

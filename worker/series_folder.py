@@ -54,9 +54,16 @@ def series_in_folder(folder: Path) -> list[FolderSeries]:
 def ct_series_files(folder: Path, series_uid: str | None = None) -> list[Path]:
     """The files of the one CT series under ``folder``, or of ``series_uid``.
 
-    Raises ``SeriesChoiceError`` when there is no CT series (or none with ``series_uid``), or
-    several and no ``series_uid``: its message lists each series (UID, description, images).
+    Raises ``SeriesChoiceError`` when ``folder`` does not exist or is not a folder, when it
+    holds no CT series (or none with ``series_uid``), or several and no ``series_uid``: its
+    message lists each series (UID, description, images).
     """
+    folder = Path(folder)
+    if not folder.exists():
+        raise SeriesChoiceError(f"{folder} does not exist")
+    if not folder.is_dir():
+        raise SeriesChoiceError(f"{folder} is not a folder (give the folder holding the CT "
+                                "series' files)")
     every = series_in_folder(folder)
     ct = [series for series in every if series.modality == "CT"]
     if series_uid is not None:

@@ -78,3 +78,32 @@ def test_segment_with_an_unknown_series_uid_lists_what_the_folder_holds(
     err = capsys.readouterr().err
     listing = "holds no CT series with UID 9.9.9; it holds:\n  1.2.826.0.1.11  'Head'  12 images"
     assert listing in err
+
+
+def test_segment_on_a_folder_that_does_not_exist_says_so(
+    tmp_path: Path, test_package: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    missing = tmp_path / "my_ct"
+    code = main([str(missing), "--out", str(tmp_path / "RS.dcm"), "--model", str(test_package)])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert f"{missing} does not exist" in err
+    assert "holds no CT series" not in err
+
+
+@pytest.mark.parametrize(
+    ("argv_tail", "named", "not_named"),
+    [(["--otu", "RS.dcm"], "unrecognized arguments: --otu RS.dcm (--otu: did you mean --out?)",
+      "required"),
+     ([], "the following arguments are required: --out", "unrecognized")],
+    ids=["misspelled-out", "out-missing"],
+)
+def test_segment_names_a_misspelled_option_before_a_missing_one(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], argv_tail: list[str], named: str,
+    not_named: str,
+) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        main([str(tmp_path), *argv_tail])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert named in err and not_named not in err
