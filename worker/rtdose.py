@@ -158,6 +158,23 @@ def _prescription_text(prescriptions_gy: Mapping[str, float]) -> str:
                      for name, dose in sorted(prescriptions_gy.items()))
 
 
+# Dose Comment is LO: 64 characters at most (PS3.5 6.2); a TPS shows it as the dose's name.
+_LO_MAX = 64
+
+
+def _dose_comment(model_name: str, model_version: str,
+                  prescriptions_gy: Mapping[str, float]) -> tuple[str, str]:
+    """(Dose Comment within 64 characters, the whole sentence). The sentence names the model
+    and the prescriptions; the comment drops what does not fit (the prescriptions, then the
+    model), so it never says less than "PREDICTED, no plan"."""
+    base = f"PREDICTED by {model_name} {model_version}, no plan"
+    sentence = base + (f": {_prescription_text(prescriptions_gy)}" if prescriptions_gy else "")
+    for candidate in (sentence, base):
+        if len(candidate) <= _LO_MAX:
+            return candidate, sentence
+    return "PREDICTED, no plan", sentence
+
+
 def rtdose_uids(
     structure_set_uid: str,
     model_name: str,
@@ -329,9 +346,9 @@ def build_rtdose(
     dataset.DoseUnits = "GY"
     dataset.DoseType = "PHYSICAL"
     dataset.DoseSummationType = "PLAN"
-    dataset.DoseComment = (f"PREDICTED by {model_name} {model_version}, no plan"
-                           + (f": {_prescription_text(prescriptions)}" if prescriptions
-                              else ""))[:10240]
+    dataset.DoseComment, comment = _dose_comment(model_name, model_version, prescriptions)
+    if comment != dataset.DoseComment:
+        dataset.ImageComments = comment  # LT: the whole sentence, prescriptions included
     dataset.GridFrameOffsetVector = [format_ds(k * grid.frame_spacing_mm)
                                      for k in range(frames)]
     dataset.DoseGridScaling = scaling_text

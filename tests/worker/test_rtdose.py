@@ -21,6 +21,7 @@ from rtcontour.worker.rtdose import (
     rtdose_uids,
     save_rtdose,
 )
+from tests.dicom_vr import vr_length_violations
 from tests.phantoms import head_phantom, write_ct_series
 
 PHANTOM = head_phantom((20, 40, 48), (2.5, 1.5, 1.25))
@@ -257,3 +258,35 @@ def test_format_ds_keeps_sixteen_characters_and_the_value(value):
     text = format_ds(value)
     assert len(text) <= 16
     assert float(text) == pytest.approx(value, rel=1e-9)
+
+
+THREE_LEVELS = {"PTV_70Gy": 70.0, "PTV_63Gy": 63.0, "PTV_56Gy": 56.0}
+
+
+@pytest.mark.parametrize(
+    ("model_name", "prescriptions"),
+    [("rtcontour-hn-dose", {"PTV70": 70.0}),
+     ("rtcontour-hn-dose", THREE_LEVELS),
+     ("rtcontour-head-and-neck-knowledge-based-dose-prediction-x", THREE_LEVELS)],
+    ids=["one-ptv", "three-ptvs", "three-ptvs-long-model-name"],
+)
+def test_every_text_value_fits_its_vr_and_the_dose_comment_stays_within_lo(
+    ct, tmp_path, model_name, prescriptions
+):
+    path = save_rtdose(_build(ct[1], model_name=model_name, prescriptions_gy=prescriptions),
+                       tmp_path / "RD.dcm")
+    ds = pydicom.dcmread(path)
+    assert vr_length_violations(ds) == []
+    assert ds.DoseComment.startswith("PREDICTED") and "no plan" in ds.DoseComment
+    # Whatever the comment had to leave out is in Image Comments (LT), whole.
+    sentence = ds.get("ImageComments", ds.DoseComment)
+    assert all(f"{name} {dose:g} Gy" in sentence for name, dose in prescriptions.items())
+    assert model_name in sentence
+    assert dciodvfy_report(path)[0] == []
+
+
+def test_vr_length_check_finds_the_77_character_dose_comment_of_the_trial(ct):
+    ds = _build(ct[1])
+    ds.DoseComment = ("PREDICTED by rtcontour-hn-dose 1.0.0, no plan: PTV_56Gy 56 Gy, "
+                      "PTV_70Gy 70 Gy")
+    assert [v.split(":")[0] for v in vr_length_violations(ds)] == ["DoseComment (LO, 77 > 64)"]

@@ -14,6 +14,7 @@ from pydicom.dataset import Dataset
 
 from rtcontour.common.volume import CtSeries, Volume, load_series
 from rtcontour.worker.rtstruct import RoiSpec, build_rtstruct, rtstruct_uids, save_rtstruct
+from tests.dicom_vr import vr_length_violations
 from tests.phantoms import ct_datasets, head_phantom, write_ct_series
 from tests.worker.conftest import (
     dciodvfy_errors,
@@ -277,3 +278,21 @@ def test_contour_longer_than_64_kilobytes_is_written_and_read_back(tmp_path: Pat
     text_bytes = sum(len(str(value)) + 1 for value in contour.ContourData)
     assert text_bytes > 65535  # more than an Explicit VR DS element can hold
     np.testing.assert_array_equal(rtstruct_masks(read_back, series.volume)["Diamond"], mask)
+
+
+@pytest.mark.parametrize(
+    "model_name",
+    ["hn-unet", "rtcontour-head-and-neck-organs-at-risk-for-a-clinic-with-long-na"],
+    ids=["short-model-name", "long-model-name"],
+)
+def test_every_text_value_fits_its_vr(
+    ct: tuple[Path, CtSeries], tmp_path: Path, model_name: str
+) -> None:
+    long_roi = RoiSpec("Parotid_L_with_a_very_long_clinic_specific_suffix_for_planning",
+                       (0, 128, 255), "ORGAN")
+    masks = {**_masks(ct[1].volume), long_roi.name: ct[1].volume.array > 1200}
+    dataset = build_rtstruct(ct[1], masks, [*ROIS, long_roi], model_name=model_name,
+                             model_version="1.2.0", min_area_mm2=0.0, created_at=WHEN)
+    path = save_rtstruct(dataset, tmp_path / "RS.dcm")
+    assert vr_length_violations(pydicom.dcmread(path)) == []
+    assert dciodvfy_errors(path) == []
