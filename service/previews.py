@@ -17,7 +17,8 @@ round trip uses), then drawn as an outline in the ROI's display colour.
 The viewer gets the canonical CT as int16 little-endian bytes (gzip-compressed once, cached)
 with its shape, spacing and affine, and each structure's closed planar contours as polygons
 in canonical voxel coordinates (row, column) per axial slice; its colours are made visible on
-a greyscale CT (``display_colour``).
+a greyscale CT (``display_colour``). A dose job's predicted dose comes as its RTDOSE grid in
+canonical orientation (uint16 cGy) with where that grid lies on the CT's (``ViewerDose``).
 """
 
 from __future__ import annotations
@@ -296,13 +297,16 @@ def make_viewer_ct(volume: Volume) -> ViewerCt:
 
 @dataclass(frozen=True)
 class ContourSource:
-    """A structure set to draw: ``source`` "rtcontour" (its own RTSTRUCT, solid) or
-    "approved" (the clinicians' set, dashed); ``details`` per ROI name: extra fields (flag,
-    confidence, the rtcontour structure an approved ROI was matched to)."""
+    """A structure set to draw: ``source`` "rtcontour" (its own RTSTRUCT, solid),
+    "approved" (the clinicians' set, dashed) or "borrowed" (rtcontour's contours a dose
+    prediction used where the approved set had none); ``details`` per ROI name: extra fields
+    (flag, confidence, the rtcontour structure an approved ROI was matched to);
+    ``roi_names``: only these ROIs of the file (None: all)."""
 
     source: str
     path: Path
     details: dict[str, dict[str, Any]]
+    roi_names: frozenset[str] | None = None
 
 
 def contour_polygons(roi: RoiPolygons, n_slices: int) -> dict[str, list[list[float]]]:
@@ -324,6 +328,8 @@ def viewer_contours(ct: ViewerCt, sources: Sequence[ContourSource]) -> bytes:
     colours: dict[str, tuple[int, int, int]] = {}
     for source in sources:
         for roi in read_structure_set(source.path, ct.volume):
+            if source.roi_names is not None and roi.roi_name not in source.roi_names:
+                continue
             details = dict(source.details.get(roi.roi_name, {}))
             # An approved ROI is drawn in the colour of the rtcontour structure it matches.
             matched = details.get("matches")
@@ -342,6 +348,98 @@ def viewer_contours(ct: ViewerCt, sources: Sequence[ContourSource]) -> bytes:
                 "slices": contour_polygons(roi, n_slices),
             })
     return json.dumps({"structures": structures}, separators=(",", ":")).encode()
+
+
+_GRID_TOLERANCE = 1e-3  # CT voxels: a dose grid axis off the CT's axes by more is refused
+_SAME_SPACING_MM = 1e-3  # RTDOSE frame offsets closer than this to even count as even
+
+
+def read_rtdose(rtdose_path: Path) -> Volume:
+    """The dose of an RTDOSE file in Gy (float32, (frames, rows, columns)) with its affine.
+
+    Raises ``PreviewUnavailable`` when the file cannot be read or its grid is not regular.
+    """
+    try:
+        dataset = pydicom.dcmread(rtdose_path)
+        pixels = np.asarray(dataset.pixel_array, dtype=np.float64)
+        scaling = float(dataset.get("DoseGridScaling", 1.0) or 1.0)
+        position = np.asarray(dataset.ImagePositionPatient, dtype=np.float64)
+        orientation = np.asarray(dataset.ImageOrientationPatient, dtype=np.float64)
+        spacing = np.asarray(dataset.PixelSpacing, dtype=np.float64)
+        offsets = np.asarray(dataset.get("GridFrameOffsetVector") or [0.0], dtype=np.float64)
+    except Exception:
+        raise PreviewUnavailable("the job's RTDOSE cannot be read") from None
+    if pixels.ndim == 2:
+        pixels = pixels[None]
+    steps = np.diff(offsets)
+    if len(offsets) != pixels.shape[0] or (steps.size and (
+            steps.min() <= 0 or np.ptp(steps) > _SAME_SPACING_MM)):
+        raise PreviewUnavailable("the job's RTDOSE frames are not evenly spaced")
+    row_cosines, column_cosines = orientation[:3], orientation[3:]
+    normal = np.cross(row_cosines, column_cosines)
+    affine = np.eye(4)
+    affine[:3, 0] = normal * (float(steps[0]) if steps.size else 1.0)
+    affine[:3, 1] = column_cosines * spacing[0]
+    affine[:3, 2] = row_cosines * spacing[1]
+    # Offsets of the "relative" kind (PS3.3 C.8.8.3.2): frame 0 lies offsets[0] along the normal.
+    affine[:3, 3] = position + offsets[0] * normal
+    frame_of_reference = str(dataset.get("FrameOfReferenceUID", ""))
+    return Volume((pixels * scaling).astype(np.float32), affine, frame_of_reference)
+
+
+@dataclass(frozen=True, eq=False)
+class ViewerDose:
+    """A predicted dose as the viewer receives it: ``volume`` the RTDOSE grid in canonical
+    orientation, uint16 cGy; dose voxel (i, j, k) lies at the CT's canonical voxel index
+    ``origin_index + step * (i, j, k)`` (the grids share their axes; the dose grid is coarser
+    in-plane and cropped to where there is dose)."""
+
+    volume: Volume
+    origin_index: tuple[float, float, float]
+    step: tuple[float, float, float]
+    max_gy: float
+    gzip_bytes: bytes
+
+    def meta(self) -> dict[str, Any]:
+        return {
+            "shape": list(self.volume.shape),
+            "origin_index": [round(v, 4) for v in self.origin_index],
+            "step": [round(v, 4) for v in self.step],
+            "dtype": "uint16",
+            "byte_order": "little",
+            "units": "cGy",
+            "max_gy": round(self.max_gy, 2),
+        }
+
+
+def make_viewer_dose(rtdose_path: Path, ct: Volume) -> ViewerDose:
+    """The RTDOSE at ``rtdose_path`` placed on ``ct`` (the canonical CT it was predicted on).
+
+    Raises ``PreviewUnavailable`` when it is unreadable, in another frame of reference, or its
+    grid's axes are not the CT's.
+    """
+    dose = read_rtdose(rtdose_path)
+    if dose.frame_of_reference_uid and ct.frame_of_reference_uid and (
+            dose.frame_of_reference_uid != ct.frame_of_reference_uid):
+        raise PreviewUnavailable("the RTDOSE is in another frame of reference than the CT")
+    try:
+        canonical = dose.to_canonical()
+    except RtcontourError:
+        raise PreviewUnavailable("the RTDOSE grid is not axial like the CT") from None
+    mapping = np.linalg.inv(ct.affine) @ canonical.affine
+    scale = np.diag(mapping[:3, :3])
+    off_diagonal = mapping[:3, :3] - np.diag(scale)
+    if np.abs(off_diagonal).max() > _GRID_TOLERANCE or (scale <= 0).any():
+        raise PreviewUnavailable("the RTDOSE grid's axes are not the CT's")
+    gy = canonical.array
+    cgy = np.clip(np.rint(gy * 100.0), 0, 65535).astype("<u2")
+    return ViewerDose(
+        volume=canonical.with_array(cgy),
+        origin_index=(float(mapping[0, 3]), float(mapping[1, 3]), float(mapping[2, 3])),
+        step=(float(scale[0]), float(scale[1]), float(scale[2])),
+        max_gy=float(gy.max()) if gy.size else 0.0,
+        gzip_bytes=gzip.compress(cgy.tobytes(), compresslevel=1, mtime=0),
+    )
 
 
 def render_png(volume: PreviewVolume, plane: Plane, index: int) -> bytes:
@@ -428,6 +526,7 @@ class PreviewCache:
         self._cts = _Lru(capacity)
         self._items = _Lru(capacity)
         self._contours = _Lru(4 * capacity)
+        self._doses = _Lru(capacity)
 
     def ct(self, job_id: str, ct_folder: Path) -> ViewerCt:
         """The job's canonical CT and its compressed bytes."""
@@ -457,9 +556,18 @@ class PreviewCache:
                 str(source.path),
                 _stamp(source.path, f"the {source.source} structure set file is missing"),
                 json.dumps(source.details, sort_keys=True, default=str),
+                tuple(sorted(source.roi_names)) if source.roi_names is not None else None,
             )
             for source in sources
         )
         return self._contours.get(
             key, lambda: viewer_contours(self.ct(job_id, ct_folder), sources)
+        )
+
+    def dose(self, job_id: str, ct_folder: Path, rtdose_path: Path) -> ViewerDose:
+        """A dose job's RTDOSE on the CT of ``ct_folder``."""
+        stamp = _stamp(rtdose_path, "the job's RTDOSE file is missing from the archive")
+        return self._doses.get(
+            (job_id, str(ct_folder), str(rtdose_path), stamp),
+            lambda: make_viewer_dose(rtdose_path, self.ct(job_id, ct_folder).volume),
         )
