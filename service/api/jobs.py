@@ -34,6 +34,7 @@ from rtcontour.common.jobstore import (
     JobStore,
 )
 from rtcontour.service.api.deps import AppContext, ClinicianUser, Context, DbSession, ViewerUser
+from rtcontour.service.previews import display_colour
 
 logger = logging.getLogger(__name__)
 
@@ -111,6 +112,9 @@ class StructureOut(BaseModel):
         None, description="voxels of the mask x voxel volume (inside the pixel-edge contours)"
     )
     colour: list[int] | None = Field(None, description="RGB 0-255")
+    display_colour: list[int] | None = Field(
+        None, description="RGB as the viewer draws it (grey, white and dark colours replaced)"
+    )
     found: bool | None = Field(None, description="false: not in the scan (no contour)")
     confidence: float | None = Field(None, description="0-1, from the model's probabilities")
     flag: str | None = Field(None, description='"review": check this structure first')
@@ -285,6 +289,8 @@ def _structures(rtstruct: JobOutput | None) -> list[StructureOut]:
                 roi_name=str(item["roi_name"]),
                 volume_cc=item.get("volume_cc"),
                 colour=[int(c) for c in colour] if colour else None,
+                display_colour=list(display_colour(str(item["roi_name"]), colour))
+                if colour else None,
                 found=item.get("found"),
                 confidence=item.get("confidence"),
                 flag=item.get("flag"),

@@ -69,3 +69,18 @@ def test_viewer_dose_needs_a_clinician_and_a_dose_job(api: ApiHarness) -> None:
     assert _get(api, jobs.dose.id, "dose", role="viewer").status_code == 403
     missing = _get(api, jobs.contour.id, "dose")
     assert missing.status_code == 404 and "no RTDOSE" in missing.json()["detail"]
+
+
+def test_structure_table_gives_the_colour_the_viewer_draws(api: ApiHarness) -> None:
+    jobs = add_dose_job(api)
+    output = api.store.output(jobs.contour.id, "RTSTRUCT")
+    assert output is not None
+    api.store.record_output(jobs.contour.id, kind="RTSTRUCT", path=output.path,
+                            sop_instance_uid=output.sop_instance_uid,
+                            summary=[{"roi_name": "Bone_Mandible", "colour": [230, 230, 230]},
+                                     {"roi_name": "Brainstem", "colour": [0, 255, 255]}])
+    job = api.client.get(f"/api/jobs/{jobs.contour.id}", headers=api.headers("clinician")).json()
+    shown = {s["roi_name"]: s["display_colour"] for s in job["structures"]}
+    assert shown["Brainstem"] == [0, 255, 255]
+    mandible = shown["Bone_Mandible"]  # near-white would vanish on bone: a saturated colour
+    assert max(mandible) - min(mandible) > 100
