@@ -121,12 +121,14 @@ def spatial_augment(
     spacing_mm: Sequence[float],
     augmentation: SpatialAugmentation,
     rng: np.random.Generator,
+    soft: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotate and scale crops about their centres and cut the patch.
 
     Args:
         image: (B, 1, *crop) float crops (see :func:`crop_size`).
-        target: (B, C, *crop) float {0, 1} labels of the same crops.
+        target: (B, C, *crop) float {0, 1} labels of the same crops, or with ``soft`` their
+            occupancy in [0, 1], which is resampled and kept soft (not thresholded).
         patch_size: output (slices, rows, columns).
         spacing_mm: voxel size (slice, row, column) in mm.
         augmentation: ranges and probability.
@@ -158,7 +160,7 @@ def spatial_augment(
                                     padding_mode="border", align_corners=False))
         sampled = F.grid_sample(target[index:index + 1].float(), grid, mode="bilinear",
                                 padding_mode="zeros", align_corners=False)
-        targets.append((sampled >= 0.5).to(target.dtype))
+        targets.append(sampled.to(target.dtype) if soft else (sampled >= 0.5).to(target.dtype))
     return torch.cat(images), torch.cat(targets)
 
 

@@ -93,7 +93,7 @@ def evaluate_package(
     started = time.monotonic()
     for number, path in enumerate(paths, start=1):
         hu, masks, known, spacing = load_openkbp_raw(path, reference_qa=False)
-        problems = reference_problems(masks, known, spacing)
+        problems = reference_problems(masks, known, spacing, hu)
         segmentation = segmenter.segment(hu.astype(np.float32), spacing)
         predicted = segmentation.masks
         for channel, name in enumerate(names):

@@ -27,11 +27,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     areas: dict[str, list[float]] = {organ.roi_name: [] for organ in ORGANS}
     lines = []
     for path in list_cases(data_dir, args.split):
-        _, masks, known, spacing = load_openkbp_raw(path, reference_qa=False)
+        hu, masks, known, spacing = load_openkbp_raw(path, reference_qa=False)
         for channel, organ in enumerate(ORGANS):
             if known[channel] and masks[channel].any():
                 areas[organ.roi_name].append(mean_cross_section_mm2(masks[channel], spacing))
-        for channel, reason in reference_problems(masks, known, spacing).items():
+        for channel, reason in reference_problems(masks, known, spacing, hu).items():
             lines.append(f"{path.stem:<8} {ORGANS[channel].roi_name:<14} {reason}")
     out = sys.stdout
     out.write(f"{'structure':<14} {'n':>4} {'median mm^2':>12}\n")

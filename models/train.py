@@ -40,7 +40,7 @@ from rtcontour.models.augment import (
     intensity_augment,
     spatial_augment,
 )
-from rtcontour.models.data import CaseArrays, default_data_dir, load_split
+from rtcontour.models.data import SOFT_SCALE, CaseArrays, default_data_dir, load_split
 from rtcontour.models.ema import ModelEMA
 from rtcontour.models.inference import gaussian_importance, symmetric_window_starts
 from rtcontour.models.labels import LR_SWAP_PAIRS, ORGANS
@@ -88,7 +88,7 @@ def masked_dice_bce_loss(
 
     Args:
         logits: (B, C, D, H, W) raw outputs.
-        target: (B, C, D, H, W) {0, 1}.
+        target: (B, C, D, H, W) {0, 1}, or soft targets in [0, 1] (occupancy).
         known: (B, C) bool, structure contoured for that patient.
         pos_weight: optional (C,) BCE weight of positive voxels per channel.
 
@@ -121,10 +121,12 @@ def deep_supervision_loss(
     target: torch.Tensor,
     known: torch.Tensor,
     pos_weight: torch.Tensor | None = None,
+    soft: bool = False,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """:func:`masked_dice_bce_loss` over the outputs of ``ResidualUNet3D.forward_deep``
     (full resolution first), weighted 1, 1/2, 1/4, ... and normalised to sum 1 (nnU-Net);
-    the target is downsampled to each output by nearest neighbour. ``parts`` are those of the
+    the target is downsampled to each output by nearest neighbour, or with ``soft`` by the
+    average over each coarse voxel (its occupancy). ``parts`` are those of the
     full-resolution output."""
     weights = [0.5 ** level for level in range(len(outputs))]
     total_weight = sum(weights)
@@ -132,7 +134,7 @@ def deep_supervision_loss(
     parts: dict[str, float] = {}
     for level, (output, weight) in enumerate(zip(outputs, weights, strict=True)):
         level_target = target if level == 0 else F.interpolate(
-            target, size=list(output.shape[2:]), mode="nearest")
+            target, size=list(output.shape[2:]), mode="area" if soft else "nearest")
         loss, level_parts = masked_dice_bce_loss(output, level_target, known, pos_weight)
         total = total + loss * (weight / total_weight)
         if level == 0:
@@ -191,6 +193,7 @@ class PatchSampler:
         self.structure_weights = np.asarray(structure_weights, dtype=np.float64)
         self.images: list[np.ndarray] = []
         self.labels: list[np.ndarray] = []
+        self.soft: list[np.ndarray | None] = []
         self.known: list[np.ndarray] = []
         self.foreground: list[list[np.ndarray]] = []
         for case in cases:
@@ -199,6 +202,7 @@ class PatchSampler:
             labels = np.pad(case.labels, pad)
             self.images.append(image)
             self.labels.append(labels)
+            self.soft.append(None if case.soft is None else np.pad(case.soft, [(0, 0), *pad]))
             self.known.append(case.known.astype(bool))
             self.foreground.append(
                 [np.flatnonzero((labels >> c) & 1).astype(np.int64) for c in range(len(ORGANS))]
@@ -227,13 +231,21 @@ class PatchSampler:
             window = tuple(slice(a, a + p) for a, p in zip(start, self.patch, strict=True))
             patch_image = image[window].astype(np.float32)[None]
             bits = labels[window]
+            soft = (None if self.soft[index] is None
+                    else self.soft[index][(slice(None), *window)])  # type: ignore[index]
         else:
             crop_start = [a - (c - p) // 2 for a, c, p in zip(start, self.crop, self.patch,
                                                                 strict=True)]
             patch_image = _padded_window(image, crop_start, self.crop, -1.0).astype(
                 np.float32)[None]
             bits = _padded_window(labels, crop_start, self.crop, 0)
-        target = np.stack([(bits >> c) & 1 for c in range(len(ORGANS))]).astype(np.float32)
+            soft_case = self.soft[index]
+            soft = (None if soft_case is None else np.stack(
+                [_padded_window(channel, crop_start, self.crop, 0) for channel in soft_case]))
+        if soft is None:
+            target = np.stack([(bits >> c) & 1 for c in range(len(ORGANS))]).astype(np.float32)
+        else:
+            target = soft.astype(np.float32) * np.float32(1.0 / SOFT_SCALE)
         known_row = known.copy()
         if rng.random() < 0.5:
             patch_image = mirror_left_right(patch_image, channel_axis=None)
@@ -577,7 +589,8 @@ def train(
         augmented = time.perf_counter()
         if spatial is not None:
             image, target = spatial_augment(image, target, config.patch_size,
-                                            config.target_spacing_mm, spatial, rng)
+                                            config.target_spacing_mm, spatial, rng,
+                                            soft=config.soft_targets)
         if intensity is not None:
             image = intensity_augment(image, intensity, rng)
         window_data_s += augmented - drawn
@@ -585,7 +598,8 @@ def train(
         with torch.autocast(autocast_device, dtype=torch.bfloat16, enabled=config.bf16):
             outputs = (model.forward_deep(image) if config.deep_supervision
                        else [model(image)])
-        loss, parts = deep_supervision_loss(outputs, target, known, pos_weight)
+        loss, parts = deep_supervision_loss(outputs, target, known, pos_weight,
+                                            soft=config.soft_targets)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 12.0)
@@ -693,6 +707,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         for name, value in changes.items():
             log.info("warm restart: %s %r -> %r", name, getattr(stored, name), value)
             setattr(stored, name, value)
+        if args.soft_targets and not stored.soft_targets:
+            # The targets become the references' occupancy of each voxel: a change of what
+            # the network is fitted to, not of the recipe's schedule, which continues.
+            log.warning("switching to soft targets at this resume; the LR schedule continues")
+            stored.soft_targets = True
         if args.rebalance:
             log.warning("resuming with the current default structure_weights %s and "
                         "pos_weight %s (were %s and %s)", TrainConfig.structure_weights,
@@ -712,14 +731,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             spatial_aug_p=args.spatial_aug, rotation_deg=args.rotation_deg,
             tilt_deg=args.tilt_deg, scale_range=args.scale_range,
             intensity_aug=args.intensity_aug, ema_decay=args.ema_decay,
-            deep_supervision=args.deep_supervision,
+            deep_supervision=args.deep_supervision, soft_targets=args.soft_targets,
         )
     torch.set_num_threads(config.threads)
     train_cases = load_split(data_dir, "train", args.cache_dir, config.target_spacing_mm,
                              limit=config.train_limit or None,
-                             reference_qa=config.reference_qa)
+                             reference_qa=config.reference_qa,
+                             soft_targets=config.soft_targets)
     val_cases = load_split(data_dir, "validation", args.cache_dir, config.target_spacing_mm,
-                           limit=config.val_cases, reference_qa=config.reference_qa)
+                           limit=config.val_cases, reference_qa=config.reference_qa,
+                           soft_targets=config.soft_targets)
     bar = tqdm(total=config.steps, disable=args.no_progress or not sys.stderr.isatty(),
                desc="train")
 

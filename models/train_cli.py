@@ -133,6 +133,10 @@ def build_parser() -> argparse.ArgumentParser:
     recipe.add_argument("--ema-decay", type=float, default=defaults.ema_decay,
                         help="keep an exponential moving average of the weights with this "
                              "decay (e.g. 0.999; 0: none); validation and export use it")
+    recipe.add_argument("--soft-targets", action="store_true",
+                        help="train on each reference's occupancy of the training voxels "
+                             "(partial volume) instead of masks thresholded at 0.5; may be "
+                             "switched on at a --resume (the schedule continues)")
     recipe.add_argument("--deep-supervision", type=int, default=defaults.deep_supervision,
                         metavar="N", help="auxiliary heads on the N decoder levels below full "
                                           "resolution (training only)")
