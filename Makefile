@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMPS := .stamps
-APT_PACKAGES := dcmtk dicom3tools plastimatch chromium orthanc
+APT_PACKAGES := dcmtk dicom3tools plastimatch chromium orthanc orthanc-dicomweb
 
 .PHONY: install install-test serve test lint typecheck bench clean
 

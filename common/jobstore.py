@@ -109,7 +109,7 @@ STAGES = ("load", "inference", "contours", "send")
 
 # File name prefixes of archived and downloaded outputs by kind (DICOM's customary RS_/RD_),
 # else the kind itself.
-OUTPUT_FILE_PREFIXES = {"RTSTRUCT": "RS", "RTDOSE": "RD"}
+OUTPUT_FILE_PREFIXES = {"RTSTRUCT": "RS", "RTDOSE": "RD", "SEG": "SEG"}
 
 
 class IllegalTransition(RtcontourError):  # noqa: N818 - domain name, like InvalidSeries
@@ -145,6 +145,8 @@ class Job(Base):
     route_name: Mapped[str | None] = mapped_column(String(64), index=True)
     model_request: Mapped[str | None] = mapped_column(String(96))
     destinations: Mapped[list[str] | None] = mapped_column(JSON)
+    # The output kinds its route asked for ("RTSTRUCT", "SEG"; None: the RTSTRUCT alone).
+    requested_outputs: Mapped[list[str] | None] = mapped_column(JSON)
     # Why a series was not contoured (state ignored), e.g. "route pelvis: ignore".
     ignored_reason: Mapped[str | None] = mapped_column(Text)
     # What the job does: "contour" (a CT series in, an RTSTRUCT out; NULL in databases of
@@ -305,6 +307,7 @@ class JobStore:
         route_name: str | None = None,
         model_request: str | None = None,
         destinations: builtins.list[str] | None = None,
+        requested_outputs: builtins.list[str] | None = None,
         kind: str = "contour",
         prescriptions_gy: dict[str, float] | None = None,
     ) -> MergeResult:
@@ -339,6 +342,7 @@ class JobStore:
                         route_name=route_name,
                         model_request=model_request,
                         destinations=destinations,
+                        requested_outputs=requested_outputs,
                         kind=kind,
                         prescriptions_gy=prescriptions_gy,
                         state=JobState.RECEIVED.value,

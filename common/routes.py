@@ -10,6 +10,7 @@ stops the service with a sentence naming the route and the field::
           series_description: ".*(h&n|head|neck).*"
         model: rtcontour-hn-oar      # package name (newest version) or name-version
         destinations: ["TPS@10.1.2.3:104"]   # replaces RTCONTOUR_DESTINATIONS
+        outputs: [RTSTRUCT, SEG]     # also a DICOM SEG (default: the RTSTRUCT alone)
       - name: pelvis-not-supported
         match: {series_description: ".*pelvis.*"}
         action: ignore               # contour (the default) or ignore
@@ -41,6 +42,7 @@ from rtcontour.common.settings import Destination, Settings
 __all__ = [
     "IMPLICIT_ROUTE",
     "MATCH_ATTRIBUTES",
+    "OUTPUT_KINDS",
     "Route",
     "RouteDecision",
     "RouteTrial",
@@ -68,6 +70,9 @@ MATCH_ATTRIBUTES: dict[str, str | None] = {
     "station_name": "StationName",
 }
 
+# What a contour route may ask for (``Route.outputs``).
+OUTPUT_KINDS = ("RTSTRUCT", "SEG")
+
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
@@ -81,6 +86,9 @@ class Route(BaseModel):
     action: Literal["contour", "ignore"] = "contour"
     model: str | None = None
     destinations: list[str] | None = None
+    # What a contour job writes and sends: the RTSTRUCT always, a DICOM SEG of the same
+    # structures when listed (None: the RTSTRUCT alone).
+    outputs: list[str] | None = None
     # For structure sets (modality RTSTRUCT), where "contour" means: predict the dose and
     # measure what the clinicians changed. The dose package ("name" or "name-version"; None:
     # the newest dose package) and prescriptions by PTV name overriding those read from names.
@@ -125,6 +133,20 @@ class Route(BaseModel):
             return None
         return [str(Destination.parse(text)) for text in value]
 
+    @field_validator("outputs")
+    @classmethod
+    def _check_outputs(cls, value: list[str] | None) -> list[str] | None:
+        if value is None:
+            return None
+        kinds = [str(kind).strip().upper() for kind in value]
+        unknown = [kind for kind in kinds if kind not in OUTPUT_KINDS]
+        if unknown:
+            raise ValueError(f"{', '.join(unknown)} is not an output kind "
+                             f"(one of {', '.join(OUTPUT_KINDS)})")
+        if "RTSTRUCT" not in kinds:
+            raise ValueError("the RTSTRUCT is always written; list it, e.g. [RTSTRUCT, SEG]")
+        return list(dict.fromkeys(kinds))
+
     @field_validator("prescriptions")
     @classmethod
     def _check_prescriptions(cls, value: dict[str, float] | None) -> dict[str, float] | None:
@@ -135,7 +157,8 @@ class Route(BaseModel):
 
     @model_validator(mode="after")
     def _check_action(self) -> Route:
-        given = (self.model, self.destinations, self.dose_model, self.prescriptions)
+        given = (self.model, self.destinations, self.dose_model, self.prescriptions,
+                 self.outputs)
         if self.action == "ignore" and any(value is not None for value in given):
             raise ValueError("an ignore route takes no model and no destinations")
         return self
@@ -190,6 +213,7 @@ class RouteDecision:
             "reason": self.reason,
             "model": self.route.model if self.route is not None else None,
             "destinations": self.route.destinations if self.route is not None else None,
+            "outputs": self.route.outputs if self.route is not None else None,
             "trials": [
                 {"route": trial.route, "matched": trial.matched, "why": trial.why}
                 for trial in self.trials

@@ -129,6 +129,8 @@ class Intake:
             route_name=decision.route_name,
             model_request=model if contour else None,
             destinations=route.destinations if route is not None and contour else None,
+            requested_outputs=(route.outputs if route is not None and contour and not dose
+                               else None),
             kind="dose" if dose else "contour",
             prescriptions_gy=route.prescriptions if route is not None and dose else None,
         )

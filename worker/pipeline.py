@@ -5,7 +5,8 @@ Default steps (``default_steps``)::
     LoadSeries  -> the job folder's CT files as a CtSeries (common.volume), refusals raise
                    InvalidSeries                                                stage "load"
     Segment     -> to canonical, Segmenter.predict, masks back to the CT grid  stage "inference"
-    BuildOutputs-> each OutputWriter builds its DICOM object (RTSTRUCT today)  stage "contours"
+    BuildOutputs-> each OutputWriter builds its DICOM object (RTSTRUCT; a SEG when the
+                   job's route lists it in ``outputs``)                       stage "contours"
     Archive     -> each output written atomically to archive_dir/<job_id>/
     Send        -> each output C-STOREd to every destination (worker.sender)  stage "send"
 
@@ -29,6 +30,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
+import pydicom
 from pydicom.dataset import Dataset
 
 from rtcontour.common.errors import InvalidSeries
@@ -41,6 +43,7 @@ from rtcontour.models.package import (
 )
 from rtcontour.models.registry import resolve_package_path
 from rtcontour.worker.rtstruct import RoiSpec, build_rtstruct
+from rtcontour.worker.seg import build_seg
 from rtcontour.worker.sender import Sender, deliver
 
 logger = logging.getLogger(__name__)
@@ -52,6 +55,7 @@ __all__ = [
     "LoadSeries",
     "OutputWriter",
     "RtstructWriter",
+    "SegWriter",
     "Segment",
     "SegmentationModel",
     "SegmenterCache",
@@ -121,6 +125,8 @@ class JobContext:
     # (None: RTCONTOUR_DESTINATIONS).
     model_request: str | None = None
     route_destinations: list[str] | None = None
+    # The output kinds the route asked for ("RTSTRUCT", "SEG"; None: the RTSTRUCT alone).
+    requested_outputs: list[str] | None = None
     # A dose job: its route's prescriptions, the contour job holding its CT, the dose steps'
     # working state (worker.dose_pipeline.DoseContext).
     prescriptions_gy: dict[str, float] | None = None
@@ -312,6 +318,32 @@ class RtstructWriter:
         )
 
 
+class SegWriter:
+    """The DICOM SEG output (when the job's route lists "SEG"): the same structures as the
+    RTSTRUCT, voxel for voxel on the CT grid (``worker.seg.build_seg``)."""
+
+    kind = "SEG"
+
+    def build(self, ctx: JobContext) -> WrittenOutput | None:
+        if self.kind not in (ctx.requested_outputs or []):
+            return None
+        if ctx.series is None or ctx.model is None:
+            raise RuntimeError("SegWriter needs LoadSeries and Segment first")
+        summary = [item for item in structure_summary(ctx.series, ctx.masks, ctx.model.rois,
+                                                      ctx.quality) if item["found"]]
+        if not summary:
+            ctx.store.add_note(ctx.job_id, "No SEG written: no structure was found in the scan.")
+            return None
+        headers = [pydicom.dcmread(path, stop_before_pixels=True)
+                   for path in sorted(ctx.spool_dir.glob("*.dcm"))]
+        dataset = build_seg(ctx.series, headers, ctx.masks, list(ctx.model.rois),
+                            model_name=ctx.model.name, model_version=ctx.model.version)
+        for number, item in enumerate(summary, start=1):
+            item["segment_number"] = number
+        return WrittenOutput(kind=self.kind, dataset=dataset,
+                             sop_instance_uid=str(dataset.SOPInstanceUID), summary=summary)
+
+
 class BuildOutputs:
     name = "build outputs"
     stage: str | None = "contours"
@@ -414,11 +446,12 @@ def default_steps(
     writers: Sequence[OutputWriter] | None = None,
     on_sent: Callable[[str, str, str], None] | None = None,
 ) -> list[Step]:
-    """load -> segment -> build outputs (RTSTRUCT) -> archive -> send."""
+    """load -> segment -> build outputs (RTSTRUCT, and a SEG where the route asks) -> archive
+    -> send."""
     return [
         LoadSeries(),
         Segment(model_provider),
-        BuildOutputs(writers if writers is not None else [RtstructWriter()]),
+        BuildOutputs(writers if writers is not None else [RtstructWriter(), SegWriter()]),
         Archive(),
         Send(sender, on_sent),
     ]

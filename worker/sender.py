@@ -78,7 +78,8 @@ class Sender:
                     )
                     self._sleep(wait_s)
         raise DestinationUnavailable(
-            f"Destination {destination} did not store the RTSTRUCT after {attempts} attempts "
+            f"Destination {destination} did not store the {dataset.get('Modality', 'object')} "
+            f"after {attempts} attempts "
             f"(last error: {last_error})."
         )
 

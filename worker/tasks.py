@@ -278,6 +278,7 @@ def _run_pipeline(
             generation=job.generation,
             model_request=job.model_request,
             route_destinations=job.destinations,
+            requested_outputs=job.requested_outputs,
             prescriptions_gy=job.prescriptions_gy,
         )
 

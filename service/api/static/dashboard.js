@@ -849,7 +849,7 @@ function setupViewer() {
   $("#viewer-all").addEventListener("click", () => { const on = !viewer.structures.every((s) => s.visible); for (const s of viewer.structures) s.visible = on; buildStructureList(); scheduleRender(); });
 }
 
-const FILE_PREFIXES = { RTSTRUCT: "RS", RTDOSE: "RD" };
+const FILE_PREFIXES = { RTSTRUCT: "RS", RTDOSE: "RD", SEG: "SEG" };
 
 async function downloadOutput(kind) {
   $("#job-message").textContent = "";
