@@ -9,6 +9,9 @@ from prometheus_client import Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from rtcontour.service.qa_trends import QaTrends
+from rtcontour.service.qa_trends import qa_trends as compute_qa_trends
+
 if TYPE_CHECKING:
     from rtcontour.common.jobstore import JobStore
 
@@ -53,8 +56,9 @@ class JobStoreCollector(Collector):
     What the clinicians changed (``service.qa_trends``), per structure and model version over
     all approved sets: ``rtcontour_qa_approved_sets``, ``rtcontour_qa_median_dice``,
     ``rtcontour_qa_edited_share``, ``rtcontour_qa_median_added_path_length_mm``; and
-    ``rtcontour_qa_alert{structure}`` 1 when its recent median Dice is below the threshold
-    (``rtcontour_qa_recent_median_dice{structure}`` gives the value).
+    ``rtcontour_qa_alert{structure}`` 1 when its recent median Dice drifted (see
+    ``service.qa_trends.AlertPolicy``; ``rtcontour_qa_recent_median_dice{structure}`` gives
+    the value).
     """
 
     def __init__(
@@ -62,13 +66,13 @@ class JobStoreCollector(Collector):
         store: JobStore,
         queue_depth: Callable[[], int | None],
         *,
-        qa_alert_dice: float = 0.8,
-        qa_alert_window: int = 10,
+        qa_trends: Callable[[], QaTrends] | None = None,
     ) -> None:
         self.store = store
         self.queue_depth = queue_depth
-        self.qa_alert_dice = qa_alert_dice
-        self.qa_alert_window = qa_alert_window
+        # The QA trends and alerts as the site's settings want them (None: default policy,
+        # no model card expectations).
+        self.qa_trends = qa_trends or (lambda: compute_qa_trends(store))
 
     def collect(self) -> Iterator[Metric]:
         jobs = GaugeMetricFamily(
@@ -94,11 +98,7 @@ class JobStoreCollector(Collector):
         yield from self._qa_gauges()
 
     def _qa_gauges(self) -> Iterator[Metric]:
-        from rtcontour.service.qa_trends import qa_trends
-
-        trends = qa_trends(
-            self.store, alert_dice=self.qa_alert_dice, alert_window=self.qa_alert_window
-        )
+        trends = self.qa_trends()
         labels = ["structure", "model_version"]
         sets = GaugeMetricFamily(
             "rtcontour_qa_approved_sets", "Approved structure sets compared, per structure and "
@@ -123,7 +123,9 @@ class JobStoreCollector(Collector):
         yield from (sets, dice, edited, path)
         alert = GaugeMetricFamily(
             "rtcontour_qa_alert", "1 if the structure's median Dice over its most recent "
-            "approved sets (RTCONTOUR_QA_ALERT_WINDOW) is below RTCONTOUR_QA_ALERT_DICE",
+            "approved sets (RTCONTOUR_QA_ALERT_WINDOW, at least RTCONTOUR_QA_ALERT_MIN_SETS) "
+            "drifted below the model card's expectation or the site's earlier sets by more "
+            "than RTCONTOUR_QA_ALERT_MARGIN, or below RTCONTOUR_QA_ALERT_DICE if set",
             labels=["structure"])
         recent = GaugeMetricFamily(
             "rtcontour_qa_recent_median_dice", "Median Dice over the structure's most recent "

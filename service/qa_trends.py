@@ -1,26 +1,49 @@
 """What the clinicians changed, over time: the contour jobs' ``qa`` summed up per structure
-and model version, by week, and alerts for structures whose recent Dice fell.
+and model version, by week, and alerts for structures whose recent Dice drifted down.
 
 Each contour job with ``qa`` is one approved structure set. Per structure (rtcontour's TG-263
 name; the approved set's name for a structure only it has) and model version: the number of
-approved sets, the median Dice (approved vs rtcontour), the share edited (status other than
-unchanged: edited, deleted or added) and the median added path length (mm), overall and per
-ISO week (Monday, UTC) of the set's arrival. An alert names a structure whose median Dice over
-its most recent ``alert_window`` approved sets (any model version) is below ``alert_dice``.
+approved sets that hold it, the median Dice (approved vs rtcontour), the share edited (status
+edited, deleted or added) and the median added path length (mm), overall and per ISO week
+(Monday, UTC) of the set's arrival. A structure the approved set does not hold ("not in the
+approved set", ``worker.qa``) says nothing about our contour: it is only counted
+(``n_not_in_approved_set``), never in a median, a share or an alert.
+
+An alert (``AlertPolicy``) looks at a structure's most recent ``window`` approved sets that
+hold it (any model version) once there are at least ``min_sets`` of them, and fires when their
+median Dice is
+- more than ``margin`` below what the model card expects of that structure (the package
+  manifest's validation Dice of each set's model version, averaged over the window), or
+- more than ``margin`` below the median of the site's own earlier sets (at least ``min_sets``
+  sets before the window, the latest ``window`` of them), or
+- below ``floor``, an absolute Dice, when one is set.
+Each alert says which, with the figures and how many sets it is based on.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import json
+import logging
 import statistics
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import select
 
 from rtcontour.common.jobstore import Job, JobStore
+from rtcontour.common.settings import Settings
+from rtcontour.models.package import MANIFEST_NAME, default_packages_root
+
+logger = logging.getLogger(__name__)
+
+NOT_IN_APPROVED_SET = "not_in_approved_set"  # worker.qa.StructureStatus.NOT_IN_APPROVED_SET
+
+# (model name, model version) -> {TG-263 structure: validation Dice}; empty when unknown.
+Expectations = Callable[[str, str], Mapping[str, float]]
 
 
 @dataclass(frozen=True)
@@ -39,23 +62,28 @@ class StructureRecord:
 
 @dataclass(frozen=True)
 class Figures:
-    """Figures over a group of records; medians ``None`` when no record has the value."""
+    """Figures over a group of records; medians ``None`` when no record has the value.
+    Records of structures not in the approved set are counted apart and in nothing else."""
 
     n_sets: int
     median_dice: float | None
     edited_share: float
     median_added_path_length_mm: float | None
+    n_not_in_approved_set: int = 0
 
     @classmethod
     def of(cls, records: list[StructureRecord]) -> Figures:
-        dice = [r.dice for r in records if r.dice is not None]
-        path = [r.added_path_length_mm for r in records if r.added_path_length_mm is not None]
-        edited = sum(1 for r in records if r.status != "unchanged")
+        held = [r for r in records if r.status != NOT_IN_APPROVED_SET]
+        dice = [r.dice for r in held if r.dice is not None]
+        path = [r.added_path_length_mm for r in held if r.added_path_length_mm is not None]
+        edited = sum(1 for r in held if r.status != "unchanged")
         return cls(
-            n_sets=len({r.job_id for r in records}),
+            n_sets=len({r.job_id for r in held}),
             median_dice=round(statistics.median(dice), 4) if dice else None,
-            edited_share=round(edited / len(records), 4) if records else 0.0,
+            edited_share=round(edited / len(held), 4) if held else 0.0,
             median_added_path_length_mm=round(statistics.median(path), 2) if path else None,
+            n_not_in_approved_set=len({r.job_id for r in records
+                                       if r.status == NOT_IN_APPROVED_SET}),
         )
 
     def as_dict(self) -> dict[str, Any]:
@@ -64,6 +92,7 @@ class Figures:
             "median_dice": self.median_dice,
             "edited_share": self.edited_share,
             "median_added_path_length_mm": self.median_added_path_length_mm,
+            "n_not_in_approved_set": self.n_not_in_approved_set,
         }
 
 
@@ -74,32 +103,59 @@ class StructureTrend:
     model_version: str
     overall: Figures
     weeks: tuple[tuple[dt.date, Figures], ...]  # (Monday of the ISO week, figures), in order
+    expected_dice: float | None = None  # the model card's validation Dice of the structure
+
+
+@dataclass(frozen=True)
+class AlertPolicy:
+    """When a structure's recent Dice is worth a person's attention (see the module doc)."""
+
+    window: int = 10
+    min_sets: int = 5
+    margin: float = 0.1
+    floor: float | None = None
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> AlertPolicy:
+        return cls(window=settings.qa_alert_window, min_sets=settings.qa_alert_min_sets,
+                   margin=settings.qa_alert_margin, floor=settings.qa_alert_dice)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"window": self.window, "min_sets": self.min_sets, "margin": self.margin,
+                "floor": self.floor}
 
 
 @dataclass(frozen=True)
 class QaAlert:
     structure: str
     median_dice: float
-    n_sets: int  # in the window (at most ``alert_window``)
+    n_sets: int  # approved sets it is based on (the window: at most ``window``)
     model_versions: tuple[str, ...]  # of the sets in the window
+    reasons: tuple[str, ...]  # "model_card", "site_baseline", "floor"
+    threshold: float  # the highest of the thresholds it fell below
+    message: str  # one sentence a person can act on
+    expected_dice: float | None = None  # the model card's, averaged over the window
+    baseline_dice: float | None = None  # the site's earlier median
+    n_baseline_sets: int = 0
 
 
 @dataclass(frozen=True)
 class QaTrends:
     trends: tuple[StructureTrend, ...]
     alerts: tuple[QaAlert, ...]
-    alert_dice: float
-    alert_window: int
+    policy: AlertPolicy
 
     def as_dict(self) -> dict[str, Any]:
         return {
-            "alert_dice": self.alert_dice,
-            "alert_window": self.alert_window,
+            "alert_policy": self.policy.as_dict(),
+            "alert_dice": self.policy.floor,
+            "alert_window": self.policy.window,
             "trends": [
                 {
                     "structure": t.structure,
                     "model_name": t.model_name,
                     "model_version": t.model_version,
+                    "expected_dice": t.expected_dice,
                     **t.overall.as_dict(),
                     "weeks": [{"week": week.isoformat(), **f.as_dict()} for week, f in t.weeks],
                 }
@@ -111,7 +167,12 @@ class QaTrends:
                     "median_dice": a.median_dice,
                     "n_sets": a.n_sets,
                     "model_versions": list(a.model_versions),
-                    "threshold": self.alert_dice,
+                    "reasons": list(a.reasons),
+                    "threshold": a.threshold,
+                    "expected_dice": a.expected_dice,
+                    "baseline_dice": a.baseline_dice,
+                    "n_baseline_sets": a.n_baseline_sets,
+                    "message": a.message,
                 }
                 for a in self.alerts
             ],
@@ -176,10 +237,60 @@ def _monday(when: dt.datetime) -> dt.date:
     return day - dt.timedelta(days=day.weekday())
 
 
+def _no_expectations(model_name: str, model_version: str) -> Mapping[str, float]:
+    return {}
+
+
+def _alert(structure: str, items: list[StructureRecord], policy: AlertPolicy,
+           expectations: Expectations) -> QaAlert | None:
+    """The alert of one structure's records (oldest first), or None."""
+    held = [r for r in items if r.status != NOT_IN_APPROVED_SET and r.dice is not None]
+    recent = held[-policy.window:]
+    if len(recent) < policy.min_sets:
+        return None
+    median = statistics.median(r.dice for r in recent if r.dice is not None)
+    n = len(recent)
+    expected_values = [expectations(r.model_name, r.model_version).get(structure)
+                       for r in recent]
+    known = [value for value in expected_values if value is not None]
+    expected = round(statistics.fmean(known), 4) if known else None
+    earlier = held[:-policy.window][-policy.window:] if len(held) > policy.window else []
+    baseline = (round(statistics.median(r.dice for r in earlier if r.dice is not None), 4)
+                if len(earlier) >= policy.min_sets else None)
+    found: list[tuple[str, float, str]] = []
+    if expected is not None and median < expected - policy.margin:
+        found.append(("model_card", expected - policy.margin,
+                      f"more than {policy.margin:.2f} below the {expected:.2f} the model card "
+                      f"expects of {structure}"))
+    if baseline is not None and median < baseline - policy.margin:
+        found.append(("site_baseline", baseline - policy.margin,
+                      f"more than {policy.margin:.2f} below the {baseline:.2f} of this site's "
+                      f"{len(earlier)} earlier approved sets"))
+    if policy.floor is not None and median < policy.floor:
+        found.append(("floor", policy.floor, f"below the floor of {policy.floor:.2f}"))
+    if not found:
+        return None
+    message = (f"{structure}: median Dice {median:.2f} over its last {n} approved sets is "
+               + "; and ".join(text for _, _, text in found) + ".")
+    return QaAlert(
+        structure=structure, median_dice=round(median, 4), n_sets=n,
+        model_versions=tuple(dict.fromkeys(r.model_version for r in recent)),
+        reasons=tuple(kind for kind, _, _ in found),
+        threshold=round(max(limit for _, limit, _ in found), 4), message=message,
+        expected_dice=expected, baseline_dice=baseline,
+        n_baseline_sets=len(earlier) if baseline is not None else 0)
+
+
 def compute_trends(
-    records: Iterable[StructureRecord], *, alert_dice: float, alert_window: int
+    records: Iterable[StructureRecord],
+    *,
+    policy: AlertPolicy | None = None,
+    expectations: Expectations | None = None,
 ) -> QaTrends:
-    """Trends and alerts of ``records`` (any order)."""
+    """Trends and alerts of ``records`` (any order); ``expectations`` gives each model
+    version's validation Dice per structure (default: none known)."""
+    policy = policy or AlertPolicy()
+    expect = expectations or _no_expectations
     ordered = sorted(records, key=lambda r: (r.received_at, r.job_id))
     groups: dict[tuple[str, str, str], list[StructureRecord]] = defaultdict(list)
     by_structure: dict[str, list[StructureRecord]] = defaultdict(list)
@@ -194,19 +305,49 @@ def compute_trends(
         trends.append(StructureTrend(
             structure, model_name, version, Figures.of(group),
             tuple((week, Figures.of(items)) for week, items in sorted(weeks.items())),
+            expected_dice=expect(model_name, version).get(structure),
         ))
-    alerts = []
-    for structure, items in sorted(by_structure.items()):
-        recent = [r for r in items if r.dice is not None][-alert_window:]
-        if not recent:
-            continue
-        median = statistics.median(r.dice for r in recent if r.dice is not None)
-        if median < alert_dice:
-            versions = tuple(dict.fromkeys(r.model_version for r in recent))
-            alerts.append(QaAlert(structure, round(median, 4), len(recent), versions))
-    return QaTrends(tuple(trends), tuple(alerts), alert_dice, alert_window)
+    alerts = [alert for structure, items in sorted(by_structure.items())
+              if (alert := _alert(structure, items, policy, expect)) is not None]
+    return QaTrends(tuple(trends), tuple(alerts), policy)
 
 
-def qa_trends(store: JobStore, *, alert_dice: float, alert_window: int) -> QaTrends:
+def manifest_expectations(settings: Settings) -> Expectations:
+    """What each installed model package's card expects, per structure: the validation Dice
+    of ``<packages dir>/<name>-<version>/manifest.json`` (read once per version; a package
+    that is not installed, or has no figures, expects nothing)."""
+    root = settings.model_packages_dir or default_packages_root()
+    cache: dict[tuple[str, str], dict[str, float]] = {}
+
+    def expectations(model_name: str, model_version: str) -> Mapping[str, float]:
+        key = (model_name, model_version)
+        if key not in cache:
+            cache[key] = _validation_dice(root / f"{model_name}-{model_version}" / MANIFEST_NAME)
+        return cache[key]
+
+    return expectations
+
+
+def _validation_dice(path: Path) -> dict[str, float]:
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError):
+        logger.warning("QA: the model card %s cannot be read; no expectation from it", path)
+        return {}
+    metrics = manifest.get("validation_metrics") if isinstance(manifest, dict) else None
+    return {str(name): float(item["dice"]) for name, item in (metrics or {}).items()
+            if isinstance(item, dict) and isinstance(item.get("dice"), int | float)}
+
+
+def qa_trends(store: JobStore, *, policy: AlertPolicy | None = None,
+              expectations: Expectations | None = None) -> QaTrends:
     """``compute_trends`` over every approved structure set in ``store``."""
-    return compute_trends(load_records(store), alert_dice=alert_dice, alert_window=alert_window)
+    return compute_trends(load_records(store), policy=policy, expectations=expectations)
+
+
+def site_qa_trends(store: JobStore, settings: Settings) -> QaTrends:
+    """The trends and alerts as ``settings`` want them, against the installed model cards."""
+    return qa_trends(store, policy=AlertPolicy.from_settings(settings),
+                     expectations=manifest_expectations(settings))

@@ -183,8 +183,13 @@ class MeasureEdits:
     name = "measure edits"
     stage: str | None = None
 
-    def __init__(self, extra_names: Callable[[], dict[str, str] | None] = lambda: None) -> None:
+    def __init__(self, extra_names: Callable[[], dict[str, str] | None] = lambda: None,
+                 absent_means_deleted: Callable[[JobContext], bool] = lambda ctx: False,
+                 ) -> None:
         self.extra_names = extra_names
+        # The route's qa_absent: an organ the approved set lacks is deleted (True), or not in
+        # the approved set (False, the default).
+        self.absent_means_deleted = absent_means_deleted
 
     def run(self, ctx: JobContext) -> None:
         dose = _dose(ctx)
@@ -207,7 +212,8 @@ class MeasureEdits:
         reference.update({name: np.zeros(shape, dtype=bool) for name in approved.empty
                           if (to_tg263(name, extra) or name) in wanted})
         result = compare_structure_sets(auto, reference, ctx.series.volume.spacing_mm,
-                                        extra_names=extra)
+                                        extra_names=extra,
+                                        absent_means_deleted=self.absent_means_deleted(ctx))
         job = ctx.store.get(ctx.job_id)
         qa = {
             "reference_sop_instance_uid": approved.sop_instance_uid,
@@ -219,9 +225,12 @@ class MeasureEdits:
         }
         ctx.store.record_qa(holder.id, qa)
         dose.qa_job_id = holder.id
-        edited = sum(1 for item in result.structures if item.status != "unchanged")
-        logger.info("job %s: QA of contour job %s: %d structures, %d changed", ctx.job_id,
-                    holder.id, len(result.structures), edited)
+        edited = sum(1 for item in result.structures
+                     if item.status not in ("unchanged", "not_in_approved_set"))
+        absent = sum(1 for item in result.structures if item.status == "not_in_approved_set")
+        logger.info("job %s: QA of contour job %s: %d structures, %d changed, %d not in the "
+                    "approved set", ctx.job_id, holder.id, len(result.structures), edited,
+                    absent)
 
 
 class PredictDose:
@@ -271,6 +280,8 @@ class PredictDose:
                         "contours: %s", ctx.job_id, ", ".join(dose.borrowed_oars))
             ctx.store.add_note(ctx.job_id, "OARs not in the structure set, taken from "
                                "rtcontour's own contours: " + ", ".join(dose.borrowed_oars) + ".")
+            if dose.qa_job_id is not None:
+                _mark_borrowed_in_qa(ctx, dose.qa_job_id, dose.borrowed_oars)
 
     @staticmethod
     def _borrow_missing_oars(ctx: JobContext, masks: dict[str, np.ndarray]) -> list[str]:
@@ -290,6 +301,24 @@ class PredictDose:
                 masks[tg263] = our_set.masks[roi_name]
                 borrowed.append(tg263)
         return borrowed
+
+
+def _mark_borrowed_in_qa(ctx: JobContext, contour_job_id: str, borrowed: tuple[str, ...]) -> None:
+    """Say in the contour job's QA which of rtcontour's own organs the dose prediction used
+    (``borrowed_into_dose``, overall and per structure), so that nobody reads them as
+    approved."""
+    qa = dict(ctx.store.get(contour_job_id).qa or {})
+    if not qa:
+        return
+    qa["borrowed_into_dose"] = list(borrowed)
+    structures = []
+    for item in qa.get("structures") or []:
+        if isinstance(item, dict) and item.get("roi_name") is not None:
+            item = {**item, "borrowed_into_dose":
+                    (to_tg263(str(item["roi_name"])) or item["roi_name"]) in borrowed}
+        structures.append(item)
+    qa["structures"] = structures
+    ctx.store.record_qa(contour_job_id, qa)
 
 
 def dvh_summary(

@@ -30,9 +30,13 @@ slices, as :class:`common.volume.Volume`), spacing in **mm** in that order. Per 
   slices. It is the length the clinician had to draw: a slice the auto contours lack counts
   with its whole contour, a slice or part the clinician erased counts nothing.
 
-A structure with voxels only in the auto set was **deleted** by the clinicians, one with
-voxels only in the reference **added**; a pair whose contours agree within ``tolerance_mm`` on
-every slice both ways is **unchanged**, else **edited**.
+A structure the approved set holds but left empty, while the auto set has voxels, was
+**deleted** by the clinicians; one with voxels only in the reference **added**; a pair whose
+contours agree within ``tolerance_mm`` on every slice both ways is **unchanged**, else
+**edited**. A structure the approved set does not hold at all is **not in the approved set**:
+many clinics contour only the organs a plan needs, so its absence says nothing about our
+contour (no Dice, no distances); with ``absent_means_deleted`` (a clinic whose approved sets
+always carry every auto-contoured organ) it counts as deleted instead.
 """
 
 from __future__ import annotations
@@ -75,8 +79,9 @@ class StructureStatus(StrEnum):
 
     UNCHANGED = "unchanged"  # contours agree within the tolerance on every slice, both ways
     EDITED = "edited"
-    DELETED = "deleted"  # voxels in the auto set only
+    DELETED = "deleted"  # voxels in the auto set only (the reference's is empty)
     ADDED = "added"  # voxels in the reference only
+    NOT_IN_APPROVED_SET = "not_in_approved_set"  # the reference has no such structure at all
 
 
 @dataclass(frozen=True)
@@ -87,7 +92,8 @@ class StructureQa:
     ``reference_name``: the approved set's name (``None`` for one it lacks). HD95 and mean
     surface distance are ``None`` unless both masks have voxels (no surface to measure to);
     Dice and surface Dice are 0.0 for a deleted or added structure (none of it agrees) and
-    ``None`` when neither mask has voxels (0/0).
+    ``None`` when neither mask has voxels (0/0). A structure not in the approved set has no
+    figure at all (every one ``None``).
     """
 
     roi_name: str | None
@@ -97,7 +103,7 @@ class StructureQa:
     hd95_mm: float | None
     mean_surface_distance_mm: float | None
     surface_dice_2mm: float | None
-    added_path_length_mm: float
+    added_path_length_mm: float | None  # None: not in the approved set
 
     def as_dict(self) -> dict[str, Any]:
         """The JSON of one structure in the job's ``qa`` (issue 13), plus ``status``."""
@@ -294,15 +300,17 @@ def compare_structure_sets(
     *,
     extra_names: Mapping[str, str] | None = None,
     tolerance_mm: float = 2.0,
+    absent_means_deleted: bool = False,
 ) -> QaResult:
     """rtcontour's structure set ``auto`` against the approved ``reference``.
 
     ``auto`` and ``reference``: ROI name -> bool mask, shape (slices, rows, columns), all on
     the same CT grid; ``spacing_mm`` (slice, row, column) in mm. Structures are paired by
     TG-263 name (``extra_names``: clinic name -> TG-263 name, before the built-in synonyms).
-    A structure only in ``auto`` (or empty in ``reference``) is deleted, one only in
-    ``reference`` (or empty in ``auto``) added; a pair empty on both sides says nothing and is
-    left out. ``tolerance_mm`` is that of the added path length and of "unchanged".
+    A structure of ``auto`` that ``reference`` holds empty is deleted; one ``reference`` lacks
+    altogether is not in the approved set (deleted if ``absent_means_deleted``); one only in
+    ``reference`` (or empty in ``auto``) is added; a pair empty on both sides says nothing and
+    is left out. ``tolerance_mm`` is that of the added path length and of "unchanged".
     Raises ``ValueError`` naming the structure for a mask that is not 3-D bool on that grid.
     """
     spacing = _checked_spacing(spacing_mm)
@@ -319,6 +327,12 @@ def compare_structure_sets(
         auto_mask = empty if auto_name is None else auto[auto_name]
         reference_mask = empty if reference_name is None else reference[reference_name]
         if not auto_mask.any() and not reference_mask.any():
+            continue
+        if reference_name is None and not absent_means_deleted:
+            results.append(StructureQa(
+                roi_name=auto_name, reference_name=None,
+                status=StructureStatus.NOT_IN_APPROVED_SET, dice=None, hd95_mm=None,
+                mean_surface_distance_mm=None, surface_dice_2mm=None, added_path_length_mm=None))
             continue
         results.append(compare_masks(auto_mask, reference_mask, spacing,
                                      tolerance_mm=tolerance, roi_name=auto_name,

@@ -8,7 +8,14 @@ the CT grid) + ``moment_weight`` x the moment loss of Jhanwar et al. ("Domain kn
 squared difference, per structure (7 OARs, 3 PTVs), of the generalised means
 ``(mean d^p)^(1/p)`` for p in ``moments`` (1 = mean dose, 2, and 10, close to the maximum),
 summed over p and averaged over the structures a patient has. It is a differentiable stand-in
-for the DVH points the OpenKBP DVH score compares.
+for the DVH points the OpenKBP DVH score compares. The targets' coverage (issue 21): the PTVs'
+moment differences count ``ptv_weight`` times, and ``ptv_cold_moment`` (a negative p, e.g. -8)
+adds a generalised mean that follows the PTV's cold end (D95/D99) rather than its mean, so
+that the blur of the mean absolute error cannot pull the PTV edges down unseen.
+
+Augmentation (``augment_p``): besides the left/right mirror, a random rotation of up to
+``rotation_deg`` about the long (slice) axis and a sub-voxel shift of up to ``shift_voxels``
+of the sampling grid on each axis, applied alike to inputs, dose and structures (trilinear).
 
 Checkpoints (``runs/<run>/last.pt``, ``best.pt``) hold tensors and plain types only and are
 loaded with ``weights_only=True``; resume is exact.
@@ -41,6 +48,7 @@ __all__ = [
     "build_model",
     "dose_loss",
     "generalised_means",
+    "augment_batch",
     "DoseSampler",
     "pad_to_multiple",
     "train",
@@ -80,6 +88,12 @@ class DoseTrainConfig:
     target_spacing_mm: tuple[float, float, float] = DOSE_SPACING_MM
     data_dir: str = ""
     train_limit: int = 0
+    # Recipe of issue 21 (off by default: the recipe of the checkpoints made before).
+    augment_p: float = 0.0
+    rotation_deg: float = 10.0
+    shift_voxels: float = 0.5
+    ptv_weight: float = 1.0
+    ptv_cold_moment: float = 0.0
     command: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
@@ -103,9 +117,11 @@ def generalised_means(dose_gy: torch.Tensor, occupancy: torch.Tensor,
                       moments: Sequence[float], scale_gy: float = 70.0) -> torch.Tensor:
     """(B, S, len(moments)) ``(sum w d^p / sum w)^(1/p)`` in Gy for dose (B, D, H, W) >= 0 and
     structure weights ``occupancy`` (B, S, D, H, W); computed on d / ``scale_gy`` so that
-    p = 10 stays in float32 range."""
+    p = 10 stays in float32 range. A negative p follows the cold end; the dose is then taken
+    as at least 5 % of ``scale_gy`` so that an empty prediction stays finite."""
     weights = occupancy / occupancy.sum(dim=(2, 3, 4), keepdim=True).clamp(min=1e-6)
-    relative = (dose_gy.clamp(min=0.0) / scale_gy).unsqueeze(1) + 1e-6
+    floor = 0.05 if min(moments) < 0 else 0.0
+    relative = (dose_gy.clamp(min=0.0) / scale_gy).clamp(min=floor).unsqueeze(1) + 1e-6
     values = [((weights * relative ** p).sum(dim=(2, 3, 4)) + 1e-12) ** (1.0 / p)
               for p in moments]
     return torch.stack(values, dim=-1) * scale_gy
@@ -118,26 +134,87 @@ def dose_loss(
     structures: torch.Tensor,
     moments: Sequence[float] = DoseTrainConfig.moments,
     moment_weight: float = DoseTrainConfig.moment_weight,
+    ptv_weight: float = 1.0,
+    ptv_cold_moment: float = 0.0,
+    n_ptvs: int = 3,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """MAE in the possible-dose mask + ``moment_weight`` x moment loss (see module doc).
 
     Args:
         predicted_gy, target_gy: (B, D, H, W) dose in Gy.
         mask_weight: (B, D, H, W) possible-dose occupancy in [0, 1] (0 in padding).
-        structures: (B, S, D, H, W) structure occupancies; structures with less than one
-            voxel of occupancy in a sample are left out of the moment term.
+        structures: (B, S, D, H, W) structure occupancies, the last ``n_ptvs`` the PTVs;
+            structures with less than one voxel of occupancy in a sample are left out of the
+            moment term.
+        ptv_weight: weight of the PTVs' rows of the moment term (the OARs' is 1).
+        ptv_cold_moment: a negative p added to the PTVs' moments (0: none).
     """
     weight_sum = mask_weight.sum().clamp(min=1e-6)
     mae = ((predicted_gy - target_gy).abs() * mask_weight).sum() / weight_sum
     present = (structures.sum(dim=(2, 3, 4)) >= 1.0).float()
+    rows = torch.ones(structures.shape[1], dtype=mae.dtype, device=mae.device)
+    rows[structures.shape[1] - n_ptvs:] = ptv_weight
+    cold = torch.zeros((), dtype=mae.dtype, device=mae.device)
     if moment_weight > 0 and float(present.sum()) > 0:
         difference = (generalised_means(predicted_gy, structures, moments)
                       - generalised_means(target_gy, structures, moments)) ** 2
-        moment = (difference.sum(dim=-1) * present).sum() / present.sum()
+        per_structure = difference.sum(dim=-1)
+        if ptv_cold_moment < 0 and n_ptvs:
+            ptvs = structures[:, -n_ptvs:]
+            cold_difference = (generalised_means(predicted_gy, ptvs, [ptv_cold_moment])
+                               - generalised_means(target_gy, ptvs, [ptv_cold_moment]))[..., 0]
+            cold_present = present[:, -n_ptvs:]
+            per_structure = torch.cat([per_structure[:, :-n_ptvs],
+                                       per_structure[:, -n_ptvs:] + cold_difference ** 2], dim=1)
+            cold = ((cold_difference ** 2) * cold_present).sum() / cold_present.sum().clamp(1.0)
+        moment = (per_structure * present * rows).sum() / (present * rows).sum()
     else:
         moment = torch.zeros((), dtype=mae.dtype)
     total = mae + moment_weight * moment
-    return total, {"mae_gy": float(mae.detach()), "moment_gy2": float(moment.detach())}
+    return total, {"mae_gy": float(mae.detach()), "moment_gy2": float(moment.detach()),
+                   "ptv_cold_gy2": float(cold.detach())}
+
+
+def augment_batch(
+    inputs: torch.Tensor, target: torch.Tensor, structures: torch.Tensor,
+    rng: np.random.Generator, probability: float, rotation_deg: float, shift_voxels: float,
+    spacing_mm: Sequence[float] = DOSE_SPACING_MM,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Rotate each sample (with ``probability``) about the slice axis by up to
+    ``rotation_deg`` and shift its sampling grid by up to ``shift_voxels`` on each axis;
+    inputs (B, C, D, H, W), target (B, D, H, W) and structures (B, S, D, H, W) alike.
+    Outside the volume: the edge values (the padding: CT -1, everything else 0)."""
+    if probability <= 0.0:
+        return inputs, target, structures
+    out_inputs, out_target, out_structures = [], [], []
+    depth, height, width = inputs.shape[2:]
+    for index in range(inputs.shape[0]):
+        x, y, s = inputs[index:index + 1], target[index:index + 1], structures[index:index + 1]
+        if rng.random() < probability:
+            angle = np.deg2rad(rng.uniform(-rotation_deg, rotation_deg))
+            shift = rng.uniform(-shift_voxels, shift_voxels, size=3)  # slices, rows, columns
+            # normalised coordinates (x = columns, y = rows, z = slices) to mm and back
+            half_mm = np.array([width * spacing_mm[2], height * spacing_mm[1],
+                                depth * spacing_mm[0]]) / 2.0
+            rotation = np.eye(3)
+            rotation[:2, :2] = [[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]]
+            matrix = np.diag(1.0 / half_mm) @ rotation @ np.diag(half_mm)
+            offset = 2.0 * shift[::-1] / np.array([width, height, depth])
+            theta = torch.as_tensor(np.concatenate([matrix, offset[:, None]], axis=1)[None],
+                                    dtype=torch.float32)
+            grid = torch.nn.functional.affine_grid(theta, [1, 1, depth, height, width],
+                                                   align_corners=False)
+
+            def sample(volume: torch.Tensor, grid: torch.Tensor = grid) -> torch.Tensor:
+                return torch.nn.functional.grid_sample(volume, grid, mode="bilinear",
+                                                       padding_mode="border",
+                                                       align_corners=False)
+
+            x, y, s = sample(x), sample(y[:, None])[:, 0], sample(s)
+        out_inputs.append(x)
+        out_target.append(y)
+        out_structures.append(s)
+    return torch.cat(out_inputs), torch.cat(out_target), torch.cat(out_structures)
 
 
 def pad_to_multiple(array: np.ndarray, divisor: int, shape: Sequence[int] | None = None,
@@ -300,9 +377,15 @@ def train(
     final_step = config.steps if stop_after is None else min(config.steps, stop_after)
     while step < final_step:
         inputs, target, weight, structures = sampler.batch(config.batch_size)
+        if config.augment_p > 0.0:
+            inputs, target, structures = augment_batch(
+                inputs, target, structures, rng, config.augment_p, config.rotation_deg,
+                config.shift_voxels, config.target_spacing_mm)
+            weight = inputs[:, -1].clamp(min=0.0).contiguous()
         predicted = model(inputs.to(memory_format=memory_format))[:, 0]
         loss, parts = dose_loss(predicted, target, weight, structures, config.moments,
-                                config.moment_weight)
+                                config.moment_weight, config.ptv_weight,
+                                config.ptv_cold_moment)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
@@ -361,7 +444,24 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--threads", type=int, default=defaults.threads)
     parser.add_argument("--train-limit", type=int, default=0, help="use only N train cases")
     parser.add_argument("--stop-after", type=int, default=None)
+    recipe = parser.add_argument_group("recipe (issue 21; fixed for a run, refused on --resume)")
+    recipe.add_argument("--augment", type=float, default=defaults.augment_p, metavar="P",
+                        help="probability per sample of a rotation about the long axis and a "
+                             "sub-voxel shift (0: mirror only)")
+    recipe.add_argument("--rotation-deg", type=float, default=defaults.rotation_deg)
+    recipe.add_argument("--shift-voxels", type=float, default=defaults.shift_voxels)
+    recipe.add_argument("--ptv-weight", type=float, default=defaults.ptv_weight,
+                        help="weight of the PTVs in the moment term (OARs: 1)")
+    recipe.add_argument("--ptv-cold-moment", type=float, default=defaults.ptv_cold_moment,
+                        metavar="P", help="negative p of a PTV cold-end generalised mean added "
+                                          "to the moment term (0: none; e.g. -8)")
     return parser
+
+
+RECIPE_FLAGS = {"--augment": "augment_p", "--rotation-deg": "rotation_deg",
+                "--shift-voxels": "shift_voxels", "--ptv-weight": "ptv_weight",
+                "--ptv-cold-moment": "ptv_cold_moment", "--moment-weight": "moment_weight",
+                "--batch": "batch_size", "--lr": "lr"}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -384,6 +484,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             log.warning("changing total steps from %d to %d on resume: the LR schedule "
                         "differs from an uninterrupted run", config.steps, args.steps)
             config.steps = args.steps
+        given = {arg.split("=")[0] for arg in argv}
+        changed = sorted(flag for flag, name in RECIPE_FLAGS.items()
+                         if flag in given and getattr(args, name if flag not in
+                                                      ("--augment", "--batch") else
+                                                      {"--augment": "augment",
+                                                       "--batch": "batch"}[flag])
+                         != getattr(config, name))
+        if changed:
+            raise SystemExit(f"python -m rtcontour.models.dose.train: {', '.join(changed)} "
+                             "differ from the checkpoint's recipe; a run keeps its recipe")
+        if "--threads" in given:  # speed only
+            config.threads = args.threads
         config.command = config.command + [command]
     else:
         config = DoseTrainConfig(
@@ -392,7 +504,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             lr=args.lr, moment_weight=args.moment_weight, val_every=args.val_every,
             val_cases=args.val_cases, checkpoint_minutes=args.checkpoint_minutes,
             seed=args.seed, threads=args.threads, data_dir=str(data_dir),
-            train_limit=args.train_limit, command=[command],
+            train_limit=args.train_limit, command=[command], augment_p=args.augment,
+            rotation_deg=args.rotation_deg, shift_voxels=args.shift_voxels,
+            ptv_weight=args.ptv_weight, ptv_cold_moment=args.ptv_cold_moment,
         )
     torch.set_num_threads(config.threads)
     train_cases = load_dose_split(data_dir, "train", args.cache_dir, config.target_spacing_mm,

@@ -15,6 +15,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, 
 from rtcontour.common.auth import Role
 from rtcontour.service.api.deps import BearerCredentials, Context, DbSession, get_principal
 from rtcontour.service.metrics import JobStoreCollector
+from rtcontour.service.qa_trends import site_qa_trends
 
 router = APIRouter(tags=["metrics"])
 
@@ -46,7 +47,7 @@ MetricsReader = Annotated[str, Depends(metrics_reader)]
 def metrics(_: MetricsReader, ctx: Context) -> Response:
     registry = CollectorRegistry(auto_describe=False)
     registry.register(JobStoreCollector(
-        ctx.store, ctx.queue_depth, qa_alert_dice=ctx.settings.qa_alert_dice,
-        qa_alert_window=ctx.settings.qa_alert_window))
+        ctx.store, ctx.queue_depth,
+        qa_trends=lambda: site_qa_trends(ctx.store, ctx.settings)))
     body = generate_latest(REGISTRY) + generate_latest(registry)
     return Response(body, media_type=CONTENT_TYPE_LATEST)

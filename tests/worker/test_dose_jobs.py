@@ -38,6 +38,8 @@ def _structure_set(series: CtSeries, names: list[str], path: Path) -> Path:
         "Brain Stem": (slice(10, 14), slice(26, 32), slice(20, 26)),
         "Mandible": (slice(6, 9), slice(8, 14), slice(12, 36)),
         "Parotid Lt": (slice(4, 10), slice(14, 22), slice(32, 40)),
+        "Esophagus": (slice(9, 15), slice(30, 34), slice(22, 26)),
+        "Larynx": (slice(3, 6), slice(10, 16), slice(20, 28)),
     }
     masks = {name: _box(series, *boxes[name]) for name in names}
     rois = [RoiSpec(name, (255, 0, 0), "PTV" if name.startswith("PTV") else "ORGAN")
@@ -57,10 +59,11 @@ def runtime(settings: Settings, tiny_dose_package: Path) -> WorkerRuntime:
 
 
 def _contour_job(
-    runtime: WorkerRuntime, tmp_path: Path, with_mandible: bool, with_rtstruct: bool = True
+    runtime: WorkerRuntime, tmp_path: Path, with_mandible: bool, with_rtstruct: bool = True,
+    ours: list[str] | None = None,
 ) -> CtSeries:
-    """A done contour job holding a phantom CT, with rtcontour's RTSTRUCT (a Mandible, if
-    ``with_mandible``) as its output unless not ``with_rtstruct``."""
+    """A done contour job holding a phantom CT, with rtcontour's RTSTRUCT (``ours``; else a
+    Mandible, if ``with_mandible``) as its output unless not ``with_rtstruct``."""
     store, settings = runtime.store, runtime.settings
     files = write_phantom_series(tmp_path / "ct", SHAPE)
     series = load_series(files)
@@ -71,20 +74,21 @@ def _contour_job(
         shutil.copy(path, folder / path.name)
     store.set_spool_dir(job.id, str(folder), len(files))
     if with_rtstruct:
-        ours = _structure_set(series, ["Mandible"] if with_mandible else ["Brain Stem"],
-                              settings.archive_dir / job.id / "RS.dcm")
-        store.record_output(job.id, kind="RTSTRUCT", path=str(ours),
-                            sop_instance_uid=str(pydicom.dcmread(ours).SOPInstanceUID))
+        names = ours or (["Mandible"] if with_mandible else ["Brain Stem"])
+        rs = _structure_set(series, names, settings.archive_dir / job.id / "RS.dcm")
+        store.record_output(job.id, kind="RTSTRUCT", path=str(rs),
+                            sop_instance_uid=str(pydicom.dcmread(rs).SOPInstanceUID))
     store._update(job.id, state=JobState.DONE.value, active_series_uid=None,
                   finished_at=utcnow())
     return series
 
 
-def _dose_job(runtime: WorkerRuntime, rs: Path) -> str:
+def _dose_job(runtime: WorkerRuntime, rs: Path, route_name: str | None = None) -> str:
     store = runtime.store
     ds = pydicom.dcmread(rs)
     job = store.create_or_merge_for_series(series_instance_uid=str(ds.SeriesInstanceUID),
-                                           modality="RTSTRUCT", kind="dose").job
+                                           modality="RTSTRUCT", kind="dose",
+                                           route_name=route_name).job
     folder = runtime.settings.spool_dir / "jobs" / job.id
     folder.mkdir(parents=True)
     shutil.copy(rs, folder / f"{ds.SOPInstanceUID}.dcm")
@@ -175,3 +179,52 @@ def test_structure_set_without_ptv_still_measures_the_edits_and_notes_the_missin
     (brainstem,) = qa["structures"]  # the same box both sides
     assert brainstem["roi_name"] == "Brain Stem" and brainstem["dice"] == 1.0
     assert brainstem["status"] == "unchanged" and brainstem["added_path_length_mm"] == 0.0
+
+
+OURS = ["Brain Stem", "Esophagus", "Larynx", "Mandible", "Parotid Lt"]
+
+
+@pytest.mark.parametrize(
+    ("qa_absent", "status"),
+    [(None, "not_in_approved_set"), ("deleted", "deleted")],
+    ids=["default-not-in-the-approved-set", "route-says-absent-means-deleted"],
+)
+def test_an_approved_set_lacking_three_organs_raises_no_alert_and_says_they_are_not_in_it(
+    runtime: WorkerRuntime, tmp_path: Path, qa_absent: str | None, status: str
+) -> None:
+    from rtcontour.service.qa_trends import AlertPolicy, qa_trends
+
+    route = None
+    if qa_absent is not None:
+        routes = tmp_path / "routes.yaml"
+        routes.write_text("routes:\n  - name: dose\n    match: {modality: RTSTRUCT}\n"
+                          f"    qa_absent: {qa_absent}\ndefault: ignore\n")
+        runtime.settings = runtime.settings.model_copy(update={"routes_file": routes})
+        route = "dose"
+    series = _contour_job(runtime, tmp_path, with_mandible=True, ours=OURS)
+    (contour_job,) = runtime.store.list()
+    # The clinic draws only what the plan needs: no Brainstem, Esophagus or Larynx.
+    rs = _structure_set(series, ["PTV70", "Mandible", "Parotid Lt"], tmp_path / "approved.dcm")
+    job_id = _dose_job(runtime, rs, route_name=route)
+    assert execute_job(job_id, runtime).state == "done", runtime.store.get(job_id).failure_reason
+
+    qa = runtime.store.get(contour_job.id).qa
+    by_name = {item["roi_name"]: item for item in qa["structures"]}
+    for name in ("Brain Stem", "Esophagus", "Larynx"):
+        assert by_name[name]["status"] == status and by_name[name]["reference_name"] is None
+        # The dose prediction used rtcontour's own contour of it: said so, not approved.
+        assert by_name[name]["borrowed_into_dose"] is True
+    assert by_name["Mandible"]["status"] == "unchanged"
+    assert by_name["Mandible"]["borrowed_into_dose"] is False
+    assert sorted(qa["borrowed_into_dose"]) == ["Brainstem", "Esophagus", "Larynx"]
+    if status == "not_in_approved_set":
+        assert by_name["Larynx"]["dice"] is None
+    else:
+        assert by_name["Larynx"]["dice"] == 0.0
+
+    trends = qa_trends(runtime.store, policy=AlertPolicy(min_sets=1, floor=0.8))
+    alerted = {alert.structure for alert in trends.alerts}
+    if status == "not_in_approved_set":
+        assert alerted == set()  # even an alert after one set with a floor: nothing to say
+    else:
+        assert alerted == {"Brain Stem", "Esophagus", "Larynx"}

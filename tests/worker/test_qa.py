@@ -116,15 +116,22 @@ def test_identical_sets_with_clinic_names_are_unchanged():
 def test_a_deleted_and_an_added_structure_are_reported_so():
     auto = seven_structures()
     reference = {CLINIC_NAMES[name]: mask.copy() for name, mask in auto.items()
-                 if name != "Larynx"}  # the clinicians deleted the larynx
-    reference["Parotid Rt"][:] = False  # and emptied the right parotid
+                 if name != "Larynx"}  # the clinic does not contour the larynx
+    reference["Parotid Rt"][:] = False  # the clinicians emptied the right parotid
     auto["Esophagus"] = np.zeros(SHAPE, dtype=bool)  # rtcontour found no oesophagus
     reference["Lips"] = box((3, 5), (2, 6), (2, 8))  # a structure rtcontour does not draw
     result = compare_structure_sets(auto, reference, SPACING)
 
     larynx = result.structure("Larynx")
     assert larynx is not None and larynx.reference_name is None
-    assert larynx.status is StructureStatus.DELETED
+    assert larynx.status is StructureStatus.NOT_IN_APPROVED_SET
+    assert (larynx.dice, larynx.hd95_mm, larynx.mean_surface_distance_mm,
+            larynx.surface_dice_2mm, larynx.added_path_length_mm) == (None,) * 5
+    assert larynx.as_dict()["status"] == "not_in_approved_set"
+    # A clinic whose approved sets carry every organ says that absent means deleted.
+    strict = compare_structure_sets(auto, reference, SPACING, absent_means_deleted=True)
+    larynx = strict.structure("Larynx")
+    assert larynx is not None and larynx.status is StructureStatus.DELETED
     assert (larynx.dice, larynx.hd95_mm, larynx.mean_surface_distance_mm,
             larynx.surface_dice_2mm, larynx.added_path_length_mm) == (0.0, None, None, 0.0, 0.0)
     right_parotid = result.structure("Parotid_R")
@@ -157,7 +164,7 @@ def test_a_clinic_mapping_pairs_names_the_built_in_table_does_not_know():
     auto = {"Parotid_L": AUTO_BOX}
     reference = {"Parotide G": AUTO_BOX.copy()}
     assert [item.status for item in compare_structure_sets(auto, reference, SPACING).structures
-            ] == [StructureStatus.DELETED, StructureStatus.ADDED]
+            ] == [StructureStatus.NOT_IN_APPROVED_SET, StructureStatus.ADDED]
     result = compare_structure_sets(auto, reference, SPACING,
                                     extra_names={"Parotide G": "Parotid_L"})
     assert [(item.roi_name, item.reference_name, item.status) for item in result.structures] == [
@@ -301,7 +308,7 @@ def test_openkbp_clinical_contours_against_rtcontour_give_the_dice_of_evaluate()
     for channel, organ in enumerate(ORGANS):
         item = result.structure(organ.roi_name)
         if not known[channel]:
-            assert item is None or item.status is StructureStatus.DELETED
+            assert item is None or item.status is StructureStatus.NOT_IN_APPROVED_SET
             continue
         assert item is not None and item.reference_name == organ.openkbp_name
         assert item.dice == pytest.approx(dice(predicted[organ.roi_name], masks[channel]),
