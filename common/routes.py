@@ -97,6 +97,11 @@ class Route(BaseModel):
     # "required": results wait in awaiting_review until a clinician approves (then sent) or
     # rejects them (never sent); "none" (the default): sent at once.
     review: Literal["required", "none"] = "none"
+    # For structure sets: what an organ rtcontour contoured but the approved set does not hold
+    # means to the QA of the clinicians' edits. "not_in_approved_set" (the default: many
+    # clinics contour only what a plan needs) keeps it out of Dice trends and alerts;
+    # "deleted" for a clinic whose approved sets always carry every auto-contoured organ.
+    qa_absent: Literal["not_in_approved_set", "deleted"] = "not_in_approved_set"
 
     @field_validator("name")
     @classmethod

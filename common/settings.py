@@ -137,10 +137,15 @@ class Settings(BaseSettings):
     # A clinic's structure names -> TG-263 (YAML or JSON mapping), used with the built-in
     # synonyms when approved structure sets are matched to rtcontour's structures.
     structure_names_file: Path | None = None
-    # QA alert: a structure whose median Dice (approved vs rtcontour) over its most recent
-    # qa_alert_window structure sets falls below qa_alert_dice is flagged on the dashboard.
-    qa_alert_dice: float = Field(0.8, ge=0, le=1)
+    # QA alerts (service.qa_trends): a structure's median Dice (approved vs rtcontour) over
+    # its most recent qa_alert_window approved sets that hold it, once there are at least
+    # qa_alert_min_sets, more than qa_alert_margin below what the model card expects of it
+    # (or below the site's own earlier sets), or below qa_alert_dice (an absolute floor,
+    # unset by default) is flagged on the dashboard.
     qa_alert_window: int = Field(10, ge=1, le=1000)
+    qa_alert_min_sets: int = Field(5, ge=1, le=1000)
+    qa_alert_margin: float = Field(0.1, ge=0, le=1)
+    qa_alert_dice: float | None = Field(None, ge=0, le=1)
     min_slices: int = Field(10, ge=1)
     slice_gap_tolerance: float = Field(0.1, gt=0, lt=1)
     min_contour_area_mm2: float = Field(2.0, ge=0)
@@ -190,6 +195,10 @@ class Settings(BaseSettings):
                     "openssl rand -hex 32")
         if (self.tls_cert_file is None) != (self.tls_key_file is None):
             raise ValueError("RTCONTOUR_TLS_CERT_FILE and RTCONTOUR_TLS_KEY_FILE go together")
+        if self.qa_alert_min_sets > self.qa_alert_window:
+            raise ValueError(
+                f"RTCONTOUR_QA_ALERT_MIN_SETS ({self.qa_alert_min_sets}) must not exceed "
+                f"RTCONTOUR_QA_ALERT_WINDOW ({self.qa_alert_window}): no QA alert could fire")
         return self
 
     # Derived locations; all under data_dir so one folder holds a node's state.

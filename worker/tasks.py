@@ -41,6 +41,7 @@ from rtcontour.common.db import make_engine
 from rtcontour.common.errors import DestinationUnavailable, InvalidSeries, ModelPackageError
 from rtcontour.common.jobstore import IllegalTransition, Job, JobState, JobStore
 from rtcontour.common.queue import RUN_JOB_TASK
+from rtcontour.common.routes import load_routing
 from rtcontour.common.schema import create_schema
 from rtcontour.common.settings import Settings
 from rtcontour.common.structure_names import load_name_mapping
@@ -136,6 +137,15 @@ class WorkerRuntime:
         path = self.settings.structure_names_file
         return load_name_mapping(path) if path is not None else None
 
+    def qa_absent_means_deleted(self, ctx: JobContext) -> bool:
+        """Whether the structure set's route says an organ its approved set lacks was deleted
+        (``qa_absent: deleted``) rather than not in the approved set (the default)."""
+        name = self.store.get(ctx.job_id).route_name
+        if name is None or self.settings.routes_file is None:
+            return False
+        route = load_routing(self.settings).route(name)
+        return route is not None and route.qa_absent == "deleted"
+
     def dose_predictor(self, request: str | None = None) -> DosePredictor:
         """The dose model a structure set's route asked for (None: the newest dose package)."""
         return self.dose_predictors.get(self.settings, request)
@@ -147,7 +157,7 @@ class WorkerRuntime:
         if kind == "dose":
             return [
                 LoadStructureSet(),
-                MeasureEdits(self.structure_names),
+                MeasureEdits(self.structure_names, self.qa_absent_means_deleted),
                 PredictDose(self.dose_predictor, lambda ctx: ctx.prescriptions_gy),
                 BuildOutputs([RtdoseWriter()]),
                 Archive(),
