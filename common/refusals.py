@@ -77,9 +77,12 @@ class RefusalStore:
             return {str(kind): int(n) for kind, n in rows}
 
 
-def make_refusal_recorder(engine: Engine) -> Callable[[dict[str, Any]], None]:
+def make_refusal_recorder(
+    engine: Engine, notify: Callable[[dict[str, Any]], None] | None = None
+) -> Callable[[dict[str, Any]], None]:
     """``record(detail)`` for the listener: a row per refusal; a database problem is logged,
-    never raised into the association."""
+    never raised into the association. ``notify(detail)`` (``common.notify.refusal_notifier``)
+    queues the webhooks."""
     store = RefusalStore(engine)
     columns = {"kind", "calling_ae", "called_ae", "address", "what", "why",
                "series_instance_uid", "status"}
@@ -90,5 +93,7 @@ def make_refusal_recorder(engine: Engine) -> Callable[[dict[str, Any]], None]:
         except Exception:
             logger.exception("refusal could not be recorded: %s %s", detail.get("kind"),
                              detail.get("why"))
+        if notify is not None:
+            notify(detail)
 
     return record

@@ -11,6 +11,7 @@ stops the service with a sentence naming the route and the field::
         model: rtcontour-hn-oar      # package name (newest version) or name-version
         destinations: ["TPS@10.1.2.3:104"]   # replaces RTCONTOUR_DESTINATIONS
         outputs: [RTSTRUCT, SEG]     # also a DICOM SEG (default: the RTSTRUCT alone)
+        notify: ["https://chat.clinic/hooks/physics"]  # webhooks for failures and reviews
       - name: pelvis-not-supported
         match: {series_description: ".*pelvis.*"}
         action: ignore               # contour (the default) or ignore
@@ -37,7 +38,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pydicom.datadict import tag_for_keyword
 
 from rtcontour.common.errors import ConfigurationError
-from rtcontour.common.settings import Destination, Settings
+from rtcontour.common.settings import Destination, Settings, validate_http_url
 
 __all__ = [
     "IMPLICIT_ROUTE",
@@ -89,6 +90,9 @@ class Route(BaseModel):
     # What a contour job writes and sends: the RTSTRUCT always, a DICOM SEG of the same
     # structures when listed (None: the RTSTRUCT alone).
     outputs: list[str] | None = None
+    # Webhook URLs told when a job of this route fails, ends send_failed or awaits review
+    # (besides RTCONTOUR_NOTIFY_WEBHOOKS; see common.notify).
+    notify: list[str] | None = None
     # For structure sets (modality RTSTRUCT), where "contour" means: predict the dose and
     # measure what the clinicians changed. The dose package ("name" or "name-version"; None:
     # the newest dose package) and prescriptions by PTV name overriding those read from names.
@@ -151,6 +155,11 @@ class Route(BaseModel):
         if "RTSTRUCT" not in kinds:
             raise ValueError("the RTSTRUCT is always written; list it, e.g. [RTSTRUCT, SEG]")
         return list(dict.fromkeys(kinds))
+
+    @field_validator("notify")
+    @classmethod
+    def _check_notify(cls, value: list[str] | None) -> list[str] | None:
+        return None if value is None else [validate_http_url(url) for url in value]
 
     @field_validator("prescriptions")
     @classmethod

@@ -11,7 +11,13 @@ import logging
 
 from sqlalchemy import Engine, inspect, text
 
-from rtcontour.common import audit, auth, jobstore, refusals  # noqa: F401 - each registers its tables
+from rtcontour.common import (  # noqa: F401 - each registers its tables
+    audit,
+    auth,
+    jobstore,
+    notify,
+    refusals,
+)
 from rtcontour.common.db import Base, add_missing_columns, check_connection
 
 logger = logging.getLogger(__name__)

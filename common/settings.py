@@ -58,6 +58,17 @@ class Destination:
         return f"{self.ae_title}@{self.host}:{self.port}" + ("+tls" if self.tls else "")
 
 
+_HTTP_URL = re.compile(r"^https?://[^\s/?#@]+(@[^\s/?#@]+)?(:\d{1,5})?(/[^\s]*)?$", re.IGNORECASE)
+
+
+def validate_http_url(value: str) -> str:
+    """Return an http(s) URL stripped of spaces, or raise ValueError naming it."""
+    stripped = value.strip()
+    if not _HTTP_URL.match(stripped):
+        raise ValueError(f"{value!r} is not an http:// or https:// URL")
+    return stripped
+
+
 def _split_list(value: object) -> object:
     if isinstance(value, str):
         return [item.strip() for item in value.split(",") if item.strip()]
@@ -105,6 +116,19 @@ class Settings(BaseSettings):
     destinations: Annotated[list[Destination], NoDecode] = Field(default_factory=list)
     send_attempts: int = Field(5, ge=1, le=50)
     send_backoff_s: float = Field(2.0, ge=0)
+    # DICOMweb destinations (https://pacs/dicomweb): a bearer token, else basic auth, if set.
+    dicomweb_token: SecretStr | None = None
+    dicomweb_username: str | None = None
+    dicomweb_password: SecretStr | None = None
+
+    # Webhook notifications (common.notify): URLs POSTed JSON when a job fails, ends
+    # send_failed or awaits review, or the listener refuses something.
+    notify_webhooks: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    notify_include_patient: bool = False  # patient name, ID, accession in the JSON
+    notify_attempts: int = Field(6, ge=1, le=50)
+    notify_backoff_s: float = Field(5.0, ge=0)
+    # The dashboard's address as its users reach it (links in notifications).
+    public_url: str | None = None
 
     # HTTP API
     api_host: str = "127.0.0.1"
@@ -171,6 +195,21 @@ class Settings(BaseSettings):
             ae, _, host = peer.partition("@")
             checked.append(validate_ae_title(ae) + (f"@{host}" if host else ""))
         return checked
+
+    @field_validator("notify_webhooks", mode="before")
+    @classmethod
+    def _split_notify_webhooks(cls, value: object) -> object:
+        return _split_list(value)
+
+    @field_validator("notify_webhooks")
+    @classmethod
+    def _check_notify_webhooks(cls, value: list[str]) -> list[str]:
+        return [validate_http_url(url) for url in value]
+
+    @field_validator("public_url")
+    @classmethod
+    def _check_public_url(cls, value: str | None) -> str | None:
+        return validate_http_url(value) if value else None
 
     @field_validator("destinations", mode="before")
     @classmethod

@@ -62,6 +62,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 from rtcontour.common.audit import make_recorder
 from rtcontour.common.db import make_engine
 from rtcontour.common.jobstore import JobStore
+from rtcontour.common.notify import refusal_notifier
 from rtcontour.common.queue import make_enqueue, publisher
 from rtcontour.common.refusals import make_refusal_recorder
 from rtcontour.common.schema import create_schema
@@ -358,7 +359,8 @@ def _build_intake(
     create_schema(engine)
     intake = Intake(settings, JobStore(engine), make_enqueue(publisher(settings)),
                     routing=load_checked_routing(settings))
-    return intake, make_recorder(engine, actor="dicom-listener"), make_refusal_recorder(engine)
+    return (intake, make_recorder(engine, actor="dicom-listener"),
+            make_refusal_recorder(engine, refusal_notifier(settings, engine)))
 
 
 def main(argv: list[str] | None = None) -> int:

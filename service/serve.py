@@ -28,6 +28,7 @@ from typing import Any
 from rtcontour.common.db import make_engine
 from rtcontour.common.errors import ConfigurationError
 from rtcontour.common.jobstore import JobStore
+from rtcontour.common.notify import refusal_notifier
 from rtcontour.common.queue import make_enqueue, publisher
 from rtcontour.common.refusals import make_refusal_recorder
 from rtcontour.common.routes import RoutingTable
@@ -239,7 +240,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         intake = Intake(settings, store, enqueue, routing=routing)
         listener = start_listener(settings, intake, audit=intake.audit,
-                                  refused=make_refusal_recorder(engine))
+                                  refused=make_refusal_recorder(
+                                      engine, refusal_notifier(settings, engine)))
         stoppers.append(("listener", lambda: listener.shutdown(timeout_s=10.0)))
         api = ApiServer(settings, engine, enqueue, routing).start()
         stoppers.append(("api", api.stop))

@@ -22,6 +22,7 @@ from celery.utils.nodenames import default_nodename, host_format
 
 from rtcontour.common.db import make_engine
 from rtcontour.common.jobstore import JobStore
+from rtcontour.common.notify import NotificationDispatcher
 from rtcontour.common.queue import QUEUE, celery_config, make_enqueue, make_queue_depth
 from rtcontour.common.schema import create_schema
 from rtcontour.common.settings import Settings
@@ -83,6 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     engine.dispose()
     app = make_celery(settings)
     sweeper: list[RecoverySweeper] = []
+    notifiers: list[NotificationDispatcher] = []  # webhooks, delivered beside the sweep
 
     if not args.no_recovery:
 
@@ -95,11 +97,14 @@ def main(argv: list[str] | None = None) -> int:
                     settings, JobStore(engine), make_enqueue(app), make_queue_depth(app, QUEUE)
                 ).start()
             )
+            notifiers.append(NotificationDispatcher(settings, engine).start())
 
         @worker_shutdown.connect(weak=False)
         def _stop_sweep(**_: Any) -> None:
             for running in sweeper:
                 running.stop()
+            for notifier in notifiers:
+                notifier.stop()
 
     node = host_format(default_nodename(args.hostname))  # %h, %n, %d as Celery expands them
     os.environ[WORKER_NODE_ENV] = node  # inherited by the pool processes

@@ -40,6 +40,7 @@ from rtcontour.common.audit import make_recorder
 from rtcontour.common.db import make_engine
 from rtcontour.common.errors import DestinationUnavailable, InvalidSeries, ModelPackageError
 from rtcontour.common.jobstore import IllegalTransition, Job, JobState, JobStore
+from rtcontour.common.notify import notify_job
 from rtcontour.common.queue import RUN_JOB_TASK
 from rtcontour.common.routes import load_routing
 from rtcontour.common.schema import create_schema
@@ -253,6 +254,7 @@ def execute_job(job_id: str, runtime: WorkerRuntime) -> Outcome:
             return _retry_or_fail(runtime, job_id, failed_runs + 1, reason)
         if held:
             logger.info("job %s awaits a clinician's review; nothing sent yet", job_id)
+            _notify(runtime, job_id, JobState.AWAITING_REVIEW, "awaits a clinician's review")
             return Outcome(JobState.AWAITING_REVIEW.value)
         logger.info("job %s done", job_id)
         return Outcome(JobState.DONE.value)
@@ -341,7 +343,19 @@ def _finish(runtime: WorkerRuntime, job_id: str, state: JobState, reason: str) -
     if not _end_own_run(runtime, job_id, state, reason):
         return Outcome("lost")
     logger.warning("job %s %s: %s", job_id, state.value, reason)
+    if state in (JobState.FAILED, JobState.SEND_FAILED):
+        _notify(runtime, job_id, state, reason)
     return Outcome(state.value)
+
+
+def _notify(runtime: WorkerRuntime, job_id: str, state: JobState, reason: str) -> None:
+    """Queue the webhooks of this job's end (``common.notify``; delivered by another thread)."""
+    try:
+        job = runtime.store.get(job_id)
+    except Exception:
+        logger.exception("job %s: not notified (job unreadable)", job_id)
+        return
+    notify_job(runtime.settings, runtime.store.engine, job, f"job.{state.value}", reason)
 
 
 def _retry_or_fail(runtime: WorkerRuntime, job_id: str, attempts: int, reason: str) -> Outcome:

@@ -33,6 +33,7 @@ from rtcontour.service.api import (
     destinations,
     jobs,
     metrics,
+    notifications,
     previews,
     qa,
     refusals,
@@ -128,8 +129,8 @@ def create_app(
     def openapi_schema(_: ViewerUser) -> JSONResponse:
         return JSONResponse(app.openapi())
 
-    for module in (jobs, review, refusals, previews, viewer, qa, stats, destinations, routes, users,
-                   audit, metrics, dashboard):
+    for module in (jobs, review, refusals, notifications, previews, viewer, qa, stats,
+                   destinations, routes, users, audit, metrics, dashboard):
         app.include_router(module.router)
     dashboard.mount_static(app)
     return app

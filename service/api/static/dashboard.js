@@ -115,6 +115,7 @@ function poll(fn) {
 async function refreshOverview() {
   if (state.tick++ % DESTINATION_EVERY === 0) { refreshDestinations(); refreshQaTrends(); }
   refreshRefusals();
+  refreshNotifications();
   try {
     const filters = new URLSearchParams({ limit: PAGE_SIZE, offset: state.offset });
     const wanted = $("#filter-state").value;
@@ -290,6 +291,23 @@ async function refreshRefusals() {
   } catch (error) {
     $("#refusals-note").textContent = "Refusals unavailable: " + error.message;
   }
+}
+
+// Webhook deliveries that gave up (admin): shown only when there are some.
+async function refreshNotifications() {
+  const body = $("#notifications-table tbody");
+  if (!allowed("admin")) { $("#notifications-panel").hidden = true; clear(body); return; }
+  try {
+    const page = await apiJson("/api/notifications?state=failed&limit=20");
+    clear(body);
+    for (const row of page.items) {
+      const job = row.job_id ? el("a", { href: "#/jobs/" + row.job_id }, row.job_id.slice(0, 8)) : "–";
+      body.append(el("tr", { "data-event": row.event }, el("td", {}, when(row.created_at)), el("td", {}, row.event),
+        el("td", {}, job), el("td", { className: "uid" }, row.url), el("td", {}, String(row.attempts)),
+        el("td", { className: "reason" }, row.last_error || "–")));
+    }
+    $("#notifications-panel").hidden = !page.items.length;
+  } catch (error) { $("#notifications-panel").hidden = true; }
 }
 
 async function refreshDestinations() {
