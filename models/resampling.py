@@ -19,7 +19,8 @@ from collections.abc import Sequence
 import numpy as np
 from scipy import ndimage
 
-__all__ = ["resampled_shape", "resample_linear", "resample_to_shape"]
+__all__ = ["resampled_shape", "resample_linear", "resample_to_shape", "resample_separable",
+           "axis_operator"]
 
 
 def resampled_shape(
@@ -78,3 +79,44 @@ def resample_linear(
     )
     scale = [t / s for s, t in zip(spacing_mm, target_spacing_mm, strict=True)]
     return resample_to_shape(array, scale, shape, order=1)
+
+
+def axis_operator(n_in: int, scale: float, n_out: int, offset: float = 0.0,
+                  order: int = 3) -> np.ndarray:
+    """(n_out, n_in) float64 matrix of 1-D spline interpolation of order ``order`` (with its
+    prefilter, edges as ``mode="nearest"``): output ``o`` samples input ``o * scale + offset``.
+
+    Built by asking scipy to interpolate the identity along one axis: along the other the
+    nodes are sampled at themselves, where an interpolating spline returns them exactly.
+    """
+    identity = np.eye(n_in, dtype=np.float64)
+    out = np.empty((n_out, n_in), dtype=np.float64)
+    ndimage.affine_transform(identity, matrix=np.array([scale, 1.0]), offset=[offset, 0.0],
+                             output_shape=(n_out, n_in), output=out, order=order,
+                             mode="nearest", prefilter=True)
+    return out
+
+
+def resample_separable(
+    array: np.ndarray,
+    scale: Sequence[float],
+    output_shape: Sequence[int],
+    order: int = 3,
+    offset: Sequence[float] | float = 0.0,
+) -> np.ndarray:
+    """:func:`resample_to_shape` with a spline of order ``order`` (cubic by default), as
+    three per-axis matrix products (float32 result).
+
+    A spline on an axis-aligned grid is a tensor product, so this equals scipy's 3-D
+    ``affine_transform(order=3)`` (to float rounding) but costs three small matrix
+    products instead of 64 taps per output voxel: the way to bring a coarse prediction
+    (the dose model's 5 x 8 x 8 mm grid) back to a 512 x 512 CT (issue 21).
+    """
+    offsets = [float(offset)] * 3 if np.isscalar(offset) else [float(o) for o in offset]
+    result = np.asarray(array, dtype=np.float32)
+    # the axis that shrinks most first keeps the intermediate arrays small
+    for axis in sorted(range(3), key=lambda a: output_shape[a] / max(1, array.shape[a])):
+        matrix = axis_operator(array.shape[axis], float(scale[axis]), int(output_shape[axis]),
+                               offsets[axis], order).astype(np.float32)
+        result = np.moveaxis(np.tensordot(matrix, result, axes=([1], [axis])), 0, axis)
+    return np.ascontiguousarray(result, dtype=np.float32)

@@ -61,9 +61,12 @@ def evaluate_package(
     limit: int | None = None,
     threads: int | None = None,
     mirror_tta: bool = True,
+    upsampling_order: int = 3,
 ) -> dict[str, Any]:
-    """Challenge scores of ``package`` over ``split`` (JSON-ready dict)."""
-    predictor = DosePredictor(package, threads=threads, mirror_tta=mirror_tta)
+    """Challenge scores of ``package`` over ``split`` (JSON-ready dict); ``bias_gy`` per DVH
+    metric is the mean of predicted minus planned (negative: under-dosed)."""
+    predictor = DosePredictor(package, threads=threads, mirror_tta=mirror_tta,
+                              upsampling_order=upsampling_order)
     paths = list_cases(data_dir, split)[:limit]
     cases = []
     started = time.monotonic()
@@ -75,17 +78,19 @@ def evaluate_package(
     per_metric: dict[str, list[float]] = defaultdict(list)
     for case in cases:
         for key, value in case["reference"].items():
-            per_metric[f"{key[0]} {key[1]}"].append(abs(value - case["predicted"][key]))
+            per_metric[f"{key[0]} {key[1]}"].append(case["predicted"][key] - value)
     return {
         "package": str(package),
         "split": split,
         "mirror_tta": mirror_tta,
+        "upsampling": "cubic" if upsampling_order == 3 else "linear",
         "n_cases": len(cases),
         "dose_score_gy": float(np.mean([c["dose_score_gy"] for c in cases])),
         "dvh_score_gy": dvh_score([c["reference"] for c in cases],
                                   [c["predicted"] for c in cases]),
         "seconds_per_case": elapsed / max(1, len(cases)),
-        "per_metric": {name: {"mae_gy": float(np.mean(v)), "n_cases": len(v)}
+        "per_metric": {name: {"mae_gy": float(np.mean(np.abs(v))), "bias_gy": float(np.mean(v)),
+                              "n_cases": len(v)}
                        for name, v in sorted(per_metric.items())},
         "per_case": [{"case": c["case"], "dose_score_gy": c["dose_score_gy"]} for c in cases],
     }
@@ -93,10 +98,13 @@ def evaluate_package(
 
 def format_table(results: dict[str, Any]) -> str:
     """Markdown table of the per-metric errors and the two challenge scores."""
-    lines = ["| metric | structure | MAE (Gy) | patients |", "| --- | --- | --- | --- |"]
+    lines = ["| metric | structure | MAE (Gy) | bias (Gy) | patients |",
+             "| --- | --- | --- | --- | --- |"]
     for name, row in results["per_metric"].items():
         metric, structure = name.split(" ", 1)
-        lines.append(f"| {metric} | {structure} | {row['mae_gy']:.2f} | {row['n_cases']} |")
+        bias = f"{row['bias_gy']:+.2f}" if "bias_gy" in row else "-"
+        lines.append(f"| {metric} | {structure} | {row['mae_gy']:.2f} | {bias} | "
+                     f"{row['n_cases']} |")
     lines.append(f"| **DVH score** | all | **{results['dvh_score_gy']:.3f}** | "
                  f"{results['n_cases']} |")
     lines.append(f"| **dose score** | possible-dose mask | **{results['dose_score_gy']:.3f}** | "
@@ -119,12 +127,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--json-out", type=Path, default=None)
     parser.add_argument("--no-mirror-tta", action="store_true",
                         help="predict once, without the left/right mirrored average")
+    parser.add_argument("--linear-upsampling", action="store_true",
+                        help="return the model-grid dose to the CT grid linearly (default: "
+                             "cubic B-spline)")
     args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
     logging.basicConfig(level=logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     package = args.package or find_latest_package(kind="dose")
     results = evaluate_package(package, args.data_dir or default_data_dir(), args.split,
-                               args.limit, args.threads, mirror_tta=not args.no_mirror_tta)
+                               args.limit, args.threads, mirror_tta=not args.no_mirror_tta,
+                               upsampling_order=1 if args.linear_upsampling else 3)
     if args.json_out is not None:
         args.json_out.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
     print(f"{results['split']}: {results['n_cases']} patients, "  # noqa: T201

