@@ -112,7 +112,8 @@ def resample_separable(
     products instead of 64 taps per output voxel: the way to bring a coarse prediction
     (the dose model's 5 x 8 x 8 mm grid) back to a 512 x 512 CT (issue 21).
     """
-    offsets = [float(offset)] * 3 if np.isscalar(offset) else [float(o) for o in offset]
+    offsets = ([float(offset)] * 3 if isinstance(offset, int | float)
+               else [float(o) for o in offset])
     result = np.asarray(array, dtype=np.float32)
     # the axis that shrinks most first keeps the intermediate arrays small
     for axis in sorted(range(3), key=lambda a: output_shape[a] / max(1, array.shape[a])):
