@@ -105,7 +105,9 @@ _ALLOWED: dict[JobState, frozenset[JobState]] = {
     JobState.IGNORED: frozenset(),
 }
 
-STAGES = ("load", "inference", "contours", "send")
+# Stages the worker times (each in ``jobs.<stage>_s``; see ``common.timings`` for all of them).
+STAGES = ("load", "model_load", "preprocess", "inference", "postprocess", "contours", "archive",
+          "send")
 
 # File name prefixes of archived and downloaded outputs by kind (DICOM's customary RS_/RD_),
 # else the kind itself.
@@ -195,6 +197,20 @@ class Job(Base):
     inference_s: Mapped[float | None] = mapped_column(Float)
     contours_s: Mapped[float | None] = mapped_column(Float)
     send_s: Mapped[float | None] = mapped_column(Float)
+    # The other stages of ``common.timings`` (seconds; NULL: not reached, or a job of an
+    # earlier release), when the TPS released the series and when the last destination
+    # acknowledged the outputs (the end-to-end figure runs between the two).
+    quiet_s: Mapped[float | None] = mapped_column(Float)
+    intake_s: Mapped[float | None] = mapped_column(Float)
+    queue_s: Mapped[float | None] = mapped_column(Float)
+    model_load_s: Mapped[float | None] = mapped_column(Float)
+    preprocess_s: Mapped[float | None] = mapped_column(Float)
+    postprocess_s: Mapped[float | None] = mapped_column(Float)
+    archive_s: Mapped[float | None] = mapped_column(Float)
+    review_wait_s: Mapped[float | None] = mapped_column(Float)
+    released_at: Mapped[dt.datetime | None] = mapped_column(UtcDateTime)
+    delivered_at: Mapped[dt.datetime | None] = mapped_column(UtcDateTime)
+    held_at: Mapped[dt.datetime | None] = mapped_column(UtcDateTime)  # awaiting_review since
     spool_dir: Mapped[str | None] = mapped_column(Text)
     # Which worker runs the job and until when its claim holds without a heartbeat.
     worker: Mapped[str | None] = mapped_column(String(128))
@@ -510,9 +526,18 @@ class JobStore:
         orphaned = (Job.state == JobState.RUNNING.value) & (
             or_(Job.lease_expires_at.is_(None), Job.lease_expires_at < now)
         )
-        claimable = or_(Job.state.in_([JobState.RECEIVED.value, JobState.QUEUED.value]), orphaned)
+        waiting = [JobState.RECEIVED.value, JobState.QUEUED.value]
+        claimable = or_(Job.state.in_(waiting), orphaned)
         lost_so_far = func.coalesce(Job.workers_lost, 0)
         with self._sessions.begin() as session:
+            # The wait since it was queued adds to the job's queue time (every run's wait: an
+            # approved job's second run must not replace the first's).
+            row = session.execute(
+                select(Job.state, Job.queued_at, Job.queue_s).where(Job.id == job_id)
+            ).one_or_none()
+            queue_s = row.queue_s if row is not None else None
+            if row is not None and row.state in waiting and row.queued_at is not None:
+                queue_s = (queue_s or 0.0) + max(0.0, (now - row.queued_at).total_seconds())
             result = session.execute(
                 update(Job)
                 .where(Job.id == job_id, claimable)
@@ -527,6 +552,7 @@ class JobStore:
                     updated_at=now,
                     worker=worker,
                     lease_expires_at=now + dt.timedelta(seconds=lease_s),
+                    queue_s=queue_s,
                 )
                 .execution_options(synchronize_session=False)
             )
@@ -601,10 +627,22 @@ class JobStore:
 
     # -- results ------------------------------------------------------------------------
     def record_stage(self, job_id: str, stage: str, seconds: float) -> None:
-        """Store the duration of one stage (load, inference, contours, send) in seconds."""
+        """Store the duration of one of the worker's ``STAGES`` in seconds."""
         if stage not in STAGES:
             raise ValueError(f"stage {stage!r} is not one of {STAGES}")
         self._update(job_id, **{f"{stage}_s": float(seconds)})
+
+    def record_arrival(
+        self, job_id: str, *, released_at: dt.datetime | None, quiet_s: float | None,
+        intake_s: float,
+    ) -> None:
+        """When the TPS released the series, how long the quiet period held it after that,
+        and how long the intake took (``common.timings``)."""
+        self._update(job_id, released_at=released_at, quiet_s=quiet_s, intake_s=float(intake_s))
+
+    def record_delivered(self, job_id: str) -> None:
+        """The job's outputs were acknowledged by every destination (now)."""
+        self._update(job_id, delivered_at=utcnow())
 
     def record_model(self, job_id: str, name: str, version: str) -> None:
         self._update(job_id, model_name=name, model_version=version)
@@ -633,7 +671,8 @@ class JobStore:
     def hold_for_review(self, job_id: str, worker: str, generation: int) -> bool:
         """running -> awaiting_review, like ``complete_if_unchanged`` (only if ``worker`` holds
         the job and nothing was merged in); the series' active slot is released."""
-        return self._end_run(job_id, worker, generation, state=JobState.AWAITING_REVIEW.value)
+        return self._end_run(job_id, worker, generation, state=JobState.AWAITING_REVIEW.value,
+                             held_at=utcnow())
 
     def review(self, job_id: str, *, approved: bool, user: str, reason: str | None) -> Job:
         """A clinician's decision on a job awaiting review: approved -> queued (the next run
@@ -647,9 +686,12 @@ class JobStore:
         (the runs before it were the review run and its retries).
         """
         now = utcnow()
+        held_at = self.get(job_id).held_at  # JobNotFound if there is none
         values: dict[str, Any] = {
             "review_decision": "approved" if approved else "rejected",
             "reviewed_by": user, "reviewed_at": now, "review_reason": reason, "updated_at": now,
+            # Human time, kept apart from the machine's stages (common.timings).
+            "review_wait_s": (now - held_at).total_seconds() if held_at is not None else None,
         }
         if approved:
             values.update(state=JobState.QUEUED.value, queued_at=now, worker=None,

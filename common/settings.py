@@ -100,6 +100,11 @@ class Settings(BaseSettings):
     logins_per_user: int = Field(30, ge=1, le=10_000)
     login_window_s: float = Field(300.0, gt=0, le=86_400)
     quiet_period_s: float = Field(5.0, gt=0, le=3600)
+    # Calling AE titles ("*": any) whose series become a job as soon as every association that
+    # carried them is released, without the quiet period. Only for senders that send a whole
+    # series in one association: one that splits it (an association per instance or per batch)
+    # would get a job per part. Empty (the default): always wait for the quiet period.
+    release_ends_quiet_period: Annotated[list[str], NoDecode] = Field(default_factory=list)
     max_associations: int = Field(10, ge=1, le=200)
     acse_timeout_s: float = Field(30.0, gt=0)
     dimse_timeout_s: float = Field(30.0, gt=0)
@@ -195,6 +200,16 @@ class Settings(BaseSettings):
             ae, _, host = peer.partition("@")
             checked.append(validate_ae_title(ae) + (f"@{host}" if host else ""))
         return checked
+
+    @field_validator("release_ends_quiet_period", mode="before")
+    @classmethod
+    def _split_release_ends_quiet_period(cls, value: object) -> object:
+        return _split_list(value)
+
+    @field_validator("release_ends_quiet_period")
+    @classmethod
+    def _check_release_ends_quiet_period(cls, value: list[str]) -> list[str]:
+        return [ae if ae == "*" else validate_ae_title(ae) for ae in value]
 
     @field_validator("notify_webhooks", mode="before")
     @classmethod

@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -64,6 +65,9 @@ class Segmentation:
     masks: dict[str, np.ndarray]
     quality: dict[str, StructureQuality] = field(default_factory=dict)
     dropped: dict[str, str] = field(default_factory=dict)
+    # Seconds per step: "preprocess" (to the model's grid), "inference" (the network),
+    # "postprocess" (back to the input grid, clean-up, confidence).
+    timings: dict[str, float] = field(default_factory=dict)
 
 
 class _Runner(Protocol):
@@ -302,6 +306,14 @@ class Segmenter:
         accum /= norm
         return accum[(slice(None), *(slice(0, s) for s in shape))]
 
+    def warm_up(self) -> float:
+        """Run the network once on one batch of blank windows, so the backend's first-call
+        costs (OpenVINO compiles its kernels then) are paid before the first CT; returns the
+        seconds it took."""
+        started = time.perf_counter()
+        self._run_batch(np.full((self.batch_size, 1, *self.patch), -1.0, dtype=np.float32))
+        return time.perf_counter() - started
+
     # --- full pipeline on the input grid ----------------------------------------------------
 
     def preprocess(self, hu: np.ndarray, spacing_mm: Sequence[float]) -> np.ndarray:
@@ -343,10 +355,17 @@ class Segmenter:
         if len(spacing_mm) != 3 or any(not s > 0 for s in spacing_mm):
             raise ValueError(f"spacing_mm must be three positive numbers, got {spacing_mm!r}")
         spacing = tuple(float(s) for s in spacing_mm)
+        started = time.perf_counter()
         image = self.preprocess(hu, spacing)
+        preprocessed = time.perf_counter()
         probs = self.predict_probabilities(image)
         del image
-        return self.segmentation_from_probabilities(probs, spacing, hu.shape)
+        predicted = time.perf_counter()
+        result = self.segmentation_from_probabilities(probs, spacing, hu.shape)
+        result.timings.update(preprocess=preprocessed - started,
+                              inference=predicted - preprocessed,
+                              postprocess=time.perf_counter() - predicted)
+        return result
 
     def segmentation_from_probabilities(
         self, probs: np.ndarray, spacing_mm: Sequence[float], shape: Sequence[int]

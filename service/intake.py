@@ -22,8 +22,10 @@ store, so nothing is lost.
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 import os
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +34,7 @@ from typing import Any, Protocol
 import pydicom
 
 from rtcontour.common.audit import make_recorder
+from rtcontour.common.db import utcnow
 from rtcontour.common.jobstore import JobState, JobStore
 from rtcontour.common.queue import enqueue_job
 from rtcontour.common.routes import (
@@ -69,6 +72,9 @@ class SeriesArrival:
     folder: Path
     n_instances: int
     called_ae: str = ""  # the AE title the sender addressed (routing rules may match it)
+    # Seconds from the release of the last association that carried the series to this
+    # hand-over (the quiet period as it was served); None when unknown (recovered at start).
+    quiet_s: float | None = None
 
 
 class SeriesSink(Protocol):
@@ -112,6 +118,9 @@ class Intake:
         return self.routing.decide(attributes)
 
     def series_complete(self, arrival: SeriesArrival) -> None:
+        started, now = time.perf_counter(), utcnow()
+        released_at = (now - dt.timedelta(seconds=arrival.quiet_s)
+                       if arrival.quiet_s is not None else None)
         first = first_instance(arrival.folder)
         decision = self.decide(arrival, first)
         route = decision.route
@@ -197,6 +206,9 @@ class Intake:
                 job.id,
                 n_instances,
             )
+        if created:
+            self.store.record_arrival(job.id, released_at=released_at, quiet_s=arrival.quiet_s,
+                                      intake_s=time.perf_counter() - started)
         if job.state == JobState.RECEIVED:
             self.store.mark_queued(job.id)
         self.store.touch(job.id)

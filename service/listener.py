@@ -22,6 +22,7 @@ Public API (stable; ``service/serve.py`` builds the listener with it)
 ``main(argv) -> int``  ``rtcontour listener``: runs until SIGTERM/SIGINT, then shuts down.
 
 Settings used: ae_title, dicom_host, dicom_port, known_peers, quiet_period_s,
+release_ends_quiet_period,
 max_associations, acse_timeout_s, dimse_timeout_s, network_timeout_s, max_pdu_bytes,
 max_instance_bytes, min_free_disk_bytes, incoming_retention_s, tls_cert_file, tls_key_file,
 tls_ca_file, data_dir.
@@ -270,6 +271,7 @@ def start_listener(
         quiet_period_s=settings.quiet_period_s,
         retention_s=settings.incoming_retention_s,
         journal=SeriesJournal(settings.spool_dir),
+        release_ends_quiet=frozenset(settings.release_ends_quiet_period),
     )
     # What an earlier run acknowledged becomes jobs (before any new association is accepted).
     recovered = tracker.recover()
@@ -290,6 +292,12 @@ def start_listener(
             "DICOM listener accepts any calling AE title from any address on %s (no "
             "RTCONTOUR_KNOWN_PEERS): set it to the planning systems and scanners that may send",
             settings.dicom_host)
+    if settings.release_ends_quiet_period:
+        logger.warning(
+            "series from %s become jobs when their association is released, without the %g s "
+            "quiet period (RTCONTOUR_RELEASE_ENDS_QUIET_PERIOD): a sender that splits a series "
+            "across associations gets a job per part", ", ".join(
+                settings.release_ends_quiet_period), settings.quiet_period_s)
     if settings.accept_any_called_ae:
         logger.warning("DICOM listener accepts any called AE title "
                        "(RTCONTOUR_ACCEPT_ANY_CALLED_AE), not only %s", settings.ae_title)

@@ -245,6 +245,7 @@ class _Series:
     last_instance_at: float = 0.0
     interrupted: bool = False
     journalled: set[str] = field(default_factory=set)  # journal markers naming its carriers
+    quiet_s: float | None = None  # release of its last carrier -> hand-over (when handed over)
 
     def record(self) -> dict[str, str]:
         """What the journal keeps of the series (UIDs and AE titles: nothing identifies the
@@ -268,6 +269,10 @@ class SeriesTracker:
     been reported the association is taken as aborted (pynetdicom may report the release after
     the close; lesson (a) of the design notes). ``journal``: where what the tracker knows is
     kept durably (module docs of ``service.journal``); without one a restart forgets it.
+    ``release_ends_quiet``: calling AE titles (``"*"``: any) whose series are handed over as
+    soon as every association that carried them was released, without waiting for the quiet
+    period (``RTCONTOUR_RELEASE_ENDS_QUIET_PERIOD``; only for senders that send a whole
+    series in one association, see the README).
     """
 
     def __init__(
@@ -280,8 +285,11 @@ class SeriesTracker:
         retention_s: float | None = None,
         clock: Callable[[], float] = time.monotonic,
         journal: SeriesJournal | None = None,
+        release_ends_quiet: frozenset[str] = frozenset(),
     ) -> None:
         self._sink = sink
+        self._release_ends_quiet = release_ends_quiet
+        self._wake = threading.Event()  # a release that may end a quiet period: poll now
         self._journal = journal
         self._recovered_serials = itertools.count(-1, -1)  # never a serial the listener gives
         self._spool = spool
@@ -353,6 +361,12 @@ class SeriesTracker:
             if outcome == "aborted":
                 series.carriers.discard(association)
                 series.interrupted = True
+            elif self._ends_quiet_on_release(series):
+                self._wake.set()
+
+    def _ends_quiet_on_release(self, series: _Series) -> bool:
+        allowed = self._release_ends_quiet
+        return "*" in allowed or series.calling_ae in allowed
 
     @staticmethod
     def _journaled(what: str, uid: str, change: Callable[[], None]) -> None:
@@ -401,7 +415,9 @@ class SeriesTracker:
                         journal = self._journal
                         self._journaled("dropping it", uid, partial(journal.drop, uid))
                     continue
-                if flush or now - series.last_instance_at >= self._quiet_period_s:
+                if (flush or now - series.last_instance_at >= self._quiet_period_s
+                        or self._ends_quiet_on_release(series)):
+                    series.quiet_s = self._quiet_served(series, now)
                     due.append(series)
                     del self._series[uid]
                     if self._journal is not None:
@@ -431,6 +447,15 @@ class SeriesTracker:
             )
             arrivals.append(arrival)
         return arrivals
+
+    def _quiet_served(self, series: _Series, now: float) -> float | None:
+        """Seconds since the last of the series' associations was released (None for a series
+        recovered at start: its release time was not kept)."""
+        if any(serial < 0 for serial in series.carriers):
+            return None
+        released = [self._associations[serial].outcome_at for serial in series.carriers
+                    if serial in self._associations]
+        return max(0.0, now - max(released)) if released else None
 
     def _retry_later(self, series: _Series) -> None:
         with self._lock:
@@ -534,6 +559,7 @@ class SeriesTracker:
             series_description=series.header.series_description,
             folder=folder,
             n_instances=count_instances(folder),
+            quiet_s=series.quiet_s,
         )
 
     # -- background thread ---------------------------------------------------------------
@@ -549,7 +575,11 @@ class SeriesTracker:
 
     def _run(self, interval_s: float) -> None:
         next_sweep = 0.0
-        while not self._stop.wait(interval_s):
+        while not self._stop.is_set():
+            self._wake.wait(interval_s)
+            self._wake.clear()
+            if self._stop.is_set():
+                break
             try:
                 self.poll()
                 if self._retention_s is not None and time.monotonic() >= next_sweep:
@@ -570,6 +600,7 @@ class SeriesTracker:
         """Stop the background thread; with ``flush``, emit every series already complete;
         release the journal's spool for another listener."""
         self._stop.set()
+        self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout=10)
             self._thread = None

@@ -17,7 +17,7 @@ import socket
 from typing import Any
 
 from celery import Celery
-from celery.signals import worker_ready, worker_shutdown
+from celery.signals import worker_process_init, worker_ready, worker_shutdown
 from celery.utils.nodenames import default_nodename, host_format
 
 from rtcontour.common.db import make_engine
@@ -27,7 +27,7 @@ from rtcontour.common.queue import QUEUE, celery_config, make_enqueue, make_queu
 from rtcontour.common.schema import create_schema
 from rtcontour.common.settings import Settings
 from rtcontour.models.registry import load_checked_routing
-from rtcontour.worker.tasks import RecoverySweeper, register_tasks
+from rtcontour.worker.tasks import RecoverySweeper, register_tasks, warm_up_in_background
 
 logger = logging.getLogger(__name__)
 
@@ -105,6 +105,12 @@ def main(argv: list[str] | None = None) -> int:
                 running.stop()
             for notifier in notifiers:
                 notifier.stop()
+
+    @worker_process_init.connect(weak=False)
+    def _warm_models(**_: Any) -> None:
+        # In each pool process, after the fork: the model resident and warmed before its first
+        # job (in a thread: Celery gives a starting process only a few seconds to report).
+        warm_up_in_background(settings)
 
     node = host_format(default_nodename(args.hostname))  # %h, %n, %d as Celery expands them
     os.environ[WORKER_NODE_ENV] = node  # inherited by the pool processes

@@ -4,10 +4,12 @@ Default steps (``default_steps``)::
 
     LoadSeries  -> the job folder's CT files as a CtSeries (common.volume), refusals raise
                    InvalidSeries                                                stage "load"
-    Segment     -> to canonical, Segmenter.predict, masks back to the CT grid  stage "inference"
+    Segment     -> the model (stage "model_load"), to canonical and the model's grid
+                   ("preprocess"), the network ("inference"), masks back to the CT grid
+                   with their confidence ("postprocess")
     BuildOutputs-> each OutputWriter builds its DICOM object (RTSTRUCT; a SEG when the
                    job's route lists it in ``outputs``)                       stage "contours"
-    Archive     -> each output written atomically to archive_dir/<job_id>/
+    Archive     -> each output written atomically to archive_dir/<job_id>/     stage "archive"
     Send        -> each output C-STOREd to every destination (worker.sender)  stage "send"
 
 A new capability appends a step or an ``OutputWriter`` (DICOM SEG, dose prediction, QA)
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 import uuid
 import warnings
@@ -65,6 +68,7 @@ __all__ = [
     "WrittenOutput",
     "default_steps",
     "masks_on_ct_grid",
+    "record_stage",
     "run_steps",
     "structure_summary",
 ]
@@ -176,11 +180,17 @@ def run_steps(
             before_step(step)
         started = time.perf_counter()
         step.run(ctx)
+        seconds = time.perf_counter() - started
         if step.stage is not None:
-            seconds = time.perf_counter() - started
-            ctx.timings[step.stage] = ctx.timings.get(step.stage, 0.0) + seconds
-            ctx.store.record_stage(ctx.job_id, step.stage, ctx.timings[step.stage])
-            logger.info("job %s: %s took %.2f s", ctx.job_id, step.name, seconds)
+            record_stage(ctx, step.stage, seconds)
+        logger.info("job %s: %s took %.2f s", ctx.job_id, step.name, seconds)
+
+
+def record_stage(ctx: JobContext, stage: str, seconds: float) -> None:
+    """Add ``seconds`` to the run's ``stage`` (``common.jobstore.STAGES``) and store the sum (a
+    step without a ``stage`` of its own records its parts with this)."""
+    ctx.timings[stage] = ctx.timings.get(stage, 0.0) + seconds
+    ctx.store.record_stage(ctx.job_id, stage, ctx.timings[stage])
 
 
 class LoadSeries:
@@ -199,8 +209,12 @@ class LoadSeries:
 
 
 class Segment:
+    """The job's model (stage "model_load": 0 when resident) on its CT: stages "preprocess"
+    (to canonical, to the model's grid), "inference" (the network), "postprocess" (back to
+    the model's then the CT's grid, clean-up, confidence)."""
+
     name = "segment"
-    stage: str | None = "inference"
+    stage: str | None = None  # records its parts
 
     def __init__(self, model_provider: Callable[[str | None], SegmentationModel]) -> None:
         self.model_provider = model_provider  # model request ("name", "name-version", None)
@@ -208,10 +222,15 @@ class Segment:
     def run(self, ctx: JobContext) -> None:
         if ctx.series is None:
             raise RuntimeError("Segment needs LoadSeries first")
+        started = time.perf_counter()
         model = self.model_provider(ctx.model_request)
+        record_stage(ctx, "model_load", time.perf_counter() - started)
         ctx.model = model
         ctx.store.record_model(ctx.job_id, model.name, model.version)
-        ctx.masks, ctx.quality = segment_on_ct_grid(ctx.series, model)
+        timings: dict[str, float] = {}
+        ctx.masks, ctx.quality = segment_on_ct_grid(ctx.series, model, timings)
+        for stage in ("preprocess", "inference", "postprocess"):
+            record_stage(ctx, stage, timings.get(stage, 0.0))
 
 
 def masks_on_ct_grid(series: CtSeries, model: SegmentationModel) -> dict[str, np.ndarray]:
@@ -221,15 +240,22 @@ def masks_on_ct_grid(series: CtSeries, model: SegmentationModel) -> dict[str, np
 
 
 def segment_on_ct_grid(
-    series: CtSeries, model: SegmentationModel
+    series: CtSeries, model: SegmentationModel, timings: dict[str, float] | None = None
 ) -> tuple[dict[str, np.ndarray], dict[str, StructureFlag]]:
     """``masks_on_ct_grid`` plus each predicted structure's confidence and flag, when the
-    model gives them (a model package's ``Segmenter.segment``; else none)."""
+    model gives them (a model package's ``Segmenter.segment``; else none).
+
+    ``timings``, when given, receives seconds per part: "preprocess", "inference" and
+    "postprocess" (a model without ``segment`` timings: all of ``predict`` is "inference").
+    """
+    started = time.perf_counter()
     volume = series.volume
     canonical = volume.to_canonical()
     hu = canonical.array.astype(np.float32)
+    parts = {"preprocess": time.perf_counter() - started}
     quality: dict[str, StructureFlag] = {}
     segment = getattr(model, "segment", None)
+    called = time.perf_counter()
     if callable(segment):
         result = segment(hu, canonical.spacing_mm)
         masks = result.masks
@@ -237,14 +263,25 @@ def segment_on_ct_grid(
                    for name, q in result.quality.items()}
         for name, why in result.dropped.items():
             logger.info("structure %s not kept: %s", name, why)
+        inner = dict(getattr(result, "timings", None) or {})
     else:
         masks = model.predict(hu, canonical.spacing_mm)
-    return {
+        inner = {}
+    if not inner:
+        inner = {"inference": time.perf_counter() - called}
+    del hu
+    returned = time.perf_counter()
+    on_ct_grid = {
         roi.name: volume.array_from_canonical(
             np.asarray(masks.get(roi.name, np.zeros(canonical.shape, bool)), dtype=bool)
         )
         for roi in model.rois
-    }, quality
+    }
+    if timings is not None:
+        for part in ("preprocess", "inference", "postprocess"):
+            timings[part] = parts.get(part, 0.0) + inner.get(part, 0.0)
+        timings["postprocess"] += time.perf_counter() - returned
+    return on_ct_grid, quality
 
 
 def structure_summary(
@@ -361,7 +398,7 @@ class Archive:
     records it as a row of the job's outputs (any kind)."""
 
     name = "archive"
-    stage: str | None = None
+    stage: str | None = "archive"
 
     def run(self, ctx: JobContext) -> None:
         ctx.archive_dir.mkdir(parents=True, exist_ok=True)
@@ -438,6 +475,8 @@ class Send:
                 sender=self.sender,
                 on_sent=sent,
             )
+        if ctx.outputs:  # the end of the end-to-end figure (common.timings)
+            ctx.store.record_delivered(ctx.job_id)
 
 
 def default_steps(
@@ -477,6 +516,10 @@ class PackagedModel:
         """Masks with a confidence and flag per structure (``Segmenter.segment``)."""
         return self.segmenter.segment(hu, spacing_mm)
 
+    def warm_up(self) -> float:
+        """One network call on blank windows (``Segmenter.warm_up``); seconds taken."""
+        return float(self.segmenter.warm_up())
+
 
 def load_packaged_model(path: Path, overlap: float, mirror_tta: bool) -> PackagedModel:
     """Load a model package and build its Segmenter (slow: do it once per process)."""
@@ -507,8 +550,27 @@ class SegmenterCache:
         self._loader = loader
         self._resolver = resolver
         self._models: dict[tuple[str, float, bool], SegmentationModel] = {}
+        # One load at a time: a job asking while the start-up warm-up loads waits for it.
+        self._lock = threading.Lock()
 
     def get(self, settings: Settings, request: str | None = None) -> SegmentationModel:
+        with self._lock:
+            return self._get_locked(settings, request)
+
+    def warm(self, settings: Settings, request: str | None = None) -> SegmentationModel:
+        """``get``, then one network call on blank windows if the model offers ``warm_up``,
+        under the same lock (a job cannot run the model meanwhile: one inference request)."""
+        with self._lock:
+            started = time.perf_counter()
+            model = self._get_locked(settings, request)
+            warm_up = getattr(model, "warm_up", None)
+            if callable(warm_up):
+                warm_up()
+            logger.info("model %s %s resident and warmed in %.2f s", model.name, model.version,
+                        time.perf_counter() - started)
+            return model
+
+    def _get_locked(self, settings: Settings, request: str | None) -> SegmentationModel:
         path = self._resolver(settings, request).resolve()
         key = (str(path), settings.inference_overlap, settings.mirror_tta)
         if key not in self._models:

@@ -38,7 +38,12 @@ from celery.exceptions import SoftTimeLimitExceeded
 
 from rtcontour.common.audit import make_recorder
 from rtcontour.common.db import make_engine
-from rtcontour.common.errors import DestinationUnavailable, InvalidSeries, ModelPackageError
+from rtcontour.common.errors import (
+    DestinationUnavailable,
+    InvalidSeries,
+    ModelPackageError,
+    RtcontourError,
+)
 from rtcontour.common.jobstore import IllegalTransition, Job, JobState, JobStore
 from rtcontour.common.notify import notify_job
 from rtcontour.common.queue import RUN_JOB_TASK
@@ -132,6 +137,23 @@ class WorkerRuntime:
     def model(self, request: str | None = None) -> SegmentationModel:
         """The model a job's route asked for (None: the default package), loaded once."""
         return self.model_cache.get(self.settings, request)
+
+    def warm_up(self) -> None:
+        """Load every contour model the routes may ask for (the default package for a route
+        without ``model``) and run each network once, so no job pays for either. A model that
+        fails is logged and left to the job that asks for it (which fails with the reason)."""
+        try:
+            routing = load_routing(self.settings)
+        except RtcontourError:
+            logger.exception("model warm-up skipped: the routes cannot be read")
+            return
+        requests = {route.model for route in routing.routes if route.action == "contour"}
+        for request in sorted(requests, key=lambda name: name or ""):
+            try:
+                self.model_cache.warm(self.settings, request)
+            except Exception:
+                logger.exception("model warm-up of %s failed; the first job loads it",
+                                 request or "the default package")
 
     def structure_names(self) -> dict[str, str] | None:
         """The clinic's structure name mapping (RTCONTOUR_STRUCTURE_NAMES_FILE), if any."""
@@ -458,15 +480,32 @@ class RecoverySweeper:
 
 # -- Celery registration ----------------------------------------------------------------------
 _runtimes: dict[int, WorkerRuntime] = {}  # one per process, keyed by pid (pool children fork)
+_runtimes_lock = threading.Lock()  # the warm-up thread and the first task may both ask
 
 
 def runtime_for(settings: Settings) -> WorkerRuntime:
     """The process's ``WorkerRuntime`` (built on first use in each process)."""
     pid = os.getpid()
-    if pid not in _runtimes:
-        _runtimes.clear()
-        _runtimes[pid] = WorkerRuntime(settings)
-    return _runtimes[pid]
+    with _runtimes_lock:
+        if pid not in _runtimes:
+            _runtimes.clear()
+            _runtimes[pid] = WorkerRuntime(settings)
+        return _runtimes[pid]
+
+
+def warm_up_in_background(settings: Settings) -> threading.Thread:
+    """Build this process's runtime and make its models resident and warm
+    (``WorkerRuntime.warm_up``) in a thread; a job arriving meanwhile waits for the model."""
+
+    def warm() -> None:
+        try:
+            runtime_for(settings).warm_up()
+        except Exception:
+            logger.exception("worker warm-up failed; jobs load what they need")
+
+    thread = threading.Thread(target=warm, name="model-warm-up", daemon=True)
+    thread.start()
+    return thread
 
 
 def register_tasks(app: Celery, settings: Settings) -> None:

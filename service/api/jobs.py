@@ -33,6 +33,7 @@ from rtcontour.common.jobstore import (
     JobState,
     JobStore,
 )
+from rtcontour.common.timings import job_timings
 from rtcontour.service.api.deps import AppContext, ClinicianUser, Context, DbSession, ViewerUser
 from rtcontour.service.previews import display_colour
 
@@ -140,14 +141,32 @@ class OutputOut(BaseModel):
 
 
 class StageTimingsOut(BaseModel):
-    """Seconds spent in each stage of the pipeline (null: not reached)."""
+    """Seconds per stage, in the order a job goes through them (null: not reached, or not
+    measured by the release that ran it); the stages and ``other_s`` add up to ``total_s``
+    (``common.timings``). Machine time and a clinician's review are kept apart."""
 
-    load_s: float | None = None
-    inference_s: float | None = None
-    contours_s: float | None = None
-    send_s: float | None = None
-    queue_wait_s: float | None = None
-    total_s: float | None = None
+    quiet_period_s: float | None = Field(
+        None, description="the TPS released the series -> the listener handed it over")
+    intake_s: float | None = Field(None, description="routing, job created, files moved")
+    queue_s: float | None = Field(None, description="waiting for a worker (every run)")
+    load_s: float | None = Field(None, description="the series read and checked")
+    model_load_s: float | None = Field(None, description="the model loaded (0: resident)")
+    preprocess_s: float | None = Field(None, description="to the model's grid")
+    inference_s: float | None = Field(None, description="the network (a dose job: the "
+                                      "dose prediction)")
+    postprocess_s: float | None = Field(
+        None, description="back to the CT grid, clean-up, confidence")
+    write_s: float | None = Field(None, description="RTSTRUCT / RTDOSE built")
+    archive_s: float | None = Field(None, description="outputs written to the archive")
+    send_s: float | None = Field(None, description="C-STORE to the destinations")
+    other_s: float | None = Field(
+        None, description="the rest of total_s: bookkeeping between stages, failed runs")
+    review_wait_s: float | None = Field(
+        None, description="held for a clinician's review (human time, not machine time)")
+    machine_s: float | None = Field(None, description="total_s without review_wait_s")
+    total_s: float | None = Field(
+        None, description="C-STORE release (else the job's creation) -> outputs acknowledged "
+        "by the destinations (else the job's end)")
 
 
 class JobSummaryOut(BaseModel):
@@ -227,12 +246,6 @@ class JobPageOut(BaseModel):
 class RetryOut(BaseModel):
     id: str
     state: str
-
-
-def _seconds(start: dt.datetime | None, end: dt.datetime | None) -> float | None:
-    if start is None or end is None:
-        return None
-    return round((end - start).total_seconds(), 3)
 
 
 def _identity(job: Job, with_patient: bool) -> dict[str, Any]:
@@ -323,14 +336,7 @@ def _output_out(output: JobOutput) -> OutputOut:
 
 
 def detail(job: Job, outputs: list[JobOutput], *, with_patient: bool = False) -> JobDetailOut:
-    timings = StageTimingsOut(
-        load_s=job.load_s,
-        inference_s=job.inference_s,
-        contours_s=job.contours_s,
-        send_s=job.send_s,
-        queue_wait_s=_seconds(job.queued_at, job.started_at),
-        total_s=_seconds(job.created_at, job.finished_at),
-    )
+    timings = StageTimingsOut(**job_timings(job).as_dict())
     rtstruct = next((output for output in outputs if output.kind == "RTSTRUCT"), None)
     rtdose = next((output for output in outputs if output.kind == "RTDOSE"), None)
     return JobDetailOut(

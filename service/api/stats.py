@@ -11,6 +11,7 @@ from pydantic import BaseModel, Field
 from sqlalchemy import select
 
 from rtcontour.common.jobstore import Job, JobState
+from rtcontour.common.timings import job_timings
 from rtcontour.service.api.deps import Context, ViewerUser
 from rtcontour.service.metrics import queued_not_on_broker
 
@@ -23,7 +24,9 @@ class BucketOut(BaseModel):
     start: dt.datetime
     done: int
     failed: int
-    median_latency_s: float | None = None
+    median_latency_s: float | None = Field(
+        None, description="end to end: the TPS's C-STORE release -> the outputs acknowledged "
+        "by the destinations, a clinician's review wait left out (common.timings machine_s)")
     max_latency_s: float | None = None
 
 
@@ -54,16 +57,19 @@ def stats(
     failed = [0] * n_buckets
     with ctx.store.session() as session:
         rows = session.execute(
-            select(Job.state, Job.created_at, Job.finished_at).where(Job.finished_at >= first)
+            select(Job.state, Job.created_at, Job.finished_at, Job.released_at,
+                   Job.delivered_at, Job.review_wait_s).where(Job.finished_at >= first)
         )
-        for state, created_at, finished_at in rows:
-            if finished_at is None:
+        for row in rows:
+            if row.finished_at is None:
                 continue
-            slot = min(n_buckets - 1, int((finished_at - first) / width))
-            if state in FAILED_STATES:
+            slot = min(n_buckets - 1, int((row.finished_at - first) / width))
+            if row.state in FAILED_STATES:
                 failed[slot] += 1
-            elif state == JobState.DONE.value:
-                finished[slot].append((finished_at - created_at).total_seconds())
+            elif row.state == JobState.DONE.value:
+                machine_s = job_timings(row).machine
+                if machine_s is not None:
+                    finished[slot].append(machine_s)
     buckets = [
         BucketOut(
             start=first + i * width,

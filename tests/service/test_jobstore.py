@@ -9,7 +9,14 @@ import time
 import pytest
 
 from rtcontour.common.db import make_engine
-from rtcontour.common.jobstore import IllegalTransition, JobFilter, JobNotFound, JobState, JobStore
+from rtcontour.common.jobstore import (
+    STAGES,
+    IllegalTransition,
+    JobFilter,
+    JobNotFound,
+    JobState,
+    JobStore,
+)
 from rtcontour.common.schema import create_schema
 from rtcontour.common.settings import Settings
 
@@ -145,7 +152,8 @@ def test_record_stage_model_output_and_sent(store: JobStore) -> None:
     store.record_sent(job_id, "TPS@127.0.0.1:104", "2.25.1")
     store.record_sent(job_id, "TPS@127.0.0.1:104", "2.25.1")
     job = store.get(job_id)
-    assert job.stage_timings == {"load": 0.5, "inference": 12.0, "contours": 1.5, "send": 0.2}
+    recorded = {"load": 0.5, "inference": 12.0, "contours": 1.5, "send": 0.2}
+    assert job.stage_timings == {stage: recorded.get(stage) for stage in STAGES}
     assert (job.model_name, job.model_version) == ("hn-oar", "1.0.0")
     assert store.output(job_id, "RTSTRUCT").summary == structures
     assert job.sent_destinations == ["TPS@127.0.0.1:104|2.25.1"]
