@@ -67,9 +67,21 @@ def main(argv: list[str] | None = None) -> int:
     for trial in decision.trials:
         print(f"  {'MATCH' if trial.matched else 'no   '}  {trial.route}: {trial.why}")
     outcome: str = decision.action
-    if decision.route is not None and decision.action == "contour":
-        model = decision.route.model or "the newest package"
-        where = ", ".join(decision.route.destinations or []) or "RTCONTOUR_DESTINATIONS"
-        outcome += f" with {model}, sent to {where}"
+    route = decision.route
+    if route is not None and decision.action == "contour":
+        dose = str(first.get("Modality", "")) == "RTSTRUCT"
+        model = ((route.dose_model or "the newest dose package") if dose
+                 else (route.model or "the newest package"))
+        where = ", ".join(route.destinations or []) or "RTCONTOUR_DESTINATIONS (" + (
+            ", ".join(str(d) for d in settings.destinations) or "empty: sent nowhere") + ")"
+        if dose:
+            outcome = f"predict the dose with {model} and measure the clinicians' edits"
+        else:
+            outcome += f" with {model}"
+        if route.review == "required" and not dose:
+            outcome += (f"; review: required: held in awaiting_review, sent to {where} once a "
+                        "clinician approves it")
+        else:
+            outcome += f", sent to {where}"
     print(f"decision: {decision.reason} -> {outcome}")
     return 0

@@ -138,6 +138,10 @@ class OutputOut(BaseModel):
     available: bool = Field(description="the archived file exists and can be downloaded")
     created_at: dt.datetime | None = None
     summary: list[dict[str, Any]] = Field(default_factory=list)
+    review: str | None = Field(
+        None, description="the job's review gate: awaiting_review (not yet approved by a "
+        "clinician: downloaded as RS_<id>_UNREVIEWED.dcm), approved, rejected; null: its "
+        "route wants no review")
 
 
 class StageTimingsOut(BaseModel):
@@ -213,6 +217,17 @@ class JobDetailOut(JobSummaryOut):
     model_request: str | None = None
     destinations: list[str] | None = Field(
         None, description="the route's destinations (null: RTCONTOUR_DESTINATIONS)"
+    )
+    send_to: list[str] = Field(
+        default_factory=list, description="where the job's outputs go, and for a job awaiting "
+        "review where Approve sends them: the route's destinations, else RTCONTOUR_DESTINATIONS"
+    )
+    send_to_from: str | None = Field(
+        None, description='"route" or "RTCONTOUR_DESTINATIONS": where send_to comes from'
+    )
+    sent_to: list[str] = Field(
+        default_factory=list, description="destinations that acknowledged an output of this "
+        "job (the destinations actually used)"
     )
     outputs: list[OutputOut] = Field(default_factory=list)
     source_job_id: str | None = Field(
@@ -360,6 +375,30 @@ def detail(job: Job, outputs: list[JobOutput], *, with_patient: bool = False) ->
     )
 
 
+def review_state(job: Job) -> str | None:
+    """The job's review gate: None (its route wants none), "approved", "rejected" or
+    "awaiting_review" (also while it still runs towards the hold)."""
+    if not job.review_required:
+        return None
+    return job.review_decision or JobState.AWAITING_REVIEW.value
+
+
+def _with_routing(out: JobDetailOut, job: Job, ctx: AppContext) -> JobDetailOut:
+    """``out`` with where its outputs go (and went) and each output's review state."""
+    from_route = job.destinations is not None
+    send_to = (list(job.destinations or []) if from_route
+               else [str(destination) for destination in ctx.settings.destinations])
+    sent_to = list(dict.fromkeys(entry.split("|", 1)[0]
+                                 for entry in job.sent_destinations or []))
+    review = review_state(job)
+    return out.model_copy(update={
+        "send_to": send_to,
+        "send_to_from": "route" if from_route else "RTCONTOUR_DESTINATIONS",
+        "sent_to": sent_to,
+        "outputs": [output.model_copy(update={"review": review}) for output in out.outputs],
+    })
+
+
 def load_job(store: JobStore, job_id: str) -> Job:
     """The job, or 404."""
     try:
@@ -430,13 +469,16 @@ def get_job(job_id: str, principal: ViewerUser, session: DbSession, ctx: Context
     with_patient = sees_patient(principal)
     if with_patient:
         audit_patient_view(session, principal.name, [job], searched=False)
-    return detail(job, ctx.store.outputs(job.id), with_patient=with_patient)
+    return _with_routing(detail(job, ctx.store.outputs(job.id), with_patient=with_patient),
+                         job, ctx)
 
 
 @router.get("/{job_id}/outputs", response_model=list[OutputOut], summary="The job's outputs")
 def list_outputs(job_id: str, _: ViewerUser, ctx: Context) -> list[OutputOut]:
     job = load_job(ctx.store, job_id)
-    return [_output_out(output) for output in ctx.store.outputs(job.id)]
+    review = review_state(job)
+    return [_output_out(output).model_copy(update={"review": review})
+            for output in ctx.store.outputs(job.id)]
 
 
 _DOWNLOAD_RESPONSES: dict[int | str, dict[str, Any]] = {
@@ -486,6 +528,7 @@ def _download(
         raise HTTPException(
             status.HTTP_404_NOT_FOUND, detail=f"job {job_id} has no {kind} (state {job.state})"
         )
+    review = review_state(job)
     audit.record(
         session,
         audit.download_event(kind),
@@ -493,13 +536,20 @@ def _download(
         {
             "sop_instance_uid": output.sop_instance_uid,
             "series_instance_uid": job.series_instance_uid,
+            **({"review": review} if review is not None else {}),
         },
         job_id=job.id,
     )
     session.commit()
-    logger.info("job %s: %s downloaded by %s", job.id, kind, user)
+    logger.info("job %s: %s downloaded by %s (review: %s)", job.id, kind, user, review or "none")
     prefix = OUTPUT_FILE_PREFIXES.get(kind, kind)
-    return FileResponse(file, media_type="application/dicom", filename=f"{prefix}_{job.id}.dcm")
+    # A clinician may download before approval (to review it in their own tools); the file
+    # name says it is not approved, so it is not mistaken for the approved one.
+    mark = {JobState.AWAITING_REVIEW.value: "_UNREVIEWED", "rejected": "_REJECTED"}.get(
+        review or "", "")
+    headers = {"X-Rtcontour-Review": review} if review is not None else None
+    return FileResponse(file, media_type="application/dicom",
+                        filename=f"{prefix}_{job.id}{mark}.dcm", headers=headers)
 
 
 @router.post(

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 from fastapi import APIRouter, HTTPException, Query, Request, status
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from rtcontour.common.jobstore import JobNotFound
 from rtcontour.common.routes import (
@@ -34,6 +34,12 @@ class RouteOut(BaseModel):
     action: str
     model: str | None = None
     destinations: list[str] | None = None
+    review: str = Field("none", description="required: results wait for a clinician's "
+                        "approval (awaiting_review) before they are sent")
+    dose_model: str | None = None
+    prescriptions: dict[str, float] | None = None
+    qa_absent: str = Field("not_in_approved_set", description="structure sets: what an organ "
+                           "the approved set lacks means to QA (not_in_approved_set or deleted)")
 
 
 class TrialOut(BaseModel):
@@ -48,6 +54,7 @@ class DecisionOut(BaseModel):
     reason: str
     model: str | None = None
     destinations: list[str] | None = None
+    review: str | None = Field(None, description="the route's review (required or none)")
     trials: list[TrialOut]
     attributes: dict[str, str]
 
@@ -98,5 +105,8 @@ def get_routes(
         audit_patient_view(session, principal.name, [job], searched=False)
     attributes.update(given)
     decision = ctx.routing.decide(attributes)
-    out.decision = DecisionOut(**decision.as_dict(), attributes=attributes)
+    out.decision = DecisionOut(**{
+        **decision.as_dict(),
+        "review": decision.route.review if decision.route is not None else None,
+    }, attributes=attributes)
     return out

@@ -40,6 +40,9 @@ class StatsOut(BaseModel):
     )
     bucket_minutes: int
     buckets: list[BucketOut]
+    awaiting_review: int = Field(
+        0, description="jobs held for a clinician's approval (list them with "
+        "GET /api/jobs?state=awaiting_review)")
 
 
 @router.get("", response_model=StatsOut, summary="Throughput and latency over time")
@@ -89,4 +92,5 @@ def stats(
         queued_not_on_broker=queued_not_on_broker(counts, depth),
         bucket_minutes=bucket_minutes,
         buckets=buckets,
+        awaiting_review=counts.get(JobState.AWAITING_REVIEW.value, 0),
     )

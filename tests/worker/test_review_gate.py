@@ -165,3 +165,51 @@ def test_a_series_sent_again_after_approval_is_a_job_of_its_own(
         series_instance_uid=approved.series_instance_uid)
     assert resent.created and resent.job.id != job_id  # reviewed on its own, not merged
     assert api.store.get(job_id).generation == approved.generation
+
+
+def test_a_held_job_says_where_approve_sends_it_and_its_download_says_unreviewed(
+    api: ApiHarness, tmp_path: Path, tps: StoreScp
+) -> None:
+    """The route has no destinations of its own: Approve sends to RTCONTOUR_DESTINATIONS, and
+    the job says so before (send_to) and after (sent_to); a clinician may download the
+    RTSTRUCT before approval, named and audited as unreviewed."""
+    runtime = _runtime(api)
+    job_id = _submit(api, tmp_path, 12)
+    assert execute_job(job_id, runtime).state == "awaiting_review"
+    clinician = api.headers("clinician")
+
+    stats = api.client.get("/api/stats", headers=api.headers("viewer")).json()
+    assert stats["awaiting_review"] == 1
+    listed = api.client.get("/api/jobs", params={"state": "awaiting_review"},
+                            headers=clinician).json()["items"]
+    assert [item["id"] for item in listed] == [job_id] and listed[0]["review_required"]
+    job = api.client.get(f"/api/jobs/{job_id}", headers=clinician).json()
+    assert job["state"] == "awaiting_review"
+    assert (job["send_to"], job["send_to_from"], job["sent_to"]) == (
+        [tps.destination], "RTCONTOUR_DESTINATIONS", [])
+    assert [output["review"] for output in job["outputs"]] == ["awaiting_review"]
+
+    download = api.client.get(f"/api/jobs/{job_id}/outputs/RTSTRUCT", headers=clinician)
+    assert download.status_code == 200
+    assert f'filename="RS_{job_id}_UNREVIEWED.dcm"' in download.headers["content-disposition"]
+    assert download.headers["x-rtcontour-review"] == "awaiting_review"
+    (event,) = api.client.get("/api/audit", params={"event": "rtstruct.download"},
+                              headers=api.headers("admin")).json()["items"]
+    assert event["detail"]["review"] == "awaiting_review" and event["job_id"] == job_id
+
+    assert api.client.post(f"/api/jobs/{job_id}/approve", headers=clinician).status_code == 202
+    assert execute_job(job_id, runtime).state == "done"
+    job = api.client.get(f"/api/jobs/{job_id}", headers=clinician).json()
+    assert job["sent_to"] == [tps.destination]  # the destinations actually used
+    assert [output["review"] for output in job["outputs"]] == ["approved"]
+    download = api.client.get(f"/api/jobs/{job_id}/rtstruct", headers=clinician)
+    assert f'filename="RS_{job_id}.dcm"' in download.headers["content-disposition"]
+    assert api.client.get("/api/stats", headers=api.headers("viewer")).json()[
+        "awaiting_review"] == 0
+
+
+def test_get_api_routes_shows_the_review_gate(api: ApiHarness) -> None:
+    body = api.client.get("/api/routes", params={"calling_ae": "TPS"},
+                          headers=api.headers("admin")).json()
+    assert body["routes"][0]["review"] == "required"
+    assert body["decision"]["route"] == "held" and body["decision"]["review"] == "required"
