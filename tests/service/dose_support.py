@@ -22,7 +22,9 @@ PRESCRIPTION_GY = 70.0
 PTV_COLOUR = (255, 0, 0)
 PAROTID_COLOUR = (0, 0, 255)
 BRAINSTEM_COLOUR = (0, 255, 255)
-SHAPE = (24, 64, 64)  # canonical (slices, rows, columns)
+SHAPE = (24, 96, 96)  # canonical (slices, rows, columns): the head and air around it
+HEAD_SHAPE = (24, 64, 64)
+PAD = 16  # voxels of air on each side of the head, in rows and columns
 SPACING_MM = (2.5, 2.0, 2.0)
 
 
@@ -47,9 +49,13 @@ def add_dose_job(harness: ApiHarness, **dose_values: Any) -> DoseJobs:
     from rtcontour.worker.dose_pipeline import dvh_summary
     from rtcontour.worker.rtdose import build_rtdose, cumulative_dvh, save_rtdose
     from rtcontour.worker.rtstruct import RoiSpec, build_rtstruct, save_rtstruct
-    from tests.phantoms import head_phantom, write_ct_series
+    from tests.phantoms import HeadPhantom, head_phantom, write_ct_series
 
-    phantom = head_phantom(SHAPE, SPACING_MM)
+    head = head_phantom(HEAD_SHAPE, SPACING_MM)
+    around = ((0, 0), (PAD, PAD), (PAD, PAD))
+    phantom = HeadPhantom(hu=np.pad(head.hu, around, constant_values=float(head.hu.min())),
+                         spacing_mm=SPACING_MM, marker=np.pad(head.marker, around),
+                         body=np.pad(head.body, around))
     contour = harness.add_job(state="done", series_description="CT 2.5mm", **dose_values)
     ct_folder = harness.settings.spool_dir / "jobs" / contour.id
     paths = write_ct_series(ct_folder, phantom.hu, phantom.spacing_mm,
@@ -58,11 +64,12 @@ def add_dose_job(harness: ApiHarness, **dose_values: Any) -> DoseJobs:
     harness.store.set_spool_dir(contour.id, str(ct_folder), len(paths))
     stored = series.volume.array_from_canonical
 
-    ptv = _ball((12, 32, 30), 14.0) & phantom.body
+    centre = (12, 32 + PAD, 30 + PAD)
+    ptv = _ball(centre, 14.0) & phantom.body
     parotid = np.zeros(SHAPE, dtype=bool)
-    parotid[9:15, 30:38, 44:50] = True
+    parotid[9:15, 30 + PAD:38 + PAD, 44 + PAD:50 + PAD] = True
     brainstem = np.zeros(SHAPE, dtype=bool)
-    brainstem[4:10, 36:42, 29:35] = True
+    brainstem[4:10, 36 + PAD:42 + PAD, 29 + PAD:35 + PAD] = True
 
     ours = build_rtstruct(
         series, {"Body": stored(phantom.body), "Brainstem": stored(brainstem)},
@@ -90,7 +97,7 @@ def add_dose_job(harness: ApiHarness, **dose_values: Any) -> DoseJobs:
     # A smooth fall-off from the PTV's centre, scaled so its D95 is 92 % of 70 Gy.
     grid = np.meshgrid(*(np.arange(n) for n in SHAPE), indexing="ij")
     distance = np.sqrt(sum(((g - c) * s) ** 2 for g, c, s in
-                           zip(grid, (12, 32, 30), SPACING_MM, strict=True)))
+                           zip(grid, centre, SPACING_MM, strict=True)))
     shape_gy = np.exp(-((distance / 26.0) ** 2)) * phantom.body
     d95 = float(np.percentile(shape_gy[ptv], 5))
     dose_canonical = (shape_gy * (0.92 * PRESCRIPTION_GY / d95)).astype(np.float32)

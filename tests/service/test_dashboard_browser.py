@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import datetime as dt
 import os
+import re
 import socket
 import threading
 import time
@@ -400,3 +401,117 @@ def _canvas_centre(page: Any) -> tuple[float, float]:
     box = page.locator("#viewer-canvas").bounding_box()
     assert box is not None
     return box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
+
+
+def test_clinician_sees_what_awaits_review_and_a_dose_job_with_its_wash_and_dvh(
+    served: tuple[ApiHarness, str],
+) -> None:
+    from tests.service.dose_support import PAROTID_COLOUR, add_dose_job
+
+    harness, base_url = served
+    held = [_held(harness, "PAT-4712"), _held(harness, "PAT-4713")]
+    harness.add_job(state="done", series_description="CT 2.5mm", patient_id="OTHER-1")
+    jobs = add_dose_job(harness, patient_name="DOE^JOHN", patient_id="PAT-9001",
+                        study_date="20260310", study_description="H&N planning")
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(
+            executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True
+        )
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 1100})
+            page.goto(f"{base_url}/dashboard")
+            page.fill("#token", harness.tokens["clinician"])
+            page.click("#login-form button")
+            sync_api.expect(page.locator("#whoami")).to_have_text("clinician-user (clinician)")
+            # The overview: what is theirs first, no admin panels.
+            sync_api.expect(page.locator("#count-awaiting")).to_have_text("2")
+            sync_api.expect(page.locator("#awaiting-tile")).to_have_class(re.compile("waiting"))
+            sync_api.expect(page.locator("#refusals-panel")).to_be_hidden()
+            sync_api.expect(page.locator("#destinations-panel")).to_be_hidden()
+            sync_api.expect(page.locator("#qa-trends-panel")).to_be_visible()
+            page.click("#awaiting-tile")
+            rows = page.locator("#jobs-table tbody tr")
+            sync_api.expect(rows).to_have_count(2)
+            assert sorted(rows.evaluate_all("rs => rs.map(r => r.dataset.jobId)")) == sorted(
+                job.id for job in held)
+
+            # A held job: plainly not approved, and where Approve will send it.
+            rows.first.locator("a").click()
+            sync_api.expect(page.locator("#job-banner")).to_contain_text("not approved")
+            sync_api.expect(page.locator("#download")).to_contain_text("unapproved")
+            sync_api.expect(page.locator("#review-destinations")).to_contain_text(
+                "Approve will send to")
+            sync_api.expect(page.locator("#job-title")).to_contain_text("DOE, JANE")
+
+            # The dose job: headed by the patient, its own view.
+            page.goto(f"{base_url}/dashboard#/jobs/{jobs.dose.id}")
+            sync_api.expect(page.locator("#job-title")).to_contain_text("DOE, JOHN")
+            sync_api.expect(page.locator("#job-title")).to_contain_text("PAT-9001")
+            sync_api.expect(page.locator("#job-subtitle")).to_contain_text("2026-03-10")
+            sync_api.expect(page.locator("#job-id")).to_have_text(jobs.dose.id)
+            sync_api.expect(page.locator("#job-banner")).to_be_hidden()
+            sync_api.expect(page.locator("#structures-table")).to_be_hidden()
+            sync_api.expect(page.locator("#download")).to_have_text("Download RTDOSE")
+            sync_api.expect(page.locator("#dose-normalisation")).to_contain_text("Not normalised")
+            sync_api.expect(page.locator("#dose-normalisation")).to_contain_text(re.compile(
+                r"PTV70 D95 6\d\.\d Gy = 92 % of its 70\.0 Gy prescription"))
+            ptv = page.locator('#dose-table tr[data-roi="PTV70"]')
+            sync_api.expect(ptv).to_contain_text("92 %")
+            sync_api.expect(page.locator('#dose-table tr[data-roi="Brainstem"]')).to_contain_text(
+                "borrowed from rtcontour")
+            sync_api.expect(page.locator('#dose-table tr[data-roi="Parotid Lt"]')).to_contain_text(
+                "approved")
+            dvh = page.locator("#dvh-chart svg")
+            sync_api.expect(dvh.locator('text[data-axis="x"]')).to_have_text("Dose (Gy)")
+            sync_api.expect(dvh.locator('text[data-axis="y"]')).to_have_text("Volume (%)")
+            assert dvh.locator("line.grid").count() >= 10
+            assert dvh.locator("polyline").count() == 3
+            sync_api.expect(dvh.locator("line.rx-line")).to_have_count(1)
+            sync_api.expect(page.locator("#dvh-legend li")).to_have_count(3)
+            sync_api.expect(page.locator("#dvh-legend")).to_contain_text("PTV70 (PTV, Rx 70 Gy)")
+
+            canvas = page.locator("#viewer-canvas")
+            sync_api.expect(canvas).to_have_attribute("data-rendered", "axial:12", timeout=30_000)
+            assert int(canvas.get_attribute("data-dose-pixels") or 0) > 200  # the wash
+            sync_api.expect(page.locator("#viewer-dose-legend")).to_contain_text(
+                "70 Gy isodose (PTV70 prescription)")
+            isodose = (255, 45, 45)
+            with_lines = _colour_pixels(page, isodose)
+            page.uncheck("#viewer-isodose")
+            page.wait_for_timeout(150)
+            assert _colour_pixels(page, isodose) < with_lines, with_lines
+            page.uncheck("#viewer-dose")
+            page.wait_for_timeout(150)
+            assert canvas.get_attribute("data-dose-pixels") == "0"
+            page.check("#viewer-dose")
+            page.check("#viewer-isodose")
+            # The structures it used: approved solid, the borrowed one dashed and said so.
+            borrowed = page.locator('#viewer-structures li[data-source="borrowed"]')
+            sync_api.expect(borrowed).to_contain_text("Brainstem")
+            sync_api.expect(borrowed).to_contain_text("not approved")
+            # One colour per structure: table swatch, DVH legend and viewer agree.
+            parotid_rgb = "rgb({}, {}, {})".format(*PAROTID_COLOUR)
+            swatch = page.locator('#dose-table tr[data-roi="Parotid Lt"] .swatch')
+            sync_api.expect(swatch).to_have_css("background-color", parotid_rgb)
+            sync_api.expect(page.locator('#dvh-legend li[data-roi="Parotid Lt"] .legend-line')
+                            ).to_have_css("border-top-color", parotid_rgb)
+            sync_api.expect(page.locator(
+                '#viewer-structures li:has(input[data-roi="Parotid Lt"]) .line')
+            ).to_have_css("border-top-color", parotid_rgb)
+            # Orientation on every plane; opened zoomed to the body.
+            for plane, edges in (("axial", "APRL"), ("coronal", "SIRL"), ("sagittal", "SIAP")):
+                page.click(f'#viewer-planes button[data-plane="{plane}"]')
+                sync_api.expect(canvas).to_have_attribute("data-rendered", re.compile(plane))
+                shown = [page.locator(f".orient-{edge}").text_content()
+                         for edge in ("top", "bottom", "left", "right")]
+                assert "".join(s or "" for s in shown) == edges, (plane, shown)
+                assert page.evaluate("() => viewer.zoom") > 1.05, plane
+            if os.environ.get("RTCONTOUR_DOSE_SCREENSHOT"):
+                page.click('#viewer-planes button[data-plane="axial"]')
+                page.wait_for_timeout(200)
+                page.screenshot(path=os.environ["RTCONTOUR_DOSE_SCREENSHOT"], full_page=True)
+            with page.expect_download() as download:
+                page.click("#download")
+            assert download.value.suggested_filename == f"RD_{jobs.dose.id}.dcm"
+        finally:
+            browser.close()

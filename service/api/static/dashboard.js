@@ -173,6 +173,9 @@ function renderStats(stats) {
   $("#count-done").textContent = String(counts.done || 0);
   $("#count-failed").textContent = String((counts.failed || 0) + (counts.send_failed || 0));
   $("#count-ignored").textContent = String(counts.ignored || 0);
+  const awaiting = counts.awaiting_review || 0;
+  $("#count-awaiting").textContent = String(awaiting);
+  $("#awaiting-tile").classList.toggle("waiting", awaiting > 0);
   drawChart($("#chart"), stats.buckets);
 }
 
@@ -274,11 +277,8 @@ function sparkline(weeks, threshold) {
 
 async function refreshRefusals() {
   const body = $("#refusals-table tbody");
-  if (!allowed("admin")) {
-    clear(body);
-    $("#refusals-note").textContent = "The list of refusals needs the admin role.";
-    return;
-  }
+  $("#refusals-panel").hidden = !allowed("admin");  // an admin's panel: not shown to others
+  if (!allowed("admin")) { clear(body); return; }
   try {
     const page = await apiJson("/api/refusals?limit=20");
     clear(body);
@@ -312,11 +312,8 @@ async function refreshNotifications() {
 
 async function refreshDestinations() {
   const body = $("#destinations-table tbody");
-  if (!allowed("admin")) {
-    clear(body);
-    $("#destinations-note").textContent = "Destination checks need the admin role.";
-    return;
-  }
+  $("#destinations-panel").hidden = !allowed("admin");
+  if (!allowed("admin")) { clear(body); return; }
   try {
     const rows = await apiJson("/api/destinations");
     clear(body);
@@ -343,7 +340,9 @@ async function refreshJob() {
     $("#job-message").textContent = error.message; return;
   }
   if (id !== state.jobId) return;
+  state.job = job;
   $("#job-id").textContent = job.id;
+  renderHeading(job);
   const fields = $("#job-fields");
   clear(fields);
   field(fields, "State", stateBadge(job.state));
@@ -369,25 +368,31 @@ async function refreshJob() {
   field(fields, "CT from job", job.source_job_id);
   field(fields, "Route", job.route_name);
   field(fields, "Not contoured because", job.ignored_reason);
-  field(fields, "Destinations", job.destinations ? job.destinations.join(", ") : null);
+  field(fields, "Destinations", destinationsText(job));
   field(fields, "RTSTRUCT UID", job.rtstruct_sop_instance_uid);
   const outputs = $("#outputs-table tbody");
   clear(outputs);
+  const unreviewed = reviewMark(job);
   for (const output of job.outputs) {
     const button = el("button", { type: "button", className: "download-output" }, "Download");
     button.disabled = !output.available || !allowed("clinician");
     button.onclick = () => downloadOutput(output.kind);
-    outputs.append(el("tr", { "data-kind": output.kind }, el("td", {}, output.kind),
+    const mark = unreviewed ? el("span", { className: "badge unapproved" }, unreviewed) : null;
+    outputs.append(el("tr", { "data-kind": output.kind }, el("td", {}, output.kind, mark ? " " : null, mark),
       el("td", { className: "uid" }, output.sop_instance_uid), el("td", {}, button)));
   }
   if (!job.outputs.length) outputs.append(el("tr", {}, el("td", { colSpan: 3 }, job.state === "ignored" ? "None: the series was not contoured." : "None yet.")));
   renderDose(job);
   renderQa(job);
+  const isDose = job.kind === "dose";
+  $("#structures-heading").hidden = isDose;  // a dose job's structures are in its dose panel
+  $("#structures-table").hidden = isDose;
   const structures = $("#structures-table tbody");
   clear(structures);
   for (const s of job.structures) {
-    const colour = s.colour ? "rgb(" + s.colour.map(Number).join(",") + ")" : "transparent";
-    structures.append(el("tr", {}, el("td", {}, el("span", { className: "swatch", style: { background: colour } })),
+    const shown = s.display_colour || s.colour;  // as the viewer draws it
+    const colour = shown ? "rgb(" + shown.map(Number).join(",") + ")" : "transparent";
+    structures.append(el("tr", { "data-roi": s.roi_name }, el("td", {}, el("span", { className: "swatch", style: { background: colour } })),
       el("td", {}, s.roi_name), el("td", {}, s.volume_cc === null ? "–" : Number(s.volume_cc).toFixed(2))));
   }
   const timings = $("#timings-table tbody");
@@ -396,14 +401,68 @@ async function refreshJob() {
     timings.append(el("tr", {}, el("th", {}, name.replace(/_s$/, "").replace("_", " ")), el("td", {}, value === null ? "–" : Number(value).toFixed(2))));
   }
   const canClinic = allowed("clinician");
+  const mainKind = isDose ? "RTDOSE" : "RTSTRUCT";
+  const main = job.outputs.find((output) => output.kind === mainKind);
+  state.downloadKind = mainKind;
+  $("#download").textContent = "Download " + mainKind + (unreviewed ? " (" + unreviewed + ")" : "");
+  $("#download").classList.toggle("unapproved", Boolean(unreviewed));
   $("#download").hidden = !canClinic;
-  $("#download").disabled = !job.has_rtstruct;
+  $("#download").disabled = !(main && main.available);
   $("#retry").hidden = !(canClinic && (job.state === "failed" || job.state === "send_failed"));
   renderReview(job, canClinic);
-  if (canClinic && job.has_rtstruct && viewer.jobId !== job.id && !job.purged_at) loadViewer(job.id);
+  const showable = isDose ? Boolean(main && main.available && job.source_job_id) : job.has_rtstruct;
+  if (canClinic && showable && viewer.jobId !== job.id && !job.purged_at) loadViewer(job.id);
   if (!canClinic) $("#viewer-note").textContent = "The images need the clinician role.";
   else if (job.purged_at) $("#viewer-note").textContent = "The images were deleted by the retention policy.";
-  else if (!job.has_rtstruct) $("#viewer-note").textContent = "No RTSTRUCT yet: nothing to show.";
+  else if (!showable) $("#viewer-note").textContent = isDose ? "No predicted dose yet: nothing to show." : "No RTSTRUCT yet: nothing to show.";
+}
+
+// What marks a job's outputs as not approved: awaiting review, or rejected ("" otherwise).
+function reviewMark(job) {
+  if (job.state === "awaiting_review") return "unapproved";
+  if (job.state === "rejected" || job.review_decision === "rejected") return "rejected";
+  return "";
+}
+
+// Patient first (clinicians and admins), then study date and series; the job id below.
+function renderHeading(job) {
+  const withPatient = allowed("clinician");
+  const title = $("#job-title");
+  clear(title);
+  const name = withPatient ? personName(job.patient_name) : "";
+  if (withPatient && (name || job.patient_id)) {
+    title.append(el("span", { className: "patient-name" }, name || "Name not given"),
+      job.patient_id ? el("span", { className: "patient-id" }, "ID " + job.patient_id) : null);
+  } else {
+    title.append(job.series_description || "Series without description");
+  }
+  const parts = [];
+  if (withPatient && job.study_date) parts.push("Study " + dicomDate(job.study_date));
+  if (withPatient && job.study_description) parts.push(job.study_description);
+  if (withPatient && job.series_description) parts.push("Series " + job.series_description);
+  parts.push(job.kind === "dose" ? "Dose prediction" : "Contouring");
+  $("#job-subtitle").textContent = parts.join(" · ");
+  const banner = $("#job-banner");
+  const mark = reviewMark(job);
+  banner.hidden = !mark;
+  banner.className = "job-banner " + (mark ? "banner-" + mark : "");
+  banner.textContent = mark === "unapproved"
+    ? "Awaiting review: these contours are not approved and have not been sent."
+    : mark === "rejected" ? "Rejected: these contours were not approved and are never sent." : "";
+}
+
+// Where the job's outputs go (or went): the destinations the API reports as used, else the
+// route's, else the service's default list.
+function jobDestinations(job) {
+  for (const key of ["destinations_used", "send_to", "effective_destinations"]) {
+    if (Array.isArray(job[key]) && job[key].length) return job[key];
+  }
+  return job.destinations && job.destinations.length ? job.destinations : null;
+}
+
+function destinationsText(job) {
+  const targets = jobDestinations(job);
+  return targets ? targets.join(", ") : "the default destinations (RTCONTOUR_DESTINATIONS): its route names none";
 }
 
 // The approval gate: a job its route holds for review is sent only when a clinician approves.
@@ -416,6 +475,10 @@ function renderReview(job, canClinic) {
   if (waiting) status.textContent = "Held for review: nothing has been sent. Check the contours, then approve (sent to the destinations) or reject (never sent).";
   else if (job.review_decision) status.textContent = (job.review_decision === "approved" ? "Approved" : "Rejected") + " by " + (job.reviewed_by || "?") + " on " + when(job.reviewed_at) + (job.review_reason ? ": " + job.review_reason : ".");
   else status.textContent = "Its route requires a clinician's approval before sending.";
+  const where = $("#review-destinations");
+  if (waiting) where.textContent = "Approve will send to: " + destinationsText(job) + ".";
+  else if (job.review_decision === "approved") where.textContent = "Sent to: " + destinationsText(job) + ".";
+  else where.textContent = "";
 }
 
 async function review(decision) {
@@ -451,6 +514,11 @@ function renderQa(job) {
   }
 }
 
+// A structure's colour: as the viewer draws it, else one of the DVH palette by position.
+function structureColour(name, i) {
+  return (viewer.colourByRoi && viewer.colourByRoi[name]) || DVH_COLOURS[i % DVH_COLOURS.length];
+}
+
 function renderDose(job) {
   const panel = $("#dose-panel");
   const metrics = job.dose_metrics || [];
@@ -460,33 +528,83 @@ function renderDose(job) {
   clear(body);
   const gy = (v) => (v === undefined || v === null ? "–" : Number(v).toFixed(1));
   metrics.forEach((m, i) => {
-    const colour = DVH_COLOURS[i % DVH_COLOURS.length];
-    body.append(el("tr", { "data-roi": m.roi_name },
+    const colour = structureColour(m.roi_name, i);
+    const ratio = m.prescription_gy && m.d_95_gy != null ? Math.round((m.d_95_gy / m.prescription_gy) * 100) + " %" : "–";
+    const source = m.from_rtcontour
+      ? el("span", { className: "borrowed" }, "borrowed from rtcontour (not approved)")
+      : "approved";
+    body.append(el("tr", { "data-roi": m.roi_name, className: m.from_rtcontour ? "borrowed" : "" },
       el("td", {}, el("span", { className: "swatch", style: { background: colour } })),
-      el("td", {}, m.roi_name), el("td", {}, m.type), el("td", {}, gy(m.prescription_gy)),
-      el("td", {}, gy(m.mean_gy)), el("td", {}, gy(m.max_gy)), el("td", {}, gy(m.d_99_gy)),
-      el("td", {}, gy(m.d_95_gy)), el("td", {}, gy(m.d_1_gy)), el("td", {}, gy(m["d_0.1cc_gy"])),
-      el("td", {}, m.from_rtcontour ? "rtcontour's contour" : "approved")));
+      el("td", {}, m.roi_name), el("td", {}, source), el("td", {}, m.type), el("td", {}, gy(m.prescription_gy)),
+      el("td", {}, gy(m.d_95_gy)), el("td", { className: "ratio" }, ratio), el("td", {}, gy(m.d_99_gy)),
+      el("td", {}, gy(m.mean_gy)), el("td", {}, gy(m.max_gy)), el("td", {}, gy(m["d_0.1cc_gy"]))));
   });
-  drawDvh($("#dvh-chart"), metrics);
+  $("#dose-normalisation").textContent = normalisationText(job, metrics);
+  const borrowed = metrics.filter((m) => m.from_rtcontour).map((m) => m.roi_name);
+  $("#dose-structures-note").textContent = borrowed.length
+    ? "The prediction used the approved structure set; " + borrowed.join(", ") + (borrowed.length === 1 ? " was" : " were") +
+      " not in it and came from rtcontour's own contours (not approved by a clinician)."
+    : "The prediction used the approved structure set only.";
+  drawDvh($("#dvh-chart"), $("#dvh-legend"), metrics);
 }
 
-function drawDvh(container, metrics) {
-  const width = 760, height = 260, left = 44, right = 12, top = 10, bottom = 30;
+// Whether and how the dose was normalised, as the job reports it; without a report the
+// prediction is the network's dose as it came, and each PTV's D95 says how far that is.
+function normalisationText(job, metrics) {
+  const reported = job.dose_normalisation ?? job.normalisation ?? null;
+  const ptvs = metrics.filter((m) => m.type === "PTV" && m.prescription_gy && m.d_95_gy != null);
+  const coverage = ptvs.map((m) => m.roi_name + " D95 " + Number(m.d_95_gy).toFixed(1) + " Gy = " +
+    Math.round((m.d_95_gy / m.prescription_gy) * 100) + " % of its " + Number(m.prescription_gy).toFixed(1) + " Gy prescription");
+  let head;
+  if (reported && typeof reported === "object") head = "Normalisation: " + (reported.description || reported.method || JSON.stringify(reported)) + ".";
+  else if (reported) head = "Normalisation: " + reported + ".";
+  else head = "Not normalised: the dose as the model predicted it, not scaled to the prescription.";
+  return head + (coverage.length ? " " + coverage.join("; ") + "." : "");
+}
+
+function svgText(parent, text, attrs) {
+  const node = svg("text", attrs);
+  node.textContent = text;
+  parent.append(node);
+  return node;
+}
+
+// Cumulative DVHs: dose (Gy) across, volume (%) up, gridlines, the prescriptions dashed.
+function drawDvh(container, legend, metrics) {
+  const width = 760, height = 300, left = 58, right = 16, top = 14, bottom = 48;
   const plotW = width - left - right, plotH = height - top - bottom;
-  const maxDose = Math.max(1, ...metrics.map((m) => (m.dvh.length - 1) * m.dvh_step_gy));
-  const chart = svg("svg", { viewBox: "0 0 " + width + " " + height, role: "img", "aria-label": "dose-volume histograms" });
-  chart.append(svg("line", { x1: left, y1: top + plotH, x2: left + plotW, y2: top + plotH, class: "axis" }));
-  chart.append(svg("line", { x1: left, y1: top, x2: left, y2: top + plotH, class: "axis" }));
-  for (const [label, x, y, anchor] of [["100 %", left - 4, top + 4, "end"], ["0", left - 4, top + plotH + 4, "end"],
-    [maxDose.toFixed(0) + " Gy", left + plotW, top + plotH + 18, "end"], ["dose", left + plotW / 2, top + plotH + 18, "middle"]]) {
-    const t = svg("text", { x, y, class: "tick", "text-anchor": anchor }); t.textContent = label; chart.append(t);
+  const prescriptions = [...new Set(metrics.filter((m) => m.prescription_gy).map((m) => Number(m.prescription_gy)))];
+  const top_ = Math.max(1, ...metrics.map((m) => (m.dvh.length - 1) * m.dvh_step_gy), ...prescriptions.map((p) => p * 1.1));
+  const doseStep = top_ > 40 ? 10 : top_ > 15 ? 5 : 2;
+  const maxDose = Math.ceil(top_ / doseStep) * doseStep;
+  const x = (gy) => left + (gy / maxDose) * plotW, y = (pct) => top + plotH - (pct / 100) * plotH;
+  const chart = svg("svg", { viewBox: "0 0 " + width + " " + height, role: "img", "aria-label": "dose-volume histograms", class: "dvh-svg" });
+  for (let gy = 0; gy <= maxDose + 1e-9; gy += doseStep) {
+    chart.append(svg("line", { x1: x(gy), x2: x(gy), y1: top, y2: top + plotH, class: gy === 0 ? "axis" : "grid" }));
+    svgText(chart, String(gy), { x: x(gy), y: top + plotH + 14, class: "tick", "text-anchor": "middle" });
   }
+  for (let pct = 0; pct <= 100; pct += 10) {
+    chart.append(svg("line", { x1: left, x2: left + plotW, y1: y(pct), y2: y(pct), class: pct === 0 ? "axis" : "grid" }));
+    svgText(chart, String(pct), { x: left - 6, y: y(pct) + 4, class: "tick", "text-anchor": "end" });
+  }
+  svgText(chart, "Dose (Gy)", { x: left + plotW / 2, y: height - 8, class: "axis-label", "text-anchor": "middle", "data-axis": "x" });
+  svgText(chart, "Volume (%)", { x: 14, y: top + plotH / 2, class: "axis-label", "text-anchor": "middle", "data-axis": "y",
+    transform: "rotate(-90 14 " + (top + plotH / 2) + ")" });
+  for (const rx of prescriptions) {
+    chart.append(svg("line", { x1: x(rx), x2: x(rx), y1: top, y2: top + plotH, class: "rx-line" }));
+    svgText(chart, "Rx " + rx + " Gy", { x: x(rx) - 4, y: top + 10, class: "tick rx-label", "text-anchor": "end" });
+  }
+  clear(legend);
   metrics.forEach((m, i) => {
-    const points = m.dvh.map((v, k) => (left + (k * m.dvh_step_gy / maxDose) * plotW).toFixed(1) + "," + (top + plotH - (v / 100) * plotH).toFixed(1));
-    const line = svg("polyline", { points: points.join(" "), fill: "none", stroke: DVH_COLOURS[i % DVH_COLOURS.length], "stroke-width": 2, "data-roi": m.roi_name });
+    const colour = structureColour(m.roi_name, i);
+    const points = m.dvh.map((v, k) => x(k * m.dvh_step_gy).toFixed(1) + "," + y(v).toFixed(1));
+    const line = svg("polyline", { points: points.join(" "), fill: "none", stroke: colour, "stroke-width": 2,
+      "stroke-dasharray": m.from_rtcontour ? "6 3" : "none", "data-roi": m.roi_name });
     const title = svg("title", {}); title.textContent = m.roi_name; line.append(title);
     chart.append(line);
+    const sample = el("span", { className: "legend-line" + (m.from_rtcontour ? " borrowed" : ""), style: { borderColor: colour } });
+    legend.append(el("li", { "data-roi": m.roi_name }, sample, m.roi_name, m.type === "PTV" ? " (PTV, Rx " + m.prescription_gy + " Gy)" : "",
+      m.from_rtcontour ? el("span", { className: "note" }, " borrowed") : null));
   });
   clear(container);
   container.append(chart);
@@ -509,10 +627,14 @@ const viewer = {
   jobId: null, meta: null, hu: null, structures: [], plane: "axial", index: {}, width: 400, level: 40,
   zoom: 1, panX: 0, panY: 0, showApproved: true, lut: null, lutKey: "", pending: false, wheel: 0,
   drag: null, renderMs: [], image: null, pixels: null, offscreen: null, mouse: null,
+  dose: null, isDose: false, showDose: true, showIsodose: true, colourByRoi: {}, body: null,
+  doseCanvas: null,
 };
 
 function resetViewer() {
-  Object.assign(viewer, { jobId: null, meta: null, hu: null, structures: [], index: {}, zoom: 1, panX: 0, panY: 0, image: null, mouse: null, renderMs: [] });
+  Object.assign(viewer, { jobId: null, meta: null, hu: null, structures: [], index: {}, zoom: 1, panX: 0, panY: 0, image: null, mouse: null, renderMs: [],
+    dose: null, isDose: false, colourByRoi: {}, body: null });
+  $("#viewer-dose-legend").hidden = true;
   $("#viewer").hidden = true;
   $("#viewer-note").textContent = "";
   clear($("#viewer-structures"));
@@ -527,8 +649,10 @@ async function loadViewer(id) {
     const meta = await apiJson(base + "meta");
     const sizeMb = (meta.shape[0] * meta.shape[1] * meta.shape[2] * 2 / 1e6).toFixed(1);
     note.textContent = "Loading the CT (" + sizeMb + " MB) and contours…";
-    const [ctResponse, contours] = await Promise.all([api(base + "ct"), apiJson(base + "contours")]);
+    const [ctResponse, contours, doseResponse] = await Promise.all([api(base + "ct"), apiJson(base + "contours"),
+      meta.dose ? api(base + "dose") : Promise.resolve(null)]);
     const buffer = await ctResponse.arrayBuffer();
+    const doseBuffer = doseResponse ? await doseResponse.arrayBuffer() : null;
     if (id !== viewer.jobId) return;
     // Int16Array reads the platform's byte order: little-endian on every browser platform.
     viewer.hu = new Int16Array(buffer);
@@ -540,13 +664,21 @@ async function loadViewer(id) {
       slices: Object.fromEntries(Object.entries(s.slices).map(([k, polys]) => [k, polys.map((p) => Float32Array.from(p))])),
       crossings: null,
     }));
+    viewer.isDose = meta.kind === "dose";
+    viewer.colourByRoi = Object.fromEntries(viewer.structures.map((s) => [s.roi_name, s.css]));
+    viewer.dose = doseBuffer ? makeDose(meta.dose, doseBuffer) : null;
+    viewer.body = bodyBox();
     const [S, R, C] = meta.shape;
     viewer.index = { axial: Math.floor(S / 2), coronal: Math.floor(R / 2), sagittal: Math.floor(C / 2) };
     const soft = meta.windows[0];
     setWindow(soft.width, soft.level, soft.name);
     buildWindowControls(meta.windows);
     buildStructureList();
-    $("#viewer-approved-toggle").hidden = !meta.has_approved;
+    $("#viewer-approved-toggle").hidden = !meta.has_approved || viewer.isDose;
+    $("#viewer-dose-toggle").hidden = !viewer.dose;
+    $("#viewer-isodose-toggle").hidden = !viewer.dose;
+    buildDoseLegend();
+    if (state.job && state.job.id === id) renderDose(state.job);  // the table in the viewer's colours
     $("#viewer").hidden = false;
     note.textContent = "Wheel or ↑/↓, PgUp/PgDn: slices · right-drag: window/level · drag: pan · +/−: zoom.";
     setPlane("axial");
@@ -575,9 +707,11 @@ function buildStructureList() {
     box.checked = s.visible;
     box.onchange = () => { s.visible = box.checked; scheduleRender(); };
     const flag = s.flag === "review" ? el("span", { className: "flag", title: "the model is unsure" + (s.confidence != null ? " (confidence " + Number(s.confidence).toFixed(2) + ")" : "") + ": review it" }, "⚑ review") : null;
-    const line = el("span", { className: "line " + s.source, style: { borderColor: s.css } });
-    const label = el("label", {}, box, line, s.roi_name, s.source === "approved" ? el("span", { className: "note" }, " approved") : null, flag ? " " : null, flag);
-    list.append(el("li", { className: s.source === "approved" ? "approved" : "", "data-key": s.key }, label));
+    const line = el("span", { className: "line " + (dashed(s) ? "dashed" : "solid"), style: { borderColor: s.css } });
+    const origin = s.source === "borrowed" ? el("span", { className: "note borrowed" }, " borrowed from rtcontour, not approved")
+      : s.source === "approved" ? el("span", { className: "note" }, " approved") : null;
+    const label = el("label", {}, box, line, s.roi_name, origin, flag ? " " : null, flag);
+    list.append(el("li", { className: s.source === "approved" && !viewer.isDose ? "approved" : "", "data-key": s.key, "data-source": s.source }, label));
   }
 }
 
@@ -595,7 +729,7 @@ function setPlane(plane) {
   const slider = $("#viewer-slider");
   slider.max = String(viewer.meta.shape[PLANE_AXES[plane].cut] - 1);
   slider.value = String(viewer.index[plane]);
-  viewer.zoom = 1; viewer.panX = 0; viewer.panY = 0;
+  fitToBody(plane);
   scheduleRender();
 }
 
@@ -771,12 +905,12 @@ function renderViewer() {
   ctx.imageSmoothingEnabled = true;
   ctx.drawImage(off, t.ox, t.oy, g.width * t.sx, g.height * t.sy);
   ctx.lineJoin = "round";
+  drawDose(ctx, plane, index, t, g, canvas);
   for (const s of viewer.structures) {
-    if (!s.visible || (s.source === "approved" && !viewer.showApproved)) continue;
+    if (!s.visible || (s.source === "approved" && !viewer.isDose && !viewer.showApproved)) continue;
     structurePath(ctx, s, plane, index, t, g);
-    const dashed = s.source === "approved";
     // A dark halo under the colour keeps every contour visible on bone and on soft tissue.
-    ctx.setLineDash(dashed ? [5, 4] : []);
+    ctx.setLineDash(dashed(s) ? [5, 4] : []);
     ctx.strokeStyle = "rgba(0,0,0,0.85)"; ctx.lineWidth = s.flag === "review" ? 4.5 : 3.5; ctx.stroke();
     ctx.strokeStyle = s.css; ctx.lineWidth = s.flag === "review" ? 2.5 : 1.5; ctx.stroke();
   }
@@ -784,6 +918,7 @@ function renderViewer() {
   const elapsed = performance.now() - started;
   viewer.renderMs.push(elapsed);
   if (viewer.renderMs.length > 200) viewer.renderMs.shift();
+  showOrientation(plane);
   canvas.dataset.rendered = plane + ":" + index;
   canvas.dataset.renderMs = elapsed.toFixed(2);
   $("#viewer-slice").textContent = plane + " " + (index + 1) + "/" + viewer.meta.shape[PLANE_AXES[plane].cut] + " · " + slicePosition(plane, index);
@@ -825,6 +960,217 @@ function canvasPoint(event) {
 
 function zoomBy(factor) { viewer.zoom = Math.min(16, Math.max(0.5, viewer.zoom * factor)); scheduleRender(); }
 
+// Solid or dashed: rtcontour's own solid and the approved set dashed on a contour job; on a
+// dose job the approved set it used is solid and what it borrowed from rtcontour dashed.
+function dashed(s) { return viewer.isDose ? s.source === "borrowed" : s.source === "approved"; }
+
+// Orientation letters on the four edges (the canonical grid: see PLANE_AXES).
+const ORIENTATION = {
+  axial: { top: "A", bottom: "P", left: "R", right: "L" },
+  coronal: { top: "S", bottom: "I", left: "R", right: "L" },
+  sagittal: { top: "S", bottom: "I", left: "A", right: "P" },
+};
+const DIRECTION_NAMES = { A: "anterior", P: "posterior", R: "patient right", L: "patient left", S: "superior", I: "inferior" };
+
+function showOrientation(plane) {
+  for (const node of document.querySelectorAll("#viewer-stage .orient")) {
+    const letter = ORIENTATION[plane][node.dataset.edge];
+    if (node.textContent !== letter) { node.textContent = letter; node.title = DIRECTION_NAMES[letter]; }
+  }
+}
+
+// The body's box in voxels (canonical (slice, row, column), [low, high) per axis): voxels
+// above -400 HU, so the view opens on the patient, not the whole reconstructed field.
+function bodyBox() {
+  const [S, R, C] = viewer.meta.shape, hu = viewer.hu;
+  const low = [S, R, C], high = [0, 0, 0];
+  for (let s = 0; s < S; s++) {
+    for (let r = 0; r < R; r++) {
+      const base = (s * R + r) * C;
+      let first = -1, last = -1;
+      for (let c = 0; c < C; c++) if (hu[base + c] > -400) { if (first < 0) first = c; last = c; }
+      if (first < 0) continue;
+      if (s < low[0]) low[0] = s; if (s + 1 > high[0]) high[0] = s + 1;
+      if (r < low[1]) low[1] = r; if (r + 1 > high[1]) high[1] = r + 1;
+      if (first < low[2]) low[2] = first; if (last + 1 > high[2]) high[2] = last + 1;
+    }
+  }
+  return high[0] > low[0] ? { low, high } : null;
+}
+
+// Zoom and pan so the body (plus a margin) fills the canvas; never beyond the whole image.
+function fitToBody(plane) {
+  viewer.zoom = 1; viewer.panX = 0; viewer.panY = 0;
+  if (!viewer.body || !viewer.meta) return;
+  const canvas = $("#viewer-canvas"), g = planeGeometry(plane), axes = PLANE_AXES[plane];
+  const margin = 0.08;
+  const u0 = viewer.body.low[axes.across], u1 = viewer.body.high[axes.across];
+  const v0 = viewer.body.low[axes.down], v1 = viewer.body.high[axes.down];
+  const bw = (u1 - u0) * (1 + 2 * margin), bh = (v1 - v0) * (1 + 2 * margin);
+  const fit = Math.min(canvas.width / (g.width * g.acrossMm), canvas.height / (g.height * g.downMm));
+  const zoom = Math.min(canvas.width / (bw * g.acrossMm * fit), canvas.height / (bh * g.downMm * fit));
+  viewer.zoom = Math.min(16, Math.max(1, zoom));
+  const sx = fit * viewer.zoom * g.acrossMm, sy = fit * viewer.zoom * g.downMm;
+  viewer.panX = (g.width / 2 - (u0 + u1) / 2) * sx;
+  viewer.panY = (g.height / 2 - (v0 + v1) / 2) * sy;
+}
+
+// ---- dose overlay --------------------------------------------------------------------
+// The dose grid (uint16 cGy, canonical order) lies on the CT: dose voxel (i, j, k) is at CT
+// voxel origin_index + step * (i, j, k). Drawn as a colour wash from 20 % of the highest
+// prescription, with isodose lines at each prescription.
+const ISODOSE_COLOURS = ["#ff2d2d", "#ffb000", "#2dd4ff", "#c86bff"];
+
+function makeDose(meta, buffer) {
+  const cgy = new Uint16Array(buffer);
+  if (cgy.length !== meta.shape[0] * meta.shape[1] * meta.shape[2]) throw new Error("dose size does not match its shape");
+  const levels = [...new Set(Object.values(meta.prescriptions_gy || {}).map(Number))].sort((a, b) => b - a);
+  const reference = levels.length ? levels[0] : Math.max(meta.max_gy, 1);
+  return { meta, cgy, levels, low: 0.2 * reference, high: Math.max(1.05 * reference, 0.2 * reference + 1), lut: doseLut(), planeKey: "", plane: null };
+}
+
+// 256 RGBA (little-endian Uint32) colours, blue -> cyan -> green -> yellow -> red, half opaque.
+function doseLut() {
+  const lut = new Uint32Array(256);
+  const stops = [[0, [0, 60, 255]], [0.35, [0, 220, 255]], [0.55, [40, 230, 40]], [0.75, [255, 230, 0]], [1, [255, 20, 0]]];
+  for (let i = 0; i < 256; i++) {
+    const t = i / 255;
+    let k = 0;
+    while (k < stops.length - 2 && t > stops[k + 1][0]) k++;
+    const [t0, c0] = stops[k], [t1, c1] = stops[k + 1];
+    const w = Math.min(1, Math.max(0, (t - t0) / (t1 - t0)));
+    const [r, g, b] = c0.map((v, j) => Math.round(v + (c1[j] - v) * w));
+    lut[i] = (115 << 24) | (b << 16) | (g << 8) | r;
+  }
+  return lut;
+}
+
+// For CT voxel indices 0..n-1 along canonical axis ``axis``: the two dose voxels each lies
+// between and the weight of the second (-1: outside the dose grid, no dose).
+function doseAxis(axis, n) {
+  const m = viewer.dose.meta, size = m.shape[axis];
+  const first = new Int32Array(n), weight = new Float32Array(n);
+  for (let t = 0; t < n; t++) {
+    const f = (t - m.origin_index[axis]) / m.step[axis];
+    if (f < -0.5 || f > size - 0.5) { first[t] = -1; continue; }
+    const clamped = Math.min(size - 1, Math.max(0, f));
+    const i0 = Math.min(size - 2, Math.floor(clamped));
+    first[t] = Math.max(0, i0);
+    weight[t] = size > 1 ? clamped - first[t] : 0;
+  }
+  return { first, weight };
+}
+
+// Dose in Gy at each pixel of a plane image (trilinear between dose voxels), cached per image.
+function planeDose(plane, index, g) {
+  const d = viewer.dose, key = plane + ":" + index;
+  if (d.planeKey === key) return d.plane;
+  const axes = PLANE_AXES[plane], shape = viewer.meta.shape, [, DR, DC] = d.meta.shape;
+  const strides = [DR * DC, DC, 1];
+  const cut = doseAxis(axes.cut, shape[axes.cut]), across = doseAxis(axes.across, g.width), down = doseAxis(axes.down, g.height);
+  const out = new Float32Array(g.width * g.height);
+  const k = cut.first[index];
+  if (k >= 0) {
+    const kw = cut.weight[index], ks = strides[axes.cut], as = strides[axes.across], ds = strides[axes.down];
+    const cgy = d.cgy, n0 = d.meta.shape[axes.across] > 1 ? as : 0, m0 = d.meta.shape[axes.down] > 1 ? ds : 0, k0 = d.meta.shape[axes.cut] > 1 ? ks : 0;
+    for (let v = 0; v < g.height; v++) {
+      const j = down.first[v];
+      if (j < 0) continue;
+      const jw = down.weight[v];
+      for (let u = 0; u < g.width; u++) {
+        const i = across.first[u];
+        if (i < 0) continue;
+        const iw = across.weight[u];
+        const base = k * ks + j * ds + i * as;
+        const a = cgy[base] * (1 - iw) + cgy[base + n0] * iw, b = cgy[base + m0] * (1 - iw) + cgy[base + m0 + n0] * iw;
+        const c = cgy[base + k0] * (1 - iw) + cgy[base + k0 + n0] * iw, e = cgy[base + k0 + m0] * (1 - iw) + cgy[base + k0 + m0 + n0] * iw;
+        out[v * g.width + u] = ((a * (1 - jw) + b * jw) * (1 - kw) + (c * (1 - jw) + e * jw) * kw) / 100;
+      }
+    }
+  }
+  d.planeKey = key; d.plane = out;
+  return out;
+}
+
+function drawDose(ctx, plane, index, t, g, canvas) {
+  const d = viewer.dose;
+  canvas.dataset.dosePixels = "0";
+  if (!d || (!viewer.showDose && !viewer.showIsodose)) return;
+  const values = planeDose(plane, index, g);
+  if (viewer.showDose) {
+    if (!viewer.doseCanvas) viewer.doseCanvas = document.createElement("canvas");
+    const off = viewer.doseCanvas;
+    if (off.width !== g.width || off.height !== g.height) { off.width = g.width; off.height = g.height; }
+    const offCtx = off.getContext("2d"), image = offCtx.createImageData(g.width, g.height);
+    const pixels = new Uint32Array(image.data.buffer), scale = 255 / (d.high - d.low);
+    let shown = 0;
+    for (let i = 0; i < values.length; i++) {
+      const v = values[i];
+      if (v < d.low) continue;
+      pixels[i] = d.lut[Math.min(255, Math.round((v - d.low) * scale))];
+      shown++;
+    }
+    offCtx.putImageData(image, 0, 0);
+    ctx.drawImage(off, t.ox, t.oy, g.width * t.sx, g.height * t.sy);
+    canvas.dataset.dosePixels = String(shown);
+  }
+  if (viewer.showIsodose) {
+    d.levels.forEach((level, n) => {
+      isodosePath(ctx, values, g.width, g.height, level, t);
+      ctx.setLineDash([]);
+      ctx.strokeStyle = "rgba(0,0,0,0.8)"; ctx.lineWidth = 3.5; ctx.stroke();
+      ctx.strokeStyle = ISODOSE_COLOURS[n % ISODOSE_COLOURS.length]; ctx.lineWidth = 1.8; ctx.stroke();
+    });
+  }
+}
+
+// Marching squares over pixel centres: the line where the dose crosses ``level`` Gy.
+function isodosePath(ctx, values, w, h, level, t) {
+  ctx.beginPath();
+  const px = (u) => t.ox + (u + 0.5) * t.sx, py = (v) => t.oy + (v + 0.5) * t.sy;
+  for (let v = 0; v < h - 1; v++) {
+    for (let u = 0; u < w - 1; u++) {
+      const a = values[v * w + u], b = values[v * w + u + 1], c = values[(v + 1) * w + u + 1], e = values[(v + 1) * w + u];
+      const ia = a >= level, ib = b >= level, ic = c >= level, ie = e >= level;
+      if (ia === ib && ib === ic && ic === ie) continue;
+      const points = [];
+      if (ia !== ib) points.push(u + (level - a) / (b - a), v);
+      if (ib !== ic) points.push(u + 1, v + (level - b) / (c - b));
+      if (ie !== ic) points.push(u + (level - e) / (c - e), v + 1);
+      if (ia !== ie) points.push(u, v + (level - a) / (e - a));
+      for (let i = 0; i + 3 < points.length; i += 4) {
+        ctx.moveTo(px(points[i]), py(points[i + 1]));
+        ctx.lineTo(px(points[i + 2]), py(points[i + 3]));
+      }
+    }
+  }
+}
+
+function buildDoseLegend() {
+  const box = $("#viewer-dose-legend");
+  clear(box);
+  const d = viewer.dose;
+  box.hidden = !d;
+  if (!d) return;
+  const bar = el("div", { className: "dose-bar", role: "img", "aria-label": "dose colour scale" });
+  const stops = [];
+  for (let i = 0; i <= 8; i++) {
+    const value = d.lut[Math.round((i / 8) * 255)];
+    stops.push("rgb(" + (value & 255) + "," + ((value >> 8) & 255) + "," + ((value >> 16) & 255) + ")");
+  }
+  bar.style.background = "linear-gradient(to right, " + stops.join(", ") + ")";
+  box.append(el("div", { className: "dose-legend-title" }, "Predicted dose (Gy)"), bar,
+    el("div", { className: "dose-bar-ticks" }, el("span", {}, d.low.toFixed(0)), el("span", {}, ((d.low + d.high) / 2).toFixed(0)), el("span", {}, d.high.toFixed(0))));
+  const list = el("ul", { className: "isodose-list" });
+  const names = Object.entries(d.meta.prescriptions_gy || {});
+  d.levels.forEach((level, n) => {
+    const ptvs = names.filter(([, gy]) => Number(gy) === level).map(([name]) => name).join(", ");
+    list.append(el("li", { "data-level": level }, el("span", { className: "line", style: { borderColor: ISODOSE_COLOURS[n % ISODOSE_COLOURS.length] } }),
+      level + " Gy isodose" + (ptvs ? " (" + ptvs + " prescription)" : "")));
+  });
+  box.append(list, el("p", { className: "note" }, "Wash from " + d.low.toFixed(0) + " Gy (20 % of the prescription); max " + Number(d.meta.max_gy).toFixed(1) + " Gy."));
+}
+
 function setupViewer() {
   const canvas = $("#viewer-canvas"), stage = $("#viewer-stage");
   canvas.addEventListener("wheel", (event) => {
@@ -862,7 +1208,9 @@ function setupViewer() {
   for (const button of document.querySelectorAll("#viewer-planes button")) button.addEventListener("click", () => setPlane(button.dataset.plane));
   $("#viewer-zoom-in").addEventListener("click", () => zoomBy(1.25));
   $("#viewer-zoom-out").addEventListener("click", () => zoomBy(0.8));
-  $("#viewer-reset").addEventListener("click", () => { viewer.zoom = 1; viewer.panX = 0; viewer.panY = 0; scheduleRender(); });
+  $("#viewer-reset").addEventListener("click", () => { fitToBody(viewer.plane); scheduleRender(); });
+  $("#viewer-dose").addEventListener("change", () => { viewer.showDose = $("#viewer-dose").checked; scheduleRender(); });
+  $("#viewer-isodose").addEventListener("change", () => { viewer.showIsodose = $("#viewer-isodose").checked; scheduleRender(); });
   $("#viewer-approved").addEventListener("change", () => { viewer.showApproved = $("#viewer-approved").checked; scheduleRender(); });
   $("#viewer-all").addEventListener("click", () => { const on = !viewer.structures.every((s) => s.visible); for (const s of viewer.structures) s.visible = on; buildStructureList(); scheduleRender(); });
 }
@@ -874,14 +1222,16 @@ async function downloadOutput(kind) {
   try {
     const response = await api("/api/jobs/" + encodeURIComponent(state.jobId) + "/outputs/" + encodeURIComponent(kind));
     const url = URL.createObjectURL(await response.blob());
-    const link = el("a", { href: url, download: (FILE_PREFIXES[kind] || kind) + "_" + state.jobId + ".dcm" });
+    const named = /filename\*?=(?:UTF-8'')?"?([^";]+)"?/i.exec(response.headers.get("Content-Disposition") || "");
+    const name = named ? decodeURIComponent(named[1]) : (FILE_PREFIXES[kind] || kind) + "_" + state.jobId + ".dcm";
+    const link = el("a", { href: url, download: name });
     document.body.append(link); link.click(); link.remove();
     setTimeout(() => URL.revokeObjectURL(url), 10000);
     $("#job-message").textContent = kind + " downloaded.";
   } catch (error) { $("#job-message").textContent = "Download failed: " + error.message; }
 }
 
-function download() { return downloadOutput("RTSTRUCT"); }
+function download() { return downloadOutput(state.downloadKind || "RTSTRUCT"); }
 
 async function retry() {
   try {
@@ -927,6 +1277,12 @@ document.addEventListener("DOMContentLoaded", async () => {
   $("#prev-page").addEventListener("click", () => { state.offset = Math.max(0, state.offset - PAGE_SIZE); refreshOverview(); });
   $("#next-page").addEventListener("click", () => { state.offset += PAGE_SIZE; refreshOverview(); });
   $("#filter-state").addEventListener("change", () => { state.offset = 0; refreshOverview(); });
+  $("#awaiting-tile").addEventListener("click", () => {
+    $("#filter-state").value = "awaiting_review";
+    state.offset = 0;
+    refreshOverview();
+    $("#jobs-table").scrollIntoView({ block: "nearest" });
+  });
   $("#filter-ae").addEventListener("change", () => { state.offset = 0; refreshOverview(); });
   $("#filter-patient").addEventListener("change", () => { state.offset = 0; refreshOverview(); });
   $("#download").addEventListener("click", download);
