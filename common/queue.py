@@ -37,6 +37,9 @@ __all__ = [
 ]
 
 QUEUE = "rtcontour"
+# The name on the wire between the edges and the workers: a rename or new arguments need a
+# new, versioned name ("rtcontour.run_job.v2") so an old worker in a rolling upgrade
+# rejects the message with an error (tests/worker/test_task_name.py).
 RUN_JOB_TASK = "rtcontour.run_job"
 
 
