@@ -233,7 +233,8 @@ def load_series(
     slice_spacing = _check_spacing(distances, gap_tolerance, first)
     if len(datasets) < min_slices:
         raise InvalidSeries(
-            f"The series has {len(datasets)} slices, fewer than the {min_slices} required."
+            f"The series has {len(datasets)} slices, fewer than the {min_slices} required. "
+            + SEND_WHOLE_SERIES
         )
 
     affine = np.eye(4)
@@ -359,6 +360,12 @@ def _check_along_normal(
         )
 
 
+# The input itself is wrong: running the job again cannot help, and a slice sent on its own
+# makes a series (and a job) of its own.
+SEND_WHOLE_SERIES = ("Retrying will not help: send the whole series again from the planning "
+                     "system (a missing slice sent alone becomes a job of its own).")
+
+
 def _check_spacing(distances: np.ndarray, gap_tolerance: float, first: Dataset) -> float:
     if len(distances) < 2:
         thickness = first.get("SliceThickness")
@@ -376,7 +383,8 @@ def _check_spacing(distances: np.ndarray, gap_tolerance: float, first: Dataset) 
         index = int(uneven[0])
         raise UnsupportedGeometry(
             f"The slice spacing is uneven: a gap of {gaps[index]:.3g} mm after position "
-            f"{distances[index]:.2f} mm where {median:.3g} mm is usual (a missing slice?)."
+            f"{distances[index]:.2f} mm where {median:.3g} mm is usual (a missing slice?). "
+            + SEND_WHOLE_SERIES
         )
     return float((distances[-1] - distances[0]) / (len(distances) - 1))
 

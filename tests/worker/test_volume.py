@@ -295,3 +295,19 @@ def test_phantom_ct_instances_pass_dciodvfy(tmp_path: Path, position: str, synta
     )
     for path in paths:
         assert dciodvfy_errors(path) == []
+
+
+@pytest.mark.parametrize(
+    ("change", "min_slices"), [(_missing, 5), (lambda datasets: None, 20)],
+    ids=["missing-slice", "too-few-slices"],
+)
+def test_a_series_refused_for_its_slices_says_to_send_the_whole_series_again(
+    change: Callable[[list[Dataset]], None], min_slices: int
+) -> None:
+    datasets = _small(12)
+    change(datasets)
+    with pytest.raises(InvalidSeries) as refused:
+        load_series(datasets, min_slices=min_slices)
+    assert str(refused.value).endswith(
+        "Retrying will not help: send the whole series again from the planning system (a "
+        "missing slice sent alone becomes a job of its own).")
