@@ -438,9 +438,11 @@ def test_clinician_sees_what_awaits_review_and_a_dose_job_with_its_wash_and_dvh(
             # A held job: plainly not approved, and where Approve will send it.
             rows.first.locator("a").click()
             sync_api.expect(page.locator("#job-banner")).to_contain_text("not approved")
-            sync_api.expect(page.locator("#download")).to_contain_text("unapproved")
+            sync_api.expect(page.locator("#download")).to_contain_text("unreviewed")
             sync_api.expect(page.locator("#review-destinations")).to_contain_text(
-                "Approve will send to")
+                "Approve will send to: PACS@127.0.0.1")
+            sync_api.expect(page.locator("#review-destinations")).to_contain_text(
+                "RTCONTOUR_DESTINATIONS")
             sync_api.expect(page.locator("#job-title")).to_contain_text("DOE, JANE")
 
             # The dose job: headed by the patient, its own view.
@@ -475,7 +477,7 @@ def test_clinician_sees_what_awaits_review_and_a_dose_job_with_its_wash_and_dvh(
             assert int(canvas.get_attribute("data-dose-pixels") or 0) > 200  # the wash
             sync_api.expect(page.locator("#viewer-dose-legend")).to_contain_text(
                 "70 Gy isodose (PTV70 prescription)")
-            isodose = (255, 45, 45)
+            isodose = (255, 255, 255)  # the 70 Gy line (bone outside the wash stays white)
             with_lines = _colour_pixels(page, isodose)
             page.uncheck("#viewer-isodose")
             page.wait_for_timeout(150)

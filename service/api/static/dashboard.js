@@ -369,6 +369,7 @@ async function refreshJob() {
   field(fields, "Route", job.route_name);
   field(fields, "Not contoured because", job.ignored_reason);
   field(fields, "Destinations", destinationsText(job));
+  field(fields, "Sent to", job.sent_to && job.sent_to.length ? job.sent_to.join(", ") : null);
   field(fields, "RTSTRUCT UID", job.rtstruct_sop_instance_uid);
   const outputs = $("#outputs-table tbody");
   clear(outputs);
@@ -377,7 +378,7 @@ async function refreshJob() {
     const button = el("button", { type: "button", className: "download-output" }, "Download");
     button.disabled = !output.available || !allowed("clinician");
     button.onclick = () => downloadOutput(output.kind);
-    const mark = unreviewed ? el("span", { className: "badge unapproved" }, unreviewed) : null;
+    const mark = unreviewed ? el("span", { className: "badge " + unreviewed }, unreviewed) : null;
     outputs.append(el("tr", { "data-kind": output.kind }, el("td", {}, output.kind, mark ? " " : null, mark),
       el("td", { className: "uid" }, output.sop_instance_uid), el("td", {}, button)));
   }
@@ -405,7 +406,8 @@ async function refreshJob() {
   const main = job.outputs.find((output) => output.kind === mainKind);
   state.downloadKind = mainKind;
   $("#download").textContent = "Download " + mainKind + (unreviewed ? " (" + unreviewed + ")" : "");
-  $("#download").classList.toggle("unapproved", Boolean(unreviewed));
+  $("#download").classList.remove("unreviewed", "rejected");
+  if (unreviewed) $("#download").classList.add(unreviewed);
   $("#download").hidden = !canClinic;
   $("#download").disabled = !(main && main.available);
   $("#retry").hidden = !(canClinic && (job.state === "failed" || job.state === "send_failed"));
@@ -419,7 +421,7 @@ async function refreshJob() {
 
 // What marks a job's outputs as not approved: awaiting review, or rejected ("" otherwise).
 function reviewMark(job) {
-  if (job.state === "awaiting_review") return "unapproved";
+  if (job.state === "awaiting_review") return "unreviewed";
   if (job.state === "rejected" || job.review_decision === "rejected") return "rejected";
   return "";
 }
@@ -446,23 +448,16 @@ function renderHeading(job) {
   const mark = reviewMark(job);
   banner.hidden = !mark;
   banner.className = "job-banner " + (mark ? "banner-" + mark : "");
-  banner.textContent = mark === "unapproved"
+  banner.textContent = mark === "unreviewed"
     ? "Awaiting review: these contours are not approved and have not been sent."
     : mark === "rejected" ? "Rejected: these contours were not approved and are never sent." : "";
 }
 
-// Where the job's outputs go (or went): the destinations the API reports as used, else the
-// route's, else the service's default list.
-function jobDestinations(job) {
-  for (const key of ["destinations_used", "send_to", "effective_destinations"]) {
-    if (Array.isArray(job[key]) && job[key].length) return job[key];
-  }
-  return job.destinations && job.destinations.length ? job.destinations : null;
-}
-
+// Where the job's outputs go (send_to: the route's destinations, else RTCONTOUR_DESTINATIONS).
 function destinationsText(job) {
-  const targets = jobDestinations(job);
-  return targets ? targets.join(", ") : "the default destinations (RTCONTOUR_DESTINATIONS): its route names none";
+  const targets = job.send_to && job.send_to.length ? job.send_to : job.destinations;
+  if (!targets || !targets.length) return "none configured";
+  return targets.join(", ") + (job.send_to_from === "RTCONTOUR_DESTINATIONS" ? " (RTCONTOUR_DESTINATIONS: its route names none)" : "");
 }
 
 // The approval gate: a job its route holds for review is sent only when a clinician approves.
@@ -477,7 +472,7 @@ function renderReview(job, canClinic) {
   else status.textContent = "Its route requires a clinician's approval before sending.";
   const where = $("#review-destinations");
   if (waiting) where.textContent = "Approve will send to: " + destinationsText(job) + ".";
-  else if (job.review_decision === "approved") where.textContent = "Sent to: " + destinationsText(job) + ".";
+  else if (job.review_decision === "approved") where.textContent = job.sent_to && job.sent_to.length ? "Sent to: " + job.sent_to.join(", ") + "." : "Approve sends to: " + destinationsText(job) + ".";
   else where.textContent = "";
 }
 
@@ -1019,7 +1014,8 @@ function fitToBody(plane) {
 // The dose grid (uint16 cGy, canonical order) lies on the CT: dose voxel (i, j, k) is at CT
 // voxel origin_index + step * (i, j, k). Drawn as a colour wash from 20 % of the highest
 // prescription, with isodose lines at each prescription.
-const ISODOSE_COLOURS = ["#ff2d2d", "#ffb000", "#2dd4ff", "#c86bff"];
+// White first: unlike a structure's colour, and seen on the wash (with a dark halo).
+const ISODOSE_COLOURS = ["#ffffff", "#ffe600", "#00ffd0", "#ff66ff"];
 
 function makeDose(meta, buffer) {
   const cgy = new Uint16Array(buffer);
