@@ -10,6 +10,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Literal
+from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -37,24 +38,39 @@ def validate_ae_title(value: str) -> str:
 @dataclass(frozen=True)
 class Destination:
     """A DICOM peer that receives every RTSTRUCT: ``AE@host:port``, or ``AE@host:port+tls``
-    for DICOM TLS (see ``common.tls.client_ssl_context``)."""
+    for DICOM TLS (see ``common.tls.client_ssl_context``), or a DICOMweb service's base URL
+    (``https://pacs/dicomweb``: ``url`` set, outputs STOWed to ``<url>/studies``)."""
 
     ae_title: str
     host: str
     port: int
     tls: bool = False
+    url: str | None = None  # a DICOMweb destination
+
+    @property
+    def is_dicomweb(self) -> bool:
+        return self.url is not None
 
     @classmethod
     def parse(cls, text: str) -> Destination:
+        if text.strip().lower().startswith(("http://", "https://")):
+            url = validate_http_url(text).rstrip("/")
+            parsed = urlsplit(url)
+            https = parsed.scheme.lower() == "https"
+            return cls("DICOMWEB", parsed.hostname or "", parsed.port or (443 if https else 80),
+                       https, url)
         match = _DESTINATION.match(text.strip())
         if match is None:
-            raise ValueError(f"destination {text!r} is not of the form AE@host:port[+tls]")
+            raise ValueError(f"destination {text!r} is not of the form AE@host:port[+tls] "
+                             "nor a DICOMweb URL (https://host/dicomweb)")
         port = int(match["port"])
         if not 1 <= port <= 65535:
             raise ValueError(f"destination {text!r} has port {port} outside 1-65535")
         return cls(validate_ae_title(match["ae"]), match["host"], port, bool(match["tls"]))
 
     def __str__(self) -> str:
+        if self.url is not None:
+            return self.url
         return f"{self.ae_title}@{self.host}:{self.port}" + ("+tls" if self.tls else "")
 
 

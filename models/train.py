@@ -19,7 +19,6 @@ What a run is defined by (:class:`TrainConfig`, re-exported here) and the comman
 from __future__ import annotations
 
 import logging
-import os
 import queue
 import random
 import sys
@@ -44,6 +43,7 @@ from rtcontour.models.data import SOFT_SCALE, CaseArrays, default_data_dir, load
 from rtcontour.models.ema import ModelEMA
 from rtcontour.models.inference import gaussian_importance, symmetric_window_starts
 from rtcontour.models.labels import LR_SWAP_PAIRS, ORGANS
+from rtcontour.models.run_files import atomic_save
 from rtcontour.models.train_cli import build_parser, recipe_changes
 from rtcontour.models.train_config import TrainConfig
 from rtcontour.models.unet import ResidualUNet3D, deep_residual_unet
@@ -404,12 +404,6 @@ def _lr_lambda(config: TrainConfig) -> Callable[[int], float]:
     return factor
 
 
-def _atomic_save(payload: dict[str, Any], path: Path) -> None:
-    partial = path.with_name(path.name + f".{os.getpid()}.tmp")
-    torch.save(payload, partial)
-    os.replace(partial, path)
-
-
 def load_checkpoint(path: Path) -> dict[str, Any]:
     """Load a checkpoint written by :func:`train` (tensors and plain types only)."""
     payload = torch.load(path, map_location="cpu", weights_only=True)
@@ -647,11 +641,11 @@ def train(
                      time.monotonic() - validated)
             if mean_dice > best_dice:
                 best_dice = mean_dice
-                _atomic_save(payload_now(step), best_path)
+                atomic_save(payload_now(step), best_path)
                 log.info("new best checkpoint %s (mean Dice %.4f)", best_path, best_dice)
             tick = time.monotonic()
         if is_val or time.monotonic() - last_save > 60 * config.checkpoint_minutes:
-            _atomic_save(payload_now(step), last_path)
+            atomic_save(payload_now(step), last_path)
             last_save = time.monotonic()
         if out_of_time:
             log.warning("time budget of %.0f s spent at step %d of %d", time_budget_s, step,
@@ -660,7 +654,7 @@ def train(
     if isinstance(batches, ThreadedBatches):
         batches.close()
     final = payload_now(step)
-    _atomic_save(final, last_path)
+    atomic_save(final, last_path)
     log.info("stopped at step %d; checkpoint %s", step, last_path)
     return final
 

@@ -109,7 +109,7 @@ def test_lower_floors_import_without_the_upper_ones(package: str) -> None:
         f"for m in pkgutil.walk_packages({package}.__path__, '{package}.'):\n"
         "    if m.name.removeprefix('rtcontour.').startswith(('models.train', 'models.export',"
         " 'models.dose.train', 'models.gpu_burst', 'models.augment', 'models.ema',"
-        " 'models.unet')):\n"
+        " 'models.unet', 'models.run_files')):\n"
         "        continue  # torch-only modules (extra 'train')\n"
         "    importlib.import_module(m.name)\n"
         "bad = sorted(n for n in sys.modules if n.startswith(('rtcontour.service',"

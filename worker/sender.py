@@ -1,4 +1,5 @@
-"""The C-STORE SCU: delivers a job's RTSTRUCT to each configured destination.
+"""The C-STORE SCU: delivers a job's RTSTRUCT to each configured destination (a DICOMweb
+destination by STOW-RS, ``common.dicomweb.stow``, with the same retries).
 
 ``Sender.send_file`` makes one association per attempt and retries with exponential backoff
 (``send_attempts`` attempts, waiting ``send_backoff_s * 2**k`` between them); when every
@@ -21,6 +22,7 @@ import pydicom
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, RTStructureSetStorage
 from pynetdicom import AE
 
+from rtcontour.common.dicomweb import stow
 from rtcontour.common.errors import DestinationUnavailable
 from rtcontour.common.jobstore import JobStore
 from rtcontour.common.settings import Destination, Settings
@@ -84,6 +86,9 @@ class Sender:
         )
 
     def _store_once(self, dataset: Any, destination: Destination) -> None:
+        if destination.is_dicomweb:
+            stow(dataset, destination, self.settings)
+            return
         ae = AE(ae_title=self.settings.ae_title)
         ae.acse_timeout = self.settings.acse_timeout_s
         ae.dimse_timeout = self.settings.dimse_timeout_s

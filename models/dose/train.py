@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
-import os
 import random
 import sys
 import time
@@ -42,6 +41,7 @@ from torch import nn
 from rtcontour.models.dose.data import DoseCase, load_dose_split
 from rtcontour.models.dose.features import DOSE_SPACING_MM, MIRROR_CHANNEL_SWAPS
 from rtcontour.models.dose.network import DoseUNet
+from rtcontour.models.run_files import atomic_save
 
 __all__ = [
     "DoseTrainConfig",
@@ -304,12 +304,6 @@ def _lr_lambda(config: DoseTrainConfig) -> Callable[[int], float]:
     return factor
 
 
-def _atomic_save(payload: dict[str, Any], path: Path) -> None:
-    partial = path.with_name(path.name + f".{os.getpid()}.tmp")
-    torch.save(payload, partial)
-    os.replace(partial, path)
-
-
 def load_checkpoint(path: Path) -> dict[str, Any]:
     """Load a checkpoint written by :func:`train` (tensors and plain types only)."""
     payload = torch.load(path, map_location="cpu", weights_only=True)
@@ -408,14 +402,14 @@ def train(
                      mae, len(val_cases), time.monotonic() - started)
             if mae < best_mae:
                 best_mae = mae
-                _atomic_save(payload_now(step), best_path)
+                atomic_save(payload_now(step), best_path)
                 log.info("new best checkpoint %s (MAE %.3f Gy)", best_path, best_mae)
             tick = time.monotonic()
         if is_val or time.monotonic() - last_save > 60 * config.checkpoint_minutes:
-            _atomic_save(payload_now(step), last_path)
+            atomic_save(payload_now(step), last_path)
             last_save = time.monotonic()
     final = payload_now(step)
-    _atomic_save(final, last_path)
+    atomic_save(final, last_path)
     log.info("stopped at step %d; checkpoint %s", step, last_path)
     return final
 

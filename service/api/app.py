@@ -20,6 +20,7 @@ from sqlalchemy import Engine
 
 from rtcontour.common import __version__
 from rtcontour.common.db import make_engine
+from rtcontour.common.dicomweb import probe as dicomweb_probe
 from rtcontour.common.jobstore import JobStore
 from rtcontour.common.queue import enqueue_job
 from rtcontour.common.queue import queue_depth as queue_depth_of
@@ -59,7 +60,9 @@ def c_echo(
     destination: Destination, settings: Settings, timeout_s: float = 3.0
 ) -> tuple[bool, str]:
     """C-ECHO ``destination`` as the sender would reach it (our AE title, TLS for ``+tls``);
-    return (reachable, a short status sentence)."""
+    return (reachable, a short status sentence). A DICOMweb destination gets a QIDO-RS query."""
+    if destination.is_dicomweb:
+        return dicomweb_probe(destination, settings, timeout_s)
     ae = AE(ae_title=settings.ae_title)
     ae.add_requested_context(Verification)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout_s
