@@ -117,3 +117,44 @@ def test_readme_says_make_serve_needs_no_root_and_the_makefile_agrees() -> None:
     makefile = (REPO_ROOT / "Makefile").read_text(encoding="utf-8")
     serve_rule = re.search(r"^serve:(.*)$", makefile, re.MULTILINE)
     assert serve_rule is not None and "apt" not in serve_rule.group(1)
+
+
+def _routing_example() -> str:
+    """The YAML block of the README's "Routing rules" section, as written."""
+    text = README.read_text(encoding="utf-8")
+    section = text[text.index("## Routing rules"):]
+    return section[section.index("```yaml\n") + 8:section.index("```\n", section.index("```yaml"))]
+
+
+@pytest.mark.parametrize(
+    ("modality", "series_description", "study_description", "route", "action"),
+    [("CT", "CT 2.5mm", "RT HEAD NECK PLANNING", "head-and-neck", "contour"),
+     ("CT", "Axial 3.0 Std", "H&N RT Planning", "head-and-neck", "contour"),
+     ("RTSTRUCT", "Approved structures", "RT HEAD NECK PLANNING", "approved-structure-sets",
+      "contour"),
+     ("CT", "CT 2.5mm", "RT PROSTATE PLANNING", "pelvis-not-supported", "ignore"),
+     ("CT", "CT 2.5mm", "THORAX", None, "ignore")],
+    ids=["hn-ct", "hn-ct-ampersand", "approved-structure-set", "prostate-ct", "thorax-ct"],
+)
+def test_readme_routing_example_loads_as_written_and_routes_realistic_series(
+    modality: str, series_description: str, study_description: str, route: str | None,
+    action: str,
+) -> None:
+    import yaml
+    from pydicom.dataset import Dataset
+
+    from rtcontour.common.routes import parse_routing, series_attributes
+    from rtcontour.models.registry import check_routes_models
+
+    table = parse_routing(yaml.safe_load(_routing_example()), "README.md")
+    # Every model the example names is installed with rtcontour.
+    assert "rtcontour-hn-oar" in check_routes_models(Settings(), table)
+    first = Dataset()
+    first.Modality, first.SeriesDescription = modality, series_description
+    first.StudyDescription = study_description
+    decision = table.decide(series_attributes(first, calling_ae="TPS", called_ae="RTCONTOUR"))
+    assert (decision.route_name, decision.action) == (route, action)
+    if route == "head-and-neck":
+        assert decision.route is not None and decision.route.review == "required"
+    if route == "approved-structure-sets":
+        assert decision.route is not None and decision.route.dose_model == "rtcontour-hn-dose"
