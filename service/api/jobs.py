@@ -139,7 +139,7 @@ class OutputOut(BaseModel):
     created_at: dt.datetime | None = None
     summary: list[dict[str, Any]] = Field(default_factory=list)
     review: str | None = Field(
-        None, description="the job's review gate: awaiting_review (not yet approved by a "
+        default=None, description="the job's review gate: awaiting_review (not yet approved by a "
         "clinician: downloaded as RS_<id>_UNREVIEWED.dcm), approved, rejected; null: its "
         "route wants no review")
 
