@@ -24,7 +24,7 @@ import numpy as np
 from rtcontour.models.dose.data import OpenKbpPatient, list_cases, load_openkbp_patient
 from rtcontour.models.dose.features import OAR_NAMES
 from rtcontour.models.dose.metrics import dose_score, dvh_metrics, dvh_score
-from rtcontour.models.dose.predict import DosePredictor
+from rtcontour.models.dose.predict import DosePredictor, normalise_to_prescription
 from rtcontour.models.package import find_latest_package
 
 __all__ = ["evaluate_patient", "evaluate_package", "format_table", "main"]
@@ -38,11 +38,16 @@ def _structures(patient: OpenKbpPatient) -> tuple[dict[str, np.ndarray], dict[st
     return oars, dict(patient.ptv_masks)
 
 
-def evaluate_patient(predictor: DosePredictor, patient: OpenKbpPatient) -> dict[str, Any]:
-    """Scores of one patient: dose score, reference and predicted DVH metrics."""
+def evaluate_patient(predictor: DosePredictor, patient: OpenKbpPatient,
+                     normalise: bool = False) -> dict[str, Any]:
+    """Scores of one patient: dose score, reference and predicted DVH metrics (``normalise``:
+    of the prediction scaled to its highest PTV's prescription at D95)."""
     oars, ptvs = _structures(patient)
     predicted = predictor.predict(patient.hu.astype(np.float32), patient.spacing_mm, oars,
                                   patient.ptvs, body_mask=patient.possible_dose_mask)
+    factor = 1.0
+    if normalise:
+        predicted, factor = normalise_to_prescription(predicted, patient.ptvs)
     reference_metrics = dvh_metrics(patient.dose_gy, oars, ptvs, patient.spacing_mm)
     predicted_metrics = dvh_metrics(predicted * patient.possible_dose_mask, oars, ptvs,
                                     patient.spacing_mm)
@@ -51,6 +56,7 @@ def evaluate_patient(predictor: DosePredictor, patient: OpenKbpPatient) -> dict[
         "dose_score_gy": dose_score(patient.dose_gy, predicted, patient.possible_dose_mask),
         "reference": reference_metrics,
         "predicted": predicted_metrics,
+        "normalisation_factor": factor,
     }
 
 
@@ -62,6 +68,7 @@ def evaluate_package(
     threads: int | None = None,
     mirror_tta: bool = True,
     upsampling_order: int = 3,
+    normalise: bool = False,
 ) -> dict[str, Any]:
     """Challenge scores of ``package`` over ``split`` (JSON-ready dict); ``bias_gy`` per DVH
     metric is the mean of predicted minus planned (negative: under-dosed)."""
@@ -71,7 +78,7 @@ def evaluate_package(
     cases = []
     started = time.monotonic()
     for path in paths:
-        case = evaluate_patient(predictor, load_openkbp_patient(path))
+        case = evaluate_patient(predictor, load_openkbp_patient(path), normalise)
         log.info("%s: dose score %.3f Gy", case["case"], case["dose_score_gy"])
         cases.append(case)
     elapsed = time.monotonic() - started
@@ -84,6 +91,7 @@ def evaluate_package(
         "split": split,
         "mirror_tta": mirror_tta,
         "upsampling": "cubic" if upsampling_order == 3 else "linear",
+        "normalised_to_prescription": normalise,
         "n_cases": len(cases),
         "dose_score_gy": float(np.mean([c["dose_score_gy"] for c in cases])),
         "dvh_score_gy": dvh_score([c["reference"] for c in cases],
@@ -127,6 +135,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--json-out", type=Path, default=None)
     parser.add_argument("--no-mirror-tta", action="store_true",
                         help="predict once, without the left/right mirrored average")
+    parser.add_argument("--normalise", action="store_true",
+                        help="scale each prediction so that its highest PTV's D95 equals the "
+                             "prescription, as planners normalise a plan")
     parser.add_argument("--linear-upsampling", action="store_true",
                         help="return the model-grid dose to the CT grid linearly (default: "
                              "cubic B-spline)")
@@ -136,7 +147,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     package = args.package or find_latest_package(kind="dose")
     results = evaluate_package(package, args.data_dir or default_data_dir(), args.split,
                                args.limit, args.threads, mirror_tta=not args.no_mirror_tta,
-                               upsampling_order=1 if args.linear_upsampling else 3)
+                               upsampling_order=1 if args.linear_upsampling else 3,
+                               normalise=args.normalise)
     if args.json_out is not None:
         args.json_out.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
     print(f"{results['split']}: {results['n_cases']} patients, "  # noqa: T201

@@ -27,13 +27,30 @@ from rtcontour.models.dose.features import (
 )
 from rtcontour.models.package import ModelPackage, ModelPackageError, load_package
 
-__all__ = ["DosePredictor", "CRANIOCAUDAL_MARGIN_MM"]
+__all__ = ["DosePredictor", "CRANIOCAUDAL_MARGIN_MM", "normalise_to_prescription"]
 
 log = logging.getLogger(__name__)
 
 # The dose is predicted over the PTVs' slices and this far beyond them (the OpenKBP training
 # volumes cover at most ~380 mm craniocaudally, so the network never saw a longer body).
 CRANIOCAUDAL_MARGIN_MM = 200.0
+
+
+def normalise_to_prescription(
+    dose_gy: np.ndarray, ptvs: Sequence[tuple[np.ndarray, float]], coverage: float = 0.95,
+) -> tuple[np.ndarray, float]:
+    """Scale ``dose_gy`` so that ``coverage`` of the highest-prescription PTV receives its
+    prescription (D95 = prescription, the usual plan normalisation); returns the scaled dose
+    (a new array) and the factor. A PTV with no dose at all is left as it is (factor 1)."""
+    mask, prescription = max(ptvs, key=lambda ptv: ptv[1])
+    inside = dose_gy[np.asarray(mask, dtype=bool)]
+    if inside.size == 0:
+        raise ValueError("the highest-prescription PTV mask is empty")
+    d_coverage = float(np.percentile(inside, 100.0 * (1.0 - coverage)))
+    if d_coverage <= 0.0:
+        return dose_gy.copy(), 1.0
+    factor = float(prescription) / d_coverage
+    return (dose_gy * np.float32(factor)).astype(np.float32), factor
 
 
 class DosePredictor:
@@ -154,6 +171,20 @@ class DosePredictor:
         np.maximum(dose, 0.0, out=dose)
         dose[~body] = 0.0
         return dose
+
+    def predict_normalised(
+        self,
+        hu: np.ndarray,
+        spacing_mm: Sequence[float],
+        oar_masks: Mapping[str, np.ndarray],
+        ptvs: Sequence[tuple[np.ndarray, float]],
+        body_mask: np.ndarray | None = None,
+    ) -> tuple[np.ndarray, float]:
+        """:meth:`predict`, then scaled as planners normalise a plan: the highest-prescription
+        PTV's D95 equals its prescription (:func:`normalise_to_prescription`); returns the
+        dose and the factor applied."""
+        dose = self.predict(hu, spacing_mm, oar_masks, ptvs, body_mask)
+        return normalise_to_prescription(dose, ptvs)
 
     def _run(self, channels: np.ndarray) -> np.ndarray:
         """(C, D, H, W) network input -> (D, H, W) model-grid dose in Gy."""

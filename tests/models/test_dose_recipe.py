@@ -98,3 +98,20 @@ def test_cli_refuses_to_change_the_recipe_of_a_run_on_resume(tmp_path):
         capture_output=True, text=True, timeout=120)
     assert result.returncode != 0
     assert "--ptv-weight differ from the checkpoint's recipe" in result.stderr
+
+
+def test_normalisation_brings_the_highest_ptv_d95_to_its_prescription():
+    from rtcontour.models.dose.predict import normalise_to_prescription
+
+    rng = np.random.default_rng(0)
+    dose = rng.uniform(60.0, 68.0, (10, 10, 10)).astype(np.float32)
+    high = np.zeros(dose.shape, dtype=bool)
+    high[2:8, 2:8, 2:8] = True
+    low = np.zeros(dose.shape, dtype=bool)
+    low[:2] = True
+    scaled, factor = normalise_to_prescription(dose, [(low, 56.0), (high, 70.0)])
+    assert factor > 1.0
+    assert float(np.percentile(scaled[high], 5)) == pytest.approx(70.0, rel=1e-4)
+    np.testing.assert_allclose(scaled, dose * factor, rtol=1e-6)
+    nothing, unit = normalise_to_prescription(np.zeros_like(dose), [(high, 70.0)])
+    assert unit == 1.0 and not nothing.any()
