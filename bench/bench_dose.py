@@ -26,14 +26,10 @@ from rtcontour.models.dose.features import OAR_NAMES
 from rtcontour.models.dose.predict import DosePredictor
 from rtcontour.models.labels import ORGANS
 from rtcontour.models.package import find_latest_package
-from rtcontour.worker.dose_offline import (
-    predict_dose_for_series,
-    prescriptions_from_names,
-    read_structure_set,
-    rtdose_for_prediction,
-)
+from rtcontour.worker.dose_prediction import predict_dose_for_series, rtdose_for_prediction
 from rtcontour.worker.rtdose import save_rtdose
 from rtcontour.worker.rtstruct import RoiSpec, build_rtstruct, save_rtstruct
+from rtcontour.worker.structure_sets import prescriptions_from_names, read_structure_set
 from tests.phantoms import write_ct_series
 
 OPENKBP_VALIDATION = (Path(__file__).resolve().parents[1] / ".." / "shared" / "data" /

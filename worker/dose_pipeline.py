@@ -36,18 +36,17 @@ from rtcontour.common.volume import load_series
 from rtcontour.models.dose.metrics import dvh_metrics
 from rtcontour.models.dose.predict import DosePredictor
 from rtcontour.models.registry import resolve_dose_package
-from rtcontour.worker.dose_offline import (
-    StructureSet,
-    UnusableStructureSet,
-    dose_grid,
-    match_oars,
-    predict_dose_for_series,
-    prescriptions_from_names,
-    read_structure_set,
-)
+from rtcontour.worker.dose_prediction import dose_grid, predict_dose_for_series
 from rtcontour.worker.pipeline import JobContext, WrittenOutput
 from rtcontour.worker.qa import compare_structure_sets
 from rtcontour.worker.rtdose import DoseVolumeHistogram, build_rtdose, cumulative_dvh
+from rtcontour.worker.structure_sets import (
+    StructureSet,
+    UnusableStructureSet,
+    match_oars,
+    prescriptions_from_names,
+    read_structure_set,
+)
 
 logger = logging.getLogger(__name__)
 

@@ -45,8 +45,8 @@ def _ball(centre: tuple[float, float, float], radius_mm: float) -> np.ndarray:
 def add_dose_job(harness: ApiHarness, **dose_values: Any) -> DoseJobs:
     """A done contour job and its done dose job (RTDOSE archived, summary recorded)."""
     from rtcontour.common.volume import load_series
-    from rtcontour.worker.dose_offline import dose_grid
     from rtcontour.worker.dose_pipeline import dvh_summary
+    from rtcontour.worker.dose_prediction import dose_grid
     from rtcontour.worker.rtdose import build_rtdose, cumulative_dvh, save_rtdose
     from rtcontour.worker.rtstruct import RoiSpec, build_rtstruct, save_rtstruct
     from tests.phantoms import HeadPhantom, head_phantom, write_ct_series

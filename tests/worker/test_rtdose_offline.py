@@ -15,11 +15,10 @@ from pydicom.tag import Tag
 from pydicom.uid import ImplicitVRLittleEndian, RTStructureSetStorage, generate_uid
 
 from rtcontour.common.volume import CtSeries, Volume, load_series
-from rtcontour.worker.dose_offline import (
+from rtcontour.worker.dose_offline import main, parse_prescription_overrides
+from rtcontour.worker.structure_sets import (
     UnusableStructureSet,
-    main,
     match_oars,
-    parse_prescription_overrides,
     prescriptions_from_names,
     rasterise_polygons,
     read_structure_set,
