@@ -43,23 +43,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence as DicomSequence
-from pydicom.uid import (
-    PYDICOM_IMPLEMENTATION_UID,
-    UID,
-    ImplicitVRLittleEndian,
-    RTDoseStorage,
-    RTPlanStorage,
-    RTStructureSetStorage,
-)
+from pydicom.uid import RTDoseStorage, RTPlanStorage, RTStructureSetStorage
 
 from rtcontour.common import __version__
 from rtcontour.common.volume import CtSeries
+from rtcontour.worker.instance_header import derived_instance_header
 
 logger = logging.getLogger(__name__)
 
-MANUFACTURER = "rtcontour"
 SERIES_NUMBER = 902
 _UID_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "urn:rtcontour:rtdose")
 _UID_PATTERN = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
@@ -67,34 +60,6 @@ _ORIENTATION_TOLERANCE = 1e-4
 _MAX_COORDINATE_MM = 1e8
 _MAX_DOSE_GY = 1e4
 _MAX_PIXEL = 4_000_000_000  # below 2**32 - 1, so the rounded Dose Grid Scaling cannot overflow
-# Patient, General Study and Patient Study attributes copied from the CT (PS3.3 C.7.1.1,
-# C.7.2.1, C.7.2.2), as worker.rtstruct does; Type 2 ones are written empty when absent.
-_COPIED_TYPE2 = (
-    "PatientName",
-    "PatientID",
-    "PatientBirthDate",
-    "PatientSex",
-    "StudyDate",
-    "StudyTime",
-    "ReferringPhysicianName",
-    "StudyID",
-    "AccessionNumber",
-)
-_COPIED_OPTIONAL = (
-    "IssuerOfPatientID",
-    "OtherPatientIDsSequence",
-    "PatientBirthTime",
-    "PatientComments",
-    "PatientIdentityRemoved",
-    "DeidentificationMethod",
-    "StudyDescription",
-    "PatientAge",
-    "PatientSize",
-    "PatientWeight",
-    "ReferringPhysicianIdentificationSequence",
-)
-
-
 @dataclass(frozen=True)
 class DoseVolumeHistogram:
     """A cumulative DVH of one ROI of the referenced structure set.
@@ -397,38 +362,20 @@ def save_rtdose(dataset: Dataset, path: Path) -> Path:
 
 def _header(series: CtSeries, uids: RtdoseUids, model_name: str, model_version: str,
             software_version: str, when: dt.datetime) -> Dataset:
-    ct = series.header
-    dataset = Dataset()
-    dataset.file_meta = FileMetaDataset()
-    dataset.file_meta.MediaStorageSOPClassUID = RTDoseStorage
-    dataset.file_meta.MediaStorageSOPInstanceUID = UID(uids.sop_instance_uid)
-    dataset.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian
-    dataset.file_meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
-    dataset.file_meta.ImplementationVersionName = "RTCONTOUR"
-    date, time = when.strftime("%Y%m%d"), when.strftime("%H%M%S")
-    if "SpecificCharacterSet" in ct:
-        dataset.SpecificCharacterSet = ct.SpecificCharacterSet
-    dataset.InstanceCreationDate, dataset.InstanceCreationTime = date, time
-    dataset.SOPClassUID = RTDoseStorage
-    dataset.SOPInstanceUID = uids.sop_instance_uid
-    for keyword in _COPIED_TYPE2:
-        setattr(dataset, keyword, ct.get(keyword, ""))
-    for keyword in _COPIED_OPTIONAL:
-        if keyword in ct:
-            setattr(dataset, keyword, ct.get(keyword))
-    dataset.StudyInstanceUID = series.study_instance_uid
-    dataset.SeriesDate, dataset.SeriesTime = date, time
-    dataset.ContentDate, dataset.ContentTime = date, time
-    dataset.Modality = "RTDOSE"
-    dataset.SeriesInstanceUID = uids.series_instance_uid
-    dataset.SeriesNumber = SERIES_NUMBER
-    dataset.SeriesDescription = f"PREDICTED DOSE {model_name} {model_version} (not a plan)"[:64]
-    dataset.OperatorsName = ""
-    dataset.Manufacturer = MANUFACTURER
-    dataset.ManufacturerModelName = model_name[:64]
-    dataset.SoftwareVersions = [v for v in (software_version, model_version) if v][:2]
-    dataset.FrameOfReferenceUID = series.frame_of_reference_uid
-    dataset.PositionReferenceIndicator = ct.get("PositionReferenceIndicator", "")
-    dataset.InstanceNumber = 1
+    dataset = derived_instance_header(
+        series,
+        sop_class_uid=RTDoseStorage,
+        sop_instance_uid=uids.sop_instance_uid,
+        series_instance_uid=uids.series_instance_uid,
+        modality="RTDOSE",
+        series_number=SERIES_NUMBER,
+        series_description=f"PREDICTED DOSE {model_name} {model_version} (not a plan)",
+        model_name=model_name,
+        model_version=model_version,
+        software_version=software_version,
+        when=when,
+    )
+    dataset.ContentDate = dataset.InstanceCreationDate
+    dataset.ContentTime = dataset.InstanceCreationTime
     dataset.PatientOrientation = ""
     return dataset

@@ -48,23 +48,18 @@ from pathlib import Path
 import numpy as np
 from pydicom.charset import convert_encodings
 from pydicom.dataelem import RawDataElement
-from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.tag import Tag
-from pydicom.uid import (
-    PYDICOM_IMPLEMENTATION_UID,
-    UID,
-    ImplicitVRLittleEndian,
-    RTStructureSetStorage,
-)
+from pydicom.uid import RTStructureSetStorage
 
 from rtcontour.common import __version__
 from rtcontour.common.volume import CtSeries
 from rtcontour.worker.contours import Contour, mask_to_contours
+from rtcontour.worker.instance_header import MANUFACTURER, derived_instance_header
 
 logger = logging.getLogger(__name__)
 
-MANUFACTURER = "rtcontour"
 STRUCTURE_SET_LABEL = "AUTO"
 # RT ROI Interpreted Type defined terms (PS3.3 C.8.8.8.1).
 INTERPRETED_TYPES = frozenset(
@@ -110,34 +105,6 @@ _REFERENCED_SOP_INSTANCE_UID = 0x00081155
 # items with the same keeps their pre-encoded elements from being decoded and re-encoded.
 _ITEM_CHARACTER_SET = "iso8859"
 _MAX_COORDINATE_MM = 1e8  # keeps every formatted coordinate within DS's 16 characters
-# Patient, General Study and Patient Study attributes copied from the CT (PS3.3 C.7.1.1,
-# C.7.2.1, C.7.2.2); Type 2 ones are written empty when the CT lacks them.
-_COPIED_TYPE2 = (
-    "PatientName",
-    "PatientID",
-    "PatientBirthDate",
-    "PatientSex",
-    "StudyDate",
-    "StudyTime",
-    "ReferringPhysicianName",
-    "StudyID",
-    "AccessionNumber",
-)
-_COPIED_OPTIONAL = (
-    "IssuerOfPatientID",
-    "OtherPatientIDsSequence",
-    "PatientBirthTime",
-    "PatientComments",
-    "PatientIdentityRemoved",
-    "DeidentificationMethod",
-    "StudyDescription",
-    "PatientAge",
-    "PatientSize",
-    "PatientWeight",
-    "ReferringPhysicianIdentificationSequence",
-)
-
-
 @dataclass(frozen=True)
 class RoiSpec:
     """What to call a structure and how to show it: TG-263 ``name``, ``colour_rgb`` 0-255 and
@@ -341,49 +308,30 @@ def _header(
     software_version: str,
     when: dt.datetime,
 ) -> Dataset:
-    ct = series.header
-    dataset = Dataset()
-    dataset.file_meta = FileMetaDataset()
-    dataset.file_meta.MediaStorageSOPClassUID = RTStructureSetStorage
-    dataset.file_meta.MediaStorageSOPInstanceUID = UID(uids.sop_instance_uid)
-    dataset.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian
-    dataset.file_meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
-    dataset.file_meta.ImplementationVersionName = "RTCONTOUR"
-    dataset.set_original_encoding(
-        True, True, convert_encodings(ct.get("SpecificCharacterSet", "ISO_IR 100"))
+    dataset = derived_instance_header(
+        series,
+        sop_class_uid=RTStructureSetStorage,
+        sop_instance_uid=uids.sop_instance_uid,
+        series_instance_uid=uids.series_instance_uid,
+        modality="RTSTRUCT",
+        series_number=901,
+        series_description=f"AUTO {model_name} {model_version}",
+        model_name=model_name,
+        model_version=model_version,
+        software_version=software_version,
+        when=when,
     )
-    date, time = when.strftime("%Y%m%d"), when.strftime("%H%M%S")
-
-    if "SpecificCharacterSet" in ct:
-        dataset.SpecificCharacterSet = ct.SpecificCharacterSet
-    dataset.InstanceCreationDate, dataset.InstanceCreationTime = date, time
-    dataset.SOPClassUID = RTStructureSetStorage
-    dataset.SOPInstanceUID = uids.sop_instance_uid
-    for keyword in _COPIED_TYPE2:
-        setattr(dataset, keyword, ct.get(keyword, ""))
-    for keyword in _COPIED_OPTIONAL:
-        if keyword in ct:
-            setattr(dataset, keyword, ct.get(keyword))
-    dataset.StudyInstanceUID = series.study_instance_uid
-    dataset.SeriesDate, dataset.SeriesTime = date, time
-    dataset.Modality = "RTSTRUCT"
-    dataset.SeriesInstanceUID = uids.series_instance_uid
-    dataset.SeriesNumber = 901
-    dataset.SeriesDescription = f"AUTO {model_name} {model_version}"[:64]
-    dataset.OperatorsName = ""
-    dataset.Manufacturer = MANUFACTURER
-    dataset.ManufacturerModelName = model_name[:64]
-    dataset.SoftwareVersions = [v for v in (software_version, model_version) if v][:2]
-    dataset.FrameOfReferenceUID = series.frame_of_reference_uid
-    dataset.PositionReferenceIndicator = ct.get("PositionReferenceIndicator", "")
-    dataset.InstanceNumber = 1
+    dataset.set_original_encoding(
+        True, True, convert_encodings(series.header.get("SpecificCharacterSet", "ISO_IR 100"))
+    )
     dataset.StructureSetLabel = STRUCTURE_SET_LABEL
     dataset.StructureSetName = f"AUTO {model_name}"[:64]
     dataset.StructureSetDescription = (
         f"Automatic contours by {MANUFACTURER}, model {model_name} {model_version}; "
         "not approved: review before clinical use"
     )[:1024]
-    dataset.StructureSetDate, dataset.StructureSetTime = date, time
+    dataset.StructureSetDate = dataset.InstanceCreationDate
+    dataset.StructureSetTime = dataset.InstanceCreationTime
     return dataset
 
 
