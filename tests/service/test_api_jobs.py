@@ -72,7 +72,8 @@ def test_job_detail_has_timings_structures_and_model(api: ApiHarness) -> None:
     assert body["model_name"] == "hn-oar" and body["model_version"] == "1.2.0"
     assert body["timings"]["inference_s"] == 20.25 and body["timings"]["load_s"] == 1.5
     assert body["structures"] == [
-        {"roi_name": "Brainstem", "volume_cc": 25.4, "colour": [0, 128, 255]}
+        {"roi_name": "Brainstem", "volume_cc": 25.4, "colour": [0, 128, 255],
+         "display_colour": [0, 128, 255]}
     ]
     assert api.client.get("/api/jobs/nope", headers=api.headers("viewer")).status_code == 404
 
