@@ -11,12 +11,14 @@ nomenclatures in radiation oncology", 2018) of a name through
 Names are compared after :func:`normalise_name` (case, spaces, underscores and hyphens
 ignored), so ``"Parotid_Lt"``, ``"parotid lt"`` and ``"PAROTID-LT"`` are one name. Names of
 sub-structures and margins (``"SpinalCord_PRV05"``, ``"Larynx_Glottic"``) are not synonyms and
-stay unmatched. :func:`load_name_mapping` reads a clinic's mapping from a YAML or JSON file.
+stay unmatched. :func:`load_name_mapping` reads a clinic's mapping from a YAML or JSON file;
+:class:`NameMappingFile` keeps it read, and reads it again only when the file changes.
 """
 
 from __future__ import annotations
 
 import re
+import threading
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
@@ -30,6 +32,7 @@ __all__ = [
     "to_tg263",
     "match_structures",
     "load_name_mapping",
+    "NameMappingFile",
 ]
 
 _SEPARATORS = re.compile(r"[\s_\-]+")
@@ -174,3 +177,31 @@ def load_name_mapping(path: Path | str) -> dict[str, str]:
         seen[key] = source
         mapping[source] = target
     return mapping
+
+
+class NameMappingFile:
+    """A clinic's name mapping file (:func:`load_name_mapping`), read at the first
+    :meth:`mapping` and read again only when the file changed since (another modification
+    time, size or inode: edited in place or replaced), so a long-running worker neither
+    re-reads it for every job nor misses an edit. Thread-safe.
+    """
+
+    def __init__(self, path: Path | str) -> None:
+        self.path = Path(path)
+        self._lock = threading.Lock()
+        self._stamp: tuple[int, int, int] | None = None
+        self._mapping: dict[str, str] = {}
+
+    def mapping(self) -> dict[str, str]:
+        """The mapping as the file holds it now (a copy); raises :class:`ConfigurationError`
+        like :func:`load_name_mapping` when the file is missing or invalid."""
+        try:
+            stat = self.path.stat()
+        except OSError:
+            return load_name_mapping(self.path)  # raises the sentence naming the file
+        stamp = (stat.st_mtime_ns, stat.st_size, stat.st_ino)
+        with self._lock:
+            if stamp != self._stamp:
+                self._mapping = load_name_mapping(self.path)
+                self._stamp = stamp
+            return dict(self._mapping)

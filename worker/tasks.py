@@ -50,7 +50,7 @@ from rtcontour.common.queue import RUN_JOB_TASK
 from rtcontour.common.routes import load_routing
 from rtcontour.common.schema import create_schema
 from rtcontour.common.settings import Settings
-from rtcontour.common.structure_names import load_name_mapping
+from rtcontour.common.structure_names import NameMappingFile
 from rtcontour.models.dose.predict import DosePredictor
 from rtcontour.worker.dose_pipeline import (
     DosePredictorCache,
@@ -133,6 +133,7 @@ class WorkerRuntime:
         node = os.environ.get("RTCONTOUR_WORKER_NODE") or socket.gethostname()
         self.worker_name = f"{node} pid {os.getpid()}"
         self._audit = _make_audit(store)
+        self._name_mapping: NameMappingFile | None = None  # built at the first dose job
 
     def model(self, request: str | None = None) -> SegmentationModel:
         """The model a job's route asked for (None: the default package), loaded once."""
@@ -156,9 +157,14 @@ class WorkerRuntime:
                                  request or "the default package")
 
     def structure_names(self) -> dict[str, str] | None:
-        """The clinic's structure name mapping (RTCONTOUR_STRUCTURE_NAMES_FILE), if any."""
+        """The clinic's structure name mapping (RTCONTOUR_STRUCTURE_NAMES_FILE), if any: read
+        once per process, and again when the file changes."""
         path = self.settings.structure_names_file
-        return load_name_mapping(path) if path is not None else None
+        if path is None:
+            return None
+        if self._name_mapping is None or self._name_mapping.path != Path(path):
+            self._name_mapping = NameMappingFile(path)
+        return self._name_mapping.mapping()
 
     def qa_absent_means_deleted(self, ctx: JobContext) -> bool:
         """Whether the structure set's route says an organ its approved set lacks was deleted

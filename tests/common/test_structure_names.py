@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 
+from rtcontour.common import structure_names
 from rtcontour.common.errors import ConfigurationError
 from rtcontour.common.structure_names import (
     TG263_SYNONYMS,
+    NameMappingFile,
     load_name_mapping,
     match_structures,
     normalise_name,
@@ -116,3 +119,62 @@ def test_a_bad_mapping_file_is_refused_with_a_sentence(tmp_path: Path, text, mes
     path.write_text(text, encoding="utf-8")
     with pytest.raises(ConfigurationError, match=message):
         load_name_mapping(path)
+
+
+def _count_reads(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
+    """The paths ``load_name_mapping`` reads from now on, in order."""
+    reads: list[Path] = []
+    real = structure_names.load_name_mapping
+
+    def counting(path: Path | str) -> dict[str, str]:
+        reads.append(Path(path))
+        return real(path)
+
+    monkeypatch.setattr(structure_names, "load_name_mapping", counting)
+    return reads
+
+
+def _touch_later(path: Path) -> None:
+    """Move the file's modification time a second on (a coarse clock may not have moved)."""
+    stat = path.stat()
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))
+
+
+def test_a_mapping_file_is_read_once_and_again_only_when_it_changes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    path = tmp_path / "names.yaml"
+    path.write_text("Parotide G: Parotid_L\n", encoding="utf-8")
+    reads = _count_reads(monkeypatch)
+    names = NameMappingFile(path)
+    for _ in range(3):
+        assert names.mapping() == {"Parotide G": "Parotid_L"}
+    names.mapping()["Tronc"] = "Brainstem"  # a copy: the kept mapping is not changed
+    assert names.mapping() == {"Parotide G": "Parotid_L"}
+    assert len(reads) == 1
+
+    path.write_text("Parotide G: Parotid_L\nTronc: Brainstem\n", encoding="utf-8")
+    _touch_later(path)
+    assert names.mapping() == {"Parotide G": "Parotid_L", "Tronc": "Brainstem"}
+    assert names.mapping() == {"Parotide G": "Parotid_L", "Tronc": "Brainstem"}
+    assert len(reads) == 2
+
+    replacement = tmp_path / "names.yaml.new"  # written aside and renamed over it
+    replacement.write_text("Moelle: SpinalCord\n", encoding="utf-8")
+    os.replace(replacement, path)
+    assert names.mapping() == {"Moelle": "SpinalCord"}
+    assert len(reads) == 3
+
+
+def test_a_mapping_file_that_turns_bad_or_goes_is_refused_with_a_sentence(tmp_path: Path):
+    path = tmp_path / "names.yaml"
+    path.write_text("Parotide G: Parotid_L\n", encoding="utf-8")
+    names = NameMappingFile(path)
+    assert names.mapping() == {"Parotide G": "Parotid_L"}
+    path.write_text("- Parotid_L\n", encoding="utf-8")
+    _touch_later(path)
+    with pytest.raises(ConfigurationError, match="must be a mapping"):
+        names.mapping()
+    path.unlink()
+    with pytest.raises(ConfigurationError, match="cannot be read"):
+        names.mapping()

@@ -141,3 +141,29 @@ def test_recovery_sweeper_waits_past_the_quiet_period_before_running_a_received_
     finally:
         sweeper.stop()
     assert queued in enqueued and received not in enqueued
+
+
+def test_worker_reads_the_structure_name_mapping_once_and_again_when_it_changes(
+    settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import os
+
+    from rtcontour.common import structure_names
+    from rtcontour.worker.tasks import WorkerRuntime
+
+    path = tmp_path / "names.yaml"
+    path.write_text("Tronc: Brainstem\n", encoding="utf-8")
+    reads: list[object] = []
+    real = structure_names.load_name_mapping
+    monkeypatch.setattr(structure_names, "load_name_mapping",
+                        lambda source: reads.append(source) or real(source))
+    runtime = WorkerRuntime(settings.model_copy(update={"structure_names_file": path}))
+    assert runtime.structure_names() == {"Tronc": "Brainstem"}
+    assert runtime.structure_names() == {"Tronc": "Brainstem"}  # the next dose job
+    assert len(reads) == 1
+    path.write_text("Tronc: Brainstem\nMoelle: SpinalCord\n", encoding="utf-8")
+    stat = path.stat()
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))
+    assert runtime.structure_names() == {"Tronc": "Brainstem", "Moelle": "SpinalCord"}
+    assert len(reads) == 2
+    assert WorkerRuntime(settings).structure_names() is None
