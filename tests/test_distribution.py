@@ -265,3 +265,27 @@ def test_installed_segment_contours_a_ct_series_with_the_packaged_model(
     }
     assert referenced == sop_uids(ct_files)
     assert sorted(p.name for p in cwd.iterdir()) == sorted(STRAY_MODULES)  # nothing written
+
+
+def _readme_library_example() -> str:
+    """The Python block of the README's "Installing as a library" section."""
+    readme = (REPO_ROOT / "README.md").read_text(encoding="utf-8")
+    section = readme.split("\n## Installing as a library\n", 1)[1].split("\n## ", 1)[0]
+    match = re.search(r"```python\n(.*?)```", section, re.DOTALL)
+    assert match, "the README's library section has no Python example"
+    return match[1]
+
+
+def test_readme_library_example_runs_with_the_installed_wheel(
+    built: Built, installed: Path, tmp_path: Path
+) -> None:
+    cwd = _stray_cwd(tmp_path)
+    ct_files = write_phantom_series(cwd / "my_ct", (24, 64, 64))
+    (cwd / "example.py").write_text(_readme_library_example(), encoding="utf-8")
+    result = _run([installed / "python", "example.py"], cwd=cwd)
+    assert result.returncode == 0, result.stdout + result.stderr
+    rtstruct = pydicom.dcmread(cwd / "RS.dcm")
+    assert rtstruct.Modality == "RTSTRUCT"
+    assert rtstruct.ManufacturerModelName == _newest_segmentation_package(built.wheel)[0]
+    assert len(rtstruct.ReferencedFrameOfReferenceSequence[0].RTReferencedStudySequence[0]
+               .RTReferencedSeriesSequence[0].ContourImageSequence) == len(ct_files)
