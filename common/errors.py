@@ -17,6 +17,11 @@ class UnsupportedGeometry(InvalidSeries):
     """A series whose geometry the contouring path cannot handle (tilt, oblique, gaps)."""
 
 
+class IncompleteSeries(UnsupportedGeometry):
+    """A series that lacks instances (a gap where a slice is missing, too few slices): its
+    missing instances sent later, or the whole series sent again, complete it."""
+
+
 class InvalidInstance(RtcontourError):  # noqa: N818 - domain name
     """One DICOM instance that cannot be accepted (unparseable, missing attributes)."""
 

@@ -58,7 +58,10 @@ __all__ = [
     "ACTIVE_STATES",
     "OUTPUT_FILE_PREFIXES",
     "FINISHED_STATES",
+    "INPUT_FAILURES",
+    "RETRY_REFUSED_INPUT",
     "STAGES",
+    "FailureKind",
     "IllegalTransition",
     "Job",
     "JobFilter",
@@ -105,6 +108,13 @@ _ALLOWED: dict[JobState, frozenset[JobState]] = {
     JobState.IGNORED: frozenset(),
 }
 
+# Why a job failed for its input cannot be retried (the same instances fail the same way).
+RETRY_REFUSED_INPUT = (
+    "job {job_id} cannot be retried: it failed because the series itself is wrong (see its "
+    "reason), so running it again fails again; send the whole series again from the planning "
+    "system"
+)
+
 # Stages the worker times (each in ``jobs.<stage>_s``; see ``common.timings`` for all of them).
 STAGES = ("load", "model_load", "preprocess", "inference", "postprocess", "contours", "archive",
           "send")
@@ -112,6 +122,19 @@ STAGES = ("load", "model_load", "preprocess", "inference", "postprocess", "conto
 # File name prefixes of archived and downloaded outputs by kind (DICOM's customary RS_/RD_),
 # else the kind itself.
 OUTPUT_FILE_PREFIXES = {"RTSTRUCT": "RS", "RTDOSE": "RD", "SEG": "SEG"}
+
+
+class FailureKind(enum.StrEnum):
+    """Why a job failed (``Job.failure_kind``): whether retrying it can help."""
+
+    INPUT = "input"  # the series itself is wrong: send it again (never retried)
+    INCOMPLETE = "incomplete"  # input missing instances: a late instance completes it
+    PROCESSING = "processing"  # our side (model package, unexpected error): retry may help
+    SEND = "send"  # the destinations: retry sends the archived outputs
+
+
+# Failures of the input: a retry runs the same instances again and fails again.
+INPUT_FAILURES = frozenset({FailureKind.INPUT.value, FailureKind.INCOMPLETE.value})
 
 
 class IllegalTransition(RtcontourError):  # noqa: N818 - domain name, like InvalidSeries
@@ -139,6 +162,12 @@ class Job(Base):
     n_instances: Mapped[int] = mapped_column(Integer, default=0)
     state: Mapped[str] = mapped_column(String(16), default=JobState.RECEIVED.value, index=True)
     failure_reason: Mapped[str | None] = mapped_column(Text)
+    # Why a failed or send_failed job failed (``FailureKind``; NULL: not failed, or a job of
+    # an earlier release): "input" (the series itself is wrong: a retry fails again, the
+    # series must be sent again), "incomplete" (input lacking instances: a missing slice or
+    # too few slices; the series' late instances are merged with it, see service.intake),
+    # "processing" (our side: model package, errors, lost workers) or "send".
+    failure_kind: Mapped[str | None] = mapped_column(String(16))
     model_name: Mapped[str | None] = mapped_column(String(64), index=True)
     model_version: Mapped[str | None] = mapped_column(String(32))
     # What the routing rules (``common.routes``) decided at intake: the route that took the
@@ -412,7 +441,7 @@ class JobStore:
                     Job.generation == generation,
                 )
                 .values(updated_at=utcnow(), active_series_uid=None, lease_expires_at=None,
-                        failure_reason=None, **values)
+                        failure_reason=None, failure_kind=None, **values)
                 .execution_options(synchronize_session=False)
             )
             return bool(result.rowcount == 1)  # type: ignore[attr-defined]
@@ -460,8 +489,12 @@ class JobStore:
         reason: str | None = None,
         expected_from: Sequence[JobState] | None = None,
         worker: str | None = None,
+        failure_kind: FailureKind | None = None,
     ) -> Job:
         """Move a job to ``to_state`` or raise ``IllegalTransition`` naming both states.
+
+        ``failure_kind``: why a job moved to failed (default processing) or send_failed
+        (always send) failed; cleared by every other state.
 
         ``worker``: the outcome of that worker's run; refused (``IllegalTransition``) unless
         the job is still running under that worker (another took it over after its lease).
@@ -504,8 +537,13 @@ class JobStore:
                 job.lease_expires_at = None
                 failed = target in (JobState.FAILED, JobState.SEND_FAILED)
                 job.failure_reason = reason if failed else None
+                job.failure_kind = (
+                    FailureKind.SEND.value if target is JobState.SEND_FAILED
+                    else (failure_kind or FailureKind.PROCESSING).value if failed else None)
                 if target is JobState.IGNORED:
                     job.ignored_reason = reason
+            else:
+                job.failure_kind = None
             return job
 
     def mark_queued(self, job_id: str) -> Job | None:
@@ -895,6 +933,8 @@ class JobStore:
                         f"job {job_id} cannot be retried: its CT instances were deleted by the "
                         "retention policy; send the series again"
                     )
+                if job.failure_kind in INPUT_FAILURES:
+                    raise IllegalTransition(RETRY_REFUSED_INPUT.format(job_id=job_id))
                 outputs = session.scalars(
                     select(JobOutput).where(JobOutput.job_id == job_id)).all()
                 resend_only = (job.state == JobState.SEND_FAILED.value and bool(outputs)
@@ -905,6 +945,7 @@ class JobStore:
                 job.finished_at = job.worker = job.lease_expires_at = None
                 job.attempts = job.workers_lost = 0
                 job.failure_reason = reason
+                job.failure_kind = None
                 job.resend_only = resend_only
                 if not resend_only:
                     job.active_series_uid = job.series_instance_uid

@@ -24,7 +24,7 @@ import pydicom.errors
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import UID
 
-from rtcontour.common.errors import InvalidSeries, UnsupportedGeometry
+from rtcontour.common.errors import IncompleteSeries, InvalidSeries, UnsupportedGeometry
 
 logger = logging.getLogger(__name__)
 
@@ -205,7 +205,8 @@ def load_series(
 
     Slices are sorted by position along the normal; pixels become float32 HU (rescale
     applied). ``gap_tolerance`` is the allowed deviation of any slice gap from the median gap,
-    as a fraction of it. Raises ``InvalidSeries`` / ``UnsupportedGeometry`` naming the reason
+    as a fraction of it. Raises ``InvalidSeries`` / ``UnsupportedGeometry``
+    (``IncompleteSeries``: a missing slice, too few slices) naming the reason
     for: non-CT modality, mixed series/frame of reference/size/spacing/orientation, oblique
     or non-axial orientation, gantry tilt, slices off the normal, duplicate positions,
     uneven spacing (a missing slice), or fewer than ``min_slices`` slices.
@@ -232,7 +233,7 @@ def load_series(
     _check_along_normal(positions, distances, normal, pixel_spacing)
     slice_spacing = _check_spacing(distances, gap_tolerance, first)
     if len(datasets) < min_slices:
-        raise InvalidSeries(
+        raise IncompleteSeries(
             f"The series has {len(datasets)} slices, fewer than the {min_slices} required. "
             + SEND_WHOLE_SERIES
         )
@@ -381,7 +382,7 @@ def _check_spacing(distances: np.ndarray, gap_tolerance: float, first: Dataset) 
     uneven = np.flatnonzero(np.abs(gaps - median) > gap_tolerance * median)
     if uneven.size:
         index = int(uneven[0])
-        raise UnsupportedGeometry(
+        raise IncompleteSeries(
             f"The slice spacing is uneven: a gap of {gaps[index]:.3g} mm after position "
             f"{distances[index]:.2f} mm where {median:.3g} mm is usual (a missing slice?). "
             + SEND_WHOLE_SERIES

@@ -8,7 +8,9 @@ destination that already acknowledged the instance. It never waits on another ta
 
 Domain errors become job states here, once:
 
-- ``InvalidSeries`` / ``ModelPackageError`` -> ``failed`` with the reason (no retry);
+- ``InvalidSeries`` / ``ModelPackageError`` -> ``failed`` with the reason (no retry); the
+  job's ``failure_kind`` says whose fault: ``input`` (``InvalidSeries``; ``incomplete`` for an
+  ``IncompleteSeries``: the API refuses to retry either) or ``processing``;
 - ``DestinationUnavailable`` (after the sender's own retries) -> ``send_failed``, the
   RTSTRUCT stays archived and downloadable;
 - anything else (including the soft time limit) -> back to ``queued`` and re-published
@@ -40,11 +42,12 @@ from rtcontour.common.audit import make_recorder
 from rtcontour.common.db import make_engine
 from rtcontour.common.errors import (
     DestinationUnavailable,
+    IncompleteSeries,
     InvalidSeries,
     ModelPackageError,
     RtcontourError,
 )
-from rtcontour.common.jobstore import IllegalTransition, Job, JobState, JobStore
+from rtcontour.common.jobstore import FailureKind, IllegalTransition, Job, JobState, JobStore
 from rtcontour.common.notify import notify_job
 from rtcontour.common.queue import RUN_JOB_TASK
 from rtcontour.common.routes import load_routing
@@ -63,6 +66,7 @@ from rtcontour.worker.pipeline import (
     Archive,
     BuildOutputs,
     JobContext,
+    Segment,
     SegmentationModel,
     SegmenterCache,
     Send,
@@ -73,6 +77,13 @@ from rtcontour.worker.pipeline import (
 )
 from rtcontour.worker.retention import purge_expired
 from rtcontour.worker.sender import Sender
+from rtcontour.worker.site_training import (
+    KeepForTraining,
+    MeasureShadow,
+    ShadowSegment,
+    purge_site_dataset,
+    register_finetune_task,
+)
 
 if TYPE_CHECKING:
     from celery import Celery
@@ -187,12 +198,18 @@ class WorkerRuntime:
             return [
                 LoadStructureSet(),
                 MeasureEdits(self.structure_names, self.qa_absent_means_deleted),
+                MeasureShadow(self.structure_names, self.qa_absent_means_deleted),
+                KeepForTraining(self.structure_names),
                 PredictDose(self.dose_predictor, lambda ctx: ctx.prescriptions_gy),
                 BuildOutputs([RtdoseWriter()]),
                 Archive(),
                 Send(self.sender, self._record_sent),
             ]
-        return default_steps(self.model, self.sender, on_sent=self._record_sent)
+        steps = default_steps(self.model, self.sender, on_sent=self._record_sent)
+        # the route's shadow package right after the active one (never sent)
+        at = next(i for i, step in enumerate(steps) if isinstance(step, Segment)) + 1
+        steps.insert(at, ShadowSegment(self.model))
+        return steps
 
     def _record_sent(self, job_id: str, destination: str, sop_instance_uid: str) -> None:
         if self._audit is not None:
@@ -267,8 +284,10 @@ def execute_job(job_id: str, runtime: WorkerRuntime) -> Outcome:
         except LostClaim:
             logger.warning("job %s: another worker took it over; this run stops", job_id)
             return Outcome("lost")
-        except InvalidSeries as exc:
-            return _finish(runtime, job_id, JobState.FAILED, str(exc))
+        except IncompleteSeries as exc:  # late instances of the series are merged with it
+            return _finish(runtime, job_id, JobState.FAILED, str(exc), FailureKind.INCOMPLETE)
+        except InvalidSeries as exc:  # the input is wrong: no retry offered
+            return _finish(runtime, job_id, JobState.FAILED, str(exc), FailureKind.INPUT)
         except ModelPackageError as exc:
             return _finish(runtime, job_id, JobState.FAILED, f"Model package problem: {exc}")
         except DestinationUnavailable as exc:
@@ -356,19 +375,24 @@ def _spool_dir(settings: Settings, spool_dir: str | None, job_id: str) -> Path:
     return Path(spool_dir) if spool_dir else settings.spool_dir / "jobs" / job_id
 
 
-def _end_own_run(runtime: WorkerRuntime, job_id: str, state: JobState, reason: str) -> bool:
+def _end_own_run(runtime: WorkerRuntime, job_id: str, state: JobState, reason: str,
+                 failure_kind: FailureKind | None = None) -> bool:
     """Move this worker's running job to ``state``; False (logged) if another worker took it
     over meanwhile (its lease expired), so a stale run never overwrites the current one."""
     try:
-        runtime.store.transition(job_id, state, reason=reason, worker=runtime.worker_name)
+        runtime.store.transition(job_id, state, reason=reason, worker=runtime.worker_name,
+                                 failure_kind=failure_kind)
     except IllegalTransition as error:
         logger.warning("job %s: %s", job_id, error)
         return False
     return True
 
 
-def _finish(runtime: WorkerRuntime, job_id: str, state: JobState, reason: str) -> Outcome:
-    if not _end_own_run(runtime, job_id, state, reason):
+def _finish(runtime: WorkerRuntime, job_id: str, state: JobState, reason: str,
+            failure_kind: FailureKind | None = None) -> Outcome:
+    """End this worker's run in ``state``; a failure is of ``failure_kind`` (default: ours,
+    processing; send_failed: send)."""
+    if not _end_own_run(runtime, job_id, state, reason, failure_kind):
         return Outcome("lost")
     logger.warning("job %s %s: %s", job_id, state.value, reason)
     if state in (JobState.FAILED, JobState.SEND_FAILED):
@@ -478,6 +502,7 @@ class RecoverySweeper:
                 next_purge = time.monotonic() + PURGE_INTERVAL_S
                 try:
                     purge_expired(self.settings, self.store)
+                    purge_site_dataset(self.settings)
                 except Exception:
                     logger.exception("retention sweep failed (will retry)")
             older_than_s = self.settings.recovery_interval_s
@@ -535,3 +560,5 @@ def register_tasks(app: Celery, settings: Settings) -> None:
                 RUN_JOB_TASK, args=[job_id], countdown=outcome.retry_in_s, ignore_result=True
             )
         return outcome.state
+
+    register_finetune_task(app, settings)

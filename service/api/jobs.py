@@ -24,6 +24,7 @@ from rtcontour.common import audit
 from rtcontour.common.audit import AuditEvent
 from rtcontour.common.auth import Principal, Role
 from rtcontour.common.jobstore import (
+    INPUT_FAILURES,
     OUTPUT_FILE_PREFIXES,
     IllegalTransition,
     Job,
@@ -184,6 +185,13 @@ class JobSummaryOut(BaseModel):
     model_name: str | None = None
     model_version: str | None = None
     failure_reason: str | None = None
+    failure_kind: str | None = Field(
+        None, description="why it failed: input (the series itself is wrong: send it again), "
+        "incomplete (input missing slices: send them, or the whole series, again; they are "
+        "merged with this job's), processing (rtcontour's side) or send (the destinations)")
+    retryable: bool = Field(
+        False, description="POST /retry may queue it again (failed or send_failed, not for its "
+        "input, files not purged)")
     kind: str = Field("contour", description="contour (CT in, RTSTRUCT out) or dose "
                       "(approved structure set in, predicted RTDOSE out)")
     route_name: str | None = Field(None, description="the routing rule that took the series")
@@ -208,6 +216,10 @@ class JobSummaryOut(BaseModel):
     reviewed_by: str | None = None
     reviewed_at: dt.datetime | None = None
     review_reason: str | None = Field(None, description="why it was rejected")
+    received_via: str = Field("dicom", description="dicom (C-STORE to the listener), dicomweb "
+                              "(STOW-RS) or pull (retrieved from the PACS on a user's request)")
+    requested_by: str | None = Field(
+        None, description="the API user who sent it by STOW-RS or pulled it from the PACS")
 
 
 class JobDetailOut(JobSummaryOut):
@@ -275,6 +287,12 @@ def _identity(job: Job, with_patient: bool) -> dict[str, Any]:
     }
 
 
+def retryable(job: Job) -> bool:
+    """A retry can help: failed or send_failed, for a reason other than its input, files kept."""
+    return (job.state in RETRYABLE_STATES and job.failure_kind not in INPUT_FAILURES
+            and job.purged_at is None)
+
+
 def summary(
     job: Job, outputs: list[JobOutput] | None = None, *, with_patient: bool = False
 ) -> JobSummaryOut:
@@ -290,6 +308,8 @@ def summary(
         model_name=job.model_name,
         model_version=job.model_version,
         failure_reason=job.failure_reason,
+        failure_kind=job.failure_kind,
+        retryable=retryable(job),
         kind=job.kind or "contour",
         route_name=job.route_name,
         ignored_reason=job.ignored_reason,
@@ -302,6 +322,8 @@ def summary(
         reviewed_by=job.reviewed_by,
         reviewed_at=job.reviewed_at,
         review_reason=job.review_reason,
+        received_via=job.received_via or "dicom",
+        requested_by=job.requested_by,
         **_identity(job, with_patient),
     )
 
@@ -557,7 +579,8 @@ def _download(
     response_model=RetryOut,
     status_code=status.HTTP_202_ACCEPTED,
     summary="Queue a failed job again",
-    responses={409: {"description": "not failed, or its files were deleted by retention"}},
+    responses={409: {"description": "not failed, failed for its input (the series must be "
+                          "sent again), or its files were deleted by retention"}},
 )
 def retry_job(job_id: str, principal: ClinicianUser, session: DbSession, ctx: Context) -> RetryOut:
     job = load_job(ctx.store, job_id)

@@ -108,6 +108,35 @@ def test_retry_requeues_a_failed_job_and_enqueues_it(api: ApiHarness) -> None:
     assert stored.state == "queued" and stored.attempts == 0
 
 
+@pytest.mark.parametrize("failure_kind", ["input", "incomplete"], ids=["input", "missing-slice"])
+def test_a_job_failed_for_its_input_offers_no_retry_and_the_retry_says_to_send_the_series(
+    api: ApiHarness, failure_kind: str
+) -> None:
+    job = api.add_job(state="failed", failure_kind=failure_kind,
+                      failure_reason="The slice spacing is uneven (a missing slice?).")
+    body = api.client.get(f"/api/jobs/{job.id}", headers=api.headers("viewer")).json()
+    assert body["failure_kind"] == failure_kind and body["retryable"] is False
+    response = api.client.post(f"/api/jobs/{job.id}/retry", headers=api.headers("clinician"))
+    assert response.status_code == 409
+    assert "send the whole series again" in response.json()["detail"]
+    assert api.enqueued == [] and api.store.get(job.id).state == "failed"
+
+
+@pytest.mark.parametrize(("state", "failure_kind"), [("failed", "processing"),
+                                                      ("send_failed", "send"),
+                                                      ("failed", None)],
+                         ids=["processing", "send", "earlier-release"])
+def test_a_job_failed_on_our_side_or_at_the_destination_is_retryable(
+    api: ApiHarness, state: str, failure_kind: str | None
+) -> None:
+    job = api.add_job(state=state, failure_kind=failure_kind, failure_reason="worker lost")
+    body = api.client.get(f"/api/jobs/{job.id}", headers=api.headers("viewer")).json()
+    assert body["failure_kind"] == failure_kind and body["retryable"] is True
+    response = api.client.post(f"/api/jobs/{job.id}/retry", headers=api.headers("clinician"))
+    assert response.status_code == 202, response.text
+    assert api.store.get(job.id).failure_kind is None  # queued again: no failure now
+
+
 def test_retry_of_a_done_job_is_a_conflict(api: ApiHarness) -> None:
     job = api.add_job(state="done")
     response = api.client.post(f"/api/jobs/{job.id}/retry", headers=api.headers("admin"))

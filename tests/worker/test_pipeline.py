@@ -127,6 +127,7 @@ def test_invalid_series_fails_with_reason_without_retry(
     assert execute_job(job_id, runtime).state == "failed"
     job = runtime.store.get(job_id)
     assert job.attempts == 1 and "slice" in job.failure_reason.lower()
+    assert job.failure_kind == "incomplete"  # too few slices: late slices complete it
     assert model.calls == 0
 
 
@@ -146,6 +147,7 @@ def test_destination_down_retries_with_backoff_then_send_failed_file_kept(
     job = runtime.store.get(job_id)
     assert sleeps == [0.5, 1.0]
     assert down in job.failure_reason and "3 attempts" in job.failure_reason
+    assert job.failure_kind == "send"
     assert Path(runtime.store.output(job_id, "RTSTRUCT").path).is_file()
     assert job.sent_destinations == []
 

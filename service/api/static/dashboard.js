@@ -329,6 +329,14 @@ async function refreshDestinations() {
 }
 
 // ---- job page ------------------------------------------------------------------------
+// What a job's failure_kind means to the person who must act on it.
+const FAILURE_KINDS = {
+  input: "its input: the series itself is wrong; send it again (a retry would fail again)",
+  incomplete: "missing slices: send them, or the whole series, again (merged with this job's)",
+  processing: "a problem on rtcontour's side: Retry may help",
+  send: "the destinations: Retry sends the outputs again",
+};
+
 function field(list, name, value) {
   list.append(el("dt", {}, name), el("dd", {}, value === null || value === undefined || value === "" ? "–" : value));
 }
@@ -361,6 +369,7 @@ async function refreshJob() {
   field(fields, "Created", when(job.created_at));
   field(fields, "Finished", when(job.finished_at));
   field(fields, "Failure reason", job.failure_reason);
+  field(fields, "Failed for", FAILURE_KINDS[job.failure_kind] || job.failure_kind);
   field(fields, "Runs", job.attempts ? String(job.attempts) + (job.workers_lost
     ? ` (${job.workers_lost} lost with their worker, not counted as attempts)` : "") : null);
   field(fields, "Kind", job.kind === "dose" ? "dose prediction" : "contouring");
@@ -410,7 +419,8 @@ async function refreshJob() {
   if (unreviewed) $("#download").classList.add(unreviewed);
   $("#download").hidden = !canClinic;
   $("#download").disabled = !(main && main.available);
-  $("#retry").hidden = !(canClinic && (job.state === "failed" || job.state === "send_failed"));
+  // A job failed for its input (missing slice, ...) fails again: the series must be sent again.
+  $("#retry").hidden = !(canClinic && job.retryable);
   renderReview(job, canClinic);
   const showable = isDose ? Boolean(main && main.available && job.source_job_id) : job.has_rtstruct;
   if (canClinic && showable && viewer.jobId !== job.id && !job.purged_at) loadViewer(job.id);
