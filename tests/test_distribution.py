@@ -131,9 +131,10 @@ def installed(built: Built, tmp_path_factory: pytest.TempPathFactory) -> Path:
                cwd=venv.parent, timeout=900)
     if pip.returncode != 0:
         output = pip.stdout + pip.stderr
-        if _OFFLINE.search(output):
+        offline = _OFFLINE.search(output)
+        if offline:
             pytest.skip("the wheel's dependencies cannot be installed: the package index is "
-                        f"unreachable ({_OFFLINE.search(output)[0]})")  # type: ignore[index]
+                        f"unreachable ({offline[0]})")
         pytest.fail(f"pip install of the wheel failed:\n{output[-6000:]}")
     return bin_dir
 
@@ -219,8 +220,9 @@ def test_installed_package_ignores_stray_models_and_common_in_the_current_direct
     installed: Path, tmp_path: Path
 ) -> None:
     cwd = _stray_cwd(tmp_path)
-    worker = _run([installed / "python", "-c", "import rtcontour.worker"], cwd=cwd)
-    assert worker.returncode == 0, worker.stdout + worker.stderr
+    for where in (Path("/"), cwd):
+        worker = _run([installed / "python", "-c", "import rtcontour.worker"], cwd=where)
+        assert worker.returncode == 0, f"from {where}: {worker.stdout}{worker.stderr}"
     # Every module of the wheel, with the stray files first on sys.path: none is a bare import,
     # and only the train extra's modules may miss a package (torch is not installed).
     script = f"""
