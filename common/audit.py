@@ -36,6 +36,7 @@ TOKEN_ISSUED = "user.token_issued"  # noqa: S105 - an event name
 ASSOCIATION_REJECTED = "dicom.association_rejected"
 CONTEXT_REFUSED = "dicom.context_refused"
 INSTANCE_REFUSED = "dicom.instance_refused"
+SERIES_REFUSED = "dicom.series_refused"  # a series' instances refused for their SOP Class
 JOB_CREATED = "job.created"
 JOB_SENT = "job.sent"
 JOB_RETRIED = "job.retried"

@@ -60,6 +60,7 @@ AuditCallable = Callable[[str, dict[str, Any]], None]
 ASSOCIATION_REJECTED = "dicom.association_rejected"  # common.audit.ASSOCIATION_REJECTED
 CONTEXT_REFUSED = "dicom.context_refused"  # common.audit.CONTEXT_REFUSED
 INSTANCE_REFUSED = "dicom.instance_refused"  # common.audit.INSTANCE_REFUSED
+SERIES_REFUSED = "dicom.series_refused"  # common.audit.SERIES_REFUSED
 
 
 def _note_refusal(
@@ -120,6 +121,32 @@ _READ_STRUCTURE_SET_TAGS: list[BaseTag | int] = [
     for keyword in ("SpecificCharacterSet", *_REQUIRED_STRUCTURE_SET, "SeriesDescription")
 ]
 ACCEPTED_SOP_CLASSES = (CTImageStorage, RTStructureSetStorage)
+# Storage classes a TPS or PACS commonly sends that rtcontour does not process. Their contexts
+# are accepted only so that each C-STORE can be refused with 0x0122 naming what was sent (SOP
+# Class, Modality, Series UID read from the dataset, never stored): a refused context tells
+# nothing, since storescu proposes every class it knows, alphabetically.
+EXPLAINED_SOP_CLASSES = tuple(UID(uid) for uid in (
+    "1.2.840.10008.5.1.4.1.1.4",  # MR Image Storage
+    "1.2.840.10008.5.1.4.1.1.4.1",  # Enhanced MR Image Storage
+    "1.2.840.10008.5.1.4.1.1.2.1",  # Enhanced CT Image Storage
+    "1.2.840.10008.5.1.4.1.1.128",  # Positron Emission Tomography Image Storage
+    "1.2.840.10008.5.1.4.1.1.130",  # Enhanced PET Image Storage
+    "1.2.840.10008.5.1.4.1.1.20",  # Nuclear Medicine Image Storage
+    "1.2.840.10008.5.1.4.1.1.1",  # Computed Radiography Image Storage
+    "1.2.840.10008.5.1.4.1.1.1.1",  # Digital X-Ray Image Storage - For Presentation
+    "1.2.840.10008.5.1.4.1.1.6.1",  # Ultrasound Image Storage
+    "1.2.840.10008.5.1.4.1.1.7",  # Secondary Capture Image Storage
+    "1.2.840.10008.5.1.4.1.1.481.1",  # RT Image Storage
+    "1.2.840.10008.5.1.4.1.1.481.2",  # RT Dose Storage
+    "1.2.840.10008.5.1.4.1.1.481.5",  # RT Plan Storage
+    "1.2.840.10008.5.1.4.1.1.481.8",  # RT Ion Plan Storage
+    "1.2.840.10008.5.1.4.1.1.66.1",  # Spatial Registration Storage
+    "1.2.840.10008.5.1.4.1.1.66.4",  # Segmentation Storage
+))
+_READ_REFUSED_TAGS: list[BaseTag | int] = [
+    Tag(keyword) for keyword in ("SOPClassUID", "SOPInstanceUID", "Modality",
+                                 "SeriesInstanceUID")
+]
 
 _READ_TAGS: list[BaseTag | int] = [
     Tag(keyword)
@@ -177,6 +204,21 @@ class AssociationSerials:
             return serial
 
 
+@dataclass(frozen=True)
+class RefusedSeries:
+    """What an instance refused for its SOP Class was, as read from its dataset (UIDs and the
+    modality: nothing that identifies the patient)."""
+
+    sop_class_uid: str
+    modality: str
+    series_instance_uid: str | None
+
+    @property
+    def sop_class_name(self) -> str:
+        name = UID(self.sop_class_uid).name if self.sop_class_uid else ""
+        return name or f"SOP Class {self.sop_class_uid or 'unknown'}"
+
+
 @dataclass
 class Edge:
     """What the listener's handlers share."""
@@ -192,6 +234,9 @@ class Edge:
     # Per association serial: the storage contexts refused, and whether anything was stored;
     # an association that stored nothing after refusing contexts becomes one refusal.
     refused_contexts: dict[int, list[str]] = field(default_factory=dict)
+    # Per association serial: instances refused for their SOP Class, counted per series
+    # (one refusal row per series when the association ends, not one per slice).
+    refused_series: dict[int, dict[RefusedSeries, int]] = field(default_factory=dict)
     serials: AssociationSerials = field(default_factory=AssociationSerials)
     rejected: weakref.WeakSet[object] = field(default_factory=weakref.WeakSet)
 
@@ -333,6 +378,29 @@ def read_instance_header(
         raise InvalidInstance(f"dataset cannot be parsed: {type(exc).__name__}") from exc
 
 
+def read_refused_identity(
+    dataset: BytesIO, transfer_syntax: UID, *, context_sop_class: str, max_instance_bytes: int
+) -> RefusedSeries:
+    """SOP Class, Modality and Series UID of an instance refused for its class, from its
+    encoded dataset (four attributes, never the pixels); what cannot be read is left out
+    (the context's class, no modality, no series) rather than raised."""
+    sop_class, modality, series_uid = context_sop_class, "", None
+    try:
+        ds = read_dataset(
+            _decode_stream(dataset, transfer_syntax, max_instance_bytes),
+            is_implicit_VR=transfer_syntax == ImplicitVRLittleEndian,
+            is_little_endian=transfer_syntax != ExplicitVRBigEndian,
+            specific_tags=_READ_REFUSED_TAGS,
+        )
+        sop_class = checked_uid(ds.get("SOPClassUID", "") or context_sop_class, "SOPClassUID")
+        modality = str(ds.get("Modality", "") or "").strip()[:16]
+        if ds.get("SeriesInstanceUID"):
+            series_uid = checked_uid(ds.SeriesInstanceUID, "SeriesInstanceUID")
+    except Exception:  # pydicom raises many types on malformed input; the refusal stands
+        logger.debug("refused instance unreadable", exc_info=True)
+    return RefusedSeries(sop_class, modality, series_uid)
+
+
 def _check_ct_image(ds: Dataset, transfer_syntax: UID) -> None:
     """The geometry and pixel module of a CT image (PS3.3 C.8.2.1: one sample, 16 bits)."""
     checked_uid(ds.FrameOfReferenceUID, "FrameOfReferenceUID")
@@ -377,6 +445,8 @@ def handle_store(event: Event, edge: Edge) -> int:
         if not isinstance(dataset, BytesIO):
             raise InvalidInstance("C-STORE request without a dataset")
         transfer_syntax = UID(context.transfer_syntax)
+        if str(context.abstract_syntax) in EXPLAINED_SOP_CLASSES:
+            return _refuse_unprocessed_class(event, edge, serial, dataset, transfer_syntax)
         header = read_instance_header(
             dataset,
             transfer_syntax,
@@ -420,6 +490,45 @@ def handle_store(event: Event, edge: Edge) -> int:
     metrics.INSTANCES_RECEIVED.labels(outcome="stored").inc()
     edge.refused_contexts.pop(serial, None)  # something was stored: not an unused association
     return Status.SUCCESS
+
+
+def _refuse_unprocessed_class(
+    event: Event, edge: Edge, serial: int, dataset: BytesIO, transfer_syntax: UID
+) -> int:
+    """An instance of a class we accept only to explain the refusal (an MR image, say):
+    nothing is written; counted per series for the refusal noted when the association ends."""
+    refused = read_refused_identity(
+        dataset, transfer_syntax, context_sop_class=str(event.context.abstract_syntax),
+        max_instance_bytes=edge.max_instance_bytes)
+    series = edge.refused_series.setdefault(serial, {})
+    if refused not in series:
+        logger.warning("association #%d: %s (modality %s, series %s) refused with 0x%04X: "
+                       "not contoured", serial, refused.sop_class_name,
+                       refused.modality or "unknown", refused.series_instance_uid or "unknown",
+                       Status.SOP_CLASS_NOT_SUPPORTED)
+    series[refused] = series.get(refused, 0) + 1
+    edge.refused_contexts.pop(serial, None)  # explained by the series refused
+    metrics.INSTANCES_RECEIVED.labels(outcome="refused").inc()
+    return Status.SOP_CLASS_NOT_SUPPORTED
+
+
+def _note_refused_series(event: Event, edge: Edge) -> None:
+    """One refusal per series whose instances were refused for their SOP Class."""
+    refused_series = edge.refused_series.pop(edge.serials.of(event.assoc), None)
+    for refused, count in (refused_series or {}).items():
+        described = ", ".join(part for part in (
+            refused.sop_class_name,
+            f"modality {refused.modality}" if refused.modality else "",
+            f"series {refused.series_instance_uid}" if refused.series_instance_uid else "",
+        ) if part)
+        _note_refusal(edge, SERIES_REFUSED, {
+            **_peer(event), "kind": "series", "status": int(Status.SOP_CLASS_NOT_SUPPORTED),
+            "series_instance_uid": refused.series_instance_uid,
+            "what": f"{described}: {count} instance{'s' if count != 1 else ''}",
+            "why": f"{refused.sop_class_name} is not contoured: rtcontour takes CT Image "
+                   "Storage and RT Structure Set Storage only; each instance was answered "
+                   "0x0122 (SOP Class not supported) and nothing was stored",
+        })
 
 
 def _reject(event: Event, edge: Edge, reason: RejectReason) -> None:
@@ -478,12 +587,18 @@ def handle_rejected(event: Event, edge: Edge) -> None:
 def handle_established(event: Event, edge: Edge) -> None:
     edge.serials.of(event.assoc)
     metrics.ASSOCIATIONS.inc()
-    # Contexts we do not accept (an MR series, say) leave no C-STORE to refuse: remember them,
-    # and if the association ends having stored nothing, that is a refusal to show.
-    names = sorted({UID(str(context.abstract_syntax)).name
-                    for context in getattr(event.assoc, "rejected_contexts", []) or []})
-    if names:
-        edge.refused_contexts[edge.serials.of(event.assoc)] = names
+    # Contexts we do not accept leave no C-STORE to refuse, nor do those accepted only to
+    # explain a refusal if nothing is sent on them: remember them (the explained ones first:
+    # storescu proposes every class it knows, alphabetically), and if the association ends
+    # having stored nothing, that is a refusal to show.
+    explained = sorted({UID(str(context.abstract_syntax)).name
+                        for context in getattr(event.assoc, "accepted_contexts", []) or []
+                        if str(context.abstract_syntax) in EXPLAINED_SOP_CLASSES})
+    rejected = sorted({UID(str(context.abstract_syntax)).name
+                       for context in getattr(event.assoc, "rejected_contexts", []) or []}
+                      - set(explained))
+    if explained or rejected:
+        edge.refused_contexts[edge.serials.of(event.assoc)] = explained + rejected
 
 
 def _note_unused_association(event: Event, edge: Edge) -> None:
@@ -493,8 +608,8 @@ def _note_unused_association(event: Event, edge: Edge) -> None:
     shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
     _note_refusal(edge, CONTEXT_REFUSED, {
         **_peer(event), "kind": "context", "what": shown,
-        "why": "nothing stored: rtcontour accepts CT Image Storage and RT Structure Set "
-               "Storage only",
+        "why": "nothing stored: rtcontour takes CT Image Storage and RT Structure Set "
+               "Storage only (the classes the sender proposed are listed, not what it holds)",
     })
 
 
@@ -509,11 +624,13 @@ def handle_acse_received(event: Event, edge: Edge) -> None:
 
 
 def handle_released(event: Event, edge: Edge) -> None:
+    _note_refused_series(event, edge)
     _note_unused_association(event, edge)
     edge.tracker.association_released(edge.serials.of(event.assoc))  # already, as a rule
 
 
 def handle_aborted(event: Event, edge: Edge) -> None:
+    _note_refused_series(event, edge)
     _note_unused_association(event, edge)
     serial = edge.serials.of(event.assoc)
     logger.info("association #%d aborted", serial)

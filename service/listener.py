@@ -232,6 +232,9 @@ def build_ae(settings: Settings) -> AE:
     ae.add_supported_context(CTImageStorage, SUPPORTED_TRANSFER_SYNTAXES)
     # Approved structure sets come back from the TPS (dose prediction, QA of our contours).
     ae.add_supported_context(RTStructureSetStorage, STRUCTURE_SET_TRANSFER_SYNTAXES)
+    # Accepted only to refuse each C-STORE naming what it was (handlers: nothing is stored).
+    for sop_class in handlers.EXPLAINED_SOP_CLASSES:
+        ae.add_supported_context(sop_class, SUPPORTED_TRANSFER_SYNTAXES)
     ae.maximum_associations = settings.max_associations
     ae.acse_timeout = settings.acse_timeout_s
     ae.dimse_timeout = settings.dimse_timeout_s

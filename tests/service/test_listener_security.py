@@ -6,12 +6,16 @@ import socket
 import threading
 import time
 
+import numpy as np
 import pytest
+from pydicom import Dataset
+from pydicom.uid import generate_uid
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification
 
 from rtcontour.service.dicom_status import Status
 from rtcontour.service.handlers import KnownPeer
+from tests.phantoms import ct_datasets
 from tests.service.conftest import (
     requires_dcmtk,
     run_echoscu,
@@ -85,10 +89,21 @@ def test_only_verification_ct_and_structure_set_storage_are_accepted(listener_fa
     assoc = ae.associate("127.0.0.1", listener.port, ae_title="RTCONTOUR")
     try:
         accepted = {str(cx.abstract_syntax) for cx in assoc.accepted_contexts}
-        # Structure sets come back approved from the TPS (dose prediction, QA); MR never.
-        assert accepted == {str(Verification), "1.2.840.10008.5.1.4.1.1.481.3"}
+        # Structure sets come back approved from the TPS (dose prediction, QA); MR is
+        # accepted as a context only so that its C-STOREs are refused naming what they are.
+        assert accepted == {str(Verification), "1.2.840.10008.5.1.4.1.1.481.3",
+                            "1.2.840.10008.5.1.4.1.1.4"}
+        assert assoc.send_c_store(_mr_instance()).Status == 0x0122  # SOP Class not supported
     finally:
         assoc.release()
+    assert listener.spooled_files() == []
+
+
+def _mr_instance() -> Dataset:
+    dataset = ct_datasets(np.zeros((1, 8, 8), np.float32), series_uid=generate_uid())[0]
+    dataset.SOPClassUID = dataset.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.4"
+    dataset.Modality = "MR"
+    return dataset
 
 
 def test_associations_beyond_the_maximum_are_rejected_and_audited(listener_factory):

@@ -120,3 +120,44 @@ def test_standalone_listener_serves_its_dicom_counters_to_the_scraper(tmp_path: 
     finally:
         process.terminate()
         process.wait(20)
+
+
+def _mr_series(folder: Path, series_uid: str, n_slices: int) -> list[Path]:
+    """A real MR-like series on disk: phantom CT files turned into MR Image Storage by DCMTK's
+    dcmodify (SOP Class, with the file meta following, and Modality)."""
+    files = write_datasets(folder, ct_datasets(np.zeros((n_slices, 8, 8), np.float32),
+                                               series_uid=series_uid))
+    subprocess.run(["dcmodify", "-nb", "-m", f"(0008,0016)={MR_IMAGE_STORAGE}",
+                    "-m", "(0008,0060)=MR", *map(str, files)], check=True, capture_output=True)
+    return files
+
+
+def test_an_mr_series_sent_by_storescu_is_refused_naming_mr_image_storage_modality_and_series(
+    api: ApiHarness, tmp_path: Path
+) -> None:
+    settings = api.settings.model_copy(update={
+        "dicom_host": "127.0.0.1", "dicom_port": free_port(), "quiet_period_s": 0.3,
+        "min_free_disk_bytes": 0})
+    sink = RecordingSink()
+    handle = start_listener(settings, sink, refused=make_refusal_recorder(api.engine))
+    series_uid = generate_uid()
+    try:
+        # storescu proposes every storage class it knows, alphabetically (ECG first)
+        run = run_storescu(handle.address[1], _mr_series(tmp_path / "mr", series_uid, 3),
+                           calling_ae="MRSCANNER")
+        assert run.status_list == [Status.SOP_CLASS_NOT_SUPPORTED] * 3, run.output
+    finally:
+        handle.shutdown(timeout_s=2.0)
+
+    assert sink.arrivals == []  # no job, and nothing of it on disk
+    assert list((settings.spool_dir / "incoming").glob("*/*")) == []
+    assert list((settings.spool_dir / "journal").glob("*/*")) == []
+    page = api.client.get("/api/refusals", headers=api.headers("admin")).json()
+    assert len(page["items"]) == 1, page  # one per series, not one per slice
+    refusal = page["items"][0]
+    assert refusal["kind"] == "series" and refusal["calling_ae"] == "MRSCANNER"
+    assert refusal["what"] == f"MR Image Storage, modality MR, series {series_uid}: 3 instances"
+    assert refusal["series_instance_uid"] == series_uid
+    assert refusal["status"] == Status.SOP_CLASS_NOT_SUPPORTED == 0x0122
+    assert "ECG" not in refusal["what"] + refusal["why"]
+    assert "CT Image Storage and RT Structure Set Storage only" in refusal["why"]
