@@ -106,6 +106,13 @@ class Route(BaseModel):
     # clinics contour only what a plan needs) keeps it out of Dice trends and alerts;
     # "deleted" for a clinic whose approved sets always carry every auto-contoured organ.
     qa_absent: Literal["not_in_approved_set", "deleted"] = "not_in_approved_set"
+    # For structure sets (issue 23): keep each approved set that QA compared, CT and approved
+    # contours, as training data in the site data set (models.site_data; off by default).
+    keep_for_training: bool = False
+    # A contour route's second package, run in shadow: its contours are never sent, and QA
+    # compares them with what the clinicians approve beside the active model's. An admin
+    # switch (POST /api/routes/{name}/switch) swaps the two (common.route_models).
+    shadow_model: str | None = None
 
     @field_validator("name")
     @classmethod
@@ -172,7 +179,7 @@ class Route(BaseModel):
     @model_validator(mode="after")
     def _check_action(self) -> Route:
         given = (self.model, self.destinations, self.dose_model, self.prescriptions,
-                 self.outputs)
+                 self.outputs, self.shadow_model, self.keep_for_training or None)
         if self.action == "ignore" and any(value is not None for value in given):
             raise ValueError("an ignore route takes no model and no destinations")
         return self

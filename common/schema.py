@@ -17,6 +17,7 @@ from rtcontour.common import (  # noqa: F401 - each registers its tables
     jobstore,
     notify,
     refusals,
+    route_models,
 )
 from rtcontour.common.db import Base, add_missing_columns, check_connection
 

@@ -198,6 +198,14 @@ class Settings(BaseSettings):
     inference_overlap: float = Field(0.5, ge=0, lt=1)
     mirror_tta: bool = False
 
+    # The site data set (issue 23, models.site_data): approved structure sets kept as training
+    # data by routes with keep_for_training: true. Where (default <data dir>/site-dataset),
+    # for how long (days after they were kept; 0 keeps them until an admin removes them),
+    # and how many kept sets per structure `rtcontour finetune` needs at least.
+    site_dataset_dir: Path | None = None
+    site_dataset_retention_days: float = Field(730.0, ge=0)
+    finetune_min_sets: int = Field(10, ge=1, le=100_000)
+
     @field_validator("ae_title")
     @classmethod
     def _check_ae_title(cls, value: str) -> str:
@@ -279,6 +287,15 @@ class Settings(BaseSettings):
     @property
     def archive_dir(self) -> Path:
         return self.data_dir / "archive"
+
+    @property
+    def effective_site_dataset_dir(self) -> Path:
+        return self.site_dataset_dir or self.data_dir / "site-dataset"
+
+    @property
+    def finetune_dir(self) -> Path:
+        """Fine-tuning runs queued from the API (request, status and log per run)."""
+        return self.data_dir / "finetune"
 
     @property
     def effective_database_url(self) -> str:

@@ -40,6 +40,8 @@ __all__ = [
     "DoseValidation",
     "DoseSpec",
     "TrainingData",
+    "SiteMetric",
+    "FineTuneReport",
     "ModelManifest",
     "ModelPackage",
     "sha256_file",
@@ -125,13 +127,42 @@ class TrainingData(_Strict):
     n_validation_cases: int = Field(ge=0)
 
 
+class SiteMetric(_Strict):
+    """One structure of a fine-tuning report: base and new package on the same patients."""
+
+    base_dice: float | None = None
+    new_dice: float | None = None
+    base_hd95_mm: float | None = None
+    new_hd95_mm: float | None = None
+    n_cases: int = Field(default=0, ge=0)
+    worse: bool = False
+
+
+class FineTuneReport(_Strict):
+    """How a fine-tuned package was made and how it compares with its base (issue 23)."""
+
+    base_package: str  # name-version
+    site: str
+    recommended: bool
+    worse_structures: list[str] = Field(default_factory=list)
+    n_train_sets: int = Field(ge=0)
+    n_held_back_sets: int = Field(ge=0)
+    held_back_patients: list[str] = Field(default_factory=list)  # patient keys (sha256)
+    steps: int = Field(ge=0)
+    site_metrics: dict[str, SiteMetric] = Field(default_factory=dict)
+    openkbp_metrics: dict[str, SiteMetric] = Field(default_factory=dict)
+    openkbp_note: str = ""
+
+
 class ModelManifest(_Strict):
     """Everything inference needs to run a package, and where it came from."""
 
     schema_version: Literal[1] = 1
     kind: Literal["segmentation", "dose"] = "segmentation"
     name: str = Field(pattern=r"^[a-z0-9][a-z0-9-]*$")
-    version: str = Field(pattern=r"^\d+\.\d+\.\d+$")
+    # x.y.z, or a site's fine-tuned x.y.z+<site>.<n> (models.finetune), which is never taken
+    # as "the newest package": a route names it exactly
+    version: str = Field(pattern=r"^\d+\.\d+\.\d+(\+[a-z0-9][a-z0-9-]{0,23}\.\d+)?$")
     created: datetime
     architecture: str
     input_axes: str = "batch, channel, slice (S->I), row (A->P), column (R->L)"
@@ -149,6 +180,8 @@ class ModelManifest(_Strict):
     export_command: str = ""
     onnx_opset: int = 17
     dose: DoseSpec | None = None
+    # a package fine-tuned on a site's approved structure sets (models.finetune)
+    finetune: FineTuneReport | None = None
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
 
     @model_validator(mode="after")

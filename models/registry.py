@@ -79,6 +79,14 @@ def check_routes_models(settings: Settings, table: RoutingTable) -> dict[str, Pa
             raise ConfigurationError(f"route {route.name!r}, field model: {error}") from None
         found[route.model] = path
     for route in table.routes:
+        if route.action != "contour" or route.shadow_model is None:
+            continue
+        try:
+            found[route.shadow_model] = resolve_package_path(settings, route.shadow_model)
+        except ModelPackageError as error:
+            raise ConfigurationError(
+                f"route {route.name!r}, field shadow_model: {error}") from None
+    for route in table.routes:
         if route.action != "contour" or route.dose_model is None:
             continue
         try:

@@ -32,11 +32,14 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": (".models.train", "train the residual U-Net (extra 'train')"),
     "export": (".models.export", "export a checkpoint as a model package (extra 'train')"),
     "evaluate": (".models.evaluate", "Dice and HD95 of a model package on the validation split"),
+    "finetune": (".models.finetune",
+                 "fine-tune a package on the site's approved structure sets (extra 'train')"),
 }
 
 # command whose module needs an extra -> module with its build_parser() that does not
 OPTIONS_WITHOUT_EXTRA: dict[str, str] = {
     "train": ".models.train_cli", "export": ".models.export_cli",
+    "finetune": ".models.finetune_cli",
 }
 
 

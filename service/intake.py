@@ -37,6 +37,7 @@ from rtcontour.common.audit import make_recorder
 from rtcontour.common.db import utcnow
 from rtcontour.common.jobstore import JobState, JobStore
 from rtcontour.common.queue import enqueue_job
+from rtcontour.common.route_models import effective_models
 from rtcontour.common.routes import (
     RouteDecision,
     RoutingTable,
@@ -127,7 +128,9 @@ class Intake:
         contour = decision.action == "contour"
         # A structure set (from the TPS, approved) is a dose job; a CT series a contour job.
         dose = arrival.modality == "RTSTRUCT"
-        model = (route.dose_model if dose else route.model) if route is not None else None
+        # a contour route's model as an admin last switched it (common.route_models)
+        model = ((route.dose_model if dose else effective_models(self.store.engine, route).model)
+                 if route is not None else None)
         result = self.store.create_or_merge_for_series(
             series_instance_uid=arrival.series_instance_uid,
             study_instance_uid=arrival.study_instance_uid,

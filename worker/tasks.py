@@ -66,6 +66,7 @@ from rtcontour.worker.pipeline import (
     Archive,
     BuildOutputs,
     JobContext,
+    Segment,
     SegmentationModel,
     SegmenterCache,
     Send,
@@ -76,6 +77,13 @@ from rtcontour.worker.pipeline import (
 )
 from rtcontour.worker.retention import purge_expired
 from rtcontour.worker.sender import Sender
+from rtcontour.worker.site_training import (
+    KeepForTraining,
+    MeasureShadow,
+    ShadowSegment,
+    purge_site_dataset,
+    register_finetune_task,
+)
 
 if TYPE_CHECKING:
     from celery import Celery
@@ -190,12 +198,18 @@ class WorkerRuntime:
             return [
                 LoadStructureSet(),
                 MeasureEdits(self.structure_names, self.qa_absent_means_deleted),
+                MeasureShadow(self.structure_names, self.qa_absent_means_deleted),
+                KeepForTraining(self.structure_names),
                 PredictDose(self.dose_predictor, lambda ctx: ctx.prescriptions_gy),
                 BuildOutputs([RtdoseWriter()]),
                 Archive(),
                 Send(self.sender, self._record_sent),
             ]
-        return default_steps(self.model, self.sender, on_sent=self._record_sent)
+        steps = default_steps(self.model, self.sender, on_sent=self._record_sent)
+        # the route's shadow package right after the active one (never sent)
+        at = next(i for i, step in enumerate(steps) if isinstance(step, Segment)) + 1
+        steps.insert(at, ShadowSegment(self.model))
+        return steps
 
     def _record_sent(self, job_id: str, destination: str, sop_instance_uid: str) -> None:
         if self._audit is not None:
@@ -488,6 +502,7 @@ class RecoverySweeper:
                 next_purge = time.monotonic() + PURGE_INTERVAL_S
                 try:
                     purge_expired(self.settings, self.store)
+                    purge_site_dataset(self.settings)
                 except Exception:
                     logger.exception("retention sweep failed (will retry)")
             older_than_s = self.settings.recovery_interval_s
@@ -545,3 +560,5 @@ def register_tasks(app: Celery, settings: Settings) -> None:
                 RUN_JOB_TASK, args=[job_id], countdown=outcome.retry_in_s, ignore_result=True
             )
         return outcome.state
+
+    register_finetune_task(app, settings)

@@ -40,6 +40,7 @@ from rtcontour.service.api import (
     refusals,
     review,
     routes,
+    site_learning,
     stats,
     users,
     viewer,
@@ -133,7 +134,7 @@ def create_app(
         return JSONResponse(app.openapi())
 
     for module in (jobs, review, refusals, notifications, previews, viewer, qa, stats,
-                   destinations, routes, users, audit, metrics, dashboard):
+                   destinations, routes, site_learning, users, audit, metrics, dashboard):
         app.include_router(module.router)
     dashboard.mount_static(app)
     return app
