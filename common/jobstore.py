@@ -200,6 +200,11 @@ class Job(Base):
     accession_number: Mapped[str | None] = mapped_column(String(16))
     study_date: Mapped[str | None] = mapped_column(String(8))  # DICOM DA, YYYYMMDD
     study_description: Mapped[str | None] = mapped_column(String(64))
+    # How the series came (NULL: a C-STORE to the listener; "dicomweb": STOW-RS to
+    # /dicomweb/studies; "pull": retrieved from the PACS on a user's request) and, for the two
+    # HTTP ways, the API user who sent or pulled it (a user name, never a patient).
+    received_via: Mapped[str | None] = mapped_column(String(16))
+    requested_by: Mapped[str | None] = mapped_column(String(64))
     # The approval gate (route ``review: required``): held in awaiting_review until a
     # clinician approves (then sent) or rejects (never sent); who and when are recorded.
     review_required: Mapped[bool | None] = mapped_column(Boolean)
@@ -705,6 +710,11 @@ class JobStore:
         self._update(job_id, patient_name=patient_name, patient_id=patient_id,
                      accession_number=accession_number, study_date=study_date,
                      study_description=study_description, review_required=review_required)
+
+    def record_origin(self, job_id: str, *, received_via: str, requested_by: str) -> None:
+        """The series came by ``received_via`` ("dicomweb", "pull") at ``requested_by``'s
+        request (an API user name)."""
+        self._update(job_id, received_via=received_via, requested_by=requested_by[:64])
 
     def hold_for_review(self, job_id: str, worker: str, generation: int) -> bool:
         """running -> awaiting_review, like ``complete_if_unchanged`` (only if ``worker`` holds

@@ -16,6 +16,7 @@ from rtcontour.common import (  # noqa: F401 - each registers its tables
     auth,
     jobstore,
     notify,
+    pulls,
     refusals,
     route_models,
 )

@@ -142,6 +142,14 @@ class Settings(BaseSettings):
     dicomweb_username: str | None = None
     dicomweb_password: SecretStr | None = None
 
+    # The PACS rtcontour pulls series from (POST /api/pull, `rtcontour pull`): C-FIND there,
+    # then C-MOVE to our own AE title (the PACS must know it), or C-GET where the PACS prefers
+    # (pacs_retrieve "get": the instances come back on our association, into the listener of
+    # `rtcontour serve`).
+    pacs: Annotated[Destination | None, NoDecode] = None
+    pacs_retrieve: Literal["move", "get"] = "move"
+    pacs_timeout_s: float = Field(600.0, gt=0, le=86_400)  # a whole retrieve, at most
+
     # Webhook notifications (common.notify): URLs POSTed JSON when a job fails, ends
     # send_failed or awaits review, or the listener refuses something.
     notify_webhooks: Annotated[list[str], NoDecode] = Field(default_factory=list)
@@ -256,6 +264,22 @@ class Settings(BaseSettings):
         value = _split_list(value)
         if isinstance(value, list):
             return [Destination.parse(v) if isinstance(v, str) else v for v in value]
+        return value
+
+    @field_validator("pacs", mode="before")
+    @classmethod
+    def _parse_pacs(cls, value: object) -> object:
+        if isinstance(value, str):
+            if not value.strip():
+                return None
+            if value.strip().lower().startswith(("http://", "https://")):
+                raise ValueError(f"RTCONTOUR_PACS {value!r} must be AET@host:port (DICOM "
+                                 "C-FIND/C-MOVE), not a URL")
+            try:
+                return Destination.parse(value)
+            except ValueError:
+                raise ValueError(f"RTCONTOUR_PACS {value!r} is not of the form AET@host:port "
+                                 "(or AET@host:port+tls)") from None
         return value
 
     @model_validator(mode="after")

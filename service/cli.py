@@ -29,6 +29,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "dose": (".worker.dose_offline", "offline: CT + structure set in, predicted RTDOSE out"),
     "users": (".service.users_cli", "manage API users and tokens"),
     "routes": (".service.routes_cli", "test the routing rules: which route a CT series takes"),
+    "pull": (".service.pull_cli", "pull a CT series from the PACS (RTCONTOUR_PACS) and contour it"),
     "train": (".models.train", "train the residual U-Net (extra 'train')"),
     "export": (".models.export", "export a checkpoint as a model package (extra 'train')"),
     "evaluate": (".models.evaluate", "Dice and HD95 of a model package on the validation split"),

@@ -36,6 +36,7 @@ import pydicom
 from rtcontour.common.audit import make_recorder
 from rtcontour.common.db import utcnow
 from rtcontour.common.jobstore import JobState, JobStore
+from rtcontour.common.pulls import PullStore
 from rtcontour.common.queue import enqueue_job
 from rtcontour.common.route_models import effective_models
 from rtcontour.common.routes import (
@@ -55,6 +56,7 @@ AuditRecorder = Callable[[str, dict[str, Any]], None]
 
 JOB_CREATED_EVENT = "job.created"
 JOB_IGNORED_EVENT = "job.ignored"
+JOB_PULLED_EVENT = "job.pulled"  # the job of a series a user pulled from the PACS
 
 
 @dataclass(frozen=True)
@@ -76,6 +78,8 @@ class SeriesArrival:
     # Seconds from the release of the last association that carried the series to this
     # hand-over (the quiet period as it was served); None when unknown (recovered at start).
     quiet_s: float | None = None
+    # "" by C-STORE; "dicomweb" by STOW-RS, ``calling_ae`` then being the API user's name.
+    origin: str = ""
 
 
 class SeriesSink(Protocol):
@@ -105,6 +109,7 @@ class Intake:
         self.enqueue = enqueue or _default_enqueue(settings)
         self.audit = audit if audit is not None else _default_audit(store)
         self.routing = routing if routing is not None else RoutingTable.implicit()
+        self.pulls = PullStore(store.engine)
 
     def decide(
         self, arrival: SeriesArrival, first: pydicom.Dataset | None = None
@@ -134,7 +139,7 @@ class Intake:
         result = self.store.create_or_merge_for_series(
             series_instance_uid=arrival.series_instance_uid,
             study_instance_uid=arrival.study_instance_uid,
-            calling_ae=arrival.calling_ae,
+            calling_ae=arrival.calling_ae[:16],  # an API user's name may be longer
             modality=arrival.modality,
             series_description=arrival.series_description,
             n_instances=arrival.n_instances,
@@ -154,6 +159,8 @@ class Intake:
             self.store.record_identity(job.id, **_identity(first),
                                        review_required=bool(route and route.review == "required"
                                                             and contour and not dose))
+        if created:
+            self._record_origin(job.id, arrival)
         folder = job_folder(self.settings, job.id)
         moved = _move_instances(arrival.folder, folder)
         n_instances = sum(1 for _ in folder.glob("*.dcm"))
@@ -222,6 +229,20 @@ class Intake:
             logger.exception(
                 "job %s: enqueue failed; the recovery sweep will enqueue it again", job.id
             )
+
+    def _record_origin(self, job_id: str, arrival: SeriesArrival) -> None:
+        """A series sent by STOW-RS names its API user; one a user pulled from the PACS
+        (``common.pulls``, whatever AE title the PACS sent it from) names who pulled it."""
+        if arrival.origin == "dicomweb":
+            self.store.record_origin(job_id, received_via="dicomweb",
+                                     requested_by=arrival.calling_ae)
+            return
+        pull = self.pulls.claim(arrival.series_instance_uid, job_id)
+        if pull is not None:
+            self.store.record_origin(job_id, received_via="pull", requested_by=pull.requested_by)
+            self._audit(JOB_PULLED_EVENT, {"job_id": job_id, "pull_id": pull.id,
+                                           "series_instance_uid": arrival.series_instance_uid,
+                                           "pulled_by": pull.requested_by})
 
     def _audit(self, event: str, detail: dict[str, Any]) -> None:
         if self.audit is None:

@@ -36,6 +36,7 @@ from rtcontour.common.schema import create_schema
 from rtcontour.common.settings import Settings
 from rtcontour.models.registry import load_checked_routing
 from rtcontour.service.api.app import create_app
+from rtcontour.service.ingest import InstanceReceiver
 from rtcontour.service.intake import Intake
 from rtcontour.service.listener import start_listener
 
@@ -165,11 +166,13 @@ class ApiServer:
     """uvicorn serving ``create_app(settings)`` in a thread."""
 
     def __init__(
-        self, settings: Settings, engine: Any, enqueue: Any, routing: RoutingTable | None = None
+        self, settings: Settings, engine: Any, enqueue: Any, routing: RoutingTable | None = None,
+        receiver: InstanceReceiver | None = None,
     ) -> None:
         import uvicorn
 
-        app = create_app(settings, engine=engine, enqueue=enqueue, routing=routing)
+        app = create_app(settings, engine=engine, enqueue=enqueue, routing=routing,
+                         receiver=receiver)
         config = uvicorn.Config(
             app,
             host=settings.api_host,
@@ -243,7 +246,9 @@ def main(argv: list[str] | None = None) -> int:
                                   refused=make_refusal_recorder(
                                       engine, refusal_notifier(settings, engine)))
         stoppers.append(("listener", lambda: listener.shutdown(timeout_s=10.0)))
-        api = ApiServer(settings, engine, enqueue, routing).start()
+        # STOW-RS requests (and C-GET pulls) feed this listener's spool and series tracker.
+        api = ApiServer(settings, engine, enqueue, routing,
+                        InstanceReceiver.from_listener(listener)).start()
         stoppers.append(("api", api.stop))
         if not args.no_worker:
             worker = WorkerProcess(

@@ -246,10 +246,11 @@ class _Series:
     interrupted: bool = False
     journalled: set[str] = field(default_factory=set)  # journal markers naming its carriers
     quiet_s: float | None = None  # release of its last carrier -> hand-over (when handed over)
+    origin: str = ""  # "" a C-STORE; "dicomweb" STOW-RS (calling_ae: the API user)
 
     def record(self) -> dict[str, str]:
-        """What the journal keeps of the series (UIDs and AE titles: nothing identifies the
-        patient)."""
+        """What the journal keeps of the series (UIDs and AE titles, and "origin" for a series
+        not sent by C-STORE: nothing identifies the patient)."""
         return {
             "series_instance_uid": self.header.series_instance_uid,
             "study_instance_uid": self.header.study_instance_uid,
@@ -257,6 +258,7 @@ class _Series:
             "series_description": self.header.series_description,
             "calling_ae": self.calling_ae,
             "called_ae": self.called_ae,
+            **({"origin": self.origin} if self.origin else {}),
         }
 
 
@@ -305,13 +307,17 @@ class SeriesTracker:
 
     # -- reports from association threads -------------------------------------------------
     def instance_stored(
-        self, association: int, header: InstanceHeader, calling_ae: str, called_ae: str = ""
+        self, association: int, header: InstanceHeader, calling_ae: str, called_ae: str = "",
+        origin: str = "",
     ) -> None:
-        """An instance of ``header.series_instance_uid`` is in the spool (file in place)."""
+        """An instance of ``header.series_instance_uid`` is in the spool (file in place).
+        ``origin``: how it came when not by C-STORE ("dicomweb"; ``association`` is then one
+        HTTP request, ``calling_ae`` the API user); the series' first sender decides."""
         uid = header.series_instance_uid
         with self._lock:
             series = self._series.get(uid)
-            fresh = series or _Series(header=header, calling_ae=calling_ae, called_ae=called_ae)
+            fresh = series or _Series(header=header, calling_ae=calling_ae, called_ae=called_ae,
+                                      origin=origin)
             if self._journal is not None and association not in fresh.carriers:
                 # On disk before the instance is answered; raising here answers a failure.
                 carrier = self._journal.carrier(association)
@@ -519,6 +525,7 @@ class SeriesTracker:
                 header=_recovered_header(uid, folder, entry.record),
                 calling_ae=entry.record.get("calling_ae", ""),
                 called_ae=entry.record.get("called_ae", ""),
+                origin=entry.record.get("origin", ""),
                 last_instance_at=now,
                 journalled=set(entry.carriers),
             )
@@ -560,6 +567,7 @@ class SeriesTracker:
             folder=folder,
             n_instances=count_instances(folder),
             quiet_s=series.quiet_s,
+            origin=series.origin,
         )
 
     # -- background thread ---------------------------------------------------------------

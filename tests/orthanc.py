@@ -89,10 +89,13 @@ def running_orthanc(
     dicomweb: bool = False,
     modalities: dict[str, tuple[str, str, int]] | None = None,
     ae_title: str = "ORTHANC",
+    dicomweb_servers: dict[str, dict[str, Any]] | None = None,
 ) -> Iterator[Orthanc]:
     """Orthanc with storage in ``folder``; ``modalities`` name the peers it may C-MOVE to
     (name -> (AE title, host, port)); ``dicomweb`` loads the DICOMweb plugin (at
-    ``/dicom-web``, basic auth ``USER``/``PASSWORD``)."""
+    ``/dicom-web``, basic auth ``USER``/``PASSWORD``); ``dicomweb_servers``: the DICOMweb
+    servers it may STOW to (name -> {"Url": ..., "HttpHeaders": {...}}), through
+    ``POST /dicom-web/servers/<name>/stow``."""
     binary = shutil.which("Orthanc") or shutil.which("Orthanc", path="/usr/sbin")
     if binary is None:
         pytest.skip("orthanc is not installed (apt-get install orthanc)")
@@ -119,7 +122,8 @@ def running_orthanc(
             name: [ae, host, port] for name, (ae, host, port) in (modalities or {}).items()
         },
         "Plugins": [str(DICOMWEB_PLUGIN)] if dicomweb else [],
-        "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
+        "DicomWeb": {"Enable": True, "Root": "/dicom-web/",
+                     "Servers": dict(dicomweb_servers or {})},
     }
     folder.mkdir(parents=True, exist_ok=True)
     config_path = folder / "orthanc.json"

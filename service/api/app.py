@@ -32,10 +32,12 @@ from rtcontour.service.api import (
     audit,
     dashboard,
     destinations,
+    dicomweb,
     jobs,
     metrics,
     notifications,
     previews,
+    pull,
     qa,
     refusals,
     review,
@@ -47,6 +49,7 @@ from rtcontour.service.api import (
 )
 from rtcontour.service.api.deps import AppContext, ViewerUser
 from rtcontour.service.api.ratelimit import SlidingWindowLimit
+from rtcontour.service.ingest import InstanceReceiver
 from rtcontour.service.previews import PreviewCache
 
 logger = logging.getLogger(__name__)
@@ -91,13 +94,16 @@ def create_app(
     queue_depth: Callable[[], int | None] | None = None,
     echo: Callable[[Destination], tuple[bool, str]] | None = None,
     routing: RoutingTable | None = None,
+    receiver: InstanceReceiver | None = None,
 ) -> FastAPI:
     """Build the API for ``settings``; collaborators may be injected (tests, ``serve``).
 
     ``engine``: the job store's engine (default ``make_engine(settings)``; tables are created
     if missing); ``enqueue(job_id)``: queue a job (default ``common.queue.enqueue_job``);
     ``queue_depth()``: broker queue length; ``echo(destination)``: C-ECHO check;
-    ``routing``: the routing rules (default: ``RTCONTOUR_ROUTES_FILE``, validated here).
+    ``routing``: the routing rules (default: ``RTCONTOUR_ROUTES_FILE``, validated here);
+    ``receiver``: the in-process listener's (``rtcontour serve``), for STOW-RS in and C-GET
+    pulls (without one, ``POST /dicomweb/studies`` answers 503).
     """
     routing = routing if routing is not None else load_routing(settings)
     engine = engine or make_engine(settings)
@@ -123,6 +129,7 @@ def create_app(
         login_failures=SlidingWindowLimit(settings.login_failures_per_address,
                                           settings.login_window_s),
         user_logins=SlidingWindowLimit(settings.logins_per_user, settings.login_window_s),
+        receiver=receiver,
     )
 
     @app.get("/health", response_model=HealthOut, tags=["health"], summary="Liveness (no auth)")
@@ -134,7 +141,8 @@ def create_app(
         return JSONResponse(app.openapi())
 
     for module in (jobs, review, refusals, notifications, previews, viewer, qa, stats,
-                   destinations, routes, site_learning, users, audit, metrics, dashboard):
+                   destinations, routes, site_learning, users, audit, metrics, dicomweb, pull,
+                   dashboard):
         app.include_router(module.router)
     dashboard.mount_static(app)
     return app

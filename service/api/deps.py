@@ -24,6 +24,7 @@ from rtcontour.common.jobstore import JobStore
 from rtcontour.common.routes import RoutingTable
 from rtcontour.common.settings import Destination, Settings
 from rtcontour.service.api.ratelimit import SlidingWindowLimit
+from rtcontour.service.ingest import InstanceReceiver
 from rtcontour.service.previews import PreviewCache
 
 logger = logging.getLogger(__name__)
@@ -46,6 +47,9 @@ class AppContext:
     # POST /api/login throttles (built from the settings by create_app).
     login_failures: SlidingWindowLimit | None = None
     user_logins: SlidingWindowLimit | None = None
+    # The in-process DICOM listener's spool and tracker (``rtcontour serve``), for STOW-RS in
+    # and C-GET pulls; None in a standalone ``rtcontour api``.
+    receiver: InstanceReceiver | None = None
 
 
 def get_context(request: Request) -> AppContext:

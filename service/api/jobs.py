@@ -216,6 +216,10 @@ class JobSummaryOut(BaseModel):
     reviewed_by: str | None = None
     reviewed_at: dt.datetime | None = None
     review_reason: str | None = Field(None, description="why it was rejected")
+    received_via: str = Field("dicom", description="dicom (C-STORE to the listener), dicomweb "
+                              "(STOW-RS) or pull (retrieved from the PACS on a user's request)")
+    requested_by: str | None = Field(
+        None, description="the API user who sent it by STOW-RS or pulled it from the PACS")
 
 
 class JobDetailOut(JobSummaryOut):
@@ -318,6 +322,8 @@ def summary(
         reviewed_by=job.reviewed_by,
         reviewed_at=job.reviewed_at,
         review_reason=job.review_reason,
+        received_via=job.received_via or "dicom",
+        requested_by=job.requested_by,
         **_identity(job, with_patient),
     )
 
