@@ -457,13 +457,19 @@ def test_dockerfile_copies_only_existing_sources(path: Path) -> None:
 
 
 @pytest.mark.parametrize("path", DOCKERFILES, ids=lambda p: p.name)
-def test_dockerfile_installs_model_packages_next_to_the_installed_models_package(
+def test_dockerfile_imports_the_installed_names_and_finds_the_packaged_models(
     path: Path,
 ) -> None:
-    # The wheel leaves out models/packages/<name>-<version>/ (not a Python package name).
-    text = path.read_text()
-    assert "cp -a models/packages/." in text, path.name
-    assert "python -I -c 'import models" in text, f"{path.name}: must not resolve /src/models"
+    # The folders install as rtcontour.*, and the model packages travel in the wheel: the
+    # build checks both with -I, so /src (where `models/` lies) is never on sys.path.
+    text = re.sub(r"\\\n", " ", path.read_text())
+    bare = re.findall(r"import (?:common|models|worker|service)\b", text)
+    assert not bare, f"{path.name} imports the folders by their bare names: {bare}"
+    assert re.search(r'python -I -c "import rtcontour\.common, rtcontour\.service\.cli, '
+                     r'rtcontour\.worker, rtcontour\.models', text), path.name
+    assert re.search(r'python -I -c "from rtcontour\.models\.package import '
+                     r'find_latest_package; +print\(find_latest_package\(\)\)"', text), path.name
+    assert "cp -a models/packages" not in text, f"{path.name}: the wheel holds the packages"
 
 
 def test_gpu_worker_installs_the_gpu_extra_on_a_cuda_base() -> None:
