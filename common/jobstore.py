@@ -758,6 +758,20 @@ class JobStore:
             raise IllegalTransition(f"job {job_id} is {job.state}, not awaiting review")
         return self.get(job_id)
 
+    def held_incomplete(self, series_instance_uid: str, *, besides: str) -> Job | None:
+        """The series' latest job other than ``besides`` if it failed for missing instances
+        (failure kind incomplete) and its files are still held (not purged); else None."""
+        with self._sessions() as session:
+            latest = session.scalars(
+                select(Job).where(Job.series_instance_uid == series_instance_uid,
+                                  Job.id != besides)
+                .order_by(Job.created_at.desc(), Job.id).limit(1)).first()
+        if (latest is None or latest.state != JobState.FAILED.value
+                or latest.failure_kind != FailureKind.INCOMPLETE.value
+                or latest.purged_at is not None or not latest.spool_dir):
+            return None
+        return latest
+
     def add_note(self, job_id: str, note: str) -> None:
         """Append a sentence to the job's notes (kept once)."""
         with self._sessions.begin() as session:

@@ -361,10 +361,13 @@ def _check_along_normal(
         )
 
 
-# The input itself is wrong: running the job again cannot help, and a slice sent on its own
-# makes a series (and a job) of its own.
-SEND_WHOLE_SERIES = ("Retrying will not help: send the whole series again from the planning "
-                     "system (a missing slice sent alone becomes a job of its own).")
+# The input itself is wrong: running the job again cannot help. What is sent again is merged
+# with this job's instances while they are held (service.intake), so the missing slices
+# alone do; once they were deleted, only the whole series does.
+SEND_WHOLE_SERIES = ("Retrying will not help: send the missing slices, or the whole series, "
+                     "again from the planning system; while this job's files are kept "
+                     "(RTCONTOUR_RETENTION_DAYS) they are merged with what is sent, after that "
+                     "send the whole series.")
 
 
 def _check_spacing(distances: np.ndarray, gap_tolerance: float, first: Dataset) -> float:

@@ -4,7 +4,9 @@
 
 1. ``JobStore.create_or_merge_for_series``: a series re-sent while its job is received,
    queued or running merges into that job; once the job finished (done, failed,
-   send_failed) a new job is made.
+   send_failed) a new job is made. If the series' latest job failed for missing instances
+   (a missing slice, too few slices) and its files are still held, the new job starts with
+   them (hard links), so a late slice completes the series instead of failing on its own.
 2. Each instance file moves from the arrival folder into ``spool/jobs/<job_id>/`` with
    ``os.replace`` (atomic per file, same filesystem); files are named by SOP Instance UID,
    so an instance sent twice is stored once.
@@ -25,6 +27,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import os
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -56,6 +59,8 @@ AuditRecorder = Callable[[str, dict[str, Any]], None]
 
 JOB_CREATED_EVENT = "job.created"
 JOB_IGNORED_EVENT = "job.ignored"
+# A series' late instances merged with the instances of its job that failed for lacking them.
+JOB_COMPLETED_LATE_EVENT = "job.completed_late"
 JOB_PULLED_EVENT = "job.pulled"  # the job of a series a user pulled from the PACS
 
 
@@ -162,6 +167,8 @@ class Intake:
         if created:
             self._record_origin(job.id, arrival)
         folder = job_folder(self.settings, job.id)
+        if created and contour and not dose:  # before the move: what was just sent wins
+            self._take_held_instances(job.id, arrival, folder)
         moved = _move_instances(arrival.folder, folder)
         n_instances = sum(1 for _ in folder.glob("*.dcm"))
         self.store.set_spool_dir(job.id, str(folder), n_instances)
@@ -244,6 +251,27 @@ class Intake:
                                            "series_instance_uid": arrival.series_instance_uid,
                                            "pulled_by": pull.requested_by})
 
+    def _take_held_instances(self, job_id: str, arrival: SeriesArrival, folder: Path) -> None:
+        """A series whose latest job failed for missing instances (a missing slice, too few
+        slices) and whose files are still held: that job's instances join the new job (its
+        own record stays as it ended), so a late slice, or the series sent again, completes
+        it rather than failing alone. Any other failure is never merged: a corrected series
+        sent again must not get back what was wrong with the first."""
+        failed = self.store.held_incomplete(arrival.series_instance_uid, besides=job_id)
+        if failed is None or failed.modality != arrival.modality or not failed.spool_dir:
+            return
+        linked = link_instances(Path(failed.spool_dir), folder)
+        if not linked:
+            return
+        self.store.add_note(job_id, f"Completed with the {linked} instances held from job "
+                                    f"{failed.id}, which failed for missing instances.")
+        logger.info("job %s: %d instances of failed job %s (series %s, missing instances) "
+                    "merged with the %d just received", job_id, linked, failed.id,
+                    arrival.series_instance_uid, arrival.n_instances)
+        self._audit(JOB_COMPLETED_LATE_EVENT, {"job_id": job_id, "failed_job_id": failed.id,
+                                               "series_instance_uid": arrival.series_instance_uid,
+                                               "n_held": linked})
+
     def _audit(self, event: str, detail: dict[str, Any]) -> None:
         if self.audit is None:
             return
@@ -278,6 +306,33 @@ def _identity(first: pydicom.Dataset | None) -> dict[str, str | None]:
         "study_date": text("StudyDate", 8),
         "study_description": text("StudyDescription", 64),
     }
+
+
+def link_instances(source: Path, target: Path) -> int:
+    """Hard-link (copy across file systems) each ``*.dcm`` of ``source`` missing from
+    ``target`` into it; return how many. ``source`` is left as it was (its job's record and
+    retention are its own; a link outlives the purge of ``source``)."""
+    if not source.is_dir():
+        return 0
+    if not target.is_dir():
+        target.mkdir(parents=True, exist_ok=True)
+        fsync_dir(target.parent)
+    linked = 0
+    for path in sorted(source.glob("*.dcm")):
+        destination = target / path.name
+        if destination.exists():
+            continue
+        try:
+            os.link(path, destination)
+        except FileExistsError:
+            continue
+        except OSError:
+            partial = destination.with_suffix(".part")
+            shutil.copy2(path, partial)
+            os.replace(partial, destination)
+        linked += 1
+    fsync_dir(target)
+    return linked
 
 
 def _move_instances(source: Path, target: Path) -> int:

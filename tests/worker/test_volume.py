@@ -13,7 +13,7 @@ import pytest
 from pydicom.dataset import Dataset
 from pydicom.uid import JPEG2000Lossless, RLELossless
 
-from rtcontour.common.errors import InvalidSeries, UnsupportedGeometry
+from rtcontour.common.errors import IncompleteSeries, InvalidSeries, UnsupportedGeometry
 from rtcontour.common.volume import Volume, load_series
 from tests.phantoms import (
     CANONICAL_DIRECTIONS,
@@ -308,6 +308,8 @@ def test_a_series_refused_for_its_slices_says_to_send_the_whole_series_again(
     change(datasets)
     with pytest.raises(InvalidSeries) as refused:
         load_series(datasets, min_slices=min_slices)
+    assert isinstance(refused.value, IncompleteSeries)  # late slices are merged with it
     assert str(refused.value).endswith(
-        "Retrying will not help: send the whole series again from the planning system (a "
-        "missing slice sent alone becomes a job of its own).")
+        "Retrying will not help: send the missing slices, or the whole series, again from the "
+        "planning system; while this job's files are kept (RTCONTOUR_RETENTION_DAYS) they are "
+        "merged with what is sent, after that send the whole series.")
