@@ -170,7 +170,7 @@ def fuzz_listener(listener_factory):
 def test_listener_survives_over_a_thousand_mutated_instances(
     fuzz_listener, tmp_path, ct_series, caplog
 ):
-    caplog.set_level(logging.WARNING, logger="service")
+    caplog.set_level(logging.WARNING, logger="rtcontour.service")
     r = random.Random(20240115)
     answered: list[int | None] = []
 
