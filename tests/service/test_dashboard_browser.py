@@ -301,12 +301,14 @@ def test_clinician_finds_a_patient_scrolls_the_viewer_and_approves_or_rejects(
             page.fill("#token", clinician)
             page.click("#login-form button")
             sync_api.expect(page.locator("#whoami")).to_have_text("clinician-user (clinician)")
-            # Default window 10, threshold 0.8: median of 0.9, 0.85, 0.62, 0.55 is 0.735.
-            sync_api.expect(page.locator("#qa-alerts")).to_contain_text("Parotid_L")
-            sync_api.expect(page.locator("#qa-alerts")).to_contain_text("0.73")
             trend = page.locator('#qa-trends-table tr[data-structure="Parotid_L"]')
             sync_api.expect(trend).to_contain_text("hn-oar 1.1.0")
             assert trend.locator("svg circle").count() == 4
+            # Four approved sets with a median Dice of 0.735 (0.9, 0.85, 0.62, 0.55): fewer
+            # than RTCONTOUR_QA_ALERT_MIN_SETS (5), so the trend shows them but no alert fires
+            # yet, however low (one clinic's first sets must not cry wolf; the alert rules
+            # themselves are tested in tests/service/test_qa_trends.py).
+            sync_api.expect(page.locator("#qa-alerts")).to_be_hidden()
             page.fill("#filter-patient", "PAT-4711")
             page.dispatch_event("#filter-patient", "change")
             rows = page.locator("#jobs-table tbody tr")
