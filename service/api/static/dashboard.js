@@ -76,6 +76,18 @@ function dicomDate(da) {
 
 function stateBadge(value) { return el("span", { className: "badge state-" + value }, value); }
 
+// How a series came when not by C-STORE: pulled from the PACS by a user, or sent by STOW-RS.
+function originText(job) {
+  if (job.received_via === "pull") return "pulled by " + (job.requested_by || "?");
+  if (job.received_via === "dicomweb") return "DICOMweb from " + (job.requested_by || "?");
+  return null;
+}
+
+function originMark(job) {
+  const text = originText(job);
+  return text ? el("span", { className: "badge origin origin-" + job.received_via }, text) : null;
+}
+
 function clear(node) { while (node.firstChild) node.removeChild(node.firstChild); }
 
 // ---- login ---------------------------------------------------------------------------
@@ -152,7 +164,9 @@ function renderJobs(page) {
       dicomDate(job.study_date), job.accession_number ? " · " + job.accession_number : "", el("br"),
       el("span", { className: "note" }, job.study_description || "")) : null;
     body.append(el("tr", { "data-job-id": job.id },
-      el("td", {}, link), el("td", {}, stateBadge(job.state)), patient, study, el("td", {}, job.calling_ae || ""),
+      el("td", {}, link), el("td", {}, stateBadge(job.state)), patient, study,
+      el("td", {}, job.calling_ae || "", job.received_via === "pull" ? el("br") : null,
+        job.received_via === "pull" ? originMark(job) : null),
       el("td", { className: "description" }, job.series_description || ""),
       el("td", {}, job.model_name ? job.model_name + " " + (job.model_version || "") : ""),
       el("td", {}, job.n_instances ?? ""),
@@ -363,6 +377,7 @@ async function refreshJob() {
   }
   field(fields, "Series description", job.series_description);
   field(fields, "Calling AE", job.calling_ae);
+  field(fields, "Received", originMark(job));
   field(fields, "Series UID", job.series_instance_uid);
   field(fields, "Images", job.n_instances);
   field(fields, "Model", job.model_name ? job.model_name + " " + (job.model_version || "") : null);
