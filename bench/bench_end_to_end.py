@@ -206,6 +206,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout-s", type=float, default=300.0)
     parser.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
                         help="extra environment for rtcontour serve (e.g. a setting)")
+    parser.add_argument("--serve-pythonpath", default="",
+                        help="PYTHONPATH for rtcontour serve only (e.g. an older checkout's "
+                        "code, for a before/after comparison)")
     parser.add_argument("--label", default="", help="name printed with the results")
     parser.add_argument("--json-out", type=Path)
     parser.add_argument("--keep", action="store_true", help="keep the working folder")
@@ -235,6 +238,8 @@ def main(argv: list[str] | None = None) -> int:
     env = {**os.environ, "RTCONTOUR_DATA_DIR": str(work / "var"),
            "RTCONTOUR_DICOM_PORT": str(ports["dicom"]), "RTCONTOUR_API_PORT": str(ports["api"]),
            "RTCONTOUR_DESTINATIONS": f"TPS@127.0.0.1:{ports['tps']}"}
+    if args.serve_pythonpath:
+        env["PYTHONPATH"] = args.serve_pythonpath
     for item in args.env:
         key, _, value = item.partition("=")
         env[key] = value
