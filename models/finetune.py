@@ -431,7 +431,8 @@ def finetune(
     config = config_from_manifest(
         package, run=f"finetune-{site}", steps=budget_steps, lr=lr, warmup_steps=min(
             20, max(1, budget_steps // 10)), batch_size=batch_size, soft_targets=True,
-        spatial_aug_p=0.25, intensity_aug=True, ema_decay=ema_decay, deep_supervision=min(2, max(0, levels - 2)),
+        spatial_aug_p=0.25, intensity_aug=True, ema_decay=ema_decay,
+        deep_supervision=min(2, max(0, levels - 2)),  # the campaign's 2 where the net has room
         val_every=10 ** 9, val_cases=0, threads=threads, seed=seed,
         bf16=on_device == "cuda" or _cpu_has_bf16(), reference_qa=True,
         train_limit=len(training), command=[command])

@@ -236,10 +236,8 @@ def shadow_comparison(store: Any, route_name: str, active: str | None, shadow: s
     return sets, structures
 
 
-@router.get("/api/routes/{name}/shadow", response_model=ShadowOut,
-            summary="A route's active and shadow package side by side per structure")
-def get_shadow(name: str, _: ViewerUser, ctx: Context) -> ShadowOut:
-    route = _route(ctx, name)
+def _shadow_of(ctx: Any, route: Route) -> ShadowOut:
+    name = route.name
     models = RouteModelStore(ctx.engine).effective(route)
     active_package = _package_id(ctx, models.model)
     shadow_package = _package_id(ctx, models.shadow_model) if models.shadow_model else None
@@ -249,6 +247,20 @@ def get_shadow(name: str, _: ViewerUser, ctx: Context) -> ShadowOut:
                      switched=models.switched, switched_by=models.switched_by,
                      switched_at=models.switched_at.isoformat() if models.switched_at else None,
                      approved_sets=sets, structures=structures)
+
+
+@router.get("/api/routes/{name}/shadow", response_model=ShadowOut,
+            summary="A route's active and shadow package side by side per structure")
+def get_shadow(name: str, _: ViewerUser, ctx: Context) -> ShadowOut:
+    return _shadow_of(ctx, _route(ctx, name))
+
+
+@router.get("/api/shadow", response_model=list[ShadowOut],
+            summary="Every contour route with a shadow package, side by side (the dashboard)")
+def get_shadows(_: ViewerUser, ctx: Context) -> list[ShadowOut]:
+    store = RouteModelStore(ctx.engine)
+    return [_shadow_of(ctx, route) for route in ctx.routing.routes
+            if route.action == "contour" and store.effective(route).shadow_model is not None]
 
 
 class SwitchOut(BaseModel):
