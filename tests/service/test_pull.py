@@ -154,3 +154,24 @@ def test_pull_by_c_get_feeds_the_listener_and_the_job_says_who_pulled_it(
     wired.tracker.stop(flush=False)
     api.client.close()
     api.engine.dispose()
+
+
+def test_rtcontour_pull_says_what_it_found_and_exits_non_zero(
+    pacs: tuple[Orthanc, dict[str, str]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from rtcontour.service.cli import main
+
+    orthanc, uids = pacs
+    monkeypatch.setenv("RTCONTOUR_DATA_DIR", str(tmp_path / "var"))
+    assert main(["pull", "--accession", "A123"]) == 2  # no RTCONTOUR_PACS yet
+    assert "set RTCONTOUR_PACS=AET@host:port" in capsys.readouterr().err
+    monkeypatch.setenv("RTCONTOUR_PACS", orthanc.destination)
+    assert main(["pull", "--accession", "NOPE"]) == 1
+    assert capsys.readouterr().err.strip() == (
+        "rtcontour pull: nothing matches accession number NOPE on the PACS")
+    assert main(["pull", "--patient-id", "PULL-001"]) == 1
+    err = capsys.readouterr().err
+    assert "4 CT series match patient ID PULL-001" in err and uids["Brain CT"] in err
+    assert main(["pull"]) == 2
+    assert "say what to pull" in capsys.readouterr().err
