@@ -191,11 +191,13 @@ def _patient_draw(key: str) -> float:
 
 
 def held_back_patients(keys: Sequence[str], fraction: float = DEFAULT_HOLDOUT) -> set[str]:
-    """The patient keys held back: each whose draw (sha256 of the key, in [0, 1)) is below
-    ``fraction``, so a patient stays on its side as sets are added; at least one (the lowest
-    draw) when there are two patients or more."""
+    """The patient keys held back: those whose draw (sha256 of the key, in [0, 1)) is below
+    ``fraction``, at most ``ceil(fraction * patients)`` of them (the lowest draws), at least one
+    when there are two patients or more. A patient whose draw is above ``fraction`` is never
+    held back, however many patients are added."""
     unique = sorted(set(keys))
-    held = {key for key in unique if _patient_draw(key) < fraction}
+    below = sorted((key for key in unique if _patient_draw(key) < fraction), key=_patient_draw)
+    held = set(below[:max(1, math.ceil(fraction * len(unique)))])
     if not held and len(unique) >= 2:
         held = {min(unique, key=_patient_draw)}
     if len(held) == len(unique) and len(unique) >= 2:
@@ -259,17 +261,17 @@ def compare_on_site(base: Path, new: Path, dataset: SiteDataset, sets: Sequence[
     return metrics
 
 
-def compare_on_openkbp(base: Path, new: Path, data_dir: Path, limit: int, threads: int
-                       ) -> tuple[dict[str, SiteMetric], str]:
-    """Per structure on the first ``limit`` OpenKBP validation patients, and a note; empty
-    with the reason when the data is not there."""
+def compare_on_openkbp(base: Path, new: Path, data_dir: Path, limit: int, threads: int,
+                       offset: int = 0) -> tuple[dict[str, SiteMetric], str]:
+    """Per structure on OpenKBP validation patients ``offset`` to ``offset + limit`` (in
+    patient-number order), and a note; empty with the reason when the data is not there."""
     if limit <= 0:
         return {}, "OpenKBP comparison skipped (--openkbp-limit 0)."
     if not (data_dir / "validation").is_dir():
         return {}, f"OpenKBP comparison skipped: no OpenKBP validation data in {data_dir}."
     from rtcontour.models.evaluate import evaluate_package
 
-    results = [evaluate_package(package, data_dir, limit=limit, threads=threads)
+    results = [evaluate_package(package, data_dir, limit=limit, offset=offset, threads=threads)
                for package in (base, new)]
     metrics = {}
     for name, before in results[0]["per_structure"].items():
@@ -278,8 +280,9 @@ def compare_on_openkbp(base: Path, new: Path, data_dir: Path, limit: int, thread
                                    base_hd95_mm=before.get("hd95_mm"),
                                    new_hd95_mm=after.get("hd95_mm"),
                                    n_cases=int(before.get("n_cases") or 0))
-    return metrics, (f"OpenKBP validation patients: the first {results[0]['n_cases']} in "
-                     "patient-number order (references passing models.reference_qa).")
+    return metrics, (f"OpenKBP validation patients: {results[0]['n_cases']} from number "
+                     f"{offset + 1} in patient-number order, their OpenKBP references "
+                     "(passing models.reference_qa).")
 
 
 # -- the model card -------------------------------------------------------------------------------
@@ -374,6 +377,7 @@ def finetune(
     device: str = "auto",
     openkbp_dir: Path | None = None,
     openkbp_limit: int = 8,
+    openkbp_offset: int = 0,
     worse_margin: float = 0.01,
     run_dir: Path | None = None,
     seed: int = 20261,
@@ -461,7 +465,8 @@ def finetune(
         site_metrics = compare_on_site(package.path, folder, dataset, held, excluded,
                                        worse_margin, threads)
         openkbp_metrics, note = compare_on_openkbp(
-            package.path, folder, openkbp_dir or default_data_dir(), openkbp_limit, threads)
+            package.path, folder, openkbp_dir or default_data_dir(), openkbp_limit, threads,
+            openkbp_offset)
         worse = [name for name, metric in site_metrics.items() if metric.worse]
         report = FineTuneReport(
             base_package=f"{package.manifest.name}-{package.manifest.version}", site=site,
@@ -533,6 +538,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             holdout=args.holdout, min_sets=args.min_sets or settings.finetune_min_sets,
             exclude=args.exclude, lr=args.lr, batch_size=args.batch_size, threads=args.threads,
             device=args.device, openkbp_dir=args.openkbp_dir, openkbp_limit=args.openkbp_limit,
+            openkbp_offset=args.openkbp_offset,
             worse_margin=args.worse_margin, run_dir=args.run_dir, seed=args.seed,
             command=" ".join(["rtcontour finetune", *argv]))
     except FinetuneRefused as error:

@@ -69,6 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "note when absent")
     parser.add_argument("--openkbp-limit", type=int, default=8,
                         help="OpenKBP validation patients to compare on (0: skip)")
+    parser.add_argument("--openkbp-offset", type=int, default=0,
+                        help="skip this many OpenKBP validation patients first (e.g. those a "
+                             "simulated clinic used)")
     parser.add_argument("--worse-margin", type=float, default=0.01,
                         help="a structure whose held-back Dice drops by more than this is "
                              "'worse' (default 0.01)")

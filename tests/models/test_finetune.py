@@ -118,8 +118,10 @@ def test_held_back_patients_are_fixed_by_patient():
     held = held_back_patients(keys, 0.2)
     assert 1 <= len(held) < 30
     assert held == held_back_patients(list(reversed(keys)) + keys[:3], 0.2)
-    # adding patients never moves one already held back
-    assert held <= held_back_patients(keys + [patient_key(f"Q{i}") for i in range(20)], 0.2)
+    assert len(held) <= 6  # at most ceil(20 % of 30)
+    # a patient trained on is never held back later, however many patients are added
+    more = held_back_patients(keys + [patient_key(f"Q{i}") for i in range(20)], 0.2)
+    assert not (more & (set(keys) - held))
     assert len(held_back_patients(keys[:2], 0.2)) == 1
 
 
