@@ -138,9 +138,13 @@ def test_kept_sets_shadow_finetune_and_switch_through_dicom_and_the_api(
     back = api.post("/api/routes/head-neck/switch").json()
     assert (back["model"], back["shadow_model"]) == (ACTIVE, SHADOW)
 
-    removed = api.delete("/api/site-dataset/patients/PAT-A")
+    removed = api.delete("/api/site-dataset/patients", params={"patient_id": "PAT-A"})
     assert removed.status_code == 200 and len(removed.json()["removed"]) == 1
-    assert api.get("/api/site-dataset").json()["sets"] == 1
+    kept = api.get("/api/site-dataset").json()
+    assert kept["sets"] == 1
+    assert api.delete(f"/api/site-dataset/patients/{kept['kept'][0]['patient_key']}"
+                      ).status_code == 200
+    assert api.get("/api/site-dataset").json()["sets"] == 0
     events = [row["event"] for row in api.get("/api/audit", params={"limit": 200}).json()["items"]]
     assert {"site_dataset.kept", "finetune.queued", "route.model_switched",
             "site_dataset.patient_removed"} <= set(events)

@@ -2,8 +2,8 @@
 a route's shadow package beside its active one, and the switch between them.
 
 - ``GET /api/site-dataset``: kept sets per structure and the sets (no patient name or ID).
-- ``DELETE /api/site-dataset/patients/{patient}``: remove a patient's kept sets (by Patient
-  ID or its key), audited.
+- ``DELETE /api/site-dataset/patients?patient_id=...`` (or ``/patients/{key}``): remove a
+  patient's kept sets, audited.
 - ``POST /api/finetune``: queue ``rtcontour finetune`` on a worker (audited); ``GET
   /api/finetune`` and ``/api/finetune/{run_id}``: the runs and how they ended.
 - ``GET /api/routes/{name}/shadow``: per structure, the active and the shadow package
@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import logging
 import statistics
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import APIRouter, HTTPException, status
+from fastapi import APIRouter, HTTPException, Path, Query, status
 from pydantic import BaseModel, Field
 from sqlalchemy import select
 
@@ -37,7 +37,7 @@ from rtcontour.common.route_models import RouteModelStore
 from rtcontour.common.routes import Route
 from rtcontour.models.package import load_package
 from rtcontour.models.registry import resolve_package_path
-from rtcontour.models.site_data import SiteDataset
+from rtcontour.models.site_data import SiteDataset, patient_key
 from rtcontour.service.api.deps import AdminUser, Context, DbSession, ViewerUser
 
 logger = logging.getLogger(__name__)
@@ -81,16 +81,8 @@ class RemovedOut(BaseModel):
     removed: list[str]
 
 
-@router.delete("/api/site-dataset/patients/{patient}", response_model=RemovedOut,
-               summary="Remove a patient's kept sets (by Patient ID or key; admin, audited)")
-def delete_patient(patient: str, principal: AdminUser, ctx: Context,
-                   session: DbSession) -> RemovedOut:
-    from rtcontour.models.site_data import patient_key
-
-    dataset = SiteDataset(ctx.settings.effective_site_dataset_dir)
-    key = patient if len(patient) == 64 and all(c in "0123456789abcdef" for c in patient) \
-        else patient_key(patient)
-    removed = dataset.delete_patient(key)
+def _remove_patient(key: str, principal: Any, ctx: Any, session: Any) -> RemovedOut:
+    removed = SiteDataset(ctx.settings.effective_site_dataset_dir).delete_patient(key)
     if not removed:
         raise HTTPException(status.HTTP_404_NOT_FOUND, "no kept set of that patient")
     audit.record(session, PATIENT_REMOVED, principal.name,
@@ -99,6 +91,21 @@ def delete_patient(patient: str, principal: AdminUser, ctx: Context,
     logger.info("site data set: %d set(s) of patient key %s removed by %s", len(removed),
                 key[:12], principal.name)
     return RemovedOut(patient_key=key, removed=removed)
+
+
+@router.delete("/api/site-dataset/patients", response_model=RemovedOut,
+               summary="Remove a patient's kept sets by Patient ID (admin, audited)")
+def delete_patient(principal: AdminUser, ctx: Context, session: DbSession,
+                   patient_id: Annotated[str, Query(min_length=1, max_length=64)]) -> RemovedOut:
+    # a query parameter, which the access log leaves out, never a path holding the ID
+    return _remove_patient(patient_key(patient_id), principal, ctx, session)
+
+
+@router.delete("/api/site-dataset/patients/{key}", response_model=RemovedOut,
+               summary="Remove a patient's kept sets by the key GET /api/site-dataset shows")
+def delete_patient_by_key(key: Annotated[str, Path(pattern=r"^[0-9a-f]{64}$")],
+                          principal: AdminUser, ctx: Context, session: DbSession) -> RemovedOut:
+    return _remove_patient(key, principal, ctx, session)
 
 
 class FinetuneIn(BaseModel):
