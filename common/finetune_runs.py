@@ -25,6 +25,7 @@ from rtcontour.common.settings import Settings
 
 __all__ = [
     "FINETUNE_TASK",
+    "FinetuneOptions",
     "FinetuneRequest",
     "create_run",
     "enqueue_finetune",
@@ -39,8 +40,8 @@ FINETUNE_TASK = "rtcontour.finetune"
 _RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 
 
-class FinetuneRequest(BaseModel):
-    """What an admin asked for (``POST /api/finetune``)."""
+class FinetuneOptions(BaseModel):
+    """The options of a run (the body of ``POST /api/finetune``; ``rtcontour finetune``'s)."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -53,13 +54,18 @@ class FinetuneRequest(BaseModel):
     exclude: list[str] = Field(default_factory=list)
     threads: int = Field(2, ge=1, le=256)
     openkbp_limit: int = Field(8, ge=0, le=1000)
-    requested_by: str = ""
 
     @model_validator(mode="after")
-    def _one_budget(self) -> FinetuneRequest:
+    def _one_budget(self) -> FinetuneOptions:
         if (self.steps is None) == (self.minutes is None):
             raise ValueError("give a budget of steps or of minutes (one of them)")
         return self
+
+
+class FinetuneRequest(FinetuneOptions):
+    """A run as queued: the options and who asked for it."""
+
+    requested_by: str = ""
 
     def command(self) -> str:
         """The equivalent ``rtcontour finetune`` command (for the model card)."""

@@ -26,6 +26,7 @@ from sqlalchemy import select
 from rtcontour.common import audit
 from rtcontour.common.errors import ModelPackageError
 from rtcontour.common.finetune_runs import (
+    FinetuneOptions,
     FinetuneRequest,
     create_run,
     enqueue_finetune,
@@ -108,18 +109,6 @@ def delete_patient_by_key(key: Annotated[str, Path(pattern=r"^[0-9a-f]{64}$")],
     return _remove_patient(key, principal, ctx, session)
 
 
-class FinetuneIn(BaseModel):
-    package: str = Field(description="base package: NAME or NAME-VERSION")
-    site: str = Field(description="the site's short name (lower-case letters, digits, '-')")
-    steps: int | None = None
-    minutes: float | None = None
-    holdout: float = 0.2
-    min_sets: int | None = None
-    exclude: list[str] = Field(default_factory=list)
-    threads: int = 2
-    openkbp_limit: int = 8
-
-
 class FinetuneRunOut(BaseModel):
     run_id: str
     state: str
@@ -129,16 +118,13 @@ class FinetuneRunOut(BaseModel):
 @router.post("/api/finetune", response_model=FinetuneRunOut,
              status_code=status.HTTP_202_ACCEPTED,
              summary="Queue a fine-tuning run on a worker (admin, audited)")
-def post_finetune(body: FinetuneIn, principal: AdminUser, ctx: Context,
+def post_finetune(body: FinetuneOptions, principal: AdminUser, ctx: Context,
                   session: DbSession) -> FinetuneRunOut:
-    try:
-        request = FinetuneRequest(**body.model_dump(), requested_by=principal.name)
-    except ValueError as error:
-        raise HTTPException(status.HTTP_422_UNPROCESSABLE_ENTITY, str(error)) from None
+    request = FinetuneRequest(**body.model_dump(), requested_by=principal.name)
     try:
         resolve_package_path(ctx.settings, request.package)
     except ModelPackageError as error:
-        raise HTTPException(status.HTTP_422_UNPROCESSABLE_ENTITY, str(error)) from None
+        raise HTTPException(status.HTTP_404_NOT_FOUND, str(error)) from None
     run_id = create_run(ctx.settings, request)
     enqueue_finetune(ctx.settings, run_id)
     audit.record(session, FINETUNE_QUEUED, principal.name,
