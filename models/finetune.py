@@ -58,6 +58,7 @@ from rtcontour.models.package import (
     ModelPackage,
     SiteMetric,
     TrainingData,
+    ValidationMetric,
     load_package,
 )
 from rtcontour.models.site_data import KeptSet, SiteDataset
@@ -439,7 +440,7 @@ def finetune(
         deep_supervision=min(2, max(0, levels - 2)),  # the campaign's 2 where the net has room
         val_every=10 ** 9, val_cases=0, threads=threads, seed=seed,
         bf16=on_device == "cuda" or _cpu_has_bf16(), reference_qa=True,
-        train_limit=len(training), command=[command])
+        train_limit=package.manifest.training_data.n_train_cases, command=[command])
     model = network_from_package(package, config)
     train_cases = [dataset.load(kept, config.hu_clip) for kept in training]
     exclude_channels = [i for i, name in enumerate(organ_names) if name in excluded]
@@ -502,11 +503,23 @@ def _finish_package(folder: Path, base: ModelPackage, report: FineTuneReport, co
             n_train_cases=base.manifest.training_data.n_train_cases + n_train,
             n_validation_cases=base.manifest.training_data.n_validation_cases),
         "training_command": [*base.manifest.training_command, command],
-        "validation_metrics": {},
+        # what QA alerts expect of each structure at this site: the held-back sets' figures
+        "validation_metrics": {
+            name: ValidationMetric(dice=metric.new_dice, hd95_mm=metric.new_hd95_mm,
+                                   n_cases=metric.n_cases)
+            for name, metric in report.site_metrics.items() if metric.new_dice is not None},
     })
     (folder / MANIFEST_NAME).write_text(manifest.model_dump_json(indent=2) + "\n",
                                         encoding="utf-8")
     card = (folder / CARD_NAME).read_text(encoding="utf-8")
+    # the export's empty OpenKBP table: the figures are in the fine-tuning section
+    card = re.sub(r"## Validation metrics \(OpenKBP validation split\)\n.*?(?=\n## )",
+                  "## Validation metrics\nSee the fine-tuning section above: base and new "
+                  "model on the held-back site patients and on OpenKBP validation patients.\n",
+                  card, count=1, flags=re.DOTALL)
+    card = re.sub(r"## Data\n.*?(?=\n\nCitation:)",
+                  lambda _: f"## Data\n{description}. The base model's OpenKBP figures are "
+                  "in its own card.", card, count=1, flags=re.DOTALL)
     head, _, rest = card.partition("\n")
     (folder / CARD_NAME).write_text(
         f"{head}\n\n{render_finetune_section(report, command)}\n{rest}", encoding="utf-8")
