@@ -75,7 +75,7 @@ def _out(pull: Pull) -> PullOut:
 
 # PullError -> HTTP status, once for this edge.
 _STATUS: tuple[tuple[type[PullError], int], ...] = (
-    (InvalidQuery, 422),
+    (InvalidQuery, status.HTTP_400_BAD_REQUEST),  # a sentence, not FastAPI's 422 list
     (PullNotConfigured, status.HTTP_503_SERVICE_UNAVAILABLE),
     (NothingMatches, status.HTTP_404_NOT_FOUND),
     (Ambiguous, status.HTTP_409_CONFLICT),
@@ -92,7 +92,9 @@ def _http_error(error: PullError) -> HTTPException:
 
 @router.post("/api/pull", response_model=PullOut, status_code=status.HTTP_202_ACCEPTED,
              summary="Pull a CT series from the PACS and contour it",
-             responses={404: {"description": "nothing (or no CT series a route contours) "
+             responses={400: {"description": "the query says nothing to pull, or holds a "
+                                             "malformed UID"},
+                        404: {"description": "nothing (or no CT series a route contours) "
                                              "matches"},
                         409: {"description": "several CT series match: pull one by its UID"},
                         502: {"description": "the PACS could not be reached or failed"},

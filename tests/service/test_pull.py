@@ -93,7 +93,7 @@ def test_pull_answers_nothing_and_several_with_sentences_and_follows_the_routes(
 
     assert api.client.post("/api/pull", json={"accession_number": "A123"},
                            headers=api.headers("viewer")).status_code == 403
-    assert api.client.post("/api/pull", json={}, headers=headers).status_code == 422
+    assert api.client.post("/api/pull", json={}, headers=headers).status_code == 400
     unconfigured = make_harness(tmp_path / "b")
     reply = unconfigured.client.post("/api/pull", json={"accession_number": "A123"},
                                      headers=unconfigured.headers("clinician"))

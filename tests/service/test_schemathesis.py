@@ -24,6 +24,10 @@ from schemathesis.specs.openapi.checks import content_type_conformance, response
 from tests.service.api_support import ADMIN_TOKEN, ApiHarness, add_finished_job, make_harness
 
 AUTH = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+# Operations that need a part this API-only harness does not run (the in-process DICOM
+# listener; a configured PACS) and answer 503 with a sentence, as documented; any other 5xx
+# is still a failure for them.
+NEEDS_SERVE = {"POST /dicomweb/studies", "POST /api/pull"}
 EXAMPLES = {GenerationMode.POSITIVE: 15, GenerationMode.NEGATIVE: 8}
 
 
@@ -48,6 +52,9 @@ def test_no_generated_request_gets_a_server_error(
         checks += [response_schema_conformance, content_type_conformance]
 
     for operation in operations:
+        operation_checks = checks
+        if operation.label in NEEDS_SERVE:
+            operation_checks = [_unavailable_or_not_a_server_error, *checks[1:]]
 
         @given(case=operation.as_strategy(generation_mode=mode))
         @settings(
@@ -57,7 +64,7 @@ def test_no_generated_request_gets_a_server_error(
             suppress_health_check=list(HealthCheck),
         )
         def check(case: schemathesis.Case) -> None:
-            case.call_and_validate(headers=AUTH, checks=checks)
+            case.call_and_validate(headers=AUTH, checks=operation_checks)
 
         try:
             check()
@@ -65,3 +72,11 @@ def test_no_generated_request_gets_a_server_error(
             assert mode is GenerationMode.NEGATIVE  # nothing to make invalid (no parameters)
         except Exception as error:
             raise AssertionError(f"{operation.label}: {error}") from error
+
+
+def _unavailable_or_not_a_server_error(ctx, response, case):  # type: ignore[no-untyped-def]
+    """``not_a_server_error``, but a 503 that says which part is missing is the answer."""
+    missing = ("RTCONTOUR_PACS", "rtcontour serve")  # the sentences name what to configure
+    if response.status_code == 503 and any(part in response.text for part in missing):
+        return None
+    return not_a_server_error(ctx, response, case)
