@@ -55,16 +55,7 @@ def test_no_generated_request_gets_a_server_error(
         operation_checks = checks
         if operation.label in NEEDS_SERVE:
             operation_checks = [_unavailable_or_not_a_server_error, *checks[1:]]
-
-        @given(case=operation.as_strategy(generation_mode=mode))
-        @settings(
-            max_examples=EXAMPLES[mode],
-            deadline=None,
-            database=None,
-            suppress_health_check=list(HealthCheck),
-        )
-        def check(case: schemathesis.Case) -> None:
-            case.call_and_validate(headers=AUTH, checks=operation_checks)
+        check = _property(operation, mode, operation_checks)
 
         try:
             check()
@@ -72,6 +63,22 @@ def test_no_generated_request_gets_a_server_error(
             assert mode is GenerationMode.NEGATIVE  # nothing to make invalid (no parameters)
         except Exception as error:
             raise AssertionError(f"{operation.label}: {error}") from error
+
+
+def _property(operation, mode, checks):  # type: ignore[no-untyped-def]
+    """The Hypothesis test of one operation with ``checks``."""
+
+    @given(case=operation.as_strategy(generation_mode=mode))
+    @settings(
+        max_examples=EXAMPLES[mode],
+        deadline=None,
+        database=None,
+        suppress_health_check=list(HealthCheck),
+    )
+    def check(case: schemathesis.Case) -> None:
+        case.call_and_validate(headers=AUTH, checks=checks)
+
+    return check
 
 
 def _unavailable_or_not_a_server_error(ctx, response, case):  # type: ignore[no-untyped-def]
