@@ -234,6 +234,7 @@ class RouteDecision:
             "reason": self.reason,
             "model": self.route.model if self.route is not None else None,
             "destinations": self.route.destinations if self.route is not None else None,
+            "review": self.route.review if self.route is not None else None,
             "outputs": self.route.outputs if self.route is not None else None,
             "trials": [
                 {"route": trial.route, "matched": trial.matched, "why": trial.why}
