@@ -60,7 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="train without this structure's kept contours (it is not "
                              "counted by the guard); repeatable")
     parser.add_argument("--lr", type=float, default=2e-4, help="peak learning rate")
-    parser.add_argument("--batch-size", type=int, default=2)
+    parser.add_argument("--batch-size", type=int, default=2,
+                        help="patches per step (the campaign's recipe uses 2)")
     parser.add_argument("--threads", type=int, default=2, help="CPU threads for training")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                         help="auto: the GPU when torch sees one (logged), else the CPU")
@@ -77,5 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "'worse' (default 0.01)")
     parser.add_argument("--run-dir", type=Path, default=None,
                         help="where the run's checkpoint goes (default: a temporary folder)")
-    parser.add_argument("--seed", type=int, default=20261)
+    parser.add_argument("--seed", type=int, default=20261,
+                        help="seed of the sampling and augmentation (the held-back split is "
+                             "fixed by patient, not by this)")
     return parser

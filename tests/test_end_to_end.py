@@ -59,7 +59,7 @@ def test_ct_series_in_rtstruct_out_job_done_over_api(
     assert detail["state"] == "done", detail
     assert detail["n_instances"] == SHAPE[0] and detail["attempts"] == 1
     timings = detail["timings"]
-    assert all(timings[f"{s}_s"] is not None for s in ("load", "inference", "contours", "send"))
+    assert all(timings[f"{s}_s"] is not None for s in ("load", "inference", "write", "send"))
     assert detail["structures"] and detail["has_rtstruct"]
     received = wait_until(tps.received, 10, "the RTSTRUCT at the TPS")
     assert len(received) == 1

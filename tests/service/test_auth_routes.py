@@ -52,6 +52,17 @@ MIN_ROLE: dict[tuple[str, str], str] = {
     ("POST", "/api/pull"): "clinician",
     ("GET", "/api/pulls"): "clinician",
     ("GET", "/api/pulls/{pull_id}"): "clinician",
+    ("GET", "/api/jobs/{job_id}/viewer/dose"): "clinician",
+    ("GET", "/api/notifications"): "admin",
+    ("GET", "/api/site-dataset"): "admin",
+    ("DELETE", "/api/site-dataset/patients"): "admin",
+    ("DELETE", "/api/site-dataset/patients/{key}"): "admin",
+    ("POST", "/api/finetune"): "admin",
+    ("GET", "/api/finetune"): "admin",
+    ("GET", "/api/finetune/{run_id}"): "admin",
+    ("GET", "/api/shadow"): "viewer",
+    ("GET", "/api/routes/{name}/shadow"): "viewer",
+    ("POST", "/api/routes/{name}/switch"): "admin",
 }
 # Routes that need a peer the test app lacks answer 503 with a sentence to an allowed role:
 # STOW-RS in without an in-process listener, a pull without RTCONTOUR_PACS.
