@@ -199,6 +199,11 @@ class Settings(BaseSettings):
     qa_alert_min_sets: int = Field(5, ge=1, le=1000)
     qa_alert_margin: float = Field(0.1, ge=0, le=1)
     qa_alert_dice: float | None = Field(None, ge=0, le=1)
+    # Scale each predicted dose so that its highest-prescription PTV's D95 equals the
+    # prescription, as planners normalise a plan. Off by default: on the OpenKBP validation
+    # patients it worsened both challenge scores (docs/TRAINING.md); the RTDOSE and the job
+    # say when it was applied and by what factor.
+    dose_normalise: bool = False
     min_slices: int = Field(10, ge=1)
     slice_gap_tolerance: float = Field(0.1, gt=0, lt=1)
     min_contour_area_mm2: float = Field(2.0, ge=0)

@@ -34,7 +34,7 @@ from rtcontour.common.settings import Settings
 from rtcontour.common.structure_names import to_tg263
 from rtcontour.common.volume import load_series
 from rtcontour.models.dose.metrics import dvh_metrics
-from rtcontour.models.dose.predict import DosePredictor
+from rtcontour.models.dose.predict import DosePredictor, normalise_to_prescription
 from rtcontour.models.registry import resolve_dose_package
 from rtcontour.worker.dose_prediction import dose_grid, predict_dose_for_series
 from rtcontour.worker.pipeline import JobContext, WrittenOutput
@@ -83,6 +83,8 @@ class DoseContext:
     # ``our_structure_set``); ``ours_read`` tells "none" from "not read yet".
     ours: StructureSet | None = None
     ours_read: bool = False
+    # (PTV ROI name, its prescription Gy, factor) when the dose was normalised to it
+    normalisation: tuple[str, float, float] | None = None
 
 
 def referenced_ct_series(dataset: pydicom.Dataset) -> tuple[str, str]:
@@ -239,9 +241,11 @@ class PredictDose:
     stage: str | None = "inference"
 
     def __init__(self, predictor_provider: Callable[[str | None], DosePredictor],
-                 prescriptions: Callable[[JobContext], dict[str, float] | None]) -> None:
+                 prescriptions: Callable[[JobContext], dict[str, float] | None],
+                 normalise: bool = False) -> None:
         self.predictor_provider = predictor_provider
         self.prescriptions = prescriptions
+        self.normalise = normalise
 
     def run(self, ctx: JobContext) -> None:
         dose = _dose(ctx)
@@ -269,6 +273,20 @@ class PredictDose:
         ctx.store.record_model(ctx.job_id, predictor.manifest.name, predictor.manifest.version)
         prediction = predict_dose_for_series(ctx.series, structure_set, predictor, prescriptions)
         dose.dose_gy = prediction.dose_gy
+        if self.normalise:
+            target = max(prediction.prescriptions_gy, key=prediction.prescriptions_gy.__getitem__)
+            dose.dose_gy, factor = normalise_to_prescription(
+                prediction.dose_gy, [(structure_set.masks[target],
+                                      prediction.prescriptions_gy[target])])
+            if factor is None:
+                ctx.store.add_note(ctx.job_id, f"Not normalised: the prediction gives {target} "
+                                   "no dose at D95.")
+                logger.warning("job %s: dose not normalised: %s D95 is 0 Gy", ctx.job_id,
+                               target)
+            else:
+                dose.normalisation = (target, prediction.prescriptions_gy[target], factor)
+                ctx.store.add_note(ctx.job_id, normalisation_text(*dose.normalisation) + ".")
+                logger.info("job %s: dose normalised by %.3f", ctx.job_id, factor)
         dose.oars = prediction.oars
         dose.prescriptions_gy = prediction.prescriptions_gy
         dose.borrowed_oars = tuple(name for name in borrowed if name in prediction.oars)
@@ -318,6 +336,12 @@ def _mark_borrowed_in_qa(ctx: JobContext, contour_job_id: str, borrowed: tuple[s
         structures.append(item)
     qa["structures"] = structures
     ctx.store.record_qa(contour_job_id, qa)
+
+
+def normalisation_text(ptv: str, prescription_gy: float, factor: float) -> str:
+    """How a normalised dose was scaled, for the job, its page and the RTDOSE."""
+    return (f"normalised: the prediction scaled by {factor:.3f} so that {ptv} D95 = its "
+            f"prescription {prescription_gy:g} Gy (RTCONTOUR_DOSE_NORMALISE)")
 
 
 def dvh_summary(
@@ -389,11 +413,19 @@ class RtdoseWriter:
         ]
         grid, affine = dose_grid(dose.dose_gy, volume.affine, volume.spacing_mm)
         manifest = dose.predictor.manifest
+        normalised = (None if dose.normalisation is None
+                      else normalisation_text(*dose.normalisation))
         dataset = build_rtdose(grid, affine, ctx.series,
                                structure_set_uid=structure_set.sop_instance_uid,
                                model_name=manifest.name, model_version=manifest.version,
-                               dvhs=dvhs, prescriptions_gy=dose.prescriptions_gy)
+                               dvhs=dvhs, prescriptions_gy=dose.prescriptions_gy,
+                               normalisation=normalised)
         summary = dvh_summary(dose.dose_gy, structure_set.masks, dose.prescriptions_gy,
                               dose.oars, dose.borrowed_oars, volume.spacing_mm)
+        if dose.normalisation is not None:
+            for entry in summary:
+                if entry.get("roi_name") == dose.normalisation[0]:
+                    entry["normalisation_factor"] = round(dose.normalisation[2], 4)
+                    entry["normalisation"] = normalised
         return WrittenOutput(kind=self.kind, dataset=dataset,
                              sop_instance_uid=str(dataset.SOPInstanceUID), summary=summary)

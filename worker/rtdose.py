@@ -128,16 +128,19 @@ _LO_MAX = 64
 
 
 def _dose_comment(model_name: str, model_version: str,
-                  prescriptions_gy: Mapping[str, float]) -> tuple[str, str]:
+                  prescriptions_gy: Mapping[str, float],
+                  normalised: bool = False) -> tuple[str, str]:
     """(Dose Comment within 64 characters, the whole sentence). The sentence names the model
     and the prescriptions; the comment drops what does not fit (the prescriptions, then the
-    model), so it never says less than "PREDICTED, no plan"."""
-    base = f"PREDICTED by {model_name} {model_version}, no plan"
+    model), so it never says less than "PREDICTED, no plan" (", NORMALISED" when the dose was
+    scaled to a prescription)."""
+    mark = ", NORMALISED" if normalised else ""
+    base = f"PREDICTED by {model_name} {model_version}, no plan{mark}"
     sentence = base + (f": {_prescription_text(prescriptions_gy)}" if prescriptions_gy else "")
     for candidate in (sentence, base):
         if len(candidate) <= _LO_MAX:
             return candidate, sentence
-    return "PREDICTED, no plan", sentence
+    return f"PREDICTED, no plan{mark}", sentence
 
 
 def rtdose_uids(
@@ -255,6 +258,7 @@ def build_rtdose(
     model_version: str,
     dvhs: Sequence[DoseVolumeHistogram],
     prescriptions_gy: Mapping[str, float] | None = None,
+    normalisation: str | None = None,
     software_version: str = __version__,
     created_at: dt.datetime | None = None,
 ) -> Dataset:
@@ -311,7 +315,10 @@ def build_rtdose(
     dataset.DoseUnits = "GY"
     dataset.DoseType = "PHYSICAL"
     dataset.DoseSummationType = "PLAN"
-    dataset.DoseComment, comment = _dose_comment(model_name, model_version, prescriptions)
+    dataset.DoseComment, comment = _dose_comment(model_name, model_version, prescriptions,
+                                                 normalisation is not None)
+    if normalisation is not None:
+        comment += f"; {normalisation}"
     if comment != dataset.DoseComment:
         dataset.ImageComments = comment  # LT: the whole sentence, prescriptions included
     dataset.GridFrameOffsetVector = [format_ds(k * grid.frame_spacing_mm)

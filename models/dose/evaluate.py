@@ -45,7 +45,7 @@ def evaluate_patient(predictor: DosePredictor, patient: OpenKbpPatient,
     oars, ptvs = _structures(patient)
     predicted = predictor.predict(patient.hu.astype(np.float32), patient.spacing_mm, oars,
                                   patient.ptvs, body_mask=patient.possible_dose_mask)
-    factor = 1.0
+    factor: float | None = 1.0
     if normalise:
         predicted, factor = normalise_to_prescription(predicted, patient.ptvs)
     reference_metrics = dvh_metrics(patient.dose_gy, oars, ptvs, patient.spacing_mm)

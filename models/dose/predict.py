@@ -38,17 +38,18 @@ CRANIOCAUDAL_MARGIN_MM = 200.0
 
 def normalise_to_prescription(
     dose_gy: np.ndarray, ptvs: Sequence[tuple[np.ndarray, float]], coverage: float = 0.95,
-) -> tuple[np.ndarray, float]:
+) -> tuple[np.ndarray, float | None]:
     """Scale ``dose_gy`` so that ``coverage`` of the highest-prescription PTV receives its
     prescription (D95 = prescription, the usual plan normalisation); returns the scaled dose
-    (a new array) and the factor. A PTV with no dose at all is left as it is (factor 1)."""
+    (a new array) and the factor, or the dose unchanged and None when the PTV's D95 is 0 Gy
+    (there is nothing to scale)."""
     mask, prescription = max(ptvs, key=lambda ptv: ptv[1])
     inside = dose_gy[np.asarray(mask, dtype=bool)]
     if inside.size == 0:
         raise ValueError("the highest-prescription PTV mask is empty")
     d_coverage = float(np.percentile(inside, 100.0 * (1.0 - coverage)))
     if d_coverage <= 0.0:
-        return dose_gy.copy(), 1.0
+        return dose_gy.copy(), None
     factor = float(prescription) / d_coverage
     return (dose_gy * np.float32(factor)).astype(np.float32), factor
 
@@ -179,10 +180,10 @@ class DosePredictor:
         oar_masks: Mapping[str, np.ndarray],
         ptvs: Sequence[tuple[np.ndarray, float]],
         body_mask: np.ndarray | None = None,
-    ) -> tuple[np.ndarray, float]:
+    ) -> tuple[np.ndarray, float | None]:
         """:meth:`predict`, then scaled as planners normalise a plan: the highest-prescription
         PTV's D95 equals its prescription (:func:`normalise_to_prescription`); returns the
-        dose and the factor applied."""
+        dose and the factor applied (None: not normalised, the PTV's D95 is 0 Gy)."""
         dose = self.predict(hu, spacing_mm, oar_masks, ptvs, body_mask)
         return normalise_to_prescription(dose, ptvs)
 

@@ -249,6 +249,9 @@ class JobDetailOut(JobSummaryOut):
         None, description="a dose job: per PTV and OAR, DVH metrics in Gy (OpenKBP definitions:"
         " D_99, D_95, D_1 for PTVs, D_0.1cc and mean for OARs) and a cumulative DVH"
     )
+    dose_normalisation: str | None = Field(
+        None, description="a dose job whose prediction was scaled to a prescription "
+        "(RTCONTOUR_DOSE_NORMALISE): how; null when the dose is the model's as predicted")
     qa: dict[str, Any] | None = Field(
         None, description="a contour job: what the clinicians changed in its structures"
     )
@@ -386,6 +389,9 @@ def detail(job: Job, outputs: list[JobOutput], *, with_patient: bool = False) ->
         outputs=[_output_out(output) for output in outputs],
         source_job_id=job.source_job_id,
         dose_metrics=rtdose.summary if rtdose is not None else None,
+        dose_normalisation=next((str(item["normalisation"]) for item in
+                                 (rtdose.summary if rtdose is not None else None) or []
+                                 if isinstance(item, dict) and item.get("normalisation")), None),
         qa=job.qa,
         notes=job.notes or [],
         attempts=job.attempts,

@@ -114,4 +114,4 @@ def test_normalisation_brings_the_highest_ptv_d95_to_its_prescription():
     assert float(np.percentile(scaled[high], 5)) == pytest.approx(70.0, rel=1e-4)
     np.testing.assert_allclose(scaled, dose * factor, rtol=1e-6)
     nothing, unit = normalise_to_prescription(np.zeros_like(dose), [(high, 70.0)])
-    assert unit == 1.0 and not nothing.any()
+    assert unit is None and not nothing.any()

@@ -228,3 +228,29 @@ def test_an_approved_set_lacking_three_organs_raises_no_alert_and_says_they_are_
         assert alerted == set()  # even an alert after one set with a floor: nothing to say
     else:
         assert alerted == {"Brain Stem", "Esophagus", "Larynx"}
+
+
+@pytest.mark.parametrize("normalise", [False, True], ids=["as-predicted", "normalised"])
+def test_a_normalised_dose_meets_the_prescription_at_d95_and_says_so(
+    runtime: WorkerRuntime, tmp_path: Path, normalise: bool
+) -> None:
+    # the committed dose model (the tiny test package predicts no dose to scale)
+    committed = Path(__file__).resolve().parents[2] / "models" / "packages"
+    runtime.settings = runtime.settings.model_copy(
+        update={"dose_normalise": normalise, "model_packages_dir": committed})
+    series = _contour_job(runtime, tmp_path, with_mandible=True)
+    rs = _structure_set(series, ["PTV70", "Brain Stem"], tmp_path / "approved.dcm")
+    job_id = _dose_job(runtime, rs)
+    assert execute_job(job_id, runtime).state == "done", runtime.store.get(job_id).failure_reason
+    output = runtime.store.output(job_id, "RTDOSE")
+    ptv = next(m for m in output.summary if m["roi_name"] == "PTV70")
+    rd = pydicom.dcmread(output.path)
+    notes = " ".join(runtime.store.get(job_id).notes or [])
+    if normalise:
+        assert ptv["d_95_gy"] == pytest.approx(70.0, abs=0.5)
+        assert ptv["normalisation_factor"] > 0 and "PTV70 D95" in ptv["normalisation"]
+        assert "NORMALISED" in rd.DoseComment and len(rd.DoseComment) <= 64
+        assert "scaled by" in rd.ImageComments and "scaled by" in notes
+    else:
+        assert "normalisation" not in ptv and "NORMALISED" not in rd.DoseComment
+        assert "scaled by" not in notes
