@@ -5,7 +5,6 @@ with backoff off the pipeline, each delivery audited, the failures listed for th
 from __future__ import annotations
 
 import json
-import shutil
 import threading
 import time
 from collections.abc import Iterator
@@ -27,12 +26,10 @@ from rtcontour.common.notify import (
 )
 from rtcontour.common.refusals import make_refusal_recorder
 from rtcontour.common.routes import parse_routing
-from rtcontour.service.intake import Intake, SeriesArrival
-from rtcontour.worker.pipeline import SegmenterCache
-from rtcontour.worker.sender import Sender
-from rtcontour.worker.tasks import WorkerRuntime, execute_job
-from tests.conftest import ThresholdModel, write_phantom_series
+from rtcontour.worker.tasks import execute_job
+from tests.conftest import write_phantom_series
 from tests.service.api_support import ApiHarness, make_harness
+from tests.worker.pipeline_support import submit_series, threshold_runtime
 
 
 class Receiver:
@@ -88,25 +85,9 @@ def _submit(api: ApiHarness, tmp_path: Path, drop_slice: bool = False) -> str:
     if drop_slice:  # a missing slice: the job fails with the loader's reason
         files.sort(key=lambda p: float(pydicom.dcmread(p).ImagePositionPatient[2]))
         files.pop(10).unlink()
-    ds = pydicom.dcmread(files[0], stop_before_pixels=True)
-    arrival = api.settings.spool_dir / "incoming" / str(ds.SeriesInstanceUID)
-    arrival.mkdir(parents=True)
-    for path in files:
-        shutil.move(path, arrival / f"{pydicom.dcmread(path).SOPInstanceUID}.dcm")
-    enqueued: list[str] = []
-    Intake(api.settings, api.store, enqueued.append,
-           routing=api.routing).series_complete(  # type: ignore[attr-defined]
-        SeriesArrival(str(ds.SeriesInstanceUID), str(ds.StudyInstanceUID), "TPS", "CT", "Head",
-                      arrival, len(files)))
-    return enqueued[0]
+    return submit_series(api, files)
 
 
-def _runtime(api: ApiHarness) -> WorkerRuntime:
-    model = ThresholdModel()
-    return WorkerRuntime(api.settings, store=api.store,
-                         model_cache=SegmenterCache(loader=lambda *_: model,
-                                                    resolver=lambda *_: Path("t")),
-                         sender=Sender(api.settings, sleep=lambda _: None))
 
 
 def _audit(api: ApiHarness, event: str) -> list[AuditEvent]:
@@ -119,7 +100,7 @@ def test_failed_job_is_posted_to_the_routes_webhook_without_the_patient(
 ) -> None:
     api = _api(tmp_path, receiver)
     job_id = _submit(api, tmp_path, drop_slice=True)
-    assert execute_job(job_id, _runtime(api)).state == "failed"
+    assert execute_job(job_id, threshold_runtime(api)).state == "failed"
     assert receiver.received == []  # queued only: the pipeline never waits on a webhook
     assert NotificationDispatcher(api.settings, api.engine).deliver_due() == 1
     [payload] = receiver.received
@@ -138,7 +119,7 @@ def test_patient_identifiers_are_sent_only_when_the_setting_allows(
 ) -> None:
     api = _api(tmp_path, receiver, notify_include_patient=True)
     job_id = _submit(api, tmp_path, drop_slice=True)
-    execute_job(job_id, _runtime(api))
+    execute_job(job_id, threshold_runtime(api))
     NotificationDispatcher(api.settings, api.engine).deliver_due()
     assert receiver.received[0]["patient_id"] == "PID-SECRET"
     api.engine.dispose()
@@ -148,7 +129,7 @@ def test_a_job_awaiting_review_is_notified(tmp_path: Path, receiver: Receiver) -
     api = _api(tmp_path, receiver)
     api.routing = parse_routing({"routes": [{"name": "hn", "review": "required"}]})  # type: ignore[attr-defined]
     job_id = _submit(api, tmp_path)
-    assert execute_job(job_id, _runtime(api)).state == "awaiting_review"
+    assert execute_job(job_id, threshold_runtime(api)).state == "awaiting_review"
     NotificationDispatcher(api.settings, api.engine).deliver_due()
     assert [p["event"] for p in receiver.received] == ["job.awaiting_review"]
     api.engine.dispose()

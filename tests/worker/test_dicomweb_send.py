@@ -4,7 +4,6 @@ the same retries and ``send_failed`` reasons as C-STORE (wrong credentials, serv
 from __future__ import annotations
 
 import io
-import shutil
 from pathlib import Path
 
 import pydicom
@@ -14,13 +13,13 @@ from rtcontour.common.dicomweb import probe
 from rtcontour.common.jobstore import JobState
 from rtcontour.common.routes import parse_routing
 from rtcontour.common.settings import Destination
-from rtcontour.service.intake import Intake, SeriesArrival
 from rtcontour.worker.pipeline import SegmenterCache
 from rtcontour.worker.sender import Sender
 from rtcontour.worker.tasks import WorkerRuntime, execute_job
 from tests.conftest import ThresholdModel, free_port, write_phantom_series
 from tests.orthanc import PASSWORD, USER, running_orthanc
 from tests.service.api_support import ApiHarness, make_harness
+from tests.worker.pipeline_support import submit_series
 
 
 def _api(tmp_path: Path, url: str, password: str) -> ApiHarness:
@@ -34,18 +33,7 @@ def _api(tmp_path: Path, url: str, password: str) -> ApiHarness:
 
 
 def _submit(api: ApiHarness, tmp_path: Path) -> str:
-    files = write_phantom_series(tmp_path / "ct")
-    ds = pydicom.dcmread(files[0], stop_before_pixels=True)
-    arrival = api.settings.spool_dir / "incoming" / str(ds.SeriesInstanceUID)
-    arrival.mkdir(parents=True)
-    for path in files:
-        shutil.move(path, arrival / f"{pydicom.dcmread(path).SOPInstanceUID}.dcm")
-    enqueued: list[str] = []
-    Intake(api.settings, api.store, enqueued.append,
-           routing=api.routing).series_complete(  # type: ignore[attr-defined]
-        SeriesArrival(str(ds.SeriesInstanceUID), str(ds.StudyInstanceUID), "TPS", "CT", "Head",
-                      arrival, len(files)))
-    return enqueued[0]
+    return submit_series(api, write_phantom_series(tmp_path / "ct"))
 
 
 def _runtime(api: ApiHarness, sleeps: list[float]) -> WorkerRuntime:

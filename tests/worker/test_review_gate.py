@@ -4,7 +4,6 @@ never does. Both are audited with user and time."""
 
 from __future__ import annotations
 
-import shutil
 import time
 from pathlib import Path
 
@@ -13,13 +12,11 @@ import pytest
 
 from rtcontour.common.jobstore import JobState
 from rtcontour.common.routes import parse_routing
-from rtcontour.common.settings import Destination, Settings
-from rtcontour.service.intake import Intake, SeriesArrival
-from rtcontour.worker.pipeline import SegmenterCache
-from rtcontour.worker.sender import Sender
-from rtcontour.worker.tasks import WorkerRuntime, execute_job
-from tests.conftest import StoreScp, ThresholdModel, write_phantom_series
+from rtcontour.common.settings import Destination
+from rtcontour.worker.tasks import execute_job
+from tests.conftest import StoreScp, write_phantom_series
 from tests.service.api_support import ApiHarness, make_harness
+from tests.worker.pipeline_support import submit_series, threshold_runtime
 
 
 @pytest.fixture
@@ -36,32 +33,15 @@ def api(tmp_path: Path, tps: StoreScp) -> ApiHarness:
 
 
 def _submit(api: ApiHarness, tmp_path: Path, seed: int) -> str:
-    settings: Settings = api.settings
-    files = write_phantom_series(tmp_path / f"ct{seed}", seed=seed)
-    ds = pydicom.dcmread(files[0], stop_before_pixels=True)
-    arrival = settings.spool_dir / "incoming" / str(ds.SeriesInstanceUID)
-    arrival.mkdir(parents=True)
-    for path in files:
-        shutil.move(path, arrival / f"{pydicom.dcmread(path).SOPInstanceUID}.dcm")
-    enqueued: list[str] = []
-    Intake(settings, api.store, enqueued.append, routing=api.routing).series_complete(
-        SeriesArrival(str(ds.SeriesInstanceUID), str(ds.StudyInstanceUID), "TPS", "CT", "Head",
-                      arrival, len(files)))
-    return enqueued[0]
+    return submit_series(api, write_phantom_series(tmp_path / f"ct{seed}", seed=seed))
 
 
-def _runtime(api: ApiHarness) -> WorkerRuntime:
-    model = ThresholdModel()
-    return WorkerRuntime(api.settings, store=api.store,
-                         model_cache=SegmenterCache(loader=lambda *_: model,
-                                                    resolver=lambda *_: Path("t")),
-                         sender=Sender(api.settings, sleep=lambda _: None))
 
 
 def test_held_job_is_sent_only_once_approved_and_a_rejected_one_never(
     api: ApiHarness, tmp_path: Path, tps: StoreScp
 ) -> None:
-    runtime = _runtime(api)
+    runtime = threshold_runtime(api)
     approved, rejected = _submit(api, tmp_path, 1), _submit(api, tmp_path, 2)
     for job_id in (approved, rejected):
         assert execute_job(job_id, runtime).state == "awaiting_review"
@@ -109,7 +89,7 @@ def test_an_approved_job_gets_its_attempts_for_sending_even_after_failed_runs(
     """RTCONTOUR_JOB_ATTEMPTS=1, and the review run itself spent it: approval must still
     send (before, the next claim gave up: 'Gave up after 1 attempts')."""
     api.settings = api.settings.model_copy(update={"job_attempts": 1})
-    runtime = _runtime(api)
+    runtime = threshold_runtime(api)
     job_id = _submit(api, tmp_path, 3)
     assert execute_job(job_id, runtime).state == "awaiting_review"
     api.store.review(job_id, approved=True, user="clinician-user", reason=None)
@@ -127,7 +107,7 @@ def test_one_decision_wins_when_approve_and_reject_come_at_once(
 
     from rtcontour.common.jobstore import IllegalTransition
 
-    runtime = _runtime(api)
+    runtime = threshold_runtime(api)
     for seed in range(4, 10):
         job_id = _submit(api, tmp_path, seed)
         assert execute_job(job_id, runtime).state == "awaiting_review"
@@ -156,7 +136,7 @@ def test_one_decision_wins_when_approve_and_reject_come_at_once(
 def test_a_series_sent_again_after_approval_is_a_job_of_its_own(
     api: ApiHarness, tmp_path: Path
 ) -> None:
-    runtime = _runtime(api)
+    runtime = threshold_runtime(api)
     job_id = _submit(api, tmp_path, 11)
     assert execute_job(job_id, runtime).state == "awaiting_review"
     api.store.review(job_id, approved=True, user="clinician-user", reason=None)
@@ -173,7 +153,7 @@ def test_a_held_job_says_where_approve_sends_it_and_its_download_says_unreviewed
     """The route has no destinations of its own: Approve sends to RTCONTOUR_DESTINATIONS, and
     the job says so before (send_to) and after (sent_to); a clinician may download the
     RTSTRUCT before approval, named and audited as unreviewed."""
-    runtime = _runtime(api)
+    runtime = threshold_runtime(api)
     job_id = _submit(api, tmp_path, 12)
     assert execute_job(job_id, runtime).state == "awaiting_review"
     clinician = api.headers("clinician")

@@ -6,7 +6,6 @@ SEG either."""
 from __future__ import annotations
 
 import io
-import shutil
 from pathlib import Path
 
 import highdicom as hd
@@ -18,13 +17,11 @@ from rtcontour.common.errors import ConfigurationError
 from rtcontour.common.jobstore import JobState
 from rtcontour.common.routes import parse_routing
 from rtcontour.common.volume import load_series
-from rtcontour.service.intake import Intake, SeriesArrival
-from rtcontour.worker.pipeline import SegmenterCache
-from rtcontour.worker.sender import Sender
-from rtcontour.worker.tasks import WorkerRuntime, execute_job
-from tests.conftest import ThresholdModel, write_phantom_series
+from rtcontour.worker.tasks import execute_job
+from tests.conftest import write_phantom_series
 from tests.orthanc import running_orthanc
 from tests.service.api_support import ApiHarness, make_harness
+from tests.worker.pipeline_support import submit_series, threshold_runtime
 
 
 def _harness(tmp_path: Path, destination: str | None, outputs: list[str] | None) -> ApiHarness:
@@ -40,26 +37,9 @@ def _harness(tmp_path: Path, destination: str | None, outputs: list[str] | None)
 
 
 def _submit(api: ApiHarness, tmp_path: Path, **series: object) -> str:
-    files = write_phantom_series(tmp_path / "ct", **series)  # type: ignore[arg-type]
-    ds = pydicom.dcmread(files[0], stop_before_pixels=True)
-    arrival = api.settings.spool_dir / "incoming" / str(ds.SeriesInstanceUID)
-    arrival.mkdir(parents=True)
-    for path in files:
-        shutil.move(path, arrival / f"{pydicom.dcmread(path).SOPInstanceUID}.dcm")
-    enqueued: list[str] = []
-    Intake(api.settings, api.store, enqueued.append,
-           routing=api.routing).series_complete(  # type: ignore[attr-defined]
-        SeriesArrival(str(ds.SeriesInstanceUID), str(ds.StudyInstanceUID), "TPS", "CT", "Head",
-                      arrival, len(files)))
-    return enqueued[0]
+    return submit_series(api, write_phantom_series(tmp_path / "ct", **series))  # type: ignore[arg-type]
 
 
-def _runtime(api: ApiHarness) -> WorkerRuntime:
-    model = ThresholdModel()
-    return WorkerRuntime(api.settings, store=api.store,
-                         model_cache=SegmenterCache(loader=lambda *_: model,
-                                                    resolver=lambda *_: Path("t")),
-                         sender=Sender(api.settings, sleep=lambda _: None))
 
 
 @pytest.mark.timeout(180)
@@ -69,7 +49,7 @@ def test_route_asking_for_seg_archives_sends_and_serves_it_beside_the_rtstruct(
     with running_orthanc(tmp_path / "orthanc") as orthanc:
         api = _harness(tmp_path, orthanc.destination, ["RTSTRUCT", "SEG"])
         job_id = _submit(api, tmp_path)
-        assert execute_job(job_id, _runtime(api)).state == "done"
+        assert execute_job(job_id, threshold_runtime(api)).state == "done"
 
         outputs = {output.kind: output for output in api.store.outputs(job_id)}
         assert set(outputs) == {"RTSTRUCT", "SEG"}
@@ -110,7 +90,7 @@ def test_route_asking_for_seg_archives_sends_and_serves_it_beside_the_rtstruct(
 def test_route_without_outputs_writes_the_rtstruct_alone(tmp_path: Path) -> None:
     api = _harness(tmp_path, None, None)
     job_id = _submit(api, tmp_path)
-    assert execute_job(job_id, _runtime(api)).state == "done"
+    assert execute_job(job_id, threshold_runtime(api)).state == "done"
     assert [output.kind for output in api.store.outputs(job_id)] == ["RTSTRUCT"]
     api.client.close()
     api.engine.dispose()
@@ -124,7 +104,7 @@ def test_series_with_a_missing_slice_is_refused_before_any_seg_is_written(
     folder = Path(api.store.get(job_id).spool_dir)
     series = load_series(sorted(folder.glob("*.dcm")))
     (folder / f"{series.volume.sop_instance_uids[10]}.dcm").unlink()  # uneven spacing
-    assert execute_job(job_id, _runtime(api)).state == "failed"
+    assert execute_job(job_id, threshold_runtime(api)).state == "failed"
     job = api.store.get(job_id)
     assert job.state == JobState.FAILED and "spacing" in (job.failure_reason or "").lower()
     assert api.store.outputs(job_id) == []

@@ -5,12 +5,10 @@ is made resident and warmed at worker start, so a job's model load is ~0."""
 
 from __future__ import annotations
 
-import shutil
 import time
 from pathlib import Path
 from typing import Any
 
-import pydicom
 import pytest
 
 from rtcontour.common.db import make_engine
@@ -19,12 +17,11 @@ from rtcontour.common.routes import parse_routing
 from rtcontour.common.schema import create_schema
 from rtcontour.common.settings import Destination, Settings
 from rtcontour.common.timings import MEASURED_STAGES, job_timings
-from rtcontour.service.intake import Intake, SeriesArrival
 from rtcontour.worker.pipeline import SegmenterCache
-from rtcontour.worker.sender import Sender
 from rtcontour.worker.tasks import WorkerRuntime, execute_job
 from tests.conftest import StoreScp, ThresholdModel, write_phantom_series
 from tests.service.api_support import ApiHarness, make_harness
+from tests.worker.pipeline_support import submit_series, threshold_runtime
 
 MACHINE_STAGES = ("quiet_period", "intake", "queue", "load", "model_load", "preprocess",
                   "inference", "postprocess", "write", "archive", "send")
@@ -61,32 +58,16 @@ def api(request: pytest.FixtureRequest, tmp_path: Path, tps: StoreScp) -> ApiHar
 
 
 def _submit(api: ApiHarness, tmp_path: Path, quiet_s: float) -> str:
-    settings: Settings = api.settings
-    files = write_phantom_series(tmp_path / "ct", seed=3)
-    ds = pydicom.dcmread(files[0], stop_before_pixels=True)
-    arrival = settings.spool_dir / "incoming" / str(ds.SeriesInstanceUID)
-    arrival.mkdir(parents=True)
-    for path in files:
-        shutil.move(path, arrival / f"{pydicom.dcmread(path).SOPInstanceUID}.dcm")
-    enqueued: list[str] = []
-    Intake(settings, api.store, enqueued.append, routing=api.routing).series_complete(
-        SeriesArrival(str(ds.SeriesInstanceUID), str(ds.StudyInstanceUID), "TPS", "CT", "Head",
-                      arrival, len(files), quiet_s=quiet_s))
-    return enqueued[0]
+    return submit_series(api, write_phantom_series(tmp_path / "ct", seed=3), quiet_s=quiet_s)
 
 
-def _runtime(api: ApiHarness, model: ThresholdModel) -> WorkerRuntime:
-    return WorkerRuntime(api.settings, store=api.store,
-                         model_cache=SegmenterCache(loader=lambda *_: model,
-                                                    resolver=lambda *_: Path("t")),
-                         sender=Sender(api.settings, sleep=lambda _: None))
 
 
 def test_every_stage_is_recorded_they_add_up_and_review_wait_is_kept_apart(
     api: ApiHarness, tmp_path: Path, tps: StoreScp
 ) -> None:
     model = WarmableModel()
-    runtime = _runtime(api, model)
+    runtime = threshold_runtime(api, model)
     runtime.warm_up()  # what the worker does at start
     assert model.warm_ups == 1
     job_id = _submit(api, tmp_path, quiet_s=5.0)
