@@ -224,9 +224,10 @@ class Settings(BaseSettings):
     def _check_ae_title(cls, value: str) -> str:
         return validate_ae_title(value)
 
-    @field_validator("known_peers", mode="before")
+    @field_validator("known_peers", "release_ends_quiet_period", "notify_webhooks",
+                     mode="before")
     @classmethod
-    def _split_known_peers(cls, value: object) -> object:
+    def _split_comma_lists(cls, value: object) -> object:
         return _split_list(value)
 
     @field_validator("known_peers")
@@ -238,20 +239,10 @@ class Settings(BaseSettings):
             checked.append(validate_ae_title(ae) + (f"@{host}" if host else ""))
         return checked
 
-    @field_validator("release_ends_quiet_period", mode="before")
-    @classmethod
-    def _split_release_ends_quiet_period(cls, value: object) -> object:
-        return _split_list(value)
-
     @field_validator("release_ends_quiet_period")
     @classmethod
     def _check_release_ends_quiet_period(cls, value: list[str]) -> list[str]:
         return [ae if ae == "*" else validate_ae_title(ae) for ae in value]
-
-    @field_validator("notify_webhooks", mode="before")
-    @classmethod
-    def _split_notify_webhooks(cls, value: object) -> object:
-        return _split_list(value)
 
     @field_validator("notify_webhooks")
     @classmethod
