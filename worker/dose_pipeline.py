@@ -24,7 +24,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import pydicom
@@ -66,6 +66,14 @@ __all__ = [
 DVH_STEP_GY = 1.0  # the summary's cumulative DVH: volume fraction at every whole Gy
 
 
+class Normalisation(NamedTuple):
+    """How a predicted dose was scaled (RTCONTOUR_DOSE_NORMALISE)."""
+
+    ptv: str  # the structure set's ROI name of the highest-prescription PTV
+    prescription_gy: float
+    factor: float
+
+
 @dataclass
 class DoseContext:
     """What the dose steps add to a job's context (``JobContext.dose``)."""
@@ -83,8 +91,7 @@ class DoseContext:
     # ``our_structure_set``); ``ours_read`` tells "none" from "not read yet".
     ours: StructureSet | None = None
     ours_read: bool = False
-    # (PTV ROI name, its prescription Gy, factor) when the dose was normalised to it
-    normalisation: tuple[str, float, float] | None = None
+    normalisation: Normalisation | None = None  # set when the dose was scaled to a PTV
 
 
 def referenced_ct_series(dataset: pydicom.Dataset) -> tuple[str, str]:
@@ -284,7 +291,8 @@ class PredictDose:
                 logger.warning("job %s: dose not normalised: %s D95 is 0 Gy", ctx.job_id,
                                target)
             else:
-                dose.normalisation = (target, prediction.prescriptions_gy[target], factor)
+                dose.normalisation = Normalisation(target, prediction.prescriptions_gy[target],
+                                                   factor)
                 ctx.store.add_note(ctx.job_id, normalisation_text(*dose.normalisation) + ".")
                 logger.info("job %s: dose normalised by %.3f", ctx.job_id, factor)
         dose.oars = prediction.oars
@@ -424,8 +432,8 @@ class RtdoseWriter:
                               dose.oars, dose.borrowed_oars, volume.spacing_mm)
         if dose.normalisation is not None:
             for entry in summary:
-                if entry.get("roi_name") == dose.normalisation[0]:
-                    entry["normalisation_factor"] = round(dose.normalisation[2], 4)
+                if entry.get("roi_name") == dose.normalisation.ptv:
+                    entry["normalisation_factor"] = round(dose.normalisation.factor, 4)
                     entry["normalisation"] = normalised
         return WrittenOutput(kind=self.kind, dataset=dataset,
                              sop_instance_uid=str(dataset.SOPInstanceUID), summary=summary)

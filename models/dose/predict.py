@@ -173,20 +173,6 @@ class DosePredictor:
         dose[~body] = 0.0
         return dose
 
-    def predict_normalised(
-        self,
-        hu: np.ndarray,
-        spacing_mm: Sequence[float],
-        oar_masks: Mapping[str, np.ndarray],
-        ptvs: Sequence[tuple[np.ndarray, float]],
-        body_mask: np.ndarray | None = None,
-    ) -> tuple[np.ndarray, float | None]:
-        """:meth:`predict`, then scaled as planners normalise a plan: the highest-prescription
-        PTV's D95 equals its prescription (:func:`normalise_to_prescription`); returns the
-        dose and the factor applied (None: not normalised, the PTV's D95 is 0 Gy)."""
-        dose = self.predict(hu, spacing_mm, oar_masks, ptvs, body_mask)
-        return normalise_to_prescription(dose, ptvs)
-
     def _run(self, channels: np.ndarray) -> np.ndarray:
         """(C, D, H, W) network input -> (D, H, W) model-grid dose in Gy."""
         return np.asarray(self.session.run(None, {self.input_name: channels[None]})[0])[0, 0]
