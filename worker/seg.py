@@ -38,7 +38,8 @@ from pydicom.sr.coding import Code
 
 from rtcontour.common import __version__
 from rtcontour.common.volume import CtSeries
-from rtcontour.worker.rtstruct import MANUFACTURER, RoiSpec
+from rtcontour.worker.instance_header import MANUFACTURER
+from rtcontour.worker.rtstruct import RoiSpec
 
 logger = logging.getLogger(__name__)
 
